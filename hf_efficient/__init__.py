@@ -1,0 +1,49 @@
+"""hf_efficient: linear, clustered and sampled attention plus importance-sampled training for the
+Hugging Face ecosystem.
+
+Importing the package registers every attention kind with the registry (and, through
+:mod:`hf_efficient.integrations`, with transformers).
+"""
+
+from .assets import AssetMissingError
+from .attention import (
+    FEATURE_MAPS,
+    AttentionKind,
+    EluFeatureMap,
+    FavorFeatureMap,
+    FeatureMap,
+    HedgehogFeatureMap,
+    LinearAttentionParams,
+    LinearAttentionState,
+    ReluFeatureMap,
+    attention_kind_names,
+    get_attention_kind,
+    get_feature_map,
+    linear_attention,
+    linear_attention_reference,
+    linear_attention_step,
+    register_attention_kind,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FEATURE_MAPS",
+    "AssetMissingError",
+    "AttentionKind",
+    "EluFeatureMap",
+    "FavorFeatureMap",
+    "FeatureMap",
+    "HedgehogFeatureMap",
+    "LinearAttentionParams",
+    "LinearAttentionState",
+    "ReluFeatureMap",
+    "__version__",
+    "attention_kind_names",
+    "get_attention_kind",
+    "get_feature_map",
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_step",
+    "register_attention_kind",
+]

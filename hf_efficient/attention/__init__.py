@@ -1,0 +1,41 @@
+"""The maths: one module per attention kind, each with its naive reference beside the fast path.
+
+Importing this package registers every kind in :mod:`hf_efficient.attention.registry`.
+"""
+
+from .feature_maps import (
+    FEATURE_MAPS,
+    EluFeatureMap,
+    FavorFeatureMap,
+    FeatureMap,
+    HedgehogFeatureMap,
+    ReluFeatureMap,
+    get_feature_map,
+)
+from .linear import (
+    LinearAttentionParams,
+    LinearAttentionState,
+    linear_attention,
+    linear_attention_reference,
+    linear_attention_step,
+)
+from .registry import AttentionKind, attention_kind_names, get_attention_kind, register_attention_kind
+
+__all__ = [
+    "FEATURE_MAPS",
+    "AttentionKind",
+    "EluFeatureMap",
+    "FavorFeatureMap",
+    "FeatureMap",
+    "HedgehogFeatureMap",
+    "LinearAttentionParams",
+    "LinearAttentionState",
+    "ReluFeatureMap",
+    "attention_kind_names",
+    "get_attention_kind",
+    "get_feature_map",
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_step",
+    "register_attention_kind",
+]
