@@ -88,16 +88,16 @@ def causal_linear_chunked(
     vc = v.reshape(b, h, nc, c, e)
 
     kv = torch.matmul(k.transpose(-1, -2), vc)  # (b, h, nc, m, e): each chunk's contribution
-    prefix = kv.cumsum(dim=2)
-    if initial is not None:
-        prefix = prefix + initial.unsqueeze(2)
-    first = initial.unsqueeze(2) if initial is not None else torch.zeros_like(kv[:, :, :1])
-    before = torch.cat([first, prefix[:, :, :-1]], dim=2)  # state of all tokens before each chunk
-
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (b, h, nc, c, c)
-    mask = torch.ones(c, c, dtype=torch.bool, device=scores.device).tril()
-    y = torch.matmul(q, before) + torch.matmul(scores * mask, vc)
-    return y.reshape(b, h, nc * c, e)[:, :, :n], prefix[:, :, -1]
+    # State of all tokens before each chunk. A running sum over chunks is faster on CPU than
+    # torch.cumsum along a middle dimension, and it is the same O(N / C) sequence of adds.
+    acc = initial if initial is not None else kv.new_zeros(b, h, m, e)
+    before = []
+    for i in range(nc):
+        before.append(acc)
+        acc = acc + kv[:, :, i]
+    scores = torch.matmul(q, k.transpose(-1, -2)).tril_()  # (b, h, nc, c, c), causal inside the chunk
+    y = torch.matmul(scores, vc).add_(torch.matmul(q, torch.stack(before, dim=2)))
+    return y.reshape(b, h, nc * c, e)[:, :, :n], acc
 
 
 def causal_linear_recurrent(
