@@ -1,0 +1,419 @@
+"""Clustered and improved-clustered attention ("Fast Transformers with Clustered Attention",
+Vyas, Katharopoulos and Fleuret, NeurIPS 2020).
+
+Clustered: the queries of each sequence and head are hashed (:mod:`.hashing`) and grouped into C
+clusters by k-means in Hamming space; each cluster's centroid (the mean of its member queries, in
+query space) attends over all keys with softmax, and every query receives its centroid's output.
+Cost O(N C d) instead of O(N^2 d); memory O(N C).
+
+Improved clustered: for each cluster the ``topk`` keys with the largest centroid attention are
+re-scored exactly for every member query. With ``A^c`` the centroid's attention and ``T`` its top
+keys, query i of the cluster gets
+
+    out_i = m * softmax_T(q_i . k_T * scale) v_T + sum_{l not in T} A^c_l v_l,   m = sum_{l in T} A^c_l
+
+so its weights still sum to one. Cost O(N (C + topk) d).
+
+Both are differentiable in q, k and v (gradients reach the member queries through the centroid
+mean; the hashing and clustering are discrete). Padded queries take no part in clustering and get a
+zero output; padded keys get exactly zero weight. A sequence whose keys are all padded gets zeros.
+
+Randomness: with ``seed`` the hyperplanes are the same on every call, and k-means starts from
+centres chosen among a sequence's real queries by their rank alone, so a sequence's result does not
+depend on the other sequences of the batch or on its padding. With ``seed=None`` fresh planes are
+drawn from torch's global generator on each call (reproducible only under ``torch.manual_seed``).
+
+Limits: a sequence with at most ``clusters`` real queries puts each query in its own cluster, which
+is exact softmax attention; ``topk >= n_keys`` is exact softmax attention too. Only the non-causal
+form exists. :func:`clustered_attention_reference` is a loop-per-cluster definition the fast
+functions are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_padding_mask, check_qkv
+from .hashing import (
+    MAX_BITS,
+    draw_hyperplanes,
+    hamming_kmeans,
+    hamming_kmeans_reference,
+    hash_queries,
+    pack_bits,
+)
+from .registry import AttentionKind, register_attention_kind
+
+__all__ = [
+    "ClusteredAttentionParams",
+    "ImprovedClusteredAttentionParams",
+    "clustered_attention",
+    "clustered_attention_reference",
+    "improved_clustered_attention",
+]
+
+_TILE = 32  # queries per tile in the improved products: bounds padding waste to C * (_TILE - 1) rows
+
+
+# --------------------------------------------------------------------------- validation
+def _check_int(value, name: str, what: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: {what} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: {what} must be {bound}, got {value}")
+    return value
+
+
+def _check_knobs(name, clusters, bits, iterations, seed, topk=None):
+    _check_int(clusters, name, "clusters", 1)
+    _check_int(bits, name, "bits", 1, MAX_BITS)
+    _check_int(iterations, name, "iterations", 0)
+    if topk is not None:
+        _check_int(topk, name, "topk", 1)
+    if seed is not None:
+        _check_int(seed, name, "seed", 0)
+
+
+def _check_scale(scale, name: str) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < float("inf")):
+        raise ValueError(f"{name}: scale must be a positive finite number or None, got {scale!r}")
+
+
+# --------------------------------------------------------------------------- shared steps
+def _cluster(q, clusters, bits, iterations, seed, query_mask):
+    """Cluster assignment ``(b, h, n_q)`` int64 in ``[0, C)``, -1 for padded queries."""
+    b, h, n, d = q.shape
+    w, z = draw_hyperplanes(d, bits, seed, q.device)
+    valid = query_mask if query_mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
+    codes = hash_queries(q.detach(), query_mask, w, z)  # (b, h, n, bits)
+    valid_bh = valid[:, None, :].expand(b, h, n).reshape(b * h, n)
+    assign = hamming_kmeans(codes.reshape(b * h, n, bits), valid_bh, clusters, iterations)
+    return assign.reshape(b, h, n)
+
+
+def _centroids(q, assign, clusters):
+    """Mean of member queries ``(b, h, C, d)`` (zero for an empty cluster); differentiable in q."""
+    b, h, n, d = q.shape
+    # padded queries go to an extra dump cluster that is dropped
+    group = torch.where(assign < 0, clusters, assign)
+    group = group + torch.arange(b * h, device=q.device).reshape(b, h, 1) * (clusters + 1)
+    group = group.reshape(-1)
+    sums = q.new_zeros(b * h * (clusters + 1), d).index_add(0, group, q.reshape(-1, d))
+    count = torch.bincount(group, minlength=b * h * (clusters + 1)).clamp(min=1).to(q.dtype)
+    cent = (sums / count[:, None]).reshape(b, h, clusters + 1, d)
+    return cent[:, :, :clusters]
+
+
+def _centroid_attention(cent, k, v, key_mask, scale):
+    """Softmax attention of the centroids over all keys: probabilities ``(b, h, C, n_k)``, output ``(b, h, C, d_v)``."""
+    scores = torch.matmul(cent, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        keep = key_mask[:, None, None, :]
+        # finfo.min instead of -inf: a sequence with no real key gets finite weights, zeroed below
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1) * keep.to(scores.dtype)
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return probs, torch.matmul(probs, v)
+
+
+def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask, scale, seed,
+             topk=None):
+    check_qkv(q, k, v, name)
+    _check_knobs(name, clusters, bits, iterations, seed, topk)
+    _check_scale(scale, name)
+    b, _, n_q, d = q.shape
+    key_mask = check_padding_mask(key_padding_mask, b, k.shape[2], name, "key_padding_mask")
+    query_mask = check_padding_mask(query_padding_mask, b, n_q, name, "query_padding_mask")
+    if key_mask is not None:
+        key_mask = key_mask.to(q.device)
+    if query_mask is not None:
+        query_mask = query_mask.to(q.device)
+    scale = d**-0.5 if scale is None else float(scale)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # accumulate in fp32 under fp16/bf16
+    c = min(clusters, n_q)  # more clusters than queries: every query is its own cluster
+    assign = _cluster(q, c, bits, iterations, seed, query_mask)
+    return q.to(dt), k.to(dt), v.to(dt), key_mask, query_mask, scale, c, assign
+
+
+def _per_query(cout, assign, query_mask):
+    """Give each query its cluster's row: ``(b, h, C, e)`` -> ``(b, h, n_q, e)``; padded queries get zeros."""
+    idx = assign.clamp(min=0)[..., None].expand(*assign.shape, cout.shape[-1])
+    out = cout.gather(2, idx)
+    if query_mask is not None:
+        out = out * query_mask[:, None, :, None].to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- public functions
+def clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    clusters: int,
+    bits: int = 63,
+    iterations: int = 10,
+    key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    seed: int | None = None,
+    return_clusters: bool = False,
+):
+    """Clustered attention: each query receives the softmax attention output of its cluster's centroid.
+
+    Args:
+        q: ``(batch, heads, n_q, d)``.
+        k: ``(batch, heads, n_k, d)``.
+        v: ``(batch, heads, n_k, d_v)``.
+        clusters: number of query clusters C per sequence and head (>= 1); C >= n_q is exact.
+        bits: hash length, 1 ... 1024.
+        iterations: Lloyd rounds after the first assignment (>= 0; stops early at a fixed point).
+        key_padding_mask: optional ``(batch, n_k)`` bool or 0/1, True/1 = real key.
+        query_padding_mask: optional ``(batch, n_q)`` bool or 0/1, True/1 = real query.
+        scale: softmax temperature on q.k; default ``d ** -0.5``.
+        seed: fixes the hyperplanes (see the module docstring); None draws fresh ones each call.
+        return_clusters: also return the assignment ``(batch, heads, n_q)`` int64 (-1 = padded query).
+
+    Returns:
+        ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
+    """
+    q32, k32, v32, key_mask, query_mask, scale, c, assign = _prepare(
+        "clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask,
+        scale, seed,
+    )
+    _, cout = _centroid_attention(_centroids(q32, assign, c), k32, v32, key_mask, scale)
+    out = _per_query(cout, assign, query_mask).to(q.dtype)
+    return (out, assign) if return_clusters else out
+
+
+def improved_clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    clusters: int,
+    topk: int = 32,
+    bits: int = 63,
+    iterations: int = 10,
+    key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    seed: int | None = None,
+    return_clusters: bool = False,
+):
+    """Improved clustered attention: clustered attention plus exact scores on each cluster's top-k keys.
+
+    Arguments as in :func:`clustered_attention`, plus ``topk`` (>= 1): keys re-scored per query;
+    ``topk >= n_k`` is exact softmax attention.
+
+    Returns:
+        ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
+    """
+    q32, k32, v32, key_mask, query_mask, scale, c, assign = _prepare(
+        "improved_clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask,
+        query_padding_mask, scale, seed, topk=topk,
+    )
+    b, h, n_q, d = q32.shape
+    n_k, e = k32.shape[2], v32.shape[-1]
+    t = min(topk, n_k)
+    probs, cout = _centroid_attention(_centroids(q32, assign, c), k32, v32, key_mask, scale)
+    top = probs.topk(t, dim=-1).indices  # (b, h, C, t); padded keys have weight 0, picked last
+    top_probs = probs.gather(-1, top)
+    mass = top_probs.sum(-1)  # (b, h, C)
+    rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
+    k_top = k32.reshape(-1, d).index_select(0, rows).reshape(b * h * c, t, d)
+    v_top = v32.reshape(-1, e).index_select(0, rows).reshape(b * h * c, t, e)
+    if key_mask is not None:
+        key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
+    else:
+        key_ok = None
+    # the centroid's attention on the keys outside its top-k
+    rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
+
+    rows = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
+    # mass and rest ride together through one per-query gather
+    per_query = _per_query(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign, query_mask)
+    out = (per_query[..., :1] * rows.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)
+    return (out, assign) if return_clusters else out
+
+
+def _top_products(q, assign, k_top, v_top, key_ok, scale, c):
+    """Per-query softmax over its cluster's top keys, in tiles of queries that share a cluster.
+
+    Queries are sorted by (sequence, head, cluster) and each cluster is cut into tiles of _TILE
+    queries (the last one zero-padded), so one batched product serves all clusters without ever
+    forming an (n_q, topk, d) gather. Returns ``(b*h*n_q, d_v)`` rows ordered like q; rows of padded
+    queries are zero.
+    """
+    b, h, n, d = q.shape
+    e = v_top.shape[-1]
+    real = (assign >= 0).reshape(-1)
+    src = real.nonzero().flatten()  # flat positions of real queries
+    group = (assign + torch.arange(b * h, device=q.device).reshape(b, h, 1) * c).reshape(-1)[src]
+    order = torch.argsort(group, stable=True)
+    src, group = src[order], group[order]
+    size = torch.bincount(group, minlength=b * h * c)
+    tiles = (size + _TILE - 1) // _TILE
+    first_tile = torch.cumsum(tiles, 0) - tiles
+    first_query = torch.cumsum(size, 0) - size
+    rank = torch.arange(group.numel(), device=q.device) - first_query[group]
+    slot = first_tile[group] * _TILE + rank  # where each real query sits in the tiled layout
+    n_tiles = int(tiles.sum())
+    tile_group = torch.repeat_interleave(torch.arange(b * h * c, device=q.device), tiles)
+
+    q_rows = torch.cat([q.reshape(-1, d), q.new_zeros(1, d)])  # last row: the zero filler
+    take = torch.full((n_tiles * _TILE,), q_rows.shape[0] - 1, dtype=torch.long, device=q.device)
+    take[slot] = src
+    q_tiles = q_rows.index_select(0, take).reshape(n_tiles, _TILE, d)
+    scores = torch.matmul(q_tiles, k_top[tile_group].transpose(1, 2)) * scale  # (tiles, _TILE, t)
+    if key_ok is not None:
+        ok = key_ok[tile_group][:, None, :]
+        scores = scores.masked_fill(~ok, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1) * ok.to(scores.dtype)
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    tiled = torch.matmul(weights, v_top[tile_group]).reshape(n_tiles * _TILE, e)
+    return q.new_zeros(b * h * n, e).index_add(0, src, tiled.index_select(0, slot))
+
+
+# --------------------------------------------------------------------------- naive reference
+def clustered_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    clusters: int,
+    topk: int | None = None,
+    bits: int = 63,
+    iterations: int = 10,
+    key_padding_mask: torch.Tensor | None = None,
+    query_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Loop-per-sequence, loop-per-cluster definition of (improved, when ``topk`` is set) clustered attention.
+
+    Hashes each sequence's real queries on its own, packs the bits, runs
+    :func:`~.hashing.hamming_kmeans_reference` on popcounts, then attends cluster by cluster.
+    Shapes as in :func:`clustered_attention`. Slow; for tests.
+    """
+    name = "clustered_attention_reference"
+    check_qkv(q, k, v, name)
+    _check_knobs(name, clusters, bits, iterations, seed, topk)
+    b, h, n_q, d = q.shape
+    key_mask = check_padding_mask(key_padding_mask, b, k.shape[2], name, "key_padding_mask")
+    query_mask = check_padding_mask(query_padding_mask, b, n_q, name, "query_padding_mask")
+    scale = d**-0.5 if scale is None else float(scale)
+    w, z = draw_hyperplanes(d, bits, seed)
+    out = q.new_zeros(b, h, n_q, v.shape[-1])
+    for bi in range(b):
+        qi = query_mask[bi].nonzero().flatten() if query_mask is not None else torch.arange(n_q)
+        ki = key_mask[bi].nonzero().flatten() if key_mask is not None else torch.arange(k.shape[2])
+        if len(qi) == 0 or len(ki) == 0:
+            continue
+        for hi in range(h):
+            qs, ks, vs = q[bi, hi, qi], k[bi, hi, ki], v[bi, hi, ki]
+            dt = torch.float64 if qs.dtype == torch.float64 else torch.float32
+            proj = qs.to(dt) @ w.to(dt)
+            p64 = proj.double()
+            mean = p64.mean(0)
+            std = (p64 - mean).square().mean(0).sqrt()
+            codes = pack_bits(proj > (mean + std * z.double()).to(proj.dtype))
+            assign = hamming_kmeans_reference(codes, bits, min(clusters, n_q), iterations)
+            for c in assign.unique():
+                members = (assign == c).nonzero().flatten()
+                centroid = qs[members].mean(0)
+                a = torch.softmax(centroid @ ks.T * scale, dim=-1)
+                if topk is None:
+                    out[bi, hi, qi[members]] = a @ vs
+                    continue
+                top = a.topk(min(topk, len(ki))).indices
+                mass = a[top].sum()
+                rest = a @ vs - a[top] @ vs[top]
+                for m in members:
+                    p = torch.softmax(qs[m] @ ks[top].T * scale, dim=-1)
+                    out[bi, hi, qi[m]] = mass * (p @ vs[top]) + rest
+    return out
+
+
+# --------------------------------------------------------------------------- registry entries
+@dataclass
+class ClusteredAttentionParams:
+    """Knobs of the ``clustered`` kind.
+
+    Attributes:
+        clusters: query clusters per sequence and head.
+        bits: hash length (1 ... 1024).
+        iterations: Lloyd rounds of k-means.
+        seed: hyperplane seed. The default 0 makes a patched pretrained model give the same output
+            on every forward (and the same vector for a text whatever batch it is in); None draws new
+            planes each forward, like the original library.
+    """
+
+    clusters: int = 100
+    bits: int = 63
+    iterations: int = 10
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed)
+
+
+@dataclass
+class ImprovedClusteredAttentionParams(ClusteredAttentionParams):
+    """Knobs of the ``improved-clustered`` kind: those of ``clustered`` plus ``topk`` keys re-scored per query."""
+
+    topk: int = 32
+
+    def __post_init__(self) -> None:
+        _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed, self.topk)
+
+
+def _no_causal(causal: bool, kind: str) -> None:
+    if causal:
+        raise ValueError(
+            f"attention kind {kind!r} has no causal variant (only non-causal clustered attention is "
+            "implemented); use it in encoders, or pick a kind with causal support such as 'linear'"
+        )
+
+
+def _forward_clustered(q, k, v, params: ClusteredAttentionParams, *, causal=False, key_padding_mask=None,
+                       query_padding_mask=None, scale=None, module=None):
+    _no_causal(causal, "clustered")
+    return clustered_attention(q, k, v, clusters=params.clusters, bits=params.bits, iterations=params.iterations,
+                               key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
+                               scale=scale, seed=params.seed)
+
+
+def _forward_improved(q, k, v, params: ImprovedClusteredAttentionParams, *, causal=False, key_padding_mask=None,
+                      query_padding_mask=None, scale=None, module=None):
+    _no_causal(causal, "improved-clustered")
+    return improved_clustered_attention(q, k, v, clusters=params.clusters, topk=params.topk, bits=params.bits,
+                                        iterations=params.iterations, key_padding_mask=key_padding_mask,
+                                        query_padding_mask=query_padding_mask, scale=scale, seed=params.seed)
+
+
+register_attention_kind(
+    AttentionKind(
+        name="clustered",
+        params_class=ClusteredAttentionParams,
+        forward=_forward_clustered,
+        supports_causal=False,
+        description="clustered attention: queries grouped by LSH + Hamming k-means, centroids attend, O(N C)",
+    )
+)
+register_attention_kind(
+    AttentionKind(
+        name="improved-clustered",
+        params_class=ImprovedClusteredAttentionParams,
+        forward=_forward_improved,
+        supports_causal=False,
+        description="improved clustered attention: clustered plus exact scores on each cluster's top-k keys",
+    )
+)
