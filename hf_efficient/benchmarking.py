@@ -1,0 +1,230 @@
+"""Attention kinds versus softmax SDPA: time (forward, forward+backward) and peak memory against N.
+
+Every registered kind that is asked for (default: ``linear``) runs through the registry's forward
+with its default parameters, beside ``torch.nn.functional.scaled_dot_product_attention`` (the
+transformers v5 default). Timings are interleaved (ours, SDPA, ours, ...) after a warm-up and the
+median of the repeats is reported with the min-max spread; peak memory is the growth of the peak
+resident set of a fresh subprocess over its size after the inputs were made.
+
+    python scripts/bench_attention.py --quick               # CI-sized, seconds
+    python scripts/bench_attention.py                       # N = 512 ... 32768
+    python scripts/bench_attention.py --kinds linear clustered improved-clustered
+    hf-efficient bench --quick                              # the same, from the installed package
+
+Writes ``results/bench_attention.json`` and ``results/bench_attention.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import hf_efficient
+from hf_efficient.attention import get_attention_kind
+
+B, H, D = 1, 8, 64
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_fn(impl: str, causal: bool):
+    """A function (q, k, v) -> out for an implementation name ('sdpa' or a registered kind)."""
+    if impl == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    kind = get_attention_kind(impl)
+    params = kind.make_params()
+    return lambda q, k, v: kind.forward(q, k, v, params, causal=causal, scale=D**-0.5)
+
+
+def inputs(n: int, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def run_once(fn, q, k, v, backward: bool) -> float:
+    start = time.perf_counter()
+    out = fn(q, k, v)
+    if backward:
+        out.sum().backward()
+        for t in (q, k, v):
+            t.grad = None
+    return time.perf_counter() - start
+
+
+def time_pair(impls, n, causal, backward, repeats):
+    """Interleaved timings of several implementations at one size: {impl: [seconds...]}."""
+    fns = {impl: make_fn(impl, causal) for impl in impls}
+    q, k, v = inputs(n, backward)
+    times = {impl: [] for impl in impls}
+    first = {}
+    with torch.set_grad_enabled(backward):
+        for impl, fn in fns.items():  # warm-up, and the cost of one call to size the repeats
+            first[impl] = run_once(fn, q, k, v, backward)
+        reps = repeats if max(first.values()) < 5.0 else max(3, repeats // 2)
+        for _ in range(reps):
+            for impl, fn in fns.items():
+                times[impl].append(run_once(fn, q, k, v, backward))
+    return times
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - start)
+    return 2 * 2048**3 / statistics.median(ts) / 1e9
+
+
+def linear_flops(n: int, causal: bool, backward: bool, chunk: int = 64) -> float:
+    """Multiply-add FLOPs of the linear kind's algorithm (m = D features, e = D + 1 columns)."""
+    m, e = D, D + 1
+    per_head = 4 * n * m * e + (2 * n * chunk * (m + e) if causal else 0)
+    return B * H * per_head * (3 if backward else 1)
+
+
+def child(impl: str, n: int, causal: bool, backward: bool) -> None:
+    """Runs in a fresh process: print the peak-RSS growth (MiB) of one call."""
+    torch.set_num_threads(1)
+    fn = make_fn(impl, causal)
+    q, k, v = inputs(n, backward)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.set_grad_enabled(backward):
+        run_once(fn, q, k, v, backward)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+
+
+def peak_memory(impl, n, causal, backward) -> float:
+    flags = [impl, str(n), str(int(causal)), str(int(backward))]
+    cmd = [sys.executable, "-m", "hf_efficient.benchmarking", "--child", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 512, 1024; 3 repeats; no memory subprocesses")
+    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to sweep")
+    parser.add_argument("--kinds", nargs="+", default=["linear"], help="registered kinds to compare with SDPA")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_attention.json"))
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        impl, n, causal, backward = args.child
+        child(impl, int(n), bool(int(causal)), bool(int(backward)))
+        return 0
+
+    torch.set_num_threads(args.threads)
+    lengths = args.lengths or ([512, 1024] if args.quick else [512, 1024, 2048, 4096, 8192, 16384, 32768])
+    repeats = 3 if args.quick else args.repeats
+    measure_memory = not (args.quick or args.no_memory)
+    for kind in args.kinds:
+        get_attention_kind(kind)  # fail early with the list of kinds
+    peak = matmul_gflops()
+    rows = []
+    for causal in (True, False):
+        kinds = [k for k in args.kinds if not causal or get_attention_kind(k).supports_causal]
+        for backward in (False, True):
+            for n in lengths:
+                times = time_pair(["sdpa", *kinds], n, causal, backward, repeats)
+                base = statistics.median(times["sdpa"])
+                for impl in ["sdpa", *kinds]:
+                    med = statistics.median(times[impl])
+                    row = {
+                        "impl": impl,
+                        "causal": causal,
+                        "mode": "fwd+bwd" if backward else "fwd",
+                        "n": n,
+                        "median_s": med,
+                        "min_s": min(times[impl]),
+                        "max_s": max(times[impl]),
+                        "repeats": len(times[impl]),
+                        "speedup_vs_sdpa": base / med,
+                    }
+                    if impl == "linear":
+                        gflops = linear_flops(n, causal, backward) / med / 1e9
+                        row.update(gflops=gflops, fraction_of_matmul=gflops / peak)
+                    if measure_memory:
+                        row["peak_mib"] = peak_memory(impl, n, causal, backward)
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+
+    result = {
+        "benchmark": "attention vs SDPA",
+        "shape": {"batch": B, "heads": H, "head_dim": D},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "hf_efficient": hf_efficient.__version__,
+        "cpu": cpu_model(),
+        "matmul_gflops": peak,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nmatmul fp32 GFLOP/s on this machine: {peak:.1f}; wrote {args.out}")
+    _plot(rows, args.out.with_suffix(".png"))
+    return 0
+
+
+def _fmt(row) -> str:
+    extra = f"  {row['gflops']:6.1f} GFLOP/s ({row['fraction_of_matmul']:.0%} of matmul)" if "gflops" in row else ""
+    mem = f"  peak {row['peak_mib']:8.1f} MiB" if "peak_mib" in row else ""
+    return (
+        f"{row['impl']:>20s} {'causal' if row['causal'] else 'full':6s} {row['mode']:7s} N={row['n']:6d}  "
+        f"{row['median_s'] * 1e3:9.1f} ms [{row['min_s'] * 1e3:.1f}-{row['max_s'] * 1e3:.1f}]  "
+        f"x{row['speedup_vs_sdpa']:6.2f} vs SDPA{extra}{mem}"
+    )
+
+
+def _plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    modes = sorted({(r["causal"], r["mode"]) for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 4), squeeze=False)
+    for ax, (causal, mode) in zip(axes[0], modes):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = [(r["n"], r["median_s"]) for r in rows if (r["causal"], r["mode"], r["impl"]) == (causal, mode, impl)]
+            if pts:
+                ax.loglog(*zip(*pts), marker="o", label=impl)
+        ax.set_title(f"{'causal' if causal else 'non-causal'} {mode}")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("seconds (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
