@@ -208,4 +208,5 @@ def attention_speed(kind: str, params: dict, *, heads: int, head_dim: int, lengt
         },
         repeats,
     )
-    return {"length": length, "seconds_sdpa": med["sdpa"], "seconds_kind": med[kind], "speedup": med["sdpa"] / med[kind]}
+    speedup = med["sdpa"] / med[kind]
+    return {"length": length, "seconds_sdpa": med["sdpa"], "seconds_kind": med[kind], "speedup": speedup}
