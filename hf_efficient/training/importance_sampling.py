@@ -1,0 +1,565 @@
+"""Importance-sampled training as a drop-in :class:`transformers.Trainer`.
+
+The algorithm of Katharopoulos & Fleuret, "Not All Samples Are Created Equal: Deep Learning with
+Importance Sampling" (ICML 2018):
+
+1. while the smoothed variance-reduction estimate ``tau`` is at most ``tau_th``, train on the
+   uniform batch the dataloader gives and update ``tau`` from that batch's scores (free: they come
+   from the training forward pass);
+2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly, score them with one
+   forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
+   the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
+   unbiased; ``tau`` is updated from the presample's scores.
+
+The default score is the paper's upper bound on the per-sample gradient norm: the norm of the
+loss gradient w.r.t. the logits, ``||softmax(z) - onehot(y)||`` for cross-entropy.
+
+The trainer computes the training loss itself from the model's ``logits`` (cross-entropy for
+classification, token classification and causal LM, squared error for regression, or a user
+``per_sample_loss``), so it never depends on how a model treats ``num_items_in_batch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+
+from .scores import (
+    IGNORE_INDEX,
+    LOSS_KINDS,
+    SCORES,
+    PerSampleLoss,
+    autograd_logit_gradient_norm,
+    check_logits_labels,
+    cross_entropy_gradient_norm,
+    default_tau_threshold,
+    importance_resample,
+    per_sample_losses,
+    tau_from_scores,
+    weighted_loss,
+)
+
+__all__ = [
+    "ImportanceSamplingCallback",
+    "ImportanceSamplingConfig",
+    "ImportanceSamplingState",
+    "ImportanceSamplingTrainer",
+]
+
+STATE_NAME = "importance_sampling_state_{rank}.json"
+RNG_NAME = "importance_sampling_rng_{rank}.safetensors"
+
+
+@dataclass
+class ImportanceSamplingConfig(TrainingArguments):
+    """:class:`~transformers.TrainingArguments` plus the knobs of importance sampling.
+
+    ``per_device_train_batch_size`` is ``b``, the number of samples trained on per step; the
+    presample is ``B = round(presample * b)``.
+    """
+
+    presample: float = field(
+        default=3.0, metadata={"help": "B / b: how many examples are scored per trained example (>= 1)."}
+    )
+    score: str = field(
+        default="gradient_norm_bound",
+        metadata={"help": f"importance score, one of {', '.join(SCORES)}."},
+    )
+    tau_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "importance sampling is on while the smoothed tau exceeds this; None = (B + 3b) / (3b), "
+            "or 2.0 with constant_time. float('inf') never turns it on."
+        },
+    )
+    tau_smoothing: float = field(
+        default=0.9, metadata={"help": "momentum of the exponential moving average of tau, in [0, 1)."}
+    )
+    constant_time: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the per-step cost of uniform training: trade the trained batch size against the "
+            "presample size from the current tau (the reference code's constant-time variant)."
+        },
+    )
+    backward_cost: float = field(
+        default=2.0, metadata={"help": "cost of a backward pass in forward passes (speedup estimate, constant time)."}
+    )
+    constant_time_ratio: float = field(
+        default=0.5, metadata={"help": "constant time: share of the saved backward budget spent on scoring."}
+    )
+    min_train_fraction: float = field(
+        default=0.2, metadata={"help": "constant time: smallest trained batch, as a fraction of b."}
+    )
+    loss_kind: str | None = field(
+        default=None,
+        metadata={"help": f"one of {', '.join(LOSS_KINDS)}; None detects it from the model and the batch."},
+    )
+    score_batch_size: int | None = field(
+        default=None, metadata={"help": "forward batch size when scoring the presample; None = all at once."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.presample, (int, float)) and math.isfinite(self.presample) and self.presample >= 1):
+            raise ValueError(f"presample must be a finite number >= 1 (B / b), got {self.presample!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.tau_threshold is not None and not (self.tau_threshold >= 1.0):
+            raise ValueError(f"tau_threshold must be >= 1 (tau is always >= 1) or None, got {self.tau_threshold!r}")
+        if not 0.0 <= self.tau_smoothing < 1.0:
+            raise ValueError(f"tau_smoothing must be in [0, 1), got {self.tau_smoothing!r}")
+        if not self.backward_cost > 0:
+            raise ValueError(f"backward_cost must be > 0, got {self.backward_cost!r}")
+        if not 0.0 <= self.constant_time_ratio <= 1.0:
+            raise ValueError(f"constant_time_ratio must be in [0, 1], got {self.constant_time_ratio!r}")
+        if not 0.0 < self.min_train_fraction <= 1.0:
+            raise ValueError(f"min_train_fraction must be in (0, 1], got {self.min_train_fraction!r}")
+        if self.loss_kind is not None and self.loss_kind not in LOSS_KINDS:
+            raise ValueError(f"loss_kind must be None or one of {', '.join(LOSS_KINDS)}, got {self.loss_kind!r}")
+        if self.score_batch_size is not None and self.score_batch_size < 1:
+            raise ValueError(f"score_batch_size must be >= 1 or None, got {self.score_batch_size!r}")
+
+    @property
+    def presample_size(self) -> int:
+        """``B``, the number of examples scored per step (standard variant)."""
+        return max(int(round(self.presample * self.per_device_train_batch_size)), 1)
+
+    @property
+    def resolved_tau_threshold(self) -> float:
+        """The threshold in use: the user's, else eq. 29 of the paper (2.0 for constant time, as in
+        the reference code)."""
+        if self.tau_threshold is not None:
+            return float(self.tau_threshold)
+        if self.constant_time:
+            return 2.0
+        return default_tau_threshold(self.presample_size, self.per_device_train_batch_size)
+
+
+@dataclass
+class ImportanceSamplingState:
+    """What importance sampling remembers between steps; saved as JSON in each checkpoint."""
+
+    tau: float = 0.0  # EMA of tau; starts at 0 like the reference code, so the first steps are uniform
+    last_tau: float = 1.0  # the unsmoothed estimate of the latest step
+    steps: int = 0  # training micro-steps seen
+    active_steps: int = 0  # of which importance-sampled
+    logged_steps: int = 0  # micro-steps at the last log
+    logged_active_steps: int = 0
+    last_presample: int = 0  # B and the trained batch size of the latest step
+    last_trained: int = 0
+
+
+class ImportanceSamplingCallback(TrainerCallback):
+    """A :class:`~transformers.TrainerCallback` that also sees the per-sample scores of every step.
+
+    Override :meth:`on_importance_scores`; the trainer calls it on every callback that defines it.
+    """
+
+    def on_importance_scores(
+        self,
+        args: TrainingArguments,
+        state: Any,
+        control: Any,
+        *,
+        scores: torch.Tensor,
+        is_active: bool,
+        tau: float,
+        indices: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``scores (n,)``: of the presample (``n = B``) when ``is_active``, else of the uniform
+        trained batch; ``indices (m,)`` / ``weights (m,)``: the resampled rows of the presample and
+        their unbiasing weights (``None`` when uniform); ``tau``: the smoothed estimate."""
+
+
+class ImportanceSamplingTrainer(Trainer):
+    """:class:`transformers.Trainer` that trains with importance sampling (see the module docstring).
+
+    Args:
+        args: an :class:`ImportanceSamplingConfig`.
+        per_sample_loss: optional ``fn(logits, labels) -> (losses (batch,), items (batch,))`` for a
+            loss the trainer does not know; its scores use one batched backward w.r.t. the logits.
+        *args, **kwargs: as for :class:`transformers.Trainer`.
+    """
+
+    def __init__(self, *args: Any, per_sample_loss: PerSampleLoss | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, ImportanceSamplingConfig):
+            raise TypeError(
+                f"ImportanceSamplingTrainer needs args=ImportanceSamplingConfig(...), got {type(self.args).__name__}"
+            )
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            raise ValueError(
+                "ImportanceSamplingTrainer computes per-sample losses itself; pass per_sample_loss=fn instead "
+                "of compute_loss_func, and leave label_smoothing_factor at 0"
+            )
+        if per_sample_loss is not None and not callable(per_sample_loss):
+            raise TypeError(f"per_sample_loss must be callable, got {type(per_sample_loss).__name__}")
+        self.per_sample_loss = per_sample_loss
+        self.is_state = ImportanceSamplingState()
+        # Our own generator: the presample and the resampling never disturb the global RNG streams
+        # (dropout, the dataloader's shuffling), and its state can be checkpointed exactly.
+        self.is_generator = torch.Generator().manual_seed(int(self.args.seed) + 1_000_003 * self.args.process_index)
+        self._presample_dataset: Any = None
+        self._presample_collator: Any = None
+
+    # ---- data -----------------------------------------------------------------------------------
+    def get_train_dataloader(self):  # noqa: D102 - the stock loader paces epochs; presamples come from here
+        dataloader = super().get_train_dataloader()
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not has_length(dataset):
+            raise ValueError(
+                "ImportanceSamplingTrainer presamples by index: train_dataset must be a map-style dataset "
+                "with __len__ and __getitem__ (e.g. datasets.Dataset), not an IterableDataset"
+            )
+        try:
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            is_hf_dataset = False
+        if is_hf_dataset:
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        largest = self._largest_presample()
+        if len(dataset) < largest:
+            raise ValueError(
+                f"the training set has {len(dataset)} examples but importance sampling presamples B = {largest} "
+                f"per step (presample={self.args.presample} x per_device_train_batch_size="
+                f"{self.args.per_device_train_batch_size}); lower presample or the batch size"
+            )
+        self._presample_dataset, self._presample_collator = dataset, collator
+        return dataloader
+
+    def _largest_presample(self) -> int:
+        args = self.args
+        if not args.constant_time:
+            return args.presample_size
+        return self._constant_time_sizes(float("inf"))[0]
+
+    def _constant_time_sizes(self, tau: float) -> tuple[int, int]:
+        """Constant time: presample ``B`` and train ``a`` with ``B + (1 + c) a = (1 + c) b`` forwards."""
+        args = self.args
+        b, c = args.per_device_train_batch_size, 1.0 + args.backward_cost
+        budget = c * b
+        a = max(args.min_train_fraction * b, b / max(tau, 1.0))
+        presample = int(b + (budget - c * a - b) * args.constant_time_ratio)
+        presample = max(presample, 1)
+        trained = max(int((budget - presample) / c), 1)
+        return presample, trained
+
+    def _step_sizes(self) -> tuple[int, int]:
+        if self.args.constant_time:
+            return self._constant_time_sizes(self.is_state.tau)
+        return self.args.presample_size, self.args.per_device_train_batch_size
+
+    def _draw_presample(self, size: int) -> dict[str, Any]:
+        """``size`` distinct examples drawn uniformly from the training set, collated and on device."""
+        if self._presample_dataset is None:
+            self.get_train_dataloader()
+        dataset = self._presample_dataset
+        indices = torch.randperm(len(dataset), generator=self.is_generator)[:size].tolist()
+        getitems = getattr(dataset, "__getitems__", None)
+        examples = getitems(indices) if getitems is not None else [dataset[i] for i in indices]
+        return self._prepare_inputs(self._presample_collator(examples))
+
+    # ---- model and loss helpers -------------------------------------------------------------------
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Labels only feed the model's own loss, which we do not use; encoder-decoders need them to
+        # build decoder inputs.
+        config = getattr(self._unwrapped(model), "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            return inputs
+        return {k: v for k, v in inputs.items() if k != "labels"}
+
+    @staticmethod
+    def _logits(outputs: Any) -> torch.Tensor:
+        logits = None
+        if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+            logits = outputs.get("logits") if hasattr(outputs, "get") else None
+        else:
+            logits = getattr(outputs, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                "importance sampling scores samples from the model's logits, but the model output has no "
+                f"`logits` tensor (got {type(outputs).__name__}); use a model whose output has `logits`"
+            )
+        return logits
+
+    @staticmethod
+    def _labels(inputs: dict[str, Any]) -> torch.Tensor:
+        labels = inputs.get("labels") if hasattr(inputs, "get") else None
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(
+                "importance sampling needs the training batch to hold a `labels` tensor (per-sample losses "
+                f"and scores come from it); got keys {sorted(inputs.keys()) if hasattr(inputs, 'keys') else inputs}"
+            )
+        return labels
+
+    def _loss_kind(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> str:
+        if self.args.loss_kind is not None:
+            return self.args.loss_kind
+        if self._loss_shifts_labels and logits.dim() == 3:
+            return "causal_lm"
+        problem = getattr(getattr(self._unwrapped(model), "config", None), "problem_type", None)
+        if problem == "multi_label_classification" and self.per_sample_loss is None:
+            raise ValueError(
+                "multi-label classification is not scored in closed form; pass per_sample_loss=fn(logits, labels)"
+            )
+        if problem == "regression" or labels.is_floating_point():
+            return "regression"
+        if logits.dim() == 3 and labels.dim() == 2:
+            return "token_classification"
+        if logits.dim() == 2 and labels.dim() == 1:
+            return "classification"
+        raise ValueError(
+            f"cannot tell the loss of logits {tuple(logits.shape)} with labels {tuple(labels.shape)}; set "
+            f"loss_kind to one of {', '.join(LOSS_KINDS)} or pass per_sample_loss=fn(logits, labels)"
+        )
+
+    def _per_sample(self, logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.per_sample_loss is not None:
+            losses, items = self.per_sample_loss(logits, labels)
+            if losses.shape != (logits.shape[0],) or items.shape != (logits.shape[0],):
+                raise ValueError(
+                    f"per_sample_loss must return (losses, items) of shape ({logits.shape[0]},), got "
+                    f"{tuple(losses.shape)} and {tuple(items.shape)}"
+                )
+            return losses.float(), items.float()
+        return per_sample_losses(logits, labels, kind)
+
+    def _items(self, labels: torch.Tensor, kind: str) -> torch.Tensor:
+        """Target items per sample, ``(batch,)``: what the token-mean loss divides by."""
+        if self.per_sample_loss is not None or kind == "regression":
+            return torch.ones(labels.shape[0], device=labels.device)
+        if kind == "causal_lm":
+            labels = labels[:, 1:]
+        valid = (labels != IGNORE_INDEX).float()
+        return valid if valid.dim() == 1 else valid.sum(dim=1)
+
+    def _scores_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+        logits = logits.detach()
+        if self.args.score == "loss":
+            return self._per_sample(logits, labels, kind)[0].detach()
+        if self.per_sample_loss is not None:
+            return autograd_logit_gradient_norm(logits, labels, self.per_sample_loss)
+        if kind == "regression":
+            return autograd_logit_gradient_norm(logits, labels, lambda z, y: per_sample_losses(z, y, kind))
+        return cross_entropy_gradient_norm(logits, labels, kind)
+
+    def _exact_gradient_norms(self, model: nn.Module, inputs: dict[str, Any], kind: str) -> torch.Tensor:
+        """``||d L_i / d theta||`` for each sample, one backward per sample (for comparisons only)."""
+        unwrapped = self._unwrapped(model)
+        params = [p for p in unwrapped.parameters() if p.requires_grad]
+        labels = self._labels(inputs)
+        n = labels.shape[0]
+        norms = torch.empty(n, device=labels.device)
+        for i in range(n):
+            one = self._rows(inputs, torch.tensor([i], device=labels.device))
+            with torch.enable_grad():
+                logits = self._logits(unwrapped(**self._model_inputs(model, one)))
+                loss, _ = self._per_sample(logits, one["labels"], kind)
+                grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+            norms[i] = torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros(())))
+        return norms
+
+    @torch.no_grad()
+    def score_samples(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Importance scores ``(batch,)`` of a prepared batch, in eval mode (no dropout noise, no
+        batch-norm statistics updates), by ``args.score``."""
+        unwrapped = self._unwrapped(model)
+        labels = self._labels(inputs)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            n = labels.shape[0]
+            if self.args.score == "gradient_norm":
+                logits = self._logits(unwrapped(**self._model_inputs(model, self._rows(inputs, torch.arange(1)))))
+                return self._exact_gradient_norms(model, inputs, self._loss_kind(model, logits, labels))
+            chunk = self.args.score_batch_size or n
+            scores = []
+            for start in range(0, n, chunk):
+                part = self._rows(inputs, torch.arange(start, min(start + chunk, n), device=labels.device))
+                logits = self._logits(unwrapped(**self._model_inputs(model, part)))
+                kind = self._loss_kind(model, logits, part["labels"])
+                scores.append(self._scores_from_logits(logits, part["labels"], kind).float())
+            return torch.cat(scores)
+        finally:
+            unwrapped.train(was_training)
+
+    @staticmethod
+    def _rows(inputs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        """Rows ``index`` of every batched tensor of ``inputs``."""
+        n = inputs["labels"].shape[0]
+        return {
+            k: (v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v)
+            for k, v in inputs.items()
+        }
+
+    def _update_tau(self, scores: torch.Tensor) -> None:
+        state, m = self.is_state, self.args.tau_smoothing
+        state.last_tau = tau_from_scores(scores)
+        state.tau = m * state.tau + (1.0 - m) * state.last_tau
+
+    def _notify_scores(self, **payload: Any) -> None:
+        for callback in self.callback_handler.callbacks:
+            hook = getattr(callback, "on_importance_scores", None)
+            if hook is not None:
+                hook(self.args, self.state, self.control, **payload)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the next step samples by importance: the smoothed tau exceeds the threshold."""
+        return self.is_state.tau > self.args.resolved_tau_threshold
+
+    # ---- the training loss --------------------------------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Uniform or importance-sampled training loss of one micro-batch (see the class docstring).
+
+        Evaluation (model in eval mode) uses the stock :meth:`transformers.Trainer.compute_loss`.
+        """
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = self._labels(inputs)
+        state = self.is_state
+        state.steps += 1
+        if self.is_active:
+            state.active_steps += 1
+            loss, outputs = self._importance_loss(model)
+        else:
+            loss, outputs = self._uniform_loss(model, inputs, labels, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _uniform_loss(
+        self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, num_items_in_batch: Any
+    ) -> tuple[torch.Tensor, Any]:
+        outputs = model(**self._model_inputs(model, inputs))
+        logits = self._logits(outputs)
+        kind = self._loss_kind(model, logits, labels)
+        self.loss_is_scaled_for_ga = False
+        if self.per_sample_loss is None and kind == "classification":
+            # The same call as the models' own loss, so that with importance sampling off the trainer
+            # is bit-identical to the stock one.
+            check_logits_labels(logits, labels, kind)
+            loss = F.cross_entropy(logits, labels)
+        elif self.per_sample_loss is None and kind == "regression":
+            check_logits_labels(logits, labels, kind)
+            loss = F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        else:
+            losses, items = self._per_sample(logits, labels, kind)
+            if num_items_in_batch is not None and self.per_sample_loss is None:
+                # Normalise by the target tokens of the whole accumulated batch, as the stock trainer does.
+                loss = losses.sum() / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    loss = loss * self.accelerator.num_processes
+                self.loss_is_scaled_for_ga = True
+            else:
+                loss = losses.sum() / items.sum().clamp(min=1.0)
+        scores = (
+            self._exact_gradient_norms(model, inputs, kind)
+            if self.args.score == "gradient_norm"
+            else self._scores_from_logits(logits, labels, kind)
+        )
+        self._update_tau(scores)
+        self.is_state.last_presample, self.is_state.last_trained = 0, labels.shape[0]
+        self._notify_scores(scores=scores, is_active=False, tau=self.is_state.tau)
+        return loss, outputs
+
+    def _importance_loss(self, model: nn.Module) -> tuple[torch.Tensor, Any]:
+        presample_size, trained_size = self._step_sizes()
+        presample = self._draw_presample(presample_size)
+        scores = self.score_samples(model, presample)
+        self._update_tau(scores)
+        index, weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
+        index = index.to(scores.device)
+        batch = self._rows(presample, index)
+        labels = batch["labels"]
+        outputs = model(**self._model_inputs(model, batch))
+        logits = self._logits(outputs)
+        kind = self._loss_kind(model, logits, labels)
+        losses, _ = self._per_sample(logits, labels, kind)
+        # A uniform batch of `trained_size` holds this many target items on average; estimating it from
+        # the whole presample keeps the weighted loss an unbiased estimate of the usual mean.
+        expected_items = self._items(presample["labels"], kind).sum() * (trained_size / presample_size)
+        loss = weighted_loss(losses, weights.to(losses.device), expected_items.clamp(min=1e-12))
+        self.loss_is_scaled_for_ga = False
+        self.is_state.last_presample, self.is_state.last_trained = presample_size, trained_size
+        self._notify_scores(scores=scores, is_active=True, tau=self.is_state.tau, indices=index, weights=weights)
+        return loss, outputs
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def estimated_speedup(self) -> float:
+        """Equivalent uniform batch per unit of compute, relative to uniform training.
+
+        ``tau`` is the batch-size multiplier that uniform sampling would need for the same variance;
+        a standard step costs ``(B + (1 + c) b) / ((1 + c) b)`` uniform steps (``c`` = backward cost),
+        a constant-time step one, with ``a`` trained samples."""
+        args, tau = self.args, max(self.is_state.tau, 1.0)
+        b, c = args.per_device_train_batch_size, 1.0 + args.backward_cost
+        if args.constant_time:
+            return tau * self._constant_time_sizes(tau)[1] / b
+        return tau * c * b / (args.presample_size + c * b)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
+        if "loss" in logs:
+            state = self.is_state
+            steps = state.steps - state.logged_steps
+            active = state.active_steps - state.logged_active_steps
+            logs["tau"] = state.tau
+            logs["is_active"] = active / steps if steps else float(self.is_active)
+            logs["estimated_speedup"] = self.estimated_speedup()
+            state.logged_steps, state.logged_active_steps = state.steps, state.active_steps
+        super().log(logs, start_time)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.save_importance_state(folder)
+
+    def save_importance_state(self, folder: str) -> None:
+        """Write tau's state (JSON) and the sampler's generator state (safetensors), one pair per process."""
+        os.makedirs(folder, exist_ok=True)
+        rank = self.args.process_index
+        with open(os.path.join(folder, STATE_NAME.format(rank=rank)), "w", encoding="utf-8") as fh:
+            json.dump(asdict(self.is_state), fh, indent=2)
+        save_file({"generator": self.is_generator.get_state()}, os.path.join(folder, RNG_NAME.format(rank=rank)))
+
+    def load_importance_state(self, folder: str) -> bool:
+        """Restore what :meth:`save_importance_state` wrote; ``False`` when the folder has none."""
+        rank = self.args.process_index
+        state_file = os.path.join(folder, STATE_NAME.format(rank=rank))
+        rng_file = os.path.join(folder, RNG_NAME.format(rank=rank))
+        if not (os.path.isfile(state_file) and os.path.isfile(rng_file)):
+            return False
+        with open(state_file, encoding="utf-8") as fh:
+            self.is_state = ImportanceSamplingState(**json.load(fh))
+        self.is_generator.set_state(load_file(rng_file)["generator"])
+        return True
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            self.load_importance_state(checkpoint)

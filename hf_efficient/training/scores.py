@@ -1,0 +1,175 @@
+"""The maths of importance sampling, free of the Trainer: per-sample losses, importance scores, the
+variance-reduction estimate tau, and the resampling with unbiasing weights.
+
+Shapes: sequence-level tasks have ``logits (batch, classes)`` and ``labels (batch,)``; token-level
+tasks have ``logits (batch, seq, classes)`` and ``labels (batch, seq)``, where ``-100`` marks a
+token without a target. The per-sample loss ``L_i`` is the *sum* of the sample's token losses, so
+that the importance weights apply to whole samples; the training loss divides the weighted sum by
+the expected number of target items, which keeps it an unbiased estimate of the usual token mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+#: Task layouts the trainer can score in closed form or with one batched backward.
+LOSS_KINDS = ("classification", "token_classification", "causal_lm", "regression")
+
+#: Importance scores: the paper's upper bound, the loss, and the exact per-sample gradient norm.
+SCORES = ("gradient_norm_bound", "loss", "gradient_norm")
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _align(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(logits, labels)`` with matching leading dims; for a causal LM, position ``t``
+    predicts token ``t + 1``."""
+    if kind == "causal_lm":
+        return logits[:, :-1, :], labels[:, 1:]
+    return logits, labels
+
+
+def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> None:
+    """Raise a clear ``ValueError`` when ``logits`` and ``labels`` do not fit ``kind``."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; accepted: {', '.join(LOSS_KINDS)}")
+    if kind == "classification":
+        if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                "classification needs logits (batch, classes) and integer labels (batch,), got "
+                f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+            )
+    elif kind == "regression":
+        if labels.shape[0] != logits.shape[0] or labels.numel() != logits.numel():
+            raise ValueError(
+                "regression needs logits and float labels with one value per output, got "
+                f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+            )
+    else:
+        if logits.dim() != 3 or labels.dim() != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"{kind} needs logits (batch, seq, classes) and integer labels (batch, seq), got "
+                f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
+            )
+    if kind != "regression" and labels.is_floating_point():
+        raise ValueError(f"{kind} needs integer class labels, got dtype {labels.dtype}")
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed loss and number of target items.
+
+    Returns ``(losses (batch,), items (batch,))`` in float32: cross-entropy summed over the
+    sample's target tokens (``-100`` ignored) or, for ``regression``, the squared error summed over
+    the outputs (one item per sample, as ``MSELoss`` on ``(batch, 1)`` outputs).
+    """
+    check_logits_labels(logits, labels, kind)
+    logits = logits.float()
+    if kind == "regression":
+        diff = logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).float()
+        losses = diff.pow(2).sum(dim=1)
+        return losses, torch.full_like(losses, float(diff.shape[1]))
+    z, y = _align(logits, labels, kind)
+    if kind == "classification":
+        losses = F.cross_entropy(z, y, reduction="none", ignore_index=IGNORE_INDEX)
+        return losses, (y != IGNORE_INDEX).float()
+    token_losses = F.cross_entropy(z.transpose(1, 2), y, reduction="none", ignore_index=IGNORE_INDEX)
+    return token_losses.sum(dim=1), (y != IGNORE_INDEX).float().sum(dim=1)
+
+
+def cross_entropy_gradient_norm(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Closed-form norm of the per-sample loss gradient w.r.t. the logits, ``(batch,)``.
+
+    For one target, ``d CE / d z = softmax(z) - onehot(y)``; a sample's summed token loss has the
+    stacked per-token gradients, whose norm is the root of the summed squared token norms.
+    ``||p - e_y||^2 = ||p||^2 - 2 p_y + 1`` avoids materialising the one-hot tensor.
+    """
+    check_logits_labels(logits, labels, kind)
+    if kind == "regression":
+        raise ValueError("the closed form is for cross-entropy; regression scores use autograd")
+    z, y = _align(logits.float(), labels, kind)
+    valid = y != IGNORE_INDEX
+    p = torch.softmax(z, dim=-1)
+    p_y = p.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sq = (p.pow(2).sum(dim=-1) - 2.0 * p_y + 1.0).clamp(min=0.0) * valid
+    if sq.dim() == 2:
+        sq = sq.sum(dim=1)
+    return sq.sqrt()
+
+
+def autograd_logit_gradient_norm(logits: torch.Tensor, labels: torch.Tensor, loss_fn: PerSampleLoss) -> torch.Tensor:
+    """Norm of each sample's loss gradient w.r.t. its logits with one batched backward, ``(batch,)``.
+
+    Samples do not interact through ``loss_fn``, so the gradient of the summed loss holds every
+    sample's own gradient in its row.
+    """
+    z = logits.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        losses, _ = loss_fn(z, labels)
+        (grad,) = torch.autograd.grad(losses.sum(), z)
+    return grad.reshape(grad.shape[0], -1).norm(dim=1)
+
+
+def tau_from_scores(scores: torch.Tensor) -> float:
+    """Variance-reduction estimate ``tau = (1 - ||g - u||^2 / ||g||^2) ** -1/2``.
+
+    ``g`` are the normalised scores and ``u`` the uniform distribution. Since
+    ``||g - u||^2 = ||g||^2 - 1/n``, tau equals ``sqrt(n) * ||g||``: 1 for uniform scores, ``sqrt(n)``
+    when one sample holds all the mass. All-zero scores give 1 (nothing to prefer).
+    """
+    scores = scores.detach().double().flatten()
+    if scores.numel() == 0:
+        raise ValueError("tau needs at least one score")
+    if (scores < 0).any() or not torch.isfinite(scores).all():
+        raise ValueError("importance scores must be finite and non-negative")
+    total = scores.sum()
+    if total <= 0:
+        return 1.0
+    g = scores / total
+    u = 1.0 / scores.numel()
+    ratio = float(((g - u) ** 2).sum() / (g**2).sum())
+    return 1.0 / math.sqrt(max(1.0 - ratio, 1e-12))
+
+
+def default_tau_threshold(presample_size: int, batch_size: int) -> float:
+    """``(B + 3b) / (3b)``: the variance reduction that pays for scoring ``B`` samples with forward
+    passes when a backward costs two forwards (Katharopoulos & Fleuret 2018, eq. 29)."""
+    return (presample_size + 3.0 * batch_size) / (3.0 * batch_size)
+
+
+def importance_resample(
+    scores: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``num_samples`` of the ``B`` scored samples with replacement, ``p_i`` proportional to
+    ``scores_i``.
+
+    Returns ``(indices (num_samples,), weights (num_samples,), p (B,))`` with ``w = 1 / (B p_i)``,
+    so that ``mean_k w_k f(x_{i_k})`` is an unbiased estimate of ``mean_i f(x_i)`` over the presample.
+    """
+    scores = scores.detach().double().flatten()
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if (scores < 0).any() or not torch.isfinite(scores).all():
+        raise ValueError("importance scores must be finite and non-negative")
+    n = scores.numel()
+    total = scores.sum()
+    p = scores / total if total > 0 else torch.full_like(scores, 1.0 / n)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    indices = torch.multinomial(p.to(gen_device), num_samples, replacement=True, generator=generator)
+    indices = indices.to(scores.device)
+    weights = 1.0 / (n * p[indices])
+    return indices, weights, p
+
+
+def weighted_loss(losses: torch.Tensor, weights: torch.Tensor, expected_items: torch.Tensor | float) -> torch.Tensor:
+    """``sum_k w_k L_k / expected_items``: the importance-weighted training loss.
+
+    ``expected_items`` is the number of target items a uniform batch of the same size holds on
+    average (the batch size for sequence tasks), estimated from the presample for token tasks.
+    """
+    return (losses * weights.to(losses.dtype)).sum() / expected_items

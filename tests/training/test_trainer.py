@@ -1,0 +1,318 @@
+"""ImportanceSamplingTrainer inside the whole transformers Trainer, against independent references:
+the stock Trainer, the exact mean gradient, an uninterrupted run, a recomputation of the switch."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from hf_efficient.training import (
+    ImportanceSamplingCallback,
+    ImportanceSamplingConfig,
+    ImportanceSamplingTrainer,
+    tau_from_scores,
+)
+
+
+def _load_tiny_models():
+    # Test helpers live beside the tests; load them by path (pytest runs with --import-mode=importlib).
+    name = "hf_efficient_training_tiny_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("tiny_models.py"))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_tiny = _load_tiny_models()
+NoLogitsModel, TinyClassifier, TinyConfig = _tiny.NoLogitsModel, _tiny.TinyClassifier, _tiny.TinyConfig
+TinyForCausalLM, TinyKwargsClassifier = _tiny.TinyForCausalLM, _tiny.TinyKwargsClassifier
+make_classification_data, make_lm_data = _tiny.make_classification_data, _tiny.make_lm_data
+
+COMMON = dict(report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=0.05, seed=7)
+
+
+def _args(tmp_path, cls=ImportanceSamplingConfig, **kw):
+    return cls(output_dir=str(tmp_path), **{**COMMON, **kw})
+
+
+def _model(cls=TinyClassifier, seed=0, **cfg):
+    torch.manual_seed(seed)
+    return cls(TinyConfig(**cfg))
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Recorder(ImportanceSamplingCallback):
+    def __init__(self):
+        self.events = []
+
+    def on_importance_scores(self, args, state, control, **kw):
+        self.events.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kw.items()})
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resampling_off_is_bit_identical_to_stock_trainer(tmp_path, bf16):
+    data = make_classification_data(48)
+    kw = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=5, bf16=bf16)
+    stock_model, ours_model = _model(), _model()
+    Trainer(model=stock_model, args=_args(tmp_path / "a", TrainingArguments, **kw), train_dataset=data).train()
+    ours = ImportanceSamplingTrainer(
+        model=ours_model, args=_args(tmp_path / "b", tau_threshold=float("inf"), **kw), train_dataset=data
+    )
+    ours.train()
+    assert ours.is_state.active_steps == 0 and ours.is_state.steps == 10
+    for name, value in _params(stock_model).items():
+        assert torch.equal(value, ours_model.state_dict()[name]), name
+
+
+def test_accepts_loss_kwargs_model_is_not_over_scaled(tmp_path):
+    """The model takes **kwargs but ignores num_items_in_batch: we must still divide by the
+    accumulation steps, exactly like the stock trainer does for a model without **kwargs."""
+    data = make_classification_data(48)
+    kw = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4)
+    reference, ours_model = _model(TinyClassifier), _model(TinyKwargsClassifier)
+    Trainer(model=reference, args=_args(tmp_path / "a", TrainingArguments, **kw), train_dataset=data).train()
+    trainer = ImportanceSamplingTrainer(
+        model=ours_model, args=_args(tmp_path / "b", tau_threshold=float("inf"), **kw), train_dataset=data
+    )
+    assert trainer.model_accepts_loss_kwargs
+    trainer.train()
+    for name, value in _params(reference).items():
+        assert torch.equal(value, ours_model.state_dict()[name]), name
+
+
+def _mc_gradients(trainer, model, draws):
+    """Gradients of the trainer's importance-sampled loss over `draws` independent resamplings."""
+    grads = []
+    for _ in range(draws):
+        trainer.is_state.tau = 1e9  # force importance sampling on
+        model.zero_grad()
+        loss = trainer.compute_loss(model, {"labels": torch.zeros(1)})
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(grads)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_weighted_resampled_gradient_is_unbiased(tmp_path, task):
+    """With a training set of exactly B examples the presample is the whole set, so the weighted
+    resampled gradient must average to the exact mean gradient over it."""
+    b, presample = 3, 4.0
+    if task == "classification":
+        data, model = make_classification_data(12, seed=3), _model(TinyClassifier, seed=1)
+    else:
+        data, model = make_lm_data(12, seed=3), _model(TinyForCausalLM, seed=1)
+    trainer = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=b, presample=presample), train_dataset=data
+    )
+    model.train()
+    grads = _mc_gradients(trainer, model, 600)
+    # Reference: the usual mean loss over all 12 examples (token mean for the LM), one backward.
+    model.zero_grad()
+    batch = trainer.data_collator(data)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    if task == "classification":
+        ref_loss = F.cross_entropy(logits, batch["labels"])
+    else:
+        ref_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+    ref_loss.backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    mean, stderr = grads.mean(0), grads.std(0) / math.sqrt(grads.shape[0])
+    assert stderr.max() > 0  # the estimator is random
+    z = (mean - exact).abs() / (stderr + 1e-7)
+    assert z.max() < 5.0, float(z.max())
+    # Importance sampling reduces the variance relative to uniform sampling of b from the same B.
+    uniform = _uniform_gradient_variance(model, trainer, data, b, task)
+    assert grads.var(0).sum() < uniform
+
+
+def _uniform_gradient_variance(model, trainer, data, b, task):
+    """Exact variance (trace) of the uniform with-replacement b-sample gradient estimator."""
+    per = []
+    batch = trainer.data_collator(data)
+    for i in range(len(data)):
+        model.zero_grad()
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        logits = model(**{k: v for k, v in row.items() if k != "labels"}).logits
+        if task == "classification":
+            loss = F.cross_entropy(logits, row["labels"], reduction="sum")
+        else:
+            v = logits.shape[-1]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, v), row["labels"][:, 1:].reshape(-1), reduction="sum")
+        loss.backward()
+        per.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    per = torch.stack(per)
+    if task == "causal_lm":  # per-sample sums scaled by the mean item count, as the weighted loss does
+        items = (batch["labels"][:, 1:] != -100).float().sum(1).mean()
+        per = per / items
+    return float(per.var(0, unbiased=False).sum() / b)
+
+
+def test_switch_turns_on_and_off_as_specified(tmp_path):
+    data = make_classification_data(64, seed=2)
+    rec = Recorder()
+    # presample 2: th = (8 + 12) / 12; with b = 4 the uniform phase's tau is at most sqrt(4) = 2 > th.
+    args = _args(
+        tmp_path, per_device_train_batch_size=4, presample=2.0, max_steps=14, tau_smoothing=0.5, learning_rate=0.5
+    )
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data, callbacks=[rec])
+    th = args.resolved_tau_threshold
+    assert th == pytest.approx((8 + 12) / 12)
+    # Make the scores peaked (so tau grows) for 8 steps, then uniform (so tau decays).
+    original = trainer._scores_from_logits
+
+    def scripted(logits, labels, kind):
+        real = original(logits, labels, kind)
+        if trainer.is_state.steps <= 8:
+            peaked = torch.full_like(real, 1e-3)
+            peaked[0] = 1.0
+            return peaked
+        return torch.ones_like(real)
+
+    trainer._scores_from_logits = scripted
+    trainer.train()
+    # Recompute the EMA and the decision independently from the recorded raw scores.
+    tau, expected_active = 0.0, []
+    for event in rec.events:
+        expected_active.append(tau > th)
+        tau = 0.5 * tau + 0.5 * tau_from_scores(event["scores"])
+        assert event["tau"] == pytest.approx(tau)
+    assert [e["is_active"] for e in rec.events] == expected_active
+    assert expected_active[0] is False and any(expected_active) and expected_active[-1] is False
+    for e in rec.events:  # presample of B when active, the trained batch otherwise
+        assert e["scores"].shape == ((8,) if e["is_active"] else (4,))
+        if e["is_active"]:
+            p = e["scores"] / e["scores"].sum()
+            torch.testing.assert_close(e["weights"], (1.0 / (8 * p[e["indices"]])).double())
+
+
+def test_logs_carry_tau_activity_and_speedup(tmp_path):
+    data = make_classification_data(40)
+    args = _args(
+        tmp_path, per_device_train_batch_size=4, max_steps=6, logging_steps=2, tau_threshold=1.0001, tau_smoothing=0.0
+    )
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    assert logs[0]["is_active"] == 0.5 and logs[-1]["is_active"] == 1.0  # first step is always uniform
+    for h in logs:
+        assert h["tau"] >= 1.0
+        assert h["estimated_speedup"] == pytest.approx(h["tau"] * 12 / (12 + 12))
+
+
+def test_scores_loss_and_exact_gradient_norm(tmp_path):
+    data = make_classification_data(16)
+    model = _model()
+    batch = None
+    for score in ("loss", "gradient_norm", "gradient_norm_bound"):
+        trainer = ImportanceSamplingTrainer(
+            model=model, args=_args(tmp_path, per_device_train_batch_size=4, score=score), train_dataset=data
+        )
+        batch = trainer.data_collator(data[:5])
+        got = trainer.score_samples(model, batch)
+        want = []
+        for i in range(5):
+            model.zero_grad()
+            logits = model(batch["x"][i : i + 1]).logits.requires_grad_(True) if score != "gradient_norm" else None
+            if score == "gradient_norm":
+                F.cross_entropy(model(batch["x"][i : i + 1]).logits, batch["labels"][i : i + 1]).backward()
+                want.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())))
+            else:
+                logits = logits.detach().requires_grad_(True)
+                loss = F.cross_entropy(logits, batch["labels"][i : i + 1])
+                (g,) = torch.autograd.grad(loss, logits)
+                want.append(loss.detach() if score == "loss" else g.norm())
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    data = make_classification_data(64, seed=4)
+    kw = dict(
+        per_device_train_batch_size=4,
+        max_steps=8,
+        tau_threshold=1.0001,
+        tau_smoothing=0.5,
+        save_strategy="steps",
+        save_steps=3,
+        gradient_accumulation_steps=2,
+    )
+    full_model = _model()
+    full = ImportanceSamplingTrainer(model=full_model, args=_args(tmp_path / "full", **kw), train_dataset=data)
+    full.train()
+    assert full.is_state.active_steps > 4
+    resumed_model = _model(seed=123)  # different init: everything must come from the checkpoint
+    resumed = ImportanceSamplingTrainer(model=resumed_model, args=_args(tmp_path / "full", **kw), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for name, value in _params(full_model).items():
+        assert torch.equal(value, resumed_model.state_dict()[name]), name
+    assert resumed.is_state.tau == full.is_state.tau
+    assert torch.equal(resumed.is_generator.get_state(), full.is_generator.get_state())
+
+
+def test_constant_time_keeps_the_step_budget(tmp_path):
+    args = _args(tmp_path, per_device_train_batch_size=32, constant_time=True)
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=make_classification_data(64))
+    assert args.resolved_tau_threshold == 2.0
+    for tau in (2.0, 3.0, 10.0, 1e6):
+        presample, trained = trainer._constant_time_sizes(tau)
+        assert presample + 3 * trained <= 3 * 32  # scoring + training fit in a uniform step
+        assert presample >= trained
+    assert trainer._constant_time_sizes(2.0) == (40, 18)  # a = b/2 = 16; B = 32 + (96 - 48 - 32)/2 = 40
+    assert trainer._constant_time_sizes(1e6)[1] == int((96 - trainer._constant_time_sizes(1e6)[0]) / 3)
+
+
+def test_token_classification_and_causal_lm_train(tmp_path):
+    """The causal LM path trains and its uniform loss equals the model-independent token mean."""
+    data = make_lm_data(24)
+    model = _model(TinyForCausalLM)
+    args = _args(tmp_path, per_device_train_batch_size=4, max_steps=1, tau_threshold=float("inf"))
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
+    assert trainer._loss_shifts_labels
+    batch = trainer.data_collator(data[:4])
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    logits = model(batch["input_ids"]).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 11), batch["labels"][:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want)
+
+
+def test_errors(tmp_path):
+    data = make_classification_data(10)
+    with pytest.raises(ValueError, match="training set has 10 examples"):
+        args = _args(tmp_path, per_device_train_batch_size=4, presample=3.0)
+        ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data).get_train_dataloader()
+    args = _args(tmp_path, per_device_train_batch_size=2, max_steps=1)
+    with pytest.raises(ValueError, match="no `logits`"):
+        ImportanceSamplingTrainer(model=_model(NoLogitsModel), args=args, train_dataset=data).train()
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data)
+    with pytest.raises(ValueError, match="`labels` tensor"):
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, {"x": torch.zeros(2, 6)})
+    with pytest.raises(TypeError, match="ImportanceSamplingConfig"):
+        ImportanceSamplingTrainer(model=_model(), args=_args(tmp_path, TrainingArguments), train_dataset=data)
+    with pytest.raises(ValueError, match="presample must be"):
+        _args(tmp_path, presample=0.5)
+    with pytest.raises(ValueError, match="score must be one of"):
+        _args(tmp_path, score="entropy")
+    with pytest.raises(ValueError, match="tau_threshold"):
+        _args(tmp_path, tau_threshold=0.5)
+    with pytest.raises(ValueError, match="loss_kind"):
+        _args(tmp_path, loss_kind="ranking")
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    with pytest.raises(ValueError, match="map-style"):
+        ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=Stream()).get_train_dataloader()
