@@ -24,6 +24,8 @@ from .attention import (
     linear_attention_step,
     register_attention_kind,
 )
+from .integrations.cache import LinearAttentionCache
+from .models.linear_lm import LinearLMConfig, LinearLMForCausalLM, LinearLMModel
 
 __version__ = "0.1.0"
 
@@ -35,8 +37,12 @@ __all__ = [
     "FavorFeatureMap",
     "FeatureMap",
     "HedgehogFeatureMap",
+    "LinearAttentionCache",
     "LinearAttentionParams",
     "LinearAttentionState",
+    "LinearLMConfig",
+    "LinearLMForCausalLM",
+    "LinearLMModel",
     "ReluFeatureMap",
     "__version__",
     "attention_kind_names",

@@ -1,0 +1,285 @@
+"""The ``linear-lm`` causal LM: a Llama-like decoder whose attention is causal linear attention.
+
+Blocks are pre-norm: ``x + attn(rms(x))`` then ``x + mlp(rms(x))`` with a SwiGLU MLP. Attention
+maps q and k through a feature map phi (``config.feature_map``) after optional rotary position
+embeddings, and mixes tokens with the chunked causal form in training and prefill and the
+recurrent form when decoding. ``generate()`` builds a :class:`LinearAttentionCache` by itself, so
+every generated token costs the same whatever the context length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from ...attention.feature_maps import FEATURE_MAPS
+from ...attention.linear import linear_attention
+from ...integrations.cache import LinearAttentionCache, LinearAttentionLayer
+from .configuration_linear_lm import LinearLMConfig
+
+__all__ = ["LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
+
+
+class LinearLMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on ``(batch, heads, seq, d)`` with cos/sin ``(batch, 1, seq, d)``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class LinearLMAttention(nn.Module):
+    """Multi-head causal linear attention; q, k, v ``(batch, heads, seq, head_dim)`` inside."""
+
+    def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.eps = config.attention_eps
+        self.chunk_size = config.chunk_size
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, h, bias=False)
+        self.v_proj = nn.Linear(h, h, bias=False)
+        self.o_proj = nn.Linear(h, h, bias=False)
+        fmap = FEATURE_MAPS[config.feature_map](self.head_dim, self.num_heads)
+        # Learnable maps (hedgehog) are submodules so they train and save; fixed ones stay a name.
+        self.feature_map = fmap if any(True for _ in fmap.parameters()) else None
+        self.feature_map_name = config.feature_map
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        padding_mask: torch.Tensor | None,
+        cache_layer: LinearAttentionLayer | None,
+    ) -> torch.Tensor:
+        b, n, _ = hidden_states.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if rotary is not None:
+            q, k = _rotate(q, *rotary), _rotate(k, *rotary)
+        fmap = self.feature_map if self.feature_map is not None else self.feature_map_name
+        if cache_layer is not None:
+            out = cache_layer.attend(q, k, v, feature_map=fmap, key_padding_mask=padding_mask, eps=self.eps,
+                                     chunk_size=self.chunk_size)
+        else:
+            out = linear_attention(q, k, v, causal=True, feature_map=fmap, key_padding_mask=padding_mask,
+                                   eps=self.eps, chunk_size=self.chunk_size)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class LinearLMMLP(nn.Module):
+    def __init__(self, config: LinearLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LinearLMDecoderLayer(nn.Module):
+    def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = LinearLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LinearLMAttention(config, layer_idx)
+        self.post_attention_layernorm = LinearLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LinearLMMLP(config)
+
+    def forward(self, x, rotary, padding_mask, cache_layer):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, padding_mask, cache_layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LinearLMPreTrainedModel(PreTrainedModel):
+    config_class = LinearLMConfig
+    config: LinearLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LinearLMDecoderLayer"]
+    # Attention is linear by construction; it does not dispatch through attn_implementation.
+    _supports_attention_backend = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LinearLMRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class LinearLMModel(LinearLMPreTrainedModel):
+    """The decoder stack without the LM head."""
+
+    def __init__(self, config: LinearLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([LinearLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LinearLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # Computed per call rather than kept as a buffer: it is a few numbers, and a buffer would be
+        # left uninitialised by from_pretrained's meta-device loading.
+        d = self.config.head_dim
+        exponents = torch.arange(0, d, 2, dtype=torch.float32, device=position_ids.device) / d
+        inv_freq = 1.0 / (self.config.rope_theta**exponents)
+        freqs = position_ids[..., None].to(torch.float32) * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (batch or 1, 1, seq, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids ``(batch, seq)``; attention_mask ``(batch, past + seq)`` with 1 = real token;
+        returns hidden states ``(batch, seq, hidden)`` and the cache."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("LinearLMModel: pass exactly one of input_ids or inputs_embeds")
+        if kwargs.get("output_attentions"):
+            raise ValueError("linear-lm models never form attention weights: output_attentions=True is not supported")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, n = hidden.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and not isinstance(cache, LinearAttentionCache):
+            raise TypeError(
+                f"linear-lm models keep a recurrent state, not keys/values: pass a LinearAttentionCache (or nothing, "
+                f"generate() builds one), got {type(cache).__name__}"
+            )
+        if use_cache and cache is None:
+            cache = LinearAttentionCache(self.config.num_hidden_layers)
+        past = cache.get_seq_length() if cache is not None else 0
+
+        padding = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < n:
+                raise ValueError(
+                    f"attention_mask must be 2-D (batch, past + seq) = ({b}, {past + n}) with 1 for real tokens, "
+                    f"got shape {tuple(attention_mask.shape)}"
+                )
+            padding = attention_mask[:, -n:]
+            if bool(padding.all()):
+                padding = None
+
+        rotary = None
+        if self.config.position_embedding == "rope":
+            if position_ids is None:
+                position_ids = torch.arange(past, past + n, device=hidden.device)[None]
+            rotary = self._rotary(position_ids, hidden.dtype)
+
+        for i, layer in enumerate(self.layers):
+            cache_layer = cache.layers[i] if cache is not None else None
+            hidden = layer(hidden, rotary, padding, cache_layer)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None)
+
+
+class LinearLMForCausalLM(LinearLMPreTrainedModel, GenerationMixin):
+    """Causal LM head on :class:`LinearLMModel`; ``generate()`` decodes with a recurrent cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LinearLMConfig) -> None:
+        super().__init__(config)
+        self.model = LinearLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits ``(batch, seq, vocab)`` (the last ``logits_to_keep`` positions if > 0); with
+        ``labels`` ``(batch, seq)`` also the next-token loss (-100 = ignored)."""
+        if "past_key_values" in kwargs:  # the pre-5.x name of `cache`
+            cache = kwargs.pop("past_key_values") if cache is None else cache
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            # transformers' causal-LM loss: shifts labels, ignores -100, honours num_items_in_batch.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """generate() hook: the default would build a DynamicCache; a linear-lm model needs states."""
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:
+            if not isinstance(user_cache, LinearAttentionCache):
+                raise TypeError(
+                    f"linear-lm models decode with a LinearAttentionCache, got {type(user_cache).__name__}"
+                )
+            user_cache._is_user_defined = True
+            return
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"linear-lm models decode with their own recurrent cache; cache_implementation="
+                f"{generation_config.cache_implementation!r} is not supported (leave it unset)"
+            )
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = LinearAttentionCache(self.config.num_hidden_layers)
