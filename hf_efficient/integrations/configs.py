@@ -26,6 +26,7 @@ import transformers
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto import modeling_auto
 
+from ..attention.feature_maps import FeatureMap
 from ..attention.registry import get_attention_kind
 from .attention_interface import CONFIG_KEY, LayerAttention, implementation_name, register_with_transformers
 
@@ -72,12 +73,10 @@ class EfficientModelMixin:
     def _init_weights(self, module):
         # Learnable feature maps are not known to the base class: give them their own initial values
         # (from_pretrained allocates missing weights uninitialised).
-        from .patch import FEATURE_MAP_ATTRIBUTE
-
+        if isinstance(module, FeatureMap):
+            reset_feature_map(module)
+            return
         super()._init_weights(module)
-        fmap = module._modules.get(FEATURE_MAP_ATTRIBUTE)
-        if fmap is not None:
-            reset_feature_map(fmap)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         from .export import write_remote_code
@@ -186,6 +185,13 @@ def register_auto_classes(model_type: str) -> EfficientClasses:
     return classes
 
 
+def as_efficient_config(config: PretrainedConfig, config_class: type) -> None:
+    """Turn ``config`` into an instance of ``config_class`` (a subclass of its class) in place."""
+    config.__class__ = config_class
+    # A config read from JSON may carry the base model_type as an instance attribute; the class's wins.
+    config.__dict__.pop("model_type", None)
+
+
 def apply_efficient_config(model) -> None:
     """Patch ``model`` from ``model.config.hf_efficient`` (used by the efficient classes' ``__init__``)."""
     from .patch import apply_layers
@@ -240,7 +246,7 @@ def efficient_config(
     )
     config = copy.deepcopy(base_config)
     base_impl = getattr(base_config, CONFIG_KEY, None) or {}
-    config.__class__ = classes.config_class
+    as_efficient_config(config, classes.config_class)
     record = describe_plan(get_attention_kind(kind).name, plan, base_impl.get("base_attn_implementation"))
     setattr(config, CONFIG_KEY, record)
     return config

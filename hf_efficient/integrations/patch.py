@@ -236,7 +236,7 @@ def patch_model(
     The attention modules receive q/k/v ``(batch, heads, seq, dim)`` as before; only the function
     that mixes them changes. Patching a patched model first undoes the previous patch.
     """
-    from .configs import efficient_classes  # configs imports this module
+    from .configs import as_efficient_config, efficient_classes  # configs imports this module
 
     register_with_transformers()
     if is_patched(model):
@@ -259,12 +259,13 @@ def patch_model(
         "config_class": type(config),
         "model_class": type(model),
         "attn_implementation": config._attn_implementation,
+        "model_type": config.__dict__.get("model_type"),
     }
     apply_layers(model, plan)
     kind_name = get_attention_kind(kind).name
     setattr(config, CONFIG_KEY, describe_plan(kind_name, plan, config._attn_implementation))
     _set_implementation(model, implementation_name(kind_name))
-    config.__class__ = classes.config_class
+    as_efficient_config(config, classes.config_class)
     model_class = classes.model_class_for(type(model))
     if model_class is not None:
         model.__class__ = model_class
@@ -303,6 +304,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         config_class = getattr(type(config), "hf_efficient_base_class", type(config))
         model_class = getattr(type(model), "hf_efficient_base_class", type(model))
     config.__class__ = config_class
+    if original.get("model_type") is not None:
+        config.__dict__["model_type"] = original["model_type"]
     model.__class__ = model_class
     _set_implementation(model, original.get("attn_implementation") or record.get("base_attn_implementation", "sdpa"))
     if hasattr(model, "_hf_efficient_original"):
