@@ -3,6 +3,13 @@
 Importing this package registers every kind in :mod:`hf_efficient.attention.registry`.
 """
 
+from .clustered import (
+    ClusteredAttentionParams,
+    ImprovedClusteredAttentionParams,
+    clustered_attention,
+    clustered_attention_reference,
+    improved_clustered_attention,
+)
 from .feature_maps import (
     FEATURE_MAPS,
     EluFeatureMap,
@@ -24,6 +31,11 @@ from .registry import AttentionKind, attention_kind_names, get_attention_kind, r
 __all__ = [
     "FEATURE_MAPS",
     "AttentionKind",
+    "ClusteredAttentionParams",
+    "ImprovedClusteredAttentionParams",
+    "clustered_attention",
+    "clustered_attention_reference",
+    "improved_clustered_attention",
     "EluFeatureMap",
     "FavorFeatureMap",
     "FeatureMap",

@@ -73,22 +73,24 @@ def hash_queries(
     Returns:
         bool ``(batch, heads, n, bits)``.
     """
-    # float64 input keeps float64 projections (tests); the statistics are float64 always, so that a
-    # sequence's thresholds barely depend on how much padding surrounds it.
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    p = torch.matmul(q.to(dt), w.to(dt))  # (b, h, n, bits)
-    p64 = p.double()
+    q = q.to(dt)
+    w = w.to(dt)
+    # The projections' mean and variance follow from the queries' mean and covariance (w is
+    # linear), so the statistics cost O(n d^2) instead of touching every (query, bit) pair twice.
     if valid is None:
-        mean = p64.mean(dim=2, keepdim=True)
-        var = (p64 - mean).square().mean(dim=2, keepdim=True)
+        mean_q = q.mean(dim=2, keepdim=True)  # (b, h, 1, d)
+        centred = q - mean_q
+        count = q.shape[2]
     else:
         m = valid[:, None, :, None]
         count = m.sum(dim=2, keepdim=True).clamp(min=1)
-        p64 = torch.where(m, p64, 0.0)
-        mean = p64.sum(dim=2, keepdim=True) / count
-        var = torch.where(m, (p64 - mean).square(), 0.0).sum(dim=2, keepdim=True) / count
-    threshold = mean + var.sqrt() * z.double()
-    return p > threshold.to(dt)
+        mean_q = torch.where(m, q, 0).sum(dim=2, keepdim=True) / count
+        centred = torch.where(m, q - mean_q, 0)
+    cov = torch.matmul(centred.transpose(-1, -2), centred) / count  # (b, h, d, d)
+    var = (torch.matmul(cov, w) * w).sum(dim=-2, keepdim=True)  # (b, h, 1, bits) = w_j^T cov w_j
+    threshold = torch.matmul(mean_q, w) + var.clamp(min=0).sqrt() * z.to(dt)
+    return torch.matmul(q, w) > threshold
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ def unpack_bits(words: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: int64 ``(..., W)`` -> bool ``(..., n_bits)``."""
     shifts = torch.arange(64, device=words.device)
     bits = (words.unsqueeze(-1) >> shifts) & 1  # arithmetic shift still reads bit i correctly
-    return bits.reshape(*words.shape[:-1], -1)[..., :n_bits].bool()
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 64)[..., :n_bits].bool()
 
 
 def popcount64(x: torch.Tensor) -> torch.Tensor:
@@ -173,13 +175,13 @@ def hamming_kmeans(bits: torch.Tensor, valid: torch.Tensor, clusters: int, itera
 
 def _lloyd(bits, valid, n_real, clusters, iterations):
     dt = _fast_dtype(bits.device, bits.shape[-1])
-    signs = bits.to(dt) * 2 - 1  # (s, n, b) in {-1, +1}
+    signs = torch.where(bits, 1.0, -1.0).to(dt)  # (s, n, b) in {-1, +1}
     real_first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
     start = real_first.gather(1, initial_centre_ranks(n_real, clusters))  # (s, C) query positions
     centres = signs.gather(1, start[..., None].expand(-1, -1, signs.shape[-1]))
     members = torch.where(valid[..., None], signs, 0).float()
     weight = valid.float()
-    assign = torch.matmul(signs, centres.transpose(1, 2)).argmax(dim=-1)  # max agreement = min distance
+    assign = _nearest(signs, centres)
     for _ in range(iterations):
         votes = members.new_zeros(centres.shape).scatter_add_(
             1, assign[..., None].expand(-1, -1, members.shape[-1]), members
@@ -188,11 +190,28 @@ def _lloyd(bits, valid, n_real, clusters, iterations):
         # majority bit of the members (a tie gives 0); an empty cluster keeps its centre
         majority = torch.where(votes > 0, 1.0, -1.0).to(dt)
         centres = torch.where(count[..., None] > 0, majority, centres)
-        new = torch.matmul(signs, centres.transpose(1, 2)).argmax(dim=-1)
+        new = _nearest(signs, centres)
         if torch.equal(new[valid], assign[valid]):
             break
         assign = new
     return assign
+
+
+def _nearest(signs: torch.Tensor, centres: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
+    """Index of the nearest centre in Hamming distance (the first one on ties): the most agreeing signs.
+
+    signs ``(s, n, b)``, centres ``(s, C, b)`` -> int64 ``(s, n)``. Works on blocks of queries whose
+    ``(s, rows, C)`` agreement matrix (about ``block`` numbers) stays in cache: the argmax then costs
+    a fraction of what it costs streaming the whole matrix through memory.
+    """
+    s, n, _ = signs.shape
+    rows = max(1, block // (s * centres.shape[1]))
+    centres_t = centres.transpose(1, 2)
+    out = torch.empty(s, n, dtype=torch.long, device=signs.device)
+    for start in range(0, n, rows):  # blocks of queries, not single queries
+        agree = torch.matmul(signs[:, start : start + rows], centres_t)
+        torch.argmax(agree.float(), dim=-1, out=out[:, start : start + rows])
+    return out
 
 
 def hamming_kmeans_reference(codes: torch.Tensor, n_bits: int, clusters: int, iterations: int) -> torch.Tensor:

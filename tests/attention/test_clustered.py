@@ -1,0 +1,332 @@
+"""Clustered and improved-clustered attention against independent references.
+
+References: quadratic softmax through ``scaled_dot_product_attention`` (exact limits), the
+loop-per-cluster definition with packed-popcount k-means (general case), float64 gradcheck, and
+real MiniLM queries/keys/values for the error trend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_efficient.attention import (
+    ClusteredAttentionParams,
+    ImprovedClusteredAttentionParams,
+    clustered_attention,
+    clustered_attention_reference,
+    get_attention_kind,
+    improved_clustered_attention,
+)
+from hf_efficient.attention.hashing import (
+    hamming_distance,
+    hamming_kmeans,
+    hamming_kmeans_reference,
+    pack_bits,
+    popcount64,
+    unpack_bits,
+)
+
+F64 = torch.float64
+
+
+def qkv(b=2, h=2, n_q=24, n_k=27, d=8, d_v=5, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, h, n_q, d, generator=g, dtype=dtype),
+        torch.randn(b, h, n_k, d, generator=g, dtype=dtype),
+        torch.randn(b, h, n_k, d_v, generator=g, dtype=dtype),
+    )
+
+
+def sdpa(q, k, v, key_mask=None, scale=None):
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def run(kind, q, k, v, **kw):
+    if kind == "clustered":
+        kw.pop("topk", None)
+        return clustered_attention(q, k, v, **kw)
+    return improved_clustered_attention(q, k, v, **kw)
+
+
+# --------------------------------------------------------------------------- bit helpers and k-means
+def test_pack_popcount_hamming():
+    g = torch.Generator().manual_seed(1)
+    bits = torch.rand(5, 7, 130, generator=g) > 0.5  # 3 words, last one partial; bit 63 set often
+    words = pack_bits(bits)
+    assert words.shape == (5, 7, 3) and words.dtype == torch.int64
+    assert torch.equal(unpack_bits(words, 130), bits)
+    assert torch.equal(popcount64(words).sum(-1), bits.sum(-1))
+    assert popcount64(torch.tensor([-1, 0, 1 << 62, -(1 << 63)])).tolist() == [64, 0, 1, 1]
+    a, b = words[:, :1], words[:, 1:]
+    assert torch.equal(hamming_distance(a, b), (bits[:, :1] != bits[:, 1:]).sum(-1))
+
+
+@pytest.mark.parametrize("n_bits", [63, 100])
+def test_fast_kmeans_equals_popcount_reference(n_bits):
+    g = torch.Generator().manual_seed(2)
+    # a few well separated groups plus noise, so k-means has something to find
+    proto = torch.rand(6, n_bits, generator=g) > 0.5
+    noise = torch.rand(3, 200, n_bits, generator=g) < 0.15
+    bits = proto[torch.randint(0, 6, (3, 200), generator=g)] ^ noise
+    valid = torch.ones(3, 200, dtype=torch.bool)
+    valid[1, 150:] = False
+    valid[2, :20] = False
+    fast = hamming_kmeans(bits, valid, clusters=9, iterations=6)
+    for s in range(3):
+        ref = hamming_kmeans_reference(pack_bits(bits[s][valid[s]]), n_bits, 9, 6)
+        assert torch.equal(fast[s][valid[s]], ref)
+        assert (fast[s][~valid[s]] == -1).all()
+
+
+# --------------------------------------------------------------------------- fast path vs references
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+@pytest.mark.parametrize("clusters,topk", [(1, 1), (3, 4), (7, 9), (100, 2)])
+def test_matches_loop_reference_with_padding(kind, clusters, topk):
+    q, k, v = qkv()
+    key_mask = torch.ones(2, 27, dtype=torch.bool)
+    key_mask[0, -8:] = False
+    query_mask = torch.ones(2, 24, dtype=torch.bool)
+    query_mask[1, :6] = False
+    kw = dict(clusters=clusters, bits=24, iterations=4, seed=3, key_padding_mask=key_mask,
+              query_padding_mask=query_mask)
+    ref = clustered_attention_reference(q, k, v, topk=topk if kind == "improved" else None, **kw)
+    out = run(kind, q, k, v, topk=topk, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert (out[1, :, :6] == 0).all()  # padded queries get zeros
+
+
+@pytest.mark.parametrize("n_q,clusters", [(20, 20), (20, 64)])
+def test_clusters_covering_queries_is_exact_softmax(n_q, clusters):
+    q, k, v = qkv(n_q=n_q)
+    key_mask = torch.ones(2, 27, dtype=torch.bool)
+    key_mask[1, :5] = False
+    out, assign = clustered_attention(q, k, v, clusters=clusters, key_padding_mask=key_mask, seed=0,
+                                      return_clusters=True)
+    torch.testing.assert_close(out, sdpa(q, k, v, key_mask), rtol=1e-10, atol=1e-12)
+    assert torch.equal(assign, torch.arange(n_q).expand(2, 2, n_q))  # every query its own cluster
+
+
+def test_topk_covering_keys_is_exact_softmax():
+    q, k, v = qkv(n_q=40, n_k=30)
+    key_mask = torch.ones(2, 30, dtype=torch.bool)
+    key_mask[0, 10:] = False
+    for topk in (30, 31, 500):
+        out = improved_clustered_attention(q, k, v, clusters=3, topk=topk, key_padding_mask=key_mask, seed=1,
+                                           scale=0.7)
+        torch.testing.assert_close(out, sdpa(q, k, v, key_mask, scale=0.7), rtol=1e-10, atol=1e-12)
+
+
+def test_fewer_clusters_is_not_exact():
+    """Guards the exactness tests: with few clusters the result really is an approximation."""
+    q, k, v = qkv(n_q=40)
+    assert (clustered_attention(q, k, v, clusters=3, seed=0) - sdpa(q, k, v)).abs().max() > 1e-2
+    assert (improved_clustered_attention(q, k, v, clusters=3, topk=3, seed=0) - sdpa(q, k, v)).abs().max() > 1e-3
+
+
+def test_improved_weights_sum_to_one():
+    """With v = 1 every output is the sum of the weights: exactly one, also with padded keys."""
+    q, k, _ = qkv(n_q=30, n_k=20)
+    v = torch.ones(2, 2, 20, 3, dtype=F64)
+    key_mask = torch.ones(2, 20, dtype=torch.bool)
+    key_mask[1, 12:] = False
+    for fn in (clustered_attention, improved_clustered_attention):
+        out = fn(q, k, v, clusters=4, key_padding_mask=key_mask, seed=0)
+        torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+def test_gradcheck(kind):
+    q, k, v = qkv(b=1, h=2, n_q=10, n_k=9, d=4, d_v=3)
+    key_mask = torch.ones(1, 9, dtype=torch.bool)
+    key_mask[0, -2:] = False
+    args = tuple(t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def fn(q_, k_, v_):
+        return run(kind, q_, k_, v_, clusters=3, topk=3, bits=16, seed=5, key_padding_mask=key_mask)
+
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7)
+
+
+def test_centroid_gradient_reaches_member_queries():
+    """One cluster: the centroid is the mean query, so d out / d q_i = (d out / d centroid) / n."""
+    q, k, v = qkv(b=1, h=1, n_q=6, n_k=5)
+    q.requires_grad_(True)
+    clustered_attention(q, k, v, clusters=1, seed=0).sum().backward()
+    mean = q.detach().mean(dim=2, keepdim=True).requires_grad_(True)
+    (sdpa(mean, k, v) * 6).sum().backward()
+    torch.testing.assert_close(q.grad, (mean.grad / 6).expand_as(q.grad))
+
+
+# --------------------------------------------------------------------------- reproducibility
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_padding_and_batch_invariance(kind, dtype):
+    """A sequence gives the same output alone, padded on either side, or next to other sequences."""
+    g = torch.Generator().manual_seed(4)
+    n, width = 50, 64
+    q1, k1, v1 = (torch.randn(1, 2, n, 8, generator=g, dtype=dtype) for _ in range(3))
+    kw = dict(clusters=6, topk=5, seed=11)
+    alone = run(kind, q1, k1, v1, **kw)
+
+    def embed(t, left):
+        out = torch.randn(3, 2, width, 8, generator=g, dtype=dtype) * 5  # junk in padding + other rows
+        out[1, :, left : left + n] = t[0]
+        return out
+
+    for left in (0, width - n, 5):
+        mask = torch.zeros(3, width, dtype=torch.bool)
+        mask[1, left : left + n] = True
+        mask[0, :40] = True
+        mask[2] = True
+        out = run(kind, embed(q1, left), embed(k1, left), embed(v1, left), key_padding_mask=mask,
+                  query_padding_mask=mask, **kw)
+        tol = 1e-12 if dtype == F64 else 1e-5
+        torch.testing.assert_close(out[1, :, left : left + n], alone[0], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+def test_seed_determinism_and_unseeded_behaviour(kind):
+    q, k, v = qkv(n_q=60, dtype=torch.float32)
+    a = run(kind, q, k, v, clusters=5, topk=3, seed=7)
+    assert torch.equal(a, run(kind, q, k, v, clusters=5, topk=3, seed=7))
+    assert not torch.equal(a, run(kind, q, k, v, clusters=5, topk=3, seed=8))
+    # without a seed the planes come from torch's global generator
+    torch.manual_seed(123)
+    b = run(kind, q, k, v, clusters=5, topk=3)
+    torch.manual_seed(123)
+    assert torch.equal(b, run(kind, q, k, v, clusters=5, topk=3))
+
+
+def test_return_clusters():
+    q, k, v = qkv(n_q=30)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[0, 25:] = False
+    out, assign = improved_clustered_attention(q, k, v, clusters=4, seed=0, query_padding_mask=mask,
+                                               return_clusters=True)
+    assert out.shape == (2, 2, 30, 5) and assign.shape == (2, 2, 30) and assign.dtype == torch.int64
+    assert (assign[0, :, 25:] == -1).all()
+    real = assign[mask[:, None, :].expand_as(assign)]
+    assert real.min() >= 0 and real.max() < 4
+    # queries of one cluster share the clustered output
+    plain = clustered_attention(q, k, v, clusters=4, seed=0, query_padding_mask=mask)
+    for c in range(4):
+        rows = plain[1, 0][assign[1, 0] == c]
+        torch.testing.assert_close(rows, rows[:1].expand_as(rows))
+
+
+def test_low_precision_inputs():
+    q, k, v = qkv(n_q=64, n_k=64, d=16, d_v=16, dtype=torch.float32)
+    ref = improved_clustered_attention(q, k, v, clusters=8, seed=0)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = improved_clustered_attention(q.to(dtype), k.to(dtype), v.to(dtype), clusters=8, seed=0)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        # the rounded inputs may move a few queries to another cluster: compare on average
+        assert (out.float() - ref).abs().mean() < 0.05
+
+
+# --------------------------------------------------------------------------- real pretrained-model q/k/v
+@pytest.fixture(scope="module")
+def minilm_qkv():
+    from hf_efficient.assets import load_hamlet, minilm_path, require_asset
+
+    require_asset("minilm")
+    require_asset("hamlet")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    enc = tokenizer(load_hamlet()[5000:20000], return_tensors="pt", truncation=True, max_length=256)
+    layer = 3
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states[layer].double()
+    attn = model.encoder.layer[layer].attention.self
+    heads, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+
+    def project(linear):
+        with torch.no_grad():
+            out = F.linear(hidden, linear.weight.double(), linear.bias.double())
+        return out.view(1, -1, heads, dim).transpose(1, 2)
+
+    return project(attn.query), project(attn.key), project(attn.value)
+
+
+def test_error_decreases_with_clusters_and_topk_on_minilm(minilm_qkv):
+    q, k, v = minilm_qkv
+    exact = sdpa(q, k, v)
+
+    def err(out):
+        return float((out - exact).norm() / exact.norm())
+
+    by_clusters = [err(clustered_attention(q, k, v, clusters=c, seed=0)) for c in (2, 8, 32, 128)]
+    by_topk = [err(improved_clustered_attention(q, k, v, clusters=8, topk=t, seed=0)) for t in (1, 8, 32, 128)]
+    assert all(a > b for a, b in zip(by_clusters, by_clusters[1:])), by_clusters
+    assert all(a > b for a, b in zip(by_topk, by_topk[1:])), by_topk
+    assert by_topk[1] < by_clusters[1]  # improved beats plain at the same clusters
+    assert err(clustered_attention(q, k, v, clusters=q.shape[2], seed=0)) < 1e-12
+
+
+# --------------------------------------------------------------------------- bad inputs and registry
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(clusters=0), ValueError, "clusters"),
+        (dict(clusters=2.5), TypeError, "clusters"),
+        (dict(clusters=2, topk=0), ValueError, "topk"),
+        (dict(clusters=2, bits=0), ValueError, "bits"),
+        (dict(clusters=2, bits=5000), ValueError, "bits"),
+        (dict(clusters=2, iterations=-1), ValueError, "iterations"),
+        (dict(clusters=2, seed=-3), ValueError, "seed"),
+        (dict(clusters=2, scale=-1.0), ValueError, "scale"),
+        (dict(clusters=2, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask"),
+        (dict(clusters=2, query_padding_mask=torch.full((2, 24), 0.5)), ValueError, "0 and 1"),
+        (dict(clusters=2, key_padding_mask=torch.ones(2, 27, dtype=torch.complex64)), ValueError, "dtype"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    q, k, v = qkv()
+    with pytest.raises(error, match=match):
+        improved_clustered_attention(q, k, v, **kwargs)
+
+
+def test_bad_tensors():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="4 dimensions"):
+        clustered_attention(q[0], k, v, clusters=2)
+    with pytest.raises(ValueError, match="same last dim"):
+        clustered_attention(q[..., :4], k, v, clusters=2)
+    with pytest.raises(ValueError, match="same sequence length"):
+        clustered_attention(q, k, v[:, :, :3], clusters=2)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        clustered_attention(q.numpy(), k, v, clusters=2)
+
+
+def test_registry_kinds():
+    q, k, v = qkv(dtype=torch.float32)
+    key_mask = torch.ones(2, 27, dtype=torch.bool)
+    key_mask[0, :3] = False
+    query_mask = torch.ones(2, 24, dtype=torch.bool)
+    query_mask[1, -4:] = False
+    for name, fn in (("clustered", clustered_attention), ("improved-clustered", improved_clustered_attention)):
+        kind = get_attention_kind(name)
+        assert not kind.supports_causal
+        params = kind.make_params(clusters=5)
+        out = kind.forward(q, k, v, params, causal=False, key_padding_mask=key_mask,
+                           query_padding_mask=query_mask, scale=0.3, module=None)
+        torch.testing.assert_close(out, fn(q, k, v, clusters=5, key_padding_mask=key_mask, seed=0,
+                                           query_padding_mask=query_mask, scale=0.3), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="no causal variant"):
+            kind.forward(q, k, v, params, causal=True, key_padding_mask=None, query_padding_mask=None,
+                         scale=None, module=None)
+    assert ClusteredAttentionParams().seed == 0 and ImprovedClusteredAttentionParams().topk == 32
+    with pytest.raises(ValueError, match="topk"):
+        ImprovedClusteredAttentionParams(topk=0)
+    with pytest.raises(ValueError, match="bits"):
+        ClusteredAttentionParams(bits=2000)
+    with pytest.raises(TypeError, match="unknown parameter"):
+        get_attention_kind("clustered").make_params(topk=3)
