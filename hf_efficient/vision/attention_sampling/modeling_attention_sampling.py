@@ -1,0 +1,243 @@
+"""Attention sampling for megapixel images (Katharopoulos & Fleuret, ICML 2019), as a transformers model.
+
+Read top to bottom: the two default networks, the output dataclass, then the classifier, whose
+``forward`` is the whole method: attention on the low-resolution view -> distribution over the map
+-> ``num_patches`` draws -> patches gathered from the full-resolution image -> features -> the
+unbiased expectation estimator of :mod:`.sampling` -> linear classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_attention_sampling import AttentionSamplingConfig
+from .sampling import (
+    attention_distribution,
+    expectation,
+    expectation_weights,
+    extract_patches,
+    negative_entropy,
+    patch_top_left,
+    sample_with_replacement,
+    sample_without_replacement,
+)
+
+
+def build_attention_cnn(num_channels: int, channels: list[int]) -> nn.Sequential:
+    """Small stride-1 CNN: ``(batch, C, h, w)`` -> one score per position ``(batch, 1, h, w)``."""
+    layers: list[nn.Module] = []
+    c_in = num_channels
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.Tanh()]
+        c_in = c
+    layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+def build_feature_cnn(num_channels: int, channels: list[int]) -> nn.Sequential:
+    """Small CNN: ``(N, C, H, W)`` -> ``(N, channels[-1])`` (3x3 conv, ReLU, 2x2 max-pool; global max-pool)."""
+    layers: list[nn.Module] = []
+    c_in = num_channels
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+        c_in = c
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+class _BackboneFeatures(nn.Module):
+    """Wrap a transformers vision model so that it maps ``(N, C, ph, pw)`` to ``(N, dim)``."""
+
+    def __init__(self, config_dict: dict) -> None:
+        super().__init__()
+        config_dict = dict(config_dict)
+        self.backbone = AutoModel.from_config(AutoConfig.for_model(**config_dict))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(pixel_values=patches)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            hidden = out.last_hidden_state
+            # (N, C, h, w) feature maps or (N, tokens, dim) sequences
+            pooled = hidden.mean(dim=(-2, -1)) if hidden.dim() == 4 else hidden.mean(dim=1)
+        return pooled.flatten(1)
+
+
+def _backbone_dim(config: AttentionSamplingConfig) -> int:
+    if config.feature_dim is not None:
+        return config.feature_dim
+    sub = config.feature_network_config or {}
+    if sub.get("hidden_sizes"):
+        return int(sub["hidden_sizes"][-1])
+    if sub.get("hidden_size"):
+        return int(sub["hidden_size"])
+    raise ValueError(
+        "AttentionSamplingConfig: cannot read the feature size of feature_network_config "
+        "(no hidden_sizes or hidden_size); set feature_dim"
+    )
+
+
+@dataclass
+class AttentionSamplingOutput(ModelOutput):
+    """Output of :class:`AttentionSamplingForImageClassification`.
+
+    Attributes:
+        loss: cross-entropy plus ``entropy_regularizer * sum a log a`` (when ``labels`` are given).
+        logits: ``(batch, num_labels)``.
+        attention_map: ``(batch, h, w)`` attention distribution over the low-resolution map (zero in
+            padding; each map sums to one), for plots.
+        sampled_positions: ``(batch, num_patches)`` flat indices into the map, in draw order.
+        patch_top_left: ``(batch, num_patches, 2)`` ``(row, col)`` of each patch in the full image.
+        sample_weights: ``(batch, num_patches)`` estimator weights (values; they sum to one).
+        patches: ``(batch, num_patches, channels, ph, pw)`` when ``return_patches=True``.
+        entropy_penalty: ``sum a log a`` averaged over the batch.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    attention_map: torch.Tensor | None = None
+    sampled_positions: torch.Tensor | None = None
+    patch_top_left: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+    entropy_penalty: torch.Tensor | None = None
+
+
+class AttentionSamplingPreTrainedModel(PreTrainedModel):
+    config_class = AttentionSamplingConfig
+    base_model_prefix = "attention_sampling"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # convolutions trained from scratch need fan-in scaled weights, not the N(0, 0.02) default
+        if isinstance(module, nn.Conv2d | nn.Linear) and module.__module__.startswith("torch"):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in)
+                init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+
+
+class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
+    """Attention-sampling image classifier (see the module docstring).
+
+    Inputs are the outputs of :class:`AttentionSamplingImageProcessor`:
+    ``pixel_values`` ``(batch, C, H, W)``, ``low_res_pixel_values`` ``(batch, C, h, w)``, and for
+    batches of differently sized images ``image_sizes`` / ``low_res_sizes`` ``(batch, 2)``.
+    Sampling draws from torch's global generator: seed it (``torch.manual_seed``) for repeatable outputs.
+    """
+
+    def __init__(self, config: AttentionSamplingConfig) -> None:
+        super().__init__(config)
+        self.attention_network = build_attention_cnn(config.num_channels, config.attention_channels)
+        if config.feature_network_config is not None:
+            self.feature_network: nn.Module = _BackboneFeatures(config.feature_network_config)
+            dim = _backbone_dim(config)
+        else:
+            self.feature_network = build_feature_cnn(config.num_channels, config.feature_channels)
+            dim = config.feature_channels[-1]
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(dim, config.num_labels)
+        self.post_init()
+
+    def _check_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        low_res_pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor,
+        low_res_sizes: torch.Tensor,
+    ) -> None:
+        name = type(self).__name__
+        if low_res_pixel_values is None:
+            raise ValueError(
+                f"{name}: low_res_pixel_values is required; make the inputs with AttentionSamplingImageProcessor"
+            )
+        for label, t in (("pixel_values", pixel_values), ("low_res_pixel_values", low_res_pixel_values)):
+            if t.dim() != 4 or t.shape[1] != self.config.num_channels:
+                raise ValueError(
+                    f"{name}: {label} must be (batch, {self.config.num_channels}, height, width), "
+                    f"got shape {tuple(t.shape)}"
+                )
+        if pixel_values.shape[0] != low_res_pixel_values.shape[0]:
+            raise ValueError(f"{name}: pixel_values and low_res_pixel_values have different batch sizes")
+        ph, pw = self.config.patch_size
+        small = (image_sizes[:, 0] < ph) | (image_sizes[:, 1] < pw)
+        if bool(small.any()):
+            i = int(small.nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: image {i} has size {tuple(image_sizes[i].tolist())}, smaller than a patch "
+                f"({ph}, {pw}); use images at least as large as config.patch_size or a smaller patch_size"
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        low_res_pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        low_res_sizes: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_patches: bool = False,
+        **kwargs,
+    ) -> AttentionSamplingOutput:
+        b = pixel_values.shape[0]
+        device = pixel_values.device
+        if image_sizes is None:
+            image_sizes = torch.tensor([pixel_values.shape[-2:]], device=device).expand(b, 2)
+        if low_res_sizes is None and low_res_pixel_values is not None:
+            low_res_sizes = torch.tensor([low_res_pixel_values.shape[-2:]], device=device).expand(b, 2)
+        self._check_inputs(pixel_values, low_res_pixel_values, image_sizes, low_res_sizes)
+        cfg = self.config
+
+        # 1. attention over the positions of the low-resolution map
+        scores = self.attention_network(low_res_pixel_values)[:, 0]  # (b, h, w)
+        h, w = scores.shape[-2:]
+        low_h, low_w = low_res_pixel_values.shape[-2:]
+        # valid part of the map: the map may be smaller than the low-res view if the network strides
+        valid_h = torch.ceil(low_res_sizes[:, 0] * h / low_h).long()
+        valid_w = torch.ceil(low_res_sizes[:, 1] * w / low_w).long()
+        rows = torch.arange(h, device=device)
+        cols = torch.arange(w, device=device)
+        valid = (rows[None, :, None] < valid_h[:, None, None]) & (cols[None, None, :] < valid_w[:, None, None])
+        attention = attention_distribution(scores.flatten(1), valid.flatten(1), cfg.attention_smoothing)
+
+        # 2. draw positions; 3. gather the high-resolution patches centred on them
+        if cfg.sampling == "with_replacement":
+            positions = sample_with_replacement(attention, cfg.num_patches)
+        else:
+            positions = sample_without_replacement(attention, cfg.num_patches)
+        cell = torch.stack([image_sizes[:, 0] / valid_h, image_sizes[:, 1] / valid_w], dim=-1).float()
+        top_left = patch_top_left(positions, w, cell, (cfg.patch_size[0], cfg.patch_size[1]))
+        patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes)
+
+        # 4. features and the unbiased expectation (gradients reach the attention through the weights)
+        n = cfg.num_patches
+        features = self.feature_network(patches.flatten(0, 1)).view(b, n, -1)
+        weights = expectation_weights(attention.gather(1, positions), cfg.sampling)
+        pooled = expectation(features, weights)
+        logits = self.classifier(self.dropout(pooled))
+
+        penalty = negative_entropy(attention).mean()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels.long()) + cfg.entropy_regularizer * penalty
+        return AttentionSamplingOutput(
+            loss=loss,
+            logits=logits,
+            attention_map=attention.view(b, h, w),
+            sampled_positions=positions,
+            patch_top_left=top_left,
+            sample_weights=weights.detach(),
+            patches=patches if return_patches else None,
+            entropy_penalty=penalty,
+        )

@@ -1,0 +1,160 @@
+"""Image processor and model: save/load round trips, batching of different sizes, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+from hf_efficient.vision import (
+    AttentionSamplingConfig,
+    AttentionSamplingForImageClassification,
+    AttentionSamplingImageProcessor,
+)
+
+
+def tiny_config(**kwargs) -> AttentionSamplingConfig:
+    defaults = dict(
+        num_channels=1, patch_size=8, num_patches=3, attention_channels=[4], feature_channels=[4, 8], num_labels=3
+    )
+    defaults.update(kwargs)
+    return AttentionSamplingConfig(**defaults)
+
+
+def test_processor_views_normalisation_and_padding():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (40, 48), dtype=np.uint8)
+    b = rng.integers(0, 256, (24, 64), dtype=np.uint8)
+    proc = AttentionSamplingImageProcessor(low_res_scale=0.25, image_mean=0.5, image_std=0.25)
+    enc = proc([a, b])
+    assert enc["pixel_values"].shape == (2, 1, 40, 64)
+    assert enc["low_res_pixel_values"].shape == (2, 1, 10, 16)
+    assert enc["image_sizes"].tolist() == [[40, 48], [24, 64]]
+    assert enc["low_res_sizes"].tolist() == [[10, 12], [6, 16]]
+    expected_a = (torch.from_numpy(a).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(enc["pixel_values"][0, 0, :, :48], expected_a)
+    assert bool((enc["pixel_values"][0, 0, :, 48:] == 0).all())  # padding
+    assert bool((enc["pixel_values"][1, 0, 24:] == 0).all())
+    # the low-resolution view is the 4x4 block average of the normalised image
+    torch.testing.assert_close(enc["low_res_pixel_values"][0, 0, :, :12], F.avg_pool2d(expected_a[None], 4)[0])
+
+
+def test_processor_channels_last_rgb_and_fixed_low_res_size():
+    image = np.random.default_rng(1).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    proc = AttentionSamplingImageProcessor(low_res_size={"height": 6, "width": 5}, image_mean=[0.1, 0.2, 0.3])
+    enc = proc(image)
+    assert enc["pixel_values"].shape == (1, 3, 30, 20)
+    assert enc["low_res_pixel_values"].shape == (1, 3, 6, 5)
+    expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor([0.1, 0.2, 0.3])[:, None, None])
+    torch.testing.assert_close(enc["pixel_values"][0], expected / 0.5)
+
+
+def test_processor_save_load_round_trip(tmp_path):
+    proc = AttentionSamplingImageProcessor(low_res_scale=0.125, image_mean=[0.3], image_std=[0.2], do_rescale=False)
+    proc.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").exists()
+    tiny_config().save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is AttentionSamplingImageProcessor
+    assert loaded.low_res_scale == 0.125 and loaded.do_rescale is False
+    image = np.random.default_rng(2).random((64, 40)).astype(np.float32)
+    for key, value in proc(image).items():
+        assert torch.equal(value, loaded(image)[key]), key
+
+
+def test_processor_errors():
+    with pytest.raises(ValueError, match="low_res_scale"):
+        AttentionSamplingImageProcessor(low_res_scale=2.0)
+    with pytest.raises(ValueError, match="low_res_size"):
+        AttentionSamplingImageProcessor(low_res_size={"height": 0, "width": 4})
+    with pytest.raises(TypeError, match="accepted"):
+        AttentionSamplingImageProcessor()(["not an image"])
+    with pytest.raises(ValueError, match="channel count"):
+        AttentionSamplingImageProcessor()([np.zeros((8, 8, 3)), np.zeros((8, 8))])
+
+
+def test_model_save_load_round_trip_is_identical(tmp_path):
+    torch.manual_seed(0)
+    model = AttentionSamplingForImageClassification(tiny_config()).eval()
+    proc = AttentionSamplingImageProcessor(low_res_scale=0.25)
+    images = [np.random.default_rng(i).integers(0, 256, (32 + 8 * i, 40), dtype=np.uint8) for i in range(3)]
+    enc = proc(images)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is AttentionSamplingForImageClassification
+    assert type(AutoConfig.from_pretrained(tmp_path)) is AttentionSamplingConfig
+    torch.manual_seed(5)
+    a = model(**enc)
+    torch.manual_seed(5)
+    b = loaded(**enc)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.sampled_positions, b.sampled_positions)
+    assert torch.equal(a.attention_map, b.attention_map)
+
+
+def test_model_padding_gets_no_attention_and_no_patch_reads_it():
+    torch.manual_seed(0)
+    model = AttentionSamplingForImageClassification(tiny_config(num_patches=6))
+    small = np.full((32, 32), 255, dtype=np.uint8)
+    big = np.zeros((64, 80), dtype=np.uint8)
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25, do_normalize=False)([small, big])
+    out = model(**enc, return_patches=True)
+    att = out.attention_map[0]  # (16, 20) map, image 0 valid on its top-left 8x8 cells
+    assert bool((att[8:] == 0).all()) and bool((att[:, 8:] == 0).all())
+    torch.testing.assert_close(att.sum(), torch.tensor(1.0))
+    # every sampled patch of image 0 sees only the all-ones image or zeros outside it
+    assert bool(((out.patches[0] == 0) | (out.patches[0] == 1)).all())
+    centres = out.patch_top_left[0] + 4
+    assert bool((centres >= 0).all()) and bool((centres < 32).all())
+
+
+def test_model_gradients_reach_both_networks_and_loss_has_regulariser():
+    torch.manual_seed(0)
+    config = tiny_config(entropy_regularizer=0.5)
+    model = AttentionSamplingForImageClassification(config)
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(0).random((2, 32, 32))))
+    labels = torch.tensor([0, 2])
+    torch.manual_seed(1)
+    out = model(**enc, labels=labels)
+    ce = F.cross_entropy(out.logits, labels)
+    torch.testing.assert_close(out.loss, ce + 0.5 * out.entropy_penalty)
+    out.loss.backward()
+    assert model.attention_network[0].weight.grad.abs().sum() > 0
+    assert model.feature_network[0].weight.grad.abs().sum() > 0
+
+
+def test_model_with_a_transformers_backbone_as_feature_network():
+    from transformers import ResNetConfig
+
+    backbone = ResNetConfig(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"
+    ).to_dict()
+    model = AttentionSamplingForImageClassification(tiny_config(patch_size=16, feature_network_config=backbone))
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(0).random((2, 32, 32))))
+    out = model(**enc, labels=torch.tensor([0, 1]))
+    assert out.logits.shape == (2, 3)
+    out.loss.backward()
+    assert model.attention_network[0].weight.grad.abs().sum() > 0
+
+
+def test_clear_errors_for_small_images_and_bad_configs():
+    model = AttentionSamplingForImageClassification(tiny_config(patch_size=16))
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.5)(np.zeros((12, 40), dtype=np.float32))
+    with pytest.raises(ValueError, match="smaller than a patch"):
+        model(**enc)
+    with pytest.raises(ValueError, match="low_res_pixel_values is required"):
+        model(pixel_values=enc["pixel_values"])
+    bad = [
+        dict(sampling="greedy"),
+        dict(num_patches=0),
+        dict(patch_size=[8, 8, 8]),
+        dict(attention_smoothing=1.0),
+        dict(feature_channels=[]),
+        dict(feature_network_config={"hidden_size": 3}),
+        dict(classifier_dropout=-0.1),
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError, match="AttentionSamplingConfig"):
+            tiny_config(**kwargs)
