@@ -126,7 +126,9 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         if kwargs:
             raise TypeError(f"AttentionSamplingImageProcessor: unexpected arguments {sorted(kwargs)}")
         if return_tensors not in (None, "pt"):
-            raise ValueError(f"AttentionSamplingImageProcessor: return_tensors must be 'pt' or None, got {return_tensors!r}")
+            raise ValueError(
+                f"AttentionSamplingImageProcessor: return_tensors must be 'pt' or None, got {return_tensors!r}"
+            )
         scale = self.low_res_scale if low_res_scale is None else low_res_scale
         size = self.low_res_size if low_res_size is None else dict(low_res_size)
         self._check(scale, size)
@@ -155,7 +157,8 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         channels = {t.shape[0] for t in full}
         if len(channels) != 1:
             raise ValueError(
-                f"AttentionSamplingImageProcessor: images in one batch must share a channel count, got {sorted(channels)}"
+                "AttentionSamplingImageProcessor: images in one batch must share a channel count, "
+                f"got {sorted(channels)}"
             )
         data = {
             "pixel_values": _pad_stack(full),
