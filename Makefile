@@ -9,7 +9,7 @@ setup:
 
 ## The main job on the embedded default (offline MiniLM encoder, real data).
 main: setup
-	$(VENV)/bin/hf-efficient demo
+	$(VENV)/bin/hf-efficient convert --attention improved-clustered --clusters 25 --topk 32 --out out/minilm-improved-clustered
 
 ## The test suite (slow checks are deselected; they live in scripts/).
 test: setup
