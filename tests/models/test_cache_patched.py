@@ -1,0 +1,89 @@
+"""Stock decoders patched with linear attention decode with LinearAttentionCache as they do uncached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.cache_utils import DynamicLayer
+
+from hf_efficient import LinearAttentionCache
+from hf_efficient.integrations import patch_model
+from hf_efficient.integrations.cache import LinearAttentionLayer
+
+VOCAB = 48
+
+
+def build(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, pad_token_id=0)
+        model = LlamaForCausalLM(config)
+    elif arch == "qwen2":
+        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, pad_token_id=0)
+        model = Qwen2ForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = GPT2LMHeadModel(config)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+def test_cached_generation_equals_uncached(arch, feature_map):
+    model = patch_model(build(arch), "linear", feature_map=feature_map, chunk_size=4)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = LinearAttentionCache.from_model(model)
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, cache=cache, return_dict_in_generate=True)
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(out.sequences, ref)
+    assert out.cache is cache
+    assert all(cache.recurrent_state(i) is not None for i in range(2))
+    # Constant size: 2 layers x batch 2 x 4 query heads x (m x d + m), float64.
+    m = 8 if feature_map == "elu" else 16
+    assert cache.nbytes() == 2 * 2 * 4 * (m * 8 + m) * 8
+
+
+def test_left_padding_with_patched_llama():
+    model = patch_model(build("llama"), "linear", chunk_size=4)
+    gen = torch.Generator().manual_seed(2)
+    short, long = torch.randint(3, VOCAB, (4,), generator=gen), torch.randint(3, VOCAB, (9,), generator=gen)
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    ids[0, 5:], ids[1] = short, long
+    mask = (ids != 0).long()
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             cache=LinearAttentionCache.from_model(model))
+    for row, prompt in ((0, short), (1, long)):
+        single = model.generate(prompt[None], max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(batched[row, 9:], single[0, len(prompt):])
+
+
+def test_partially_patched_model_mixes_states_and_keys():
+    model = patch_model(build("llama"), "linear", softmax_layers=[0], chunk_size=4)
+    cache = LinearAttentionCache.from_model(model)
+    assert isinstance(cache.layers[0], DynamicLayer) and isinstance(cache.layers[1], LinearAttentionLayer)
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="recurrent state"):
+        cache.recurrent_state(0)
+
+
+def test_from_model_refuses_unpatched_model():
+    with pytest.raises(ValueError, match="patch_model"):
+        LinearAttentionCache.from_model(build("llama"))
+    with pytest.raises(ValueError, match="num_layers"):
+        LinearAttentionCache(0)
+    with pytest.raises(ValueError, match="softmax layer index"):
+        LinearAttentionCache(2, softmax_layers=[5])
