@@ -114,6 +114,9 @@ def run_convert(args) -> dict:
     length = min(args.length, getattr(config, "max_position_embeddings", args.length))
     windows, (train_n, test_n) = (16, (3000, 1000)) if args.full else (4, (600, 300))
     long_lengths = [4096, 16384] if args.full else [4096]
+    windows = args.windows or windows
+    train_n, test_n = args.train_reviews or train_n, args.test_reviews or test_n
+    long_lengths = args.long_lengths or long_lengths
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
 
@@ -350,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", default="out/converted", help="output folder (default out/converted)")
     conv.add_argument("--length", type=int, default=512, help="input length for the evaluation (default 512)")
     conv.add_argument("--full", action="store_true", help="the full evaluation (more windows, reviews, lengths)")
+    conv.add_argument("--windows", type=int, help="Hamlet windows (quick 4, full 16)")
+    conv.add_argument("--train-reviews", type=int, help="reviews to train the head on (quick 600, full 3000)")
+    conv.add_argument("--test-reviews", type=int, help="held-out reviews (quick 300, full 1000)")
+    conv.add_argument("--long-lengths", type=int, nargs="+", help="synthetic attention lengths (quick 4096)")
     conv.add_argument("--repeats", type=int, default=5, help="timing repeats (default 5)")
     conv.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     conv.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -392,12 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "bench":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own options (and --help)
         from .benchmarking import main as bench_main
 
-        return bench_main(args.rest)
+        return bench_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
     runners = {"convert": run_convert, "eval": run_eval, "generate": run_generate, "push": run_push}
     try:
         result = runners[args.command](args)
