@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Per-token decode latency and cache memory against context length: softmax + DynamicCache
+versus linear attention + LinearAttentionCache, on decoders of the same size.
+
+    python scripts/bench_generate.py --quick        # seconds, CI-sized model and contexts
+    python scripts/bench_generate.py                # 6 layers, 512 wide, contexts 512 ... 16384
+
+(a) ``LlamaForCausalLM`` (SDPA softmax attention, transformers' default ``DynamicCache``) and
+(b) a ``linear-lm`` model with the same layers, width, heads, MLP and vocabulary. For each
+context length the linear model runs a real chunked prefill; the softmax cache is filled with
+random keys/values of the right shape (a real softmax prefill at 16k costs minutes on a CPU, and
+decode cost depends only on the cache's shape). Then both decode ``--steps`` tokens at a time,
+interleaved over models and lengths, ``--repeats`` times after a warm-up; we report the median
+per-token time and the min-max spread. Cache bytes are exact tensor sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from hf_efficient import LinearAttentionCache, LinearLMConfig, LinearLMForCausalLM
+from hf_efficient.benchmarking import cpu_model
+
+
+def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         attn_implementation="sdpa"))
+    linear = LinearLMForCausalLM(LinearLMConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate,
+                                                num_hidden_layers=layers, num_attention_heads=heads,
+                                                tie_word_embeddings=False))
+    return llama.eval(), linear.eval()
+
+
+def softmax_cache(model: LlamaForCausalLM, context: int) -> DynamicCache:
+    """A DynamicCache holding ``context`` tokens of random keys/values, ``(1, heads, context, head_dim)``."""
+    c = model.config
+    cache = DynamicCache(config=c)
+    head_dim = c.hidden_size // c.num_attention_heads
+    for i in range(c.num_hidden_layers):
+        k = torch.randn(1, c.num_key_value_heads, context, head_dim)
+        cache.update(k, torch.randn_like(k), i)
+    return cache
+
+
+def linear_cache(model: LinearLMForCausalLM, context: int) -> LinearAttentionCache:
+    """A real chunked prefill of ``context`` random tokens."""
+    cache = LinearAttentionCache(model.config.num_hidden_layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, context))
+    for start in range(0, context, 4096):  # bounded activations
+        model(ids[:, start : start + 4096], cache=cache, logits_to_keep=1)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, LinearAttentionCache):
+        return cache.nbytes()
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def decode(model, cache, steps: int) -> float:
+    """Seconds per token for ``steps`` greedy steps continuing ``cache``."""
+    token = torch.zeros(1, 1, dtype=torch.long)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model(token, cache=cache, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and contexts (seconds)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=20, help="decode steps per timing")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_generate.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.width, args.heads, args.intermediate, args.vocab = 2, 128, 4, 256, 1024
+        args.steps, args.repeats = 4, 3
+        args.contexts = args.contexts or [128, 512, 2048]
+    contexts = args.contexts or [512, 1024, 2048, 4096, 8192, 16384]
+    torch.set_num_threads(args.threads)
+
+    llama, linear = build(args.layers, args.width, args.heads, args.intermediate, args.vocab)
+    rows = {}
+    with torch.inference_mode():
+        caches = {n: {"softmax": softmax_cache(llama, n), "linear": linear_cache(linear, n)} for n in contexts}
+        models = {"softmax": llama, "linear": linear}
+        times = {n: {name: [] for name in models} for n in contexts}
+        for repeat in range(args.repeats + 1):  # the first pass is a warm-up
+            for n in contexts:  # interleaved over lengths and models, so load changes hit all alike
+                for name, model in models.items():
+                    t = decode(model, caches[n][name], args.steps)
+                    if repeat:
+                        times[n][name].append(t)
+        for n in contexts:
+            row = {"context": n}
+            for name in models:
+                ts = times[n][name]
+                row[f"{name}_ms"] = 1e3 * statistics.median(ts)
+                row[f"{name}_ms_min"], row[f"{name}_ms_max"] = 1e3 * min(ts), 1e3 * max(ts)
+                row[f"{name}_cache_bytes"] = cache_bytes(caches[n][name])
+            row["speedup"] = row["softmax_ms"] / row["linear_ms"]
+            rows[n] = row
+
+    first, last = rows[contexts[0]], rows[contexts[-1]]
+    summary = {
+        "speedup_at_longest": last["speedup"],
+        "linear_longest_over_shortest": last["linear_ms"] / first["linear_ms"],
+        "softmax_longest_over_shortest": last["softmax_ms"] / first["softmax_ms"],
+        "targets": {"speedup_at_16384 >= 16": None, "linear_16384_over_512 <= 1.1": None},
+    }
+    if contexts[0] == 512 and contexts[-1] == 16384:
+        summary["targets"] = {"speedup_at_16384 >= 16": last["speedup"] >= 16,
+                              "linear_16384_over_512 <= 1.1": summary["linear_longest_over_shortest"] <= 1.1}
+
+    print(f"{'context':>8} {'softmax ms/tok':>15} {'linear ms/tok':>14} {'speedup':>8} "
+          f"{'softmax cache MB':>17} {'linear cache MB':>16}")
+    for row in rows.values():
+        print(f"{row['context']:>8} {row['softmax_ms']:>15.2f} {row['linear_ms']:>14.2f} {row['speedup']:>8.1f} "
+              f"{row['softmax_cache_bytes'] / 2**20:>17.2f} {row['linear_cache_bytes'] / 2**20:>16.3f}")
+    print(json.dumps(summary, indent=1))
+
+    record = {
+        "benchmark": "bench_generate",
+        "quick": args.quick,
+        "model": {"layers": args.layers, "width": args.width, "heads": args.heads,
+                  "intermediate": args.intermediate, "vocab": args.vocab, "feature_map": "elu"},
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "softmax_cache": "random keys/values of the real shape (DynamicCache)",
+        "linear_cache": "real chunked prefill (LinearAttentionCache)",
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cpu_model": cpu_model(),
+        "rows": list(rows.values()),
+        "summary": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    _plot(list(rows.values()), args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (hf-efficient[plots])
+        print("matplotlib not installed: no plot")
+        return
+    n = [r["context"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, label in (("softmax", "softmax + DynamicCache"), ("linear", "linear + LinearAttentionCache")):
+        ax1.errorbar(n, [r[f"{name}_ms"] for r in rows],
+                     yerr=[[r[f"{name}_ms"] - r[f"{name}_ms_min"] for r in rows],
+                           [r[f"{name}_ms_max"] - r[f"{name}_ms"] for r in rows]], marker="o", label=label)
+        ax2.plot(n, [r[f"{name}_cache_bytes"] / 2**20 for r in rows], marker="o", label=label)
+    for ax, title, unit in ((ax1, "decode time per token", "ms"), (ax2, "cache size", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
