@@ -511,16 +511,20 @@ class ImportanceSamplingTrainer(Trainer):
 
     # ---- logging ----------------------------------------------------------------------------------
     def estimated_speedup(self) -> float:
-        """Equivalent uniform batch per unit of compute, relative to uniform training.
+        """Estimated speedup over uniform training per unit of compute, from the smoothed tau.
 
-        ``tau`` is the batch-size multiplier that uniform sampling would need for the same variance;
-        a standard step costs ``(B + (1 + c) b) / ((1 + c) b)`` uniform steps (``c`` = backward cost),
-        a constant-time step one, with ``a`` trained samples."""
+        With ``p`` proportional to the per-sample gradient norms and ``||G||^2`` small against the
+        per-sample norms, the trace of the gradient covariance of a uniform batch divided by that of
+        an importance-sampled batch of the same size is ``n ||g||^2 = tau^2``: the importance-sampled
+        batch is worth ``tau^2`` uniform batches. A standard step costs
+        ``(B + (1 + c) b) / ((1 + c) b)`` uniform steps (``c`` = backward cost in forwards); a
+        constant-time step costs one and trains ``a`` samples. (The on/off switch keeps the paper's
+        more conservative rule ``tau > tau_th``.)"""
         args, tau = self.args, max(self.is_state.tau, 1.0)
         b, c = args.per_device_train_batch_size, 1.0 + args.backward_cost
         if args.constant_time:
-            return tau * self._constant_time_sizes(tau)[1] / b
-        return tau * c * b / (args.presample_size + c * b)
+            return tau**2 * self._constant_time_sizes(tau)[1] / b
+        return tau**2 * c * b / (args.presample_size + c * b)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:  # noqa: D102
         if "loss" in logs:

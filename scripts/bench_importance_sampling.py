@@ -1,0 +1,519 @@
+"""Uniform sampling versus importance sampling at equal wall-clock, through the real Trainers.
+
+Tasks:
+  * ``fashion_mnist``: a small CNN on Fashion-MNIST (60k train, 10k test).
+  * ``rotten_tomatoes``: an MLP head on frozen all-MiniLM-L6-v2 sentence embeddings (computed once
+    and cached as safetensors), 10,000 train / 2,808 test snippets.
+
+Methods: ``uniform`` (the stock :class:`transformers.Trainer`), ``importance`` (presample 3x,
+the paper's tau switch) and ``constant_time`` (the reference code's constant-time variant). Each
+method runs at every learning rate of a small grid with seed 0; its best learning rate (lowest
+final training loss) then runs two more seeds. Every run gets the same training-time budget;
+evaluation (training loss on a fixed 2,000-example subset of the training set, test error on
+2,000 test examples) pauses the clock.
+
+Reported: curves against wall-clock (PNG), the step-cost ratio, the gradient-variance reduction
+measured exactly on a presample (trace of the covariance of the uniform and the importance-sampled
+gradient estimators, from per-sample gradients), and the time each method needs to reach the
+training loss that uniform sampling reaches at the end of its budget.
+
+    python scripts/bench_importance_sampling.py --quick    # CI-sized, seconds
+    python scripts/bench_importance_sampling.py            # about 10 minutes on 2 cores
+
+Writes ``results/bench_importance_sampling.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from hf_efficient.assets import AssetMissingError, asset_path, cache_dir, load_rotten_tomatoes, minilm_path
+from hf_efficient.training import ImportanceSamplingConfig, ImportanceSamplingTrainer
+from hf_efficient.training.scores import cross_entropy_gradient_norm, tau_from_scores
+
+METHODS = ("uniform", "importance", "importance_eager", "constant_time")
+METHOD_ARGS = {
+    "importance": dict(presample=3.0),  # the paper's defaults: tau_th = (B + 3b) / (3b) = 2
+    "importance_eager": dict(presample=2.0, tau_threshold=1.0),  # on as soon as the smoothed tau > 1
+    "constant_time": dict(constant_time=True),  # the reference code's variant, tau_th = 2
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---- models -------------------------------------------------------------------------------------
+class BenchConfig(PretrainedConfig):
+    model_type = "importance_bench"
+
+    def __init__(self, arch: str = "cnn", in_dim: int = 384, hidden: int = 64, num_labels: int = 10, **kwargs):
+        super().__init__(num_labels=num_labels, **kwargs)
+        self.arch, self.in_dim, self.hidden = arch, in_dim, hidden
+
+
+class BenchModel(PreTrainedModel):
+    """``cnn``: ``pixel_values (batch, 1, 28, 28)``; ``mlp``: ``features (batch, in_dim)``; both give
+    ``logits (batch, num_labels)``."""
+
+    config_class = BenchConfig
+    base_model_prefix = "bench"
+
+    def __init__(self, config: BenchConfig):
+        super().__init__(config)
+        if config.arch == "cnn":
+            self.body = nn.Sequential(
+                nn.Conv2d(1, 8, 5, padding=2),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(8, 16, 5, padding=2),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(16 * 7 * 7, config.hidden),
+                nn.ReLU(),
+            )
+        else:
+            self.body = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU())
+        self.head = nn.Linear(config.hidden, config.num_labels)
+
+    def _init_weights(self, module):  # torch's default initialisation, seeded by the run
+        pass
+
+    def forward(self, pixel_values=None, features=None, labels=None):
+        x = pixel_values if pixel_values is not None else features
+        logits = self.head(self.body(x))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class TensorDictDataset(torch.utils.data.Dataset):
+    """Map-style dataset over aligned tensors; ``__getitems__`` fetches a batch in one indexing."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = tensors
+        self.n = len(next(iter(tensors.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        idx = torch.as_tensor(indices)
+        cols = {k: v[idx] for k, v in self.tensors.items()}
+        return [{k: c[j] for k, c in cols.items()} for j in range(len(indices))]
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+# ---- data -------------------------------------------------------------------------------------
+def _read_idx(path: Path) -> np.ndarray:
+    # The IDX files directly: building the `datasets` table of 60k images takes far longer than training.
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_task(quick: bool) -> dict:
+    """Fashion-MNIST (the ``fashion_mnist`` asset), normalised images ``(n, 1, 28, 28)``."""
+    root = asset_path("fashion_mnist")
+
+    def tensors(prefix):
+        images = torch.from_numpy(_read_idx(root / f"{prefix}-images-idx3-ubyte.gz").copy()).float()
+        images = images.div_(255.0).sub_(0.2860).div_(0.3530)
+        labels = torch.from_numpy(_read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").copy()).long()
+        return images.unsqueeze(1), labels
+
+    x, y = tensors("train")
+    xt, yt = tensors("t10k")
+    if quick:
+        x, y = x[:3000], y[:3000]
+    return {
+        "name": "fashion_mnist",
+        "train": TensorDictDataset(pixel_values=x, labels=y),
+        "eval_train": {"pixel_values": x[:2000], "labels": y[:2000]},
+        "eval_test": {"pixel_values": xt[:2000], "labels": yt[:2000]},
+        "config": BenchConfig(arch="cnn", hidden=64, num_labels=10),
+    }
+
+
+def _minilm_embeddings(texts: list[str], quick: bool) -> torch.Tensor:
+    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 embeddings ``(n, 384)``, cached on disk."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoTokenizer
+
+    path = cache_dir() / f"rotten_tomatoes_minilm_{len(texts)}.safetensors"
+    if path.exists():
+        return load_file(path)["embeddings"]
+    folder = minilm_path()
+    tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 128):
+            batch = tokenizer(
+                texts[start : start + 128], padding=True, truncation=True, max_length=64, return_tensors="pt"
+            )
+            hidden = encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    emb = torch.cat(out)
+    save_file({"embeddings": emb.contiguous()}, path)
+    return emb
+
+
+def rotten_tomatoes_task(quick: bool) -> dict:
+    ds = load_rotten_tomatoes().shuffle(seed=0)
+    n = 1200 if quick else len(ds)
+    texts, labels = ds["text"][:n], torch.tensor(ds["label"][:n])
+    emb = _minilm_embeddings(texts, quick)
+    n_train = 900 if quick else 10_000
+    x, y, xt, yt = emb[:n_train], labels[:n_train], emb[n_train:], labels[n_train:]
+    return {
+        "name": "rotten_tomatoes",
+        "train": TensorDictDataset(features=x, labels=y),
+        "eval_train": {"features": x[:2000], "labels": y[:2000]},
+        "eval_test": {"features": xt[:2000], "labels": yt[:2000]},
+        "config": BenchConfig(arch="mlp", in_dim=384, hidden=128, num_labels=2),
+    }
+
+
+# ---- runs -------------------------------------------------------------------------------------
+class Clock(TrainerCallback):
+    """Stops training after ``budget`` seconds of training time; evaluates every ``every`` seconds
+    with the clock paused."""
+
+    def __init__(self, budget: float, every: float, evaluate):
+        self.budget, self.every, self.evaluate = budget, every, evaluate
+        self.points: list[dict] = []
+        self.elapsed = 0.0
+        self.next_eval = 0.0
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._record(kw["model"])
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.elapsed += now - self.start
+        self.steps = state.global_step
+        if self.elapsed >= self.next_eval or self.elapsed >= self.budget:
+            self._record(kw["model"])
+        if self.elapsed >= self.budget:
+            control.should_training_stop = True
+        self.start = time.perf_counter()
+
+    def _record(self, model):
+        loss, err = self.evaluate(model)
+        self.points.append({"time": self.elapsed, "steps": self.steps, "train_loss": loss, "test_error": err})
+        self.next_eval = self.elapsed + self.every
+
+
+def make_evaluator(task: dict):
+    def evaluate(model) -> tuple[float, float]:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            tr = task["eval_train"]
+            loss = F.cross_entropy(model(**{k: v for k, v in tr.items() if k != "labels"}).logits, tr["labels"])
+            te = task["eval_test"]
+            pred = model(**{k: v for k, v in te.items() if k != "labels"}).logits.argmax(-1)
+        model.train(was)
+        return float(loss), float((pred != te["labels"]).float().mean())
+
+    return evaluate
+
+
+def run(task: dict, method: str, lr: float, seed: int, budget: float, batch: int, out_dir: str) -> dict:
+    torch.manual_seed(seed)
+    model = BenchModel(task["config"])
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_steps=10**7,
+        logging_steps=10**7,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+        dataloader_pin_memory=False,
+    )
+    clock = Clock(budget, budget / 12, make_evaluator(task))
+    if method == "uniform":
+        trainer = Trainer(
+            model=model, args=TrainingArguments(**common), train_dataset=task["train"], data_collator=collate
+        )
+    else:
+        args = ImportanceSamplingConfig(**common, **METHOD_ARGS[method])
+        trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=task["train"], data_collator=collate)
+    trainer.add_callback(clock)
+    trainer.train()
+    result = {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "steps": clock.steps,
+        "train_time": clock.elapsed,
+        "seconds_per_step": clock.elapsed / max(clock.steps, 1),
+        "curve": clock.points,
+        "final_train_loss": clock.points[-1]["train_loss"],
+        "final_test_error": clock.points[-1]["test_error"],
+    }
+    if method != "uniform":
+        st = trainer.is_state
+        result.update(active_fraction=st.active_steps / max(st.steps, 1), final_tau=st.tau)
+    result["model"] = model
+    return result
+
+
+def time_to_reach(curve: list[dict], target: float) -> float | None:
+    """First training time at which the evaluated training loss is <= target (linear interpolation)."""
+    prev = None
+    for point in curve:
+        if point["train_loss"] <= target:
+            if prev is None:
+                return point["time"]
+            t0, l0, t1, l1 = prev["time"], prev["train_loss"], point["time"], point["train_loss"]
+            return t0 + (t1 - t0) * (l0 - target) / max(l0 - l1, 1e-12)
+        prev = point
+    return None
+
+
+def gradient_variance(model, task: dict, batch: int, presample: int, seed: int = 0) -> dict:
+    """Exact trace of the covariance of one-sample gradient estimators on a random presample.
+
+    Uniform: ``X = g_i`` w.p. ``1/B``; importance: ``X = g_i / (B p_i)`` w.p. ``p_i``. Both have
+    mean ``G``; ``tr Var = E||X||^2 - ||G||^2``. Reported for the upper-bound score and for the
+    exact gradient norm (the optimal distribution), per sample (divide by ``b`` for a batch)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(task["train"]), generator=g)[:presample].tolist()
+    rows = collate(task["train"].__getitems__(idx))
+    inputs = {k: v for k, v in rows.items() if k != "labels"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    per_sample = []
+    for i in range(presample):
+        logits = model(**{k: v[i : i + 1] for k, v in inputs.items()}).logits
+        loss = F.cross_entropy(logits, rows["labels"][i : i + 1], reduction="sum")
+        grads = torch.autograd.grad(loss, params)
+        per_sample.append(torch.cat([gr.flatten() for gr in grads]))
+    gmat = torch.stack(per_sample).double()
+    with torch.no_grad():
+        bound = cross_entropy_gradient_norm(model(**inputs).logits, rows["labels"], "classification").double()
+    sq = gmat.pow(2).sum(1)
+    mean_sq = gmat.mean(0).pow(2).sum()
+    n = presample
+    uniform = sq.mean() - mean_sq
+
+    def is_var(scores):
+        p = scores / scores.sum()
+        keep = p > 0
+        return (sq[keep] / (n * n * p[keep])).sum() - mean_sq
+
+    exact = sq.sqrt()
+    return {
+        "presample": n,
+        "uniform_trace_var": float(uniform),
+        "importance_trace_var": float(is_var(bound)),
+        "optimal_trace_var": float(is_var(exact)),
+        "variance_reduction": float(uniform / is_var(bound)),
+        "optimal_variance_reduction": float(uniform / is_var(exact)),
+        "tau_estimate": tau_from_scores(bound),
+        "tau_exact_scores": tau_from_scores(exact),
+    }
+
+
+def bench_task(task: dict, lrs: list[float], seeds: int, budget: float, batch: int, log) -> dict:
+    out: dict = {"task": task["name"], "budget_s": budget, "batch_size": batch, "lr_grid": lrs, "methods": {}}
+    grid: dict[str, list[dict]] = {m: [] for m in METHODS}
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Interleave the methods (A B C A B C ...) so that machine noise hits them alike.
+        for lr in lrs:
+            for method in METHODS:
+                r = run(task, method, lr, 0, budget, batch, tmp)
+                log(
+                    f"  {task['name']:16s} {method:16s} lr={lr:<7g} seed=0 loss={r['final_train_loss']:.4f} "
+                    f"err={r['final_test_error']:.4f} steps={r['steps']}"
+                )
+                grid[method].append(r)
+        for method in METHODS:
+            runs[method] = [min(grid[method], key=lambda r: r["final_train_loss"])]
+        uniform_best = runs["uniform"][0]
+        out["variance_end_of_uniform_run"] = gradient_variance(uniform_best["model"], task, batch, 3 * batch)
+        for seed in range(1, seeds):
+            for method in METHODS:
+                r = run(task, method, runs[method][0]["lr"], seed, budget, batch, tmp)
+                log(
+                    f"  {task['name']:16s} {method:16s} lr={r['lr']:<7g} seed={seed} "
+                    f"loss={r['final_train_loss']:.4f} err={r['final_test_error']:.4f} steps={r['steps']}"
+                )
+                runs[method].append(r)
+    for method in METHODS:
+        for r in grid[method] + runs[method]:
+            r.pop("model", None)
+        out["methods"][method] = {
+            "best_lr": runs[method][0]["lr"],
+            "grid": [{"lr": r["lr"], "final_train_loss": r["final_train_loss"]} for r in grid[method]],
+            "runs": runs[method],
+        }
+    torch.manual_seed(0)
+    init_model = BenchModel(task["config"])
+    out["variance_at_init"] = gradient_variance(init_model, task, batch, 3 * batch)
+    uni = out["methods"]["uniform"]
+    target = statistics.median(r["final_train_loss"] for r in uni["runs"])
+    out["target_train_loss"] = target
+    spu = statistics.median(r["seconds_per_step"] for r in uni["runs"])
+    for m in out["methods"].values():
+        times = [time_to_reach(r["curve"], target) for r in m["runs"]]
+        reached = [t for t in times if t is not None]
+        m["time_to_target"] = times
+        m["median_time_to_target"] = statistics.median(reached) if len(reached) * 2 > len(times) else None
+        m["median_final_train_loss"] = statistics.median(r["final_train_loss"] for r in m["runs"])
+        m["median_final_test_error"] = statistics.median(r["final_test_error"] for r in m["runs"])
+        m["step_cost_ratio"] = statistics.median(r["seconds_per_step"] for r in m["runs"]) / spu
+    t_uni = uni["median_time_to_target"]
+    for m in out["methods"].values():
+        t = m["median_time_to_target"]
+        m["time_ratio_vs_uniform"] = t / t_uni if (t is not None and t_uni) else None
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    colors = {
+        "uniform": "tab:blue",
+        "importance": "tab:red",
+        "importance_eager": "tab:orange",
+        "constant_time": "tab:green",
+    }
+    for row, res in zip(axes, results, strict=True):
+        for col, key in enumerate(("train_loss", "test_error")):
+            ax = row[col]
+            for method, m in res["methods"].items():
+                for i, r in enumerate(m["runs"]):
+                    t = [p["time"] for p in r["curve"]]
+                    v = [p[key] for p in r["curve"]]
+                    label = f"{method} (lr {m['best_lr']:g})" if i == 0 else None
+                    ax.plot(t, v, color=colors[method], alpha=0.8, lw=1.2, label=label)
+            if key == "train_loss":
+                ax.axhline(res["target_train_loss"], color="gray", ls=":", lw=1, label="target (uniform's final)")
+                ax.set_yscale("log")
+            ax.set_xlabel("training wall-clock (s)")
+            ax.set_ylabel(key.replace("_", " "))
+            ax.set_title(f"{res['task']}: {key.replace('_', ' ')}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized: small subsets, one seed, seconds")
+    parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "rotten_tomatoes"])
+    parser.add_argument("--out", type=Path, default=Path("results/bench_importance_sampling.json"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    settings = {
+        "fashion_mnist": dict(lrs=[1e-3, 3e-3], seeds=3, budget=15.0, batch=64),
+        "rotten_tomatoes": dict(lrs=[1e-3, 3e-3], seeds=3, budget=6.0, batch=32),
+    }
+    if args.quick:
+        settings = {
+            "fashion_mnist": dict(lrs=[3e-3], seeds=1, budget=1.5, batch=32),
+            "rotten_tomatoes": dict(lrs=[3e-3], seeds=1, budget=1.0, batch=32),
+        }
+    builders = {"fashion_mnist": fashion_mnist_task, "rotten_tomatoes": rotten_tomatoes_task}
+    results, skipped = [], {}
+    for name in args.tasks:
+        try:
+            task = builders[name](args.quick)
+        except AssetMissingError as err:
+            skipped[name] = str(err).splitlines()[0]
+            print(f"skipping {name}: {skipped[name]}")
+            continue
+        s = settings[name]
+        results.append(bench_task(task, s["lrs"], s["seeds"], s["budget"], s["batch"], print))
+
+    print(
+        f"\n{'task':16s} {'method':16s} {'lr':>7s} {'loss':>8s} {'err':>7s} {'cost/step':>9s} "
+        f"{'t->target':>9s} {'vs unif':>7s} {'active':>6s}"
+    )
+    for res in results:
+        for method, m in res["methods"].items():
+            t, ratio = m["median_time_to_target"], m["time_ratio_vs_uniform"]
+            active = statistics.median(r.get("active_fraction", 0.0) for r in m["runs"])
+            print(
+                f"{res['task']:16s} {method:16s} {m['best_lr']:7g} {m['median_final_train_loss']:8.4f} "
+                f"{m['median_final_test_error']:7.4f} {m['step_cost_ratio']:9.2f} "
+                f"{(f'{t:.1f}s' if t is not None else 'never'):>9s} "
+                f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>7s} {active:6.2f}"
+            )
+        for when in ("variance_at_init", "variance_end_of_uniform_run"):
+            v = res[when]
+            print(
+                f"{res['task']:16s} {when}: variance reduction {v['variance_reduction']:.2f}x "
+                f"(optimal {v['optimal_variance_reduction']:.2f}x), tau {v['tau_estimate']:.2f}"
+            )
+
+    report = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "quick": args.quick,
+        "skipped": skipped,
+        "results": results,
+    }
+    args.out.write_text(
+        json.dumps(report, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+    )
+    try:
+        plot(results, args.out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is missing: no plot")
+    print(f"\nthreads {torch.get_num_threads()}, torch {torch.__version__}, {cpu_model()}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
