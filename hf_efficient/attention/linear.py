@@ -185,7 +185,10 @@ def linear_attention(
                 f"{name}: causal attention needs as many queries as keys, got n_q={q.shape[2]}, n_k={k.shape[2]}"
             )
         init = initial_state.packed().to(phi_q.dtype) if initial_state is not None else None
-        y, state = causal_linear_chunked(phi_q, phi_k, v1, chunk_size, init)
+        # The compiled kernel when one can run here, else causal_linear_chunked (kernels/dispatch.py).
+        from kernels.dispatch import causal_linear as causal_linear_fast
+
+        y, state = causal_linear_fast(phi_q, phi_k, v1, chunk_size, init)
     out = (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
     if return_state:
         return out, LinearAttentionState.unpack(state)

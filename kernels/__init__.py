@@ -1,0 +1,10 @@
+"""Fast paths for hf_efficient: compiled CPU kernels and Triton GPU kernels, never the only path.
+
+Everything here has a PyTorch reference in :mod:`hf_efficient.attention`; :mod:`kernels.dispatch`
+chooses between them (``HF_EFFICIENT_KERNELS=reference`` forces the reference) and
+:func:`available` says what this machine can run.
+"""
+
+from .dispatch import ENV_VAR, available, causal_linear, select_implementation
+
+__all__ = ["ENV_VAR", "available", "causal_linear", "select_implementation"]

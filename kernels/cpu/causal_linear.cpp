@@ -1,0 +1,373 @@
+// Causal linear attention on the CPU: y_i = sum_{j <= i} (q_i . k_j) v_j + q_i^T S0, forward and backward.
+//
+// Work is split into chunks of C tokens per (batch, head). Inside a chunk everything lives in small
+// fp32 (fp64 for double inputs) buffers that fit in L1/L2; across chunks only the m x e state is
+// carried, so memory is O(n) and no n x m x e tensor ever exists.
+//
+// Layout trick: the chunk buffers are stored transposed ("feature-major", token index fastest) so that
+// every product below is C += A * B where B's rows are contiguous vectors of length C (the chunk) or
+// m_pad (the feature size rounded up to 16). A is read one scalar at a time (broadcast) with arbitrary
+// strides, so the odd sizes (e = d_v + 1 because of the normaliser column) only appear as row counts,
+// never as vector widths: no lane is wasted on them.
+
+// Only the ATen headers it needs and no pybind11: the first-use build takes seconds, not a minute.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kMR = 6;  // 6 rows x 4 vectors = 24 accumulators of the 32 zmm registers
+constexpr int kNV = 4;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kMR = 4;  // 4 x 3 = 12 accumulators of the 16 ymm registers
+constexpr int kNV = 3;
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMR = 4;
+constexpr int kNV = 2;
+#endif
+
+template <typename T>
+struct Vec {
+  static constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
+  // aligned(sizeof(T)): loads and stores may be unaligned.
+  typedef T type __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
+};
+
+constexpr int kPad = 16;  // feature sizes are rounded up to this (a multiple of every vector width)
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// C[MR x NV*W] += A[MR x K] * B[K x NV*W]; A(i, k) = A[i * rsa + k * csa], B row k at B + k * ldb.
+template <typename T, int MR, int NV>
+inline void tile(int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B, int64_t ldb, T* C,
+                 int64_t ldc) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = *reinterpret_cast<const V*>(C + i * ldc + v * W);
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const V*>(B + k * ldb + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const T a = A[i * rsa + k * csa];
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(C + i * ldc + v * W) = acc[i][v];
+}
+
+template <typename T, int NV>
+inline void rows(int64_t M, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B, int64_t ldb, T* C,
+                 int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR) tile<T, kMR, NV>(K, A + i * rsa, rsa, csa, B, ldb, C + i * ldc, ldc);
+  const int64_t rest = M - i;
+  A += i * rsa;
+  C += i * ldc;
+  // The remainder rows, one small fixed-size tile each (kMR <= 6).
+  switch (rest) {
+    case 5: tile<T, (5 < kMR ? 5 : 1), NV>(K, A, rsa, csa, B, ldb, C, ldc); break;
+    case 4: tile<T, (4 < kMR ? 4 : 1), NV>(K, A, rsa, csa, B, ldb, C, ldc); break;
+    case 3: tile<T, 3, NV>(K, A, rsa, csa, B, ldb, C, ldc); break;
+    case 2: tile<T, 2, NV>(K, A, rsa, csa, B, ldb, C, ldc); break;
+    case 1: tile<T, 1, NV>(K, A, rsa, csa, B, ldb, C, ldc); break;
+    default: break;
+  }
+}
+
+enum class KRange { kFull, kUpTo, kFrom };
+
+// C[M x N] += A[M x K] * B[K x N], N a multiple of the vector width. With kUpTo, B(k, n) is known to be
+// zero for k > n (lower-triangular-free columns), so each column block stops at its last column; with
+// kFrom, B(k, n) is zero for k < n, so each column block starts at its first column.
+template <typename T>
+void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64_t csa, const T* B, int64_t ldb,
+              T* C, int64_t ldc, KRange range, int64_t block) {
+  constexpr int W = Vec<T>::W;
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t nb = std::min(block, N - n0);
+    int64_t k0 = 0, k1 = K;
+    if (range == KRange::kUpTo) k1 = std::min(K, n0 + nb);
+    if (range == KRange::kFrom) k0 = std::min(K, n0);
+    if (k1 <= k0) continue;
+    const T* a = A + k0 * csa;
+    const T* b = B + k0 * ldb + n0;
+    T* c = C + n0;
+    int64_t done = 0;
+    for (; done + kNV * W <= nb; done += kNV * W) rows<T, kNV>(M, k1 - k0, a, rsa, csa, b + done, ldb, c + done, ldc);
+    for (; done < nb; done += W) rows<T, 1>(M, k1 - k0, a, rsa, csa, b + done, ldb, c + done, ldc);
+  }
+}
+
+// Keep X(r, c) only where c >= r (keep_upper) or c <= r (otherwise); X is C x C, row stride C.
+template <typename T>
+void mask_square(T* X, int64_t C, bool keep_upper) {
+  for (int64_t r = 0; r < C; ++r) {
+    T* row = X + r * C;
+    if (keep_upper)
+      std::fill(row, row + r, T(0));
+    else
+      std::fill(row + r + 1, row + C, T(0));
+  }
+}
+
+// Copy rows [t0, t0 + L) of a (n, w) matrix into dst, transposed to (w, C) (token index fastest).
+template <typename In, typename T>
+void load_t(const In* src, int64_t t0, int64_t L, int64_t w, T* dst, int64_t C) {
+  for (int64_t f = 0; f < w; ++f) {
+    T* d = dst + f * C;
+    for (int64_t i = 0; i < L; ++i) d[i] = static_cast<T>(src[(t0 + i) * w + f]);
+    std::fill(d + L, d + C, T(0));
+  }
+}
+
+// Copy rows [t0, t0 + L) of a (n, w) matrix into dst as (C, wp), zero padded.
+template <typename In, typename T>
+void load_rows(const In* src, int64_t t0, int64_t L, int64_t w, T* dst, int64_t C, int64_t wp) {
+  std::fill(dst, dst + C * wp, T(0));
+  for (int64_t i = 0; i < L; ++i) {
+    const In* s = src + (t0 + i) * w;
+    T* d = dst + i * wp;
+    for (int64_t f = 0; f < w; ++f) d[f] = static_cast<T>(s[f]);
+  }
+}
+
+// dst rows [t0, t0 + L) of a (n, w) matrix = transpose of the (w, C) buffer.
+template <typename Out, typename T>
+void store_t(const T* buf, int64_t t0, int64_t L, int64_t w, Out* dst, int64_t C) {
+  for (int64_t i = 0; i < L; ++i) {
+    Out* d = dst + (t0 + i) * w;
+    for (int64_t f = 0; f < w; ++f) d[f] = static_cast<Out>(buf[f * C + i]);
+  }
+}
+
+template <typename T>
+struct Buffer {
+  std::vector<T> data;
+  explicit Buffer(int64_t size) : data(size + 64 / sizeof(T)) {}
+  T* get() {  // 64-byte aligned start
+    auto p = reinterpret_cast<std::uintptr_t>(data.data());
+    return reinterpret_cast<T*>((p + 63) & ~std::uintptr_t(63));
+  }
+};
+
+template <typename In, typename T>
+void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, In* state, int64_t n,
+                  int64_t m, int64_t e, int64_t C) {
+  const int64_t mp = round_up(m, kPad);
+  const int64_t blk = Vec<T>::W * kNV;
+  Buffer<T> bQt(m * C), bK(C * mp), bVt(e * C), bA(C * C), bYt(e * C), bSt(e * mp);
+  T *Qt = bQt.get(), *Kc = bK.get(), *Vt = bVt.get(), *At = bA.get(), *Yt = bYt.get(), *St = bSt.get();
+  std::fill(St, St + e * mp, T(0));
+  if (init)  // St = init^T
+    for (int64_t p = 0; p < m; ++p)
+      for (int64_t f = 0; f < e; ++f) St[f * mp + p] = static_cast<T>(init[p * e + f]);
+  for (int64_t t0 = 0; t0 < n; t0 += C) {
+    const int64_t L = std::min(C, n - t0);
+    load_t(q, t0, L, m, Qt, C);
+    load_rows(k, t0, L, m, Kc, C, mp);
+    load_t(v, t0, L, e, Vt, C);
+    // Yt = St Qt: the state of every earlier chunk read by this chunk's queries.
+    std::fill(Yt, Yt + e * C, T(0));
+    gemm_acc<T>(e, C, m, St, mp, 1, Qt, C, Yt, C, KRange::kFull, blk);
+    // At(j, i) = k_j . q_i, kept for i >= j (causal inside the chunk).
+    std::fill(At, At + C * C, T(0));
+    gemm_acc<T>(C, C, m, Kc, mp, 1, Qt, C, At, C, KRange::kFull, blk);
+    mask_square(At, C, /*keep_upper=*/true);
+    // Yt += Vt At.
+    gemm_acc<T>(e, C, C, Vt, C, 1, At, C, Yt, C, KRange::kUpTo, Vec<T>::W);
+    // St += Vt K: this chunk's keys join the state.
+    gemm_acc<T>(e, mp, L, Vt, C, 1, Kc, mp, St, mp, KRange::kFull, blk);
+    store_t(Yt, t0, L, e, y, C);
+  }
+  for (int64_t p = 0; p < m; ++p)
+    for (int64_t f = 0; f < e; ++f) state[p * e + f] = static_cast<In>(St[f * mp + p]);
+}
+
+template <typename In, typename T>
+void backward_head(const In* q, const In* k, const In* v, const In* init, const In* gy, const In* gs, In* dq,
+                   In* dk, In* dv, In* dinit, int64_t n, int64_t m, int64_t e, int64_t C) {
+  const int64_t mp = round_up(m, kPad);
+  const int64_t blk = Vec<T>::W * kNV;
+  const int64_t W = Vec<T>::W;
+  Buffer<T> bQt(m * C), bQc(C * mp), bKt(m * C), bKc(C * mp), bVt(e * C), bGt(e * C), bX(C * C), bY(C * C),
+      bOut(std::max(m, e) * C), bOut2(e * C), bSt(e * mp);
+  T *Qt = bQt.get(), *Qc = bQc.get(), *Kt = bKt.get(), *Kc = bKc.get(), *Vt = bVt.get(), *Gt = bGt.get();
+  T *X = bX.get(), *Y = bY.get(), *Out = bOut.get(), *Out2 = bOut2.get(), *St = bSt.get();
+
+  // Pass 1, forward in time: dq_i = S_i g_i with S_i the state after token i.
+  std::fill(St, St + e * mp, T(0));
+  if (init)
+    for (int64_t p = 0; p < m; ++p)
+      for (int64_t f = 0; f < e; ++f) St[f * mp + p] = static_cast<T>(init[p * e + f]);
+  for (int64_t t0 = 0; t0 < n; t0 += C) {
+    const int64_t L = std::min(C, n - t0);
+    load_rows(k, t0, L, m, Kc, C, mp);
+    load_t(v, t0, L, e, Vt, C);
+    load_t(gy, t0, L, e, Gt, C);
+    // X(j, i) = v_j . g_i for i >= j.
+    std::fill(X, X + C * C, T(0));
+    gemm_acc<T>(C, C, e, Vt, 1, C, Gt, C, X, C, KRange::kFull, blk);
+    mask_square(X, C, /*keep_upper=*/true);
+    // dQt = S Gt + K^T X, with S(p, f) = St[f * mp + p].
+    std::fill(Out, Out + m * C, T(0));
+    gemm_acc<T>(m, C, e, St, 1, mp, Gt, C, Out, C, KRange::kFull, blk);
+    gemm_acc<T>(m, C, C, Kc, 1, mp, X, C, Out, C, KRange::kUpTo, W);
+    gemm_acc<T>(e, mp, L, Vt, C, 1, Kc, mp, St, mp, KRange::kFull, blk);
+    store_t(Out, t0, L, m, dq, C);
+  }
+
+  // Pass 2, backward in time: R = dS_final + sum_{i >= j} q_i g_i^T, carried as Rt = R^T (e x mp).
+  T* Rt = St;
+  std::fill(Rt, Rt + e * mp, T(0));
+  if (gs)
+    for (int64_t p = 0; p < m; ++p)
+      for (int64_t f = 0; f < e; ++f) Rt[f * mp + p] = static_cast<T>(gs[p * e + f]);
+  const int64_t last = (n - 1) / C * C;
+  for (int64_t t0 = last; t0 >= 0; t0 -= C) {
+    const int64_t L = std::min(C, n - t0);
+    load_t(q, t0, L, m, Qt, C);
+    load_rows(q, t0, L, m, Qc, C, mp);
+    load_t(k, t0, L, m, Kt, C);
+    load_t(v, t0, L, e, Vt, C);
+    load_t(gy, t0, L, e, Gt, C);
+    // X(i, j) = g_i . v_j and Y(i, j) = q_i . k_j, both kept for i >= j.
+    std::fill(X, X + C * C, T(0));
+    gemm_acc<T>(C, C, e, Gt, 1, C, Vt, C, X, C, KRange::kFull, blk);
+    mask_square(X, C, /*keep_upper=*/false);
+    std::fill(Y, Y + C * C, T(0));
+    gemm_acc<T>(C, C, m, Qt, 1, C, Kt, C, Y, C, KRange::kFull, blk);
+    mask_square(Y, C, /*keep_upper=*/false);
+    // dKt = R Vt + Qt X.
+    std::fill(Out, Out + m * C, T(0));
+    gemm_acc<T>(m, C, e, Rt, 1, mp, Vt, C, Out, C, KRange::kFull, blk);
+    gemm_acc<T>(m, C, C, Qt, C, 1, X, C, Out, C, KRange::kFrom, W);
+    store_t(Out, t0, L, m, dk, C);
+    // dVt = R^T Kt + Gt Y.
+    std::fill(Out2, Out2 + e * C, T(0));
+    gemm_acc<T>(e, C, m, Rt, mp, 1, Kt, C, Out2, C, KRange::kFull, blk);
+    gemm_acc<T>(e, C, C, Gt, C, 1, Y, C, Out2, C, KRange::kFrom, W);
+    store_t(Out2, t0, L, e, dv, C);
+    // Rt += Gt Q: this chunk's queries join the reverse state.
+    gemm_acc<T>(e, mp, L, Gt, C, 1, Qc, mp, Rt, mp, KRange::kFull, blk);
+  }
+  for (int64_t p = 0; p < m; ++p)
+    for (int64_t f = 0; f < e; ++f) dinit[p * e + f] = static_cast<In>(Rt[f * mp + p]);
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_linear: q, k, v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu(), "causal_linear (cpu kernel): tensors must be on the CPU");
+  TORCH_CHECK(q.sizes() == k.sizes(), "causal_linear: phi_q and phi_k must have the same shape");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
+              "causal_linear: v must be (batch, heads, n, e) matching phi_q");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "causal_linear: phi_q, phi_k, v must share a dtype");
+}
+
+// Heads per parallel task: small problems run on the calling thread, since waking a thread team costs more
+// than they do (and a lot more on a busy machine).
+int64_t grain(int64_t n, int64_t m, int64_t e) {
+  const int64_t work = std::max<int64_t>(1, n * (m + e) * 64);
+  return std::max<int64_t>(1, (int64_t(1) << 22) / work);
+}
+
+template <typename In>
+using Acc = std::conditional_t<std::is_same_v<In, double>, double, float>;
+
+}  // namespace
+
+std::vector<at::Tensor> causal_linear_forward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                              const std::optional<at::Tensor>& initial, int64_t chunk) {
+  check_inputs(q, k, v);
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), e = v.size(3);
+  at::Tensor init;
+  if (initial.has_value() && initial->defined()) init = initial->to(q.scalar_type()).contiguous();
+  auto y = at::empty({B, H, n, e}, v.options());
+  auto state = at::empty({B, H, m, e}, v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_linear_forward", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    const int64_t C = round_up(std::max<int64_t>(chunk, 1), kPad);
+    const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
+    const In* pi = init.defined() ? init.data_ptr<In>() : nullptr;
+    In *py = y.data_ptr<In>(), *ps = state.data_ptr<In>();
+    at::parallel_for(0, B * H, grain(n, m, e), [&](int64_t lo, int64_t hi) {
+      for (int64_t bh = lo; bh < hi; ++bh)
+        forward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * e, pi ? pi + bh * m * e : nullptr,
+                            py + bh * n * e, ps + bh * m * e, n, m, e, C);
+    });
+  });
+  return {y, state};
+}
+
+std::vector<at::Tensor> causal_linear_backward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                               const std::optional<at::Tensor>& initial, at::Tensor grad_y,
+                                               const std::optional<at::Tensor>& grad_state, int64_t chunk) {
+  check_inputs(q, k, v);
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  const auto dtype = q.scalar_type();
+  grad_y = grad_y.to(dtype).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), e = v.size(3);
+  at::Tensor init, gs;
+  if (initial.has_value() && initial->defined()) init = initial->to(dtype).contiguous();
+  // Always returned (the gradient an initial state would get), so the op has a fixed signature.
+  auto dinit = at::empty({B, H, m, e}, v.options());
+  if (grad_state.has_value() && grad_state->defined()) gs = grad_state->to(dtype).contiguous();
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (n == 0) {
+    if (gs.defined())
+      dinit.copy_(gs);
+    else
+      dinit.zero_();
+    return {dq, dk, dv, dinit};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "causal_linear_backward", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    const int64_t C = round_up(std::max<int64_t>(chunk, 1), kPad);
+    const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>(), *pg = grad_y.data_ptr<In>();
+    const In* pi = init.defined() ? init.data_ptr<In>() : nullptr;
+    const In* pgs = gs.defined() ? gs.data_ptr<In>() : nullptr;
+    In *pdq = dq.data_ptr<In>(), *pdk = dk.data_ptr<In>(), *pdv = dv.data_ptr<In>();
+    In* pdi = dinit.data_ptr<In>();
+    at::parallel_for(0, B * H, grain(n, m, e), [&](int64_t lo, int64_t hi) {
+      for (int64_t bh = lo; bh < hi; ++bh)
+        backward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * e, pi ? pi + bh * m * e : nullptr,
+                             pg + bh * n * e, pgs ? pgs + bh * m * e : nullptr, pdq + bh * n * m,
+                             pdk + bh * n * m, pdv + bh * n * e, pdi + bh * m * e, n, m, e, C);
+    });
+  });
+  return {dq, dk, dv, dinit};
+}
+
+// Raw ops; hf_efficient::causal_linear (kernels/ops.py) wraps them with fake kernels and autograd.
+TORCH_LIBRARY(hf_efficient_cpu, lib) {
+  lib.def("causal_linear_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, int chunk) -> Tensor[]",
+          &causal_linear_forward);
+  lib.def(
+      "causal_linear_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor grad_y, Tensor? grad_state, "
+      "int chunk) -> Tensor[]",
+      &causal_linear_backward);
+  lib.def("vector_bytes() -> int", [] { return static_cast<int64_t>(kVecBytes); });
+}

@@ -1,0 +1,103 @@
+"""Compile the C++ kernels on first use and cache the build.
+
+Nothing is compiled at install time. The first call to :func:`load_extension` builds
+``causal_linear.cpp`` with ``torch.utils.cpp_extension.load`` into a folder under
+``hf_efficient.assets.cache_dir()`` whose name hashes the source, the torch version and the CPU
+(the build uses ``-march=native``, so a cache shared between machines must not mix them). Any failure
+(no compiler, no ninja, a broken toolchain) is remembered and reported by :func:`build_error`; callers
+then use the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["build_error", "load_extension"]
+
+_SOURCE = Path(__file__).with_name("causal_linear.cpp")
+_lock = threading.Lock()
+_module: Any = None
+_error: str | None = None
+_tried = False
+
+# Tried in order: the fast build, then one without CPU-specific instructions.
+_FLAG_SETS = (
+    (["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
+    (["-O3", "-fopenmp"], ["-fopenmp"]),
+)
+
+
+def _cpu_signature() -> str:
+    """The CPU flags line on Linux (what -march=native depends on), else the processor name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_dir(flags: list[str]) -> tuple[str, Path]:
+    from hf_efficient.assets import cache_dir
+
+    h = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode(), " ".join(flags).encode()):
+        h.update(part)
+    tag = h.hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"causal_linear_{tag}"
+    path.mkdir(parents=True, exist_ok=True)
+    return f"hf_efficient_causal_linear_{tag}", path
+
+
+def load_extension() -> Any:
+    """``torch.ops.hf_efficient_cpu`` (the compiled ops), building it on the first call; None if it cannot be
+    built."""
+    global _module, _error, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        errors = []
+        try:
+            from torch.utils import cpp_extension
+        except Exception as exc:  # a torch build without the extension tools
+            errors.append(f"torch.utils.cpp_extension unavailable: {exc}")
+            cpp_extension = None
+        if cpp_extension is not None:
+            for cflags, ldflags in _FLAG_SETS:
+                name, path = _build_dir(cflags)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        cpp_extension.load(
+                            name=name,
+                            sources=[str(_SOURCE)],
+                            extra_cflags=cflags,
+                            extra_ldflags=ldflags,
+                            build_directory=str(path),
+                            verbose=bool(os.environ.get("HF_EFFICIENT_KERNELS_VERBOSE")),
+                            is_python_module=False,  # the library registers torch.ops.hf_efficient_cpu
+                        )
+                    _module = torch.ops.hf_efficient_cpu
+                    break
+                except Exception as exc:  # no compiler, failed compile, failed import: fall back
+                    errors.append(f"{' '.join(cflags)}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
+        _error = None if _module is not None else "; ".join(errors)
+        _tried = True
+        return _module
+
+
+def build_error() -> str | None:
+    """Why the last build failed (None if it succeeded or was never tried)."""
+    return _error

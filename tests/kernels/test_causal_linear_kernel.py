@@ -1,0 +1,207 @@
+"""The compiled causal linear attention kernel against an independent quadratic float64 reference."""
+
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels import dispatch
+from kernels.cpu import build_error, load_extension, loader
+
+CHUNK = 64
+
+
+@pytest.fixture(scope="module")
+def kernel_ops():
+    ops = load_extension()
+    if ops is None:
+        # CI has a compiler, so a failed build there is a failure, not a skip.
+        if os.environ.get("HF_EFFICIENT_REQUIRE_ASSETS") == "1":
+            pytest.fail(f"the CPU kernel did not build: {build_error()}")
+        pytest.skip(f"the CPU kernel cannot be built here: {build_error()}")
+    from kernels.ops import causal_linear_op
+
+    return causal_linear_op
+
+
+def quadratic(q, k, v, initial=None):
+    """y_i = sum_{j <= i} (q_i . k_j) v_j + q_i^T initial, and the final state, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = torch.einsum("bhim,bhjm->bhij", q, k).tril()
+    y = torch.einsum("bhij,bhje->bhie", scores, v)
+    state = torch.einsum("bhjm,bhje->bhme", k, v)
+    if initial is not None:
+        y = y + q @ initial.double()
+        state = state + initial.double()
+    return y, state
+
+
+def inputs(b, h, n, m, e, dtype=torch.float32, seed=0, initial=False):
+    g = torch.Generator().manual_seed(seed)
+    # Positive features, as a feature map gives; values of both signs.
+    q = torch.rand(b, h, n, m, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.rand(b, h, n, m, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, h, n, e, generator=g, dtype=torch.float64).to(dtype)
+    init = torch.randn(b, h, m, e, generator=g, dtype=torch.float64).to(dtype) if initial else None
+    return q, k, v, init
+
+
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 3, 5, 4, 3),  # shorter than one chunk
+    (1, 2, 64, 16, 17),  # exactly one chunk
+    (2, 1, 130, 7, 9),  # chunks plus a ragged tail, odd sizes everywhere
+    (1, 2, 257, 64, 65),  # the real head size: m = 64 features, e = d_v + 1
+    (1, 1, 100, 33, 1),  # feature size not a multiple of the vector width
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_initial", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_matches_quadratic(kernel_ops, shape, with_initial, dtype):
+    q, k, v, init = inputs(*shape, dtype=dtype, initial=with_initial)
+    y, state = kernel_ops(q, k, v, init)
+    y_ref, state_ref = quadratic(q, k, v, init)
+    assert y.dtype == dtype and state.dtype == dtype
+    assert y.shape == v.shape and state.shape == (*q.shape[:2], q.shape[-1], v.shape[-1])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    scale = y_ref.abs().max().clamp_min(1)
+    assert (y.double() - y_ref).abs().max() / scale < tol
+    assert (state.double() - state_ref).abs().max() / state_ref.abs().max().clamp_min(1) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulates_in_float32(kernel_ops, dtype):
+    # A long sequence: summing 2048 terms in 16-bit would drift by far more than one rounding of the output.
+    q, k, v, init = inputs(1, 2, 2048, 16, 9, dtype=dtype, initial=True)
+    y, state = kernel_ops(q, k, v, init)
+    assert y.dtype == dtype and state.dtype == dtype
+    y_ref, state_ref = quadratic(q, k, v, init)  # the same 16-bit inputs, exact sums
+    rel = (y.double() - y_ref).abs() / y_ref.abs().clamp_min(y_ref.abs().mean())
+    half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert rel.max() <= 2 * half_ulp
+    assert ((state.double() - state_ref).abs() / state_ref.abs().clamp_min(1)).max() <= 2 * half_ulp
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 9, 3, 2), (2, 1, 20, 5, 4)])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_gradcheck_float64(kernel_ops, shape, with_initial):
+    q, k, v, init = inputs(*shape, initial=with_initial, dtype=torch.float64)
+    args = [t.requires_grad_() if t is not None else None for t in (q, k, v, init)]
+    # Both outputs feed the loss, so grad_state is exercised as well as grad_y.
+    assert torch.autograd.gradcheck(lambda *a: kernel_ops(*a, chunk=16), tuple(args))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("use_state", [False, True])
+def test_gradients_match_quadratic(kernel_ops, dtype, tol, use_state):
+    q, k, v, init = inputs(2, 2, 150, 16, 9, dtype=dtype, initial=True)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    gs = torch.randn(init.shape, generator=g, dtype=torch.float64) if use_state else None
+
+    def grads(fn, tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        y, state = fn(*tensors)
+        loss = (y.double() * gy).sum() + ((state.double() * gs).sum() if use_state else 0)
+        return torch.autograd.grad(loss, tensors)
+
+    ours = grads(kernel_ops, (q, k, v, init))
+    ref = grads(quadratic, (q.double(), k.double(), v.double(), init.double()))
+    for name, a, b in zip(["phi_q", "phi_k", "v", "initial"], ours, ref):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+def test_opcheck(kernel_ops):
+    q, k, v, init = inputs(2, 2, 70, 6, 5, initial=True)
+    torch.library.opcheck(kernel_ops, (q, k, v, None))
+    torch.library.opcheck(kernel_ops, (q.requires_grad_(), k.requires_grad_(), v, init.requires_grad_()))
+    from kernels.ops import causal_linear_backward_op
+
+    torch.library.opcheck(causal_linear_backward_op, (q.detach(), k.detach(), v, init.detach(), v.clone(), None))
+
+
+def test_torch_compile(kernel_ops):
+    q, k, v, init = inputs(1, 2, 100, 8, 5, initial=True)
+
+    def f(q, k, v, init):
+        y, state = kernels.causal_linear(q, k, v, 64, init)
+        return (y.sin().sum() + state.sum()) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [t.clone().requires_grad_() for t in (q, k, v, init)]
+    out = compiled(*args)
+    out.backward()
+    ref_args = [t.clone().double().requires_grad_() for t in (q, k, v, init)]
+    y_ref, state_ref = quadratic(*ref_args)
+    ref = (y_ref.sin().sum() + state_ref.sum()) * 2
+    ref.backward()
+    assert torch.allclose(out.double(), ref, rtol=1e-5)
+    for a, b in zip(args, ref_args):
+        assert (a.grad.double() - b.grad).abs().max() / b.grad.abs().max() < 1e-5
+
+
+def test_dispatch_uses_kernel_and_linear_attention_matches(kernel_ops, monkeypatch):
+    from hf_efficient import linear_attention, linear_attention_reference
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    q, k, v, _ = inputs(1, 2, 90, 8, 8)
+    assert kernels.select_implementation(q) == "kernel"
+    assert kernels.available()["cpu"] is True
+    got = linear_attention(q - 0.5, k - 0.5, v, causal=True)
+    ref = linear_attention_reference(q.double() - 0.5, k.double() - 0.5, v.double(), causal=True)
+    assert (got.double() - ref).abs().max() < 1e-5
+
+
+def test_environment_forces_reference(kernel_ops, monkeypatch):
+    from hf_efficient.attention.linear import causal_linear_chunked
+
+    q, k, v, init = inputs(1, 2, 90, 8, 8, initial=True)
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    assert kernels.select_implementation(q) == "reference"
+    assert kernels.available(build=False)["forced"] == "reference"
+    y, state = kernels.causal_linear(q, k, v, 32, init)
+    y_ref, state_ref = causal_linear_chunked(q, k, v, 32, init)
+    assert torch.equal(y, y_ref) and torch.equal(state, state_ref)  # the same code ran, bit for bit
+    # A per-call choice wins over the environment.
+    assert kernels.select_implementation(q, "kernel") == "kernel"
+    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="HF_EFFICIENT_KERNELS"):
+        kernels.causal_linear(q, k, v)
+
+
+def test_falls_back_when_build_fails(monkeypatch):
+    from hf_efficient.attention.linear import causal_linear_chunked
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(loader, "_tried", True)
+    monkeypatch.setattr(loader, "_module", None)
+    monkeypatch.setattr(loader, "_error", "no C++ compiler found")
+    q, k, v, _ = inputs(1, 1, 40, 4, 3)
+    assert kernels.select_implementation(q) == "reference"
+    report = kernels.available()
+    assert report["cpu"] is False and "compiler" in report["cpu_error"]
+    y, _ = kernels.causal_linear(q, k, v)
+    assert torch.equal(y, causal_linear_chunked(q, k, v)[0])
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        kernels.causal_linear(q, k, v, implementation="kernel")
+
+
+def test_bad_input_is_rejected():
+    q, k, v, _ = inputs(1, 1, 8, 4, 3)
+    with pytest.raises(ValueError, match="implementation"):
+        kernels.causal_linear(q, k, v, implementation="gpu")
+    with pytest.raises(ValueError, match="batch, heads, n"):
+        kernels.causal_linear(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="v \\(batch, heads, n, e\\)"):
+        kernels.causal_linear(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.causal_linear(q, k.double(), v)
+    with pytest.raises(ValueError, match="initial must be"):
+        kernels.causal_linear(q, k, v, initial=torch.zeros(1, 1, 3, 3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        kernels.causal_linear(q, k, [1.0])
