@@ -24,6 +24,27 @@ __all__ = ["MODEL_CARD_TEMPLATE", "push_to_hub", "render_model_card", "write_rem
 CONFIG_MODULE = "configuration_hf_efficient"
 MODELING_MODULE = "modeling_hf_efficient"
 _INTEGRATION_FILES = ("attention_interface.py", "patch.py", "configs.py", "export.py")
+# Optional compiled kernels are not shipped as remote code: the copies call the PyTorch path that
+# the kernel dispatcher itself falls back to. "kernels.<module>.<name>" -> name in the same file.
+_KERNEL_FALLBACKS = {"kernels.dispatch.causal_linear": "causal_linear_chunked"}
+_KERNEL_IMPORT = re.compile(r"^(\s*)from\s+kernels\.(\w+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE)
+
+
+def _without_kernels(name: str, text: str) -> str:
+    def replace(match: re.Match) -> str:
+        indent, module, symbol, alias = match.groups()
+        fallback = _KERNEL_FALLBACKS.get(f"kernels.{module}.{symbol}")
+        if fallback is None:
+            raise RuntimeError(f"{name} imports kernels.{module}.{symbol}, which has no PyTorch fallback for "
+                               "remote code")
+        return f"{indent}{alias or symbol} = {fallback}  # remote code runs the PyTorch path"
+
+    text = _KERNEL_IMPORT.sub(replace, text)
+    if re.search(r"^\s*(from|import)\s+(kernels|hf_efficient)\b", text, flags=re.MULTILINE):
+        raise RuntimeError(f"{name} imports the hf_efficient package or its kernels; it cannot be remote code")
+    return text
+
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -44,7 +65,7 @@ def _source_files() -> dict[str, str]:
         text = re.sub(r"^(\s*from\s+)\.\.attention\.", r"\1.", text, flags=re.MULTILINE)
         if re.search(r"^\s*from\s+\.\.", text, flags=re.MULTILINE):
             raise RuntimeError(f"{name} imports outside its package; it cannot be shipped as remote code")
-        files[name] = text
+        files[name] = _without_kernels(name, text)
     return files
 
 

@@ -195,6 +195,13 @@ def apply_layers(model: nn.Module, plan: list[LayerAttention]) -> None:
                     f"layer {i} ({qualified}) uses {layer_types[i]!r}, which hf_efficient kinds cannot honour; keep it "
                     "softmax (softmax_layers=[...]) or disable it in the config (e.g. use_sliding_window=False)"
                 )
+        if layer.kind is not None and getattr(module, "is_causal", False):
+            if not get_attention_kind(layer.kind).supports_causal:
+                raise ValueError(
+                    f"attention kind {layer.kind!r} has no causal form, but layer {i} ({qualified}) is causal; "
+                    "use a kind that supports causal attention (e.g. 'linear') for this model"
+                )
+    for (_, module), layer in zip(modules, plan, strict=True):
         _attach(module, layer, model.config)
 
 

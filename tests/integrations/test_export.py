@@ -1,0 +1,130 @@
+"""Remote code: a saved efficient checkpoint loads in a process where hf_efficient cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_efficient.integrations import patch_model
+
+# Runs with `python -I` (no PYTHONPATH, no cwd on sys.path) and a finder that refuses hf_efficient,
+# which may still be installed in site-packages.
+CHILD = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_efficient" or name.startswith("hf_efficient."):
+                raise ImportError("hf_efficient is blocked in this process")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+    try:
+        import hf_efficient  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("hf_efficient was importable")
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    report = {}
+    for job in json.loads(sys.argv[1]):
+        inputs = load_file(job["inputs"])
+        results, names = {}, {}
+        for i, head in enumerate(job["heads"]):
+            model = getattr(transformers, head).from_pretrained(job["folder"], trust_remote_code=True).eval()
+            names[head] = type(model).__name__
+            assert "hf_efficient" not in sys.modules
+            if i == 0:
+                with torch.no_grad():
+                    out = model(**inputs)
+                results["out"] = (out.logits if hasattr(out, "logits") else out.last_hidden_state).contiguous()
+                impl = model.config._attn_implementation
+                results["implementation"] = torch.tensor([impl.startswith("hf_efficient_")])
+        save_file(results, job["out"])
+        report[job["folder"]] = names
+    print(json.dumps(report))
+    """
+)
+
+
+def _run_child(jobs, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps(jobs)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# (architecture, saved class, Auto heads loaded in the child (first one is compared), kind, params)
+CASES = [
+    ("bert", "BertForSequenceClassification",
+     ["AutoModelForSequenceClassification", "AutoModel", "AutoModelForMaskedLM"],
+     "linear", {"feature_map": "hedgehog", "keep_softmax_first": 1}),
+    ("llama", "LlamaForCausalLM", ["AutoModelForCausalLM", "AutoModel"], "linear", {"feature_map": "favor"}),
+    ("vit", "ViTForImageClassification", ["AutoModelForImageClassification"], "improved-clustered", {}),
+]
+
+
+def _save_checkpoint(arch, base_class, kind, params, tiny, folder):
+    import hf_efficient
+
+    if kind not in hf_efficient.attention_kind_names():
+        kind, params = "linear", {}
+    model = patch_model(tiny.model(arch, base_class), kind, **params)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hf_efficient_feature_map" in name:  # trained-looking feature maps must travel too
+                p.add_(0.1 * torch.randn_like(p))
+    inputs = tiny.inputs(arch)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(folder)
+    return inputs, expected
+
+
+def test_remote_code_without_the_package(tiny, tmp_path):
+    jobs, expected = [], {}
+    for arch, base_class, heads, kind, params in CASES:
+        folder = tmp_path / arch
+        inputs, expected[str(folder)] = _save_checkpoint(arch, base_class, kind, params, tiny, folder)
+        save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / f"{arch}-inputs.safetensors")
+        jobs.append({"folder": str(folder), "inputs": str(tmp_path / f"{arch}-inputs.safetensors"),
+                     "out": str(tmp_path / f"{arch}-out.safetensors"), "heads": heads})
+
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert {"AutoConfig", "AutoModel"} <= set(auto_map)
+        if arch != "vit":
+            assert {"AutoModelForSequenceClassification", "AutoModelForCausalLM"} <= set(auto_map)
+        if arch == "bert":
+            assert {"AutoModelForMaskedLM", "AutoModelForTokenClassification"} <= set(auto_map)
+        for path in folder.iterdir():
+            assert path.suffix in (".safetensors", ".json", ".py"), path.name
+            if path.suffix == ".py":  # self-contained: only relative imports of siblings
+                text = path.read_text()
+                assert not re.search(r"^\s*(from|import)\s+hf_efficient", text, flags=re.MULTILINE), path.name
+                assert not re.search(r"^\s*from\s+\.\.", text, flags=re.MULTILINE), path.name
+
+    report = _run_child(jobs, tmp_path)
+    for (arch, base_class, heads, _, _), job in zip(CASES, jobs, strict=True):
+        result = load_file(job["out"])
+        assert bool(result["implementation"]), arch
+        # the parent may run a compiled kernel where the child runs the PyTorch path: float32 rounding only
+        torch.testing.assert_close(result["out"], expected[job["folder"]], atol=2e-5, rtol=1e-4)
+        names = report[job["folder"]]
+        assert names[heads[0]] == f"Efficient{base_class}"
+        assert all(name.startswith("Efficient") for name in names.values())
