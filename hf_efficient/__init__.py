@@ -26,6 +26,11 @@ from .attention import (
 )
 from .integrations.cache import LinearAttentionCache
 from .models.linear_lm import LinearLMConfig, LinearLMForCausalLM, LinearLMModel
+from .training import (
+    ImportanceSamplingCallback,
+    ImportanceSamplingConfig,
+    ImportanceSamplingTrainer,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +42,9 @@ __all__ = [
     "FavorFeatureMap",
     "FeatureMap",
     "HedgehogFeatureMap",
+    "ImportanceSamplingCallback",
+    "ImportanceSamplingConfig",
+    "ImportanceSamplingTrainer",
     "LinearAttentionCache",
     "LinearAttentionParams",
     "LinearAttentionState",
