@@ -24,6 +24,7 @@ from .attention import (
     linear_attention_step,
     register_attention_kind,
 )
+from .integrations import efficient_config, patch_model, push_to_hub, unpatch_model
 from .integrations.cache import LinearAttentionCache
 from .models.linear_lm import LinearLMConfig, LinearLMForCausalLM, LinearLMModel
 from .training import (
@@ -54,10 +55,14 @@ __all__ = [
     "ReluFeatureMap",
     "__version__",
     "attention_kind_names",
+    "efficient_config",
     "get_attention_kind",
     "get_feature_map",
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",
+    "patch_model",
+    "push_to_hub",
     "register_attention_kind",
+    "unpatch_model",
 ]
