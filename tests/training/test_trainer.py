@@ -316,3 +316,32 @@ def test_errors(tmp_path):
 
     with pytest.raises(ValueError, match="map-style"):
         ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=Stream()).get_train_dataloader()
+
+
+def test_regression_and_custom_loss_scores(tmp_path):
+    """Regression scores come from one batched backward: d (z - y)^2 / dz = 2 (z - y). A custom
+    per-sample loss (here plain cross-entropy) reproduces the closed-form score."""
+    g = torch.Generator().manual_seed(9)
+    reg_data = [{"x": torch.randn(6, generator=g), "labels": torch.randn((), generator=g)} for _ in range(12)]
+    model = _model(num_labels=1)
+    trainer = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=reg_data
+    )
+    batch = trainer.data_collator(reg_data[:5])
+    with torch.no_grad():
+        z = model(batch["x"]).logits.squeeze(1)
+    torch.testing.assert_close(trainer.score_samples(model, batch), 2 * (z - batch["labels"]).abs())
+
+    def ce(logits, labels):
+        return F.cross_entropy(logits, labels, reduction="none"), torch.ones(labels.shape[0])
+
+    data = make_classification_data(12)
+    model = _model()
+    custom = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=data, per_sample_loss=ce
+    )
+    builtin = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=data
+    )
+    batch = custom.data_collator(data[:6])
+    torch.testing.assert_close(custom.score_samples(model, batch), builtin.score_samples(model, batch))
