@@ -1,0 +1,302 @@
+"""Benchmark the compiled causal linear attention kernel.
+
+Compares, in one process and interleaved (A B C A B C ...), after a warm-up, median of --repeats:
+
+* ``kernel``: ``kernels.causal_linear(..., implementation="kernel")`` (the C++ kernel);
+* ``reference``: ``hf_efficient.attention.linear.causal_linear_chunked`` (plain PyTorch, chunked);
+* ``sdpa``: causal ``torch.nn.functional.scaled_dot_product_attention`` on the raw q, k, v (quadratic);
+* ``older``: optional, the older fast-transformers CPU ``causal_dot_product`` kernel, when its source file
+  is given with ``--older-causal-product-src`` (compiled into a temporary folder; never shipped here).
+  Its "module" variant adds the separate normaliser (a cumsum of the keys) the way that library's
+  causal linear attention does, so it computes what ``kernel`` + division computes.
+
+Shapes: batch 1, 8 heads, head dim 64, elu+1 features (m = 64), v with the normaliser column (e = 65).
+Achieved GFLOP/s is reported against this machine's ``torch.matmul`` fp32 GFLOP/s measured in the same
+run and thread setting, under two FLOP counts (see ``flops``).
+
+    python scripts/bench_kernels.py --quick      # seconds
+    python scripts/bench_kernels.py              # N = 16384, 1 and 2 threads, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from hf_efficient.attention.linear import causal_linear_chunked
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def flops(n: int, bh: int, m: int, e: int, chunk: int = 64) -> dict[str, float]:
+    """FLOPs of one forward pass.
+
+    ``useful``: 4 n m e per head, the recurrent form (update the m x e state, read it out); it does not
+    depend on how an implementation blocks the work, so it is the conservative count.
+    ``chunked``: what a chunked form with chunk C executes: per chunk, state read-out and update
+    (2 x 2 C m e) plus the C x C score and score-times-value products (2 C^2 m + 2 C^2 e).
+    Forward+backward is counted as 3x the forward (the backward has twice the products).
+    """
+    useful = 4.0 * n * m * e * bh
+    chunked = (n / chunk) * (4.0 * chunk * m * e + 2.0 * chunk * chunk * (m + e)) * bh
+    return {"useful": useful, "chunked": chunked}
+
+
+def matmul_case(size: int):
+    """A square fp32 torch.matmul, timed interleaved with the kernels: the machine's reachable FLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return (lambda: (a, b)), (lambda x: torch.matmul(*x))
+
+
+def load_older(src: str | None):
+    """The older library's raw CPU causal product, compiled from its source file into a temp folder."""
+    if not src:
+        return None
+    from torch.utils.cpp_extension import load
+
+    build = Path(tempfile.gettempdir()) / "older_causal_product_build"
+    build.mkdir(exist_ok=True)
+    # Its own build flags (-fopenmp -ffast-math) plus -O3.
+    return load(name="older_causal_product_cpu", sources=[src], build_directory=str(build),
+                extra_cflags=["-O3", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+
+
+def elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+def make_cases(n: int, older, with_backward: bool, sdpa_backward: bool):
+    """name -> (setup, run); setup returns fresh inputs, run(inputs) does the timed work."""
+    b, h, d = 1, 8, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    phi_q, phi_k = elu1(q), elu1(k)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    grad = torch.randn(b, h, n, d + 1, generator=g)
+
+    def feats(grad_needed):
+        if not grad_needed:
+            return phi_q, phi_k, v1
+        return tuple(t.detach().clone().requires_grad_() for t in (phi_q, phi_k, v1))
+
+    cases = {}
+
+    def kernel_fwd(x):
+        return kernels.causal_linear(*x, implementation="kernel")[0]
+
+    def reference_fwd(x):
+        return causal_linear_chunked(*x, 64)[0]
+
+    cases["kernel"] = (lambda: feats(False), kernel_fwd)
+    cases["reference"] = (lambda: feats(False), reference_fwd)
+    cases["sdpa"] = (lambda: (q, k, v), lambda x: F.scaled_dot_product_attention(*x, is_causal=True))
+    if older is not None:
+        def older_fwd(x):
+            out = torch.zeros_like(x[2])
+            older.causal_dot_product(x[0], x[1], x[2], out)
+            return out
+
+        cases["older"] = (lambda: feats(False), older_fwd)
+    fwd = {name: (setup, run) for name, (setup, run) in cases.items()}
+    if not with_backward:
+        return fwd, {}
+
+    def backward_of(run):
+        def go(x):
+            y = run(x)
+            y.backward(grad if y.shape[-1] == grad.shape[-1] else grad[..., : y.shape[-1]])
+
+        return go
+
+    fb = {
+        "kernel": (lambda: feats(True), backward_of(kernel_fwd)),
+        "reference": (lambda: feats(True), backward_of(reference_fwd)),
+    }
+    if sdpa_backward:
+        fb["sdpa"] = (lambda: tuple(t.detach().clone().requires_grad_() for t in (q, k, v)),
+                      backward_of(lambda x: F.scaled_dot_product_attention(*x, is_causal=True)))
+    if older is not None:
+        class OlderCausalProduct(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, fq, fk, fv):
+                ctx.save_for_backward(fq, fk, fv)
+                out = torch.zeros_like(fv)
+                older.causal_dot_product(fq, fk, fv, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, gy):
+                fq, fk, fv = ctx.saved_tensors
+                dq, dk, dv = torch.zeros_like(fq), torch.zeros_like(fk), torch.zeros_like(fv)
+                older.causal_dot_backward(fq, fk, fv, gy.contiguous(), dq, dk, dv)
+                return dq, dk, dv
+
+        # The older library's causal linear attention: the product on the d_v value columns, and the
+        # normaliser from a cumulative sum of the keys. Our side of this comparison is "module".
+        def older_module(x):
+            fq, fk, fv = x
+            z = 1.0 / (torch.einsum("bhnm,bhnm->bhn", fq, fk.cumsum(2)) + 1e-6)
+            return OlderCausalProduct.apply(fq, fk, fv) * z[..., None]
+
+        def our_module(x):
+            fq, fk, fv = x
+            y = kernels.causal_linear(fq, fk, torch.cat([fv, torch.ones_like(fv[..., :1])], -1),
+                                      implementation="kernel")[0]
+            return y[..., :-1] / (y[..., -1:] + 1e-6)
+
+        def module_inputs():
+            return tuple(t.detach().clone().requires_grad_() for t in (phi_q, phi_k, v))
+
+        fb["older_module"] = (module_inputs, backward_of(older_module))
+        fb["kernel_module"] = (module_inputs, backward_of(our_module))
+    return fwd, fb
+
+
+def time_interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    names = list(cases)
+    times = {name: [] for name in names}
+    for r in range(warmup + repeats):
+        for name in names:
+            setup, run = cases[name]
+            x = setup()
+            t = time.perf_counter()
+            run(x)
+            dt = time.perf_counter() - t
+            if r >= warmup:
+                times[name].append(dt)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": len(ts)}
+            for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized run (seconds)")
+    parser.add_argument("--n", type=int, default=None, help="sequence length (default 16384, quick 1024)")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5, quick 3)")
+    parser.add_argument("--no-sdpa-backward", action="store_true", help="skip the slow quadratic SDPA backward")
+    parser.add_argument("--older-causal-product-src", default=None,
+                        help="path to the older fast-transformers causal_product_cpu.cpp, to compare against it")
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench_kernels.json"))
+    args = parser.parse_args()
+    n = args.n or (1024 if args.quick else 16384)
+    repeats = args.repeats or (3 if args.quick else 5)
+    threads = [int(t) for t in args.threads.split(",")]
+
+    report = kernels.available()
+    if not report["cpu"]:
+        raise SystemExit(f"the CPU kernel is not available here: {report['cpu_error']}")
+    older = load_older(args.older_causal_product_src)
+    fl = flops(n, 8, 64, 65)
+    results = {
+        "torch": torch.__version__, "cpu": cpu_model(), "n": n, "batch": 1, "heads": 8, "head_dim": 64,
+        "feature_dim": 64, "value_cols": 65, "repeats": repeats, "flops_forward": fl,
+        "flop_note": "useful = 4 n m e per head (recurrent form); chunked = what a C=64 chunked form executes; "
+                     "forward+backward counted as 3x forward",
+        "runs": [],
+    }
+    fwd, fb = make_cases(n, older, True, not args.no_sdpa_backward)
+    for t in threads:
+        torch.set_num_threads(t)
+        size = 512 if args.quick else 1024
+        forward = time_interleaved({**fwd, "matmul": matmul_case(size)}, repeats)
+        mm = 2.0 * size**3 / forward.pop("matmul")["median_s"] / 1e9
+        run = {"threads": torch.get_num_threads(), "matmul_gflops": mm, "matmul_size": size,
+               "forward": forward, "forward_backward": time_interleaved(fb, repeats)}
+        for phase, mult in (("forward", 1.0), ("forward_backward", 3.0)):
+            for name, r in run[phase].items():
+                if name in ("kernel", "reference", "kernel_module"):
+                    for count, value in fl.items():
+                        r[f"gflops_{count}"] = mult * value / r["median_s"] / 1e9
+                        r[f"fraction_of_matmul_{count}"] = r[f"gflops_{count}"] / mm
+        results["runs"].append(run)
+
+    # Ratios the targets are stated in.
+    by_threads = {r["threads"]: r for r in results["runs"]}
+    summary = {}
+    for t, r in by_threads.items():
+        f, b = r["forward"], r["forward_backward"]
+        s = {"kernel_over_reference_forward": f["kernel"]["median_s"] / f["reference"]["median_s"],
+             "kernel_over_sdpa_forward": f["kernel"]["median_s"] / f["sdpa"]["median_s"],
+             "kernel_over_reference_fwd_bwd": b["kernel"]["median_s"] / b["reference"]["median_s"]}
+        if "sdpa" in b:
+            s["kernel_over_sdpa_fwd_bwd"] = b["kernel"]["median_s"] / b["sdpa"]["median_s"]
+        if "older" in f:
+            s["kernel_over_older_forward"] = f["kernel"]["median_s"] / f["older"]["median_s"]
+            s["kernel_module_over_older_module_fwd_bwd"] = (
+                b["kernel_module"]["median_s"] / b["older_module"]["median_s"])
+        summary[f"{t}_threads"] = s
+    if 1 in by_threads and 2 in by_threads:
+        summary["kernel_speedup_2_threads_forward"] = (
+            by_threads[1]["forward"]["kernel"]["median_s"] / by_threads[2]["forward"]["kernel"]["median_s"])
+        summary["kernel_speedup_2_threads_fwd_bwd"] = (
+            by_threads[1]["forward_backward"]["kernel"]["median_s"]
+            / by_threads[2]["forward_backward"]["kernel"]["median_s"])
+    results["summary"] = summary
+
+    print(f"causal linear attention, B=1 H=8 D=64 N={n}, torch {torch.__version__}, {cpu_model()}")
+    print(f"{'threads':>7} {'phase':<17} {'impl':<14} {'median ms':>10} {'min-max ms':>17} "
+          f"{'GFLOP/s (useful/chunked)':>25} {'of matmul':>14}")
+    for r in results["runs"]:
+        for phase in ("forward", "forward_backward"):
+            for name, x in r[phase].items():
+                gf = (f"{x['gflops_useful']:.1f} / {x['gflops_chunked']:.1f}" if "gflops_useful" in x else "")
+                frac = (f"{x['fraction_of_matmul_useful']:.0%} / {x['fraction_of_matmul_chunked']:.0%}"
+                        if "gflops_useful" in x else "")
+                print(f"{r['threads']:>7} {phase:<17} {name:<14} {1e3 * x['median_s']:>10.1f} "
+                      f"{1e3 * x['min_s']:>8.1f}-{1e3 * x['max_s']:<8.1f} {gf:>25} {frac:>14}")
+        print(f"{r['threads']:>7} matmul fp32 GFLOP/s: {r['matmul_gflops']:.1f}")
+    for key, value in summary.items():
+        print(f"{key}: {value if isinstance(value, float) else json.dumps(value, default=float)}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, phase in zip(axes, ("forward", "forward_backward")):
+        names = list(runs[0][phase])
+        width = 0.8 / len(runs)
+        for i, r in enumerate(runs):
+            xs = [j + i * width for j in range(len(names))]
+            ax.bar(xs, [1e3 * r[phase][nm]["median_s"] for nm in names], width, label=f"{r['threads']} thread(s)")
+        ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("median time (ms, log)")
+        ax.set_title(f"{phase.replace('_', ' + ')}, N={results['n']}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
