@@ -72,7 +72,7 @@ def time_interleaved(n: int, repeats: int) -> dict[str, list[float]]:
     fns = {impl: make_fn(impl) for impl in IMPLS}
     q, k, v = inputs(n)
     first = {impl: run_once(fn, q, k, v) for impl, fn in fns.items()}  # warm-up
-    reps = repeats if first["sdpa"] < 5.0 else max(3, repeats // 2)
+    reps = repeats if first["sdpa"] < 5.0 else max(2, repeats // 2)
     times = {impl: [] for impl in IMPLS}
     for _ in range(reps):
         for impl, fn in fns.items():

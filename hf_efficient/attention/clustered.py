@@ -54,7 +54,7 @@ __all__ = [
     "improved_clustered_attention",
 ]
 
-_TILE = 32  # queries per tile in the improved products: bounds padding waste to C * (_TILE - 1) rows
+_TILE = 64  # queries per tile in the improved products: bounds padding waste to C * (_TILE - 1) rows
 
 
 # --------------------------------------------------------------------------- validation
@@ -187,7 +187,12 @@ def clustered_attention(
         "clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask,
         scale, seed,
     )
-    _, cout = _centroid_attention(_centroids(q32, assign, c), k32, v32, key_mask, scale)
+    cent = _centroids(q32, assign, c)
+    # only the centroids' outputs are needed: the fused SDPA kernel never stores the C x n_k weights
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    cout = torch.nn.functional.scaled_dot_product_attention(cent, k32, v32, attn_mask=mask, scale=scale)
+    if key_mask is not None:  # a sequence without real keys gets zeros rather than NaN
+        cout = torch.where(key_mask.any(dim=1)[:, None, None, None], cout, 0.0)
     out = _per_query(cout, assign, query_mask).to(q.dtype)
     return (out, assign) if return_clusters else out
 
@@ -243,10 +248,10 @@ def improved_clustered_attention(
     return (out, assign) if return_clusters else out
 
 
-def _top_products(q, assign, k_top, v_top, key_ok, scale, c):
+def _top_products(q, assign, k_top, v_top, key_ok, scale, c, tile=_TILE):
     """Per-query softmax over its cluster's top keys, in tiles of queries that share a cluster.
 
-    Queries are sorted by (sequence, head, cluster) and each cluster is cut into tiles of _TILE
+    Queries are sorted by (sequence, head, cluster) and each cluster is cut into tiles of ``tile``
     queries (the last one zero-padded), so one batched product serves all clusters without ever
     forming an (n_q, topk, d) gather. Returns ``(b*h*n_q, d_v)`` rows ordered like q; rows of padded
     queries are zero.
@@ -259,26 +264,27 @@ def _top_products(q, assign, k_top, v_top, key_ok, scale, c):
     order = torch.argsort(group, stable=True)
     src, group = src[order], group[order]
     size = torch.bincount(group, minlength=b * h * c)
-    tiles = (size + _TILE - 1) // _TILE
+    tiles = (size + tile - 1) // tile
     first_tile = torch.cumsum(tiles, 0) - tiles
     first_query = torch.cumsum(size, 0) - size
     rank = torch.arange(group.numel(), device=q.device) - first_query[group]
-    slot = first_tile[group] * _TILE + rank  # where each real query sits in the tiled layout
+    slot = first_tile[group] * tile + rank  # where each real query sits in the tiled layout
     n_tiles = int(tiles.sum())
     tile_group = torch.repeat_interleave(torch.arange(b * h * c, device=q.device), tiles)
 
     q_rows = torch.cat([q.reshape(-1, d), q.new_zeros(1, d)])  # last row: the zero filler
-    take = torch.full((n_tiles * _TILE,), q_rows.shape[0] - 1, dtype=torch.long, device=q.device)
+    take = torch.full((n_tiles * tile,), q_rows.shape[0] - 1, dtype=torch.long, device=q.device)
     take[slot] = src
-    q_tiles = q_rows.index_select(0, take).reshape(n_tiles, _TILE, d)
-    scores = torch.matmul(q_tiles, k_top[tile_group].transpose(1, 2)) * scale  # (tiles, _TILE, t)
+    q_tiles = q_rows.index_select(0, take).reshape(n_tiles, tile, d)
+    k_tiles = k_top.index_select(0, tile_group)  # (tiles, t, d): index_select beats advanced indexing
+    scores = torch.matmul(q_tiles, k_tiles.transpose(1, 2)) * scale  # (tiles, tile, t)
     if key_ok is not None:
-        ok = key_ok[tile_group][:, None, :]
+        ok = key_ok.index_select(0, tile_group)[:, None, :]
         scores = scores.masked_fill(~ok, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1) * ok.to(scores.dtype)
     else:
         weights = torch.softmax(scores, dim=-1)
-    tiled = torch.matmul(weights, v_top[tile_group]).reshape(n_tiles * _TILE, e)
+    tiled = torch.matmul(weights, v_top.index_select(0, tile_group)).reshape(n_tiles * tile, e)
     return q.new_zeros(b * h * n, e).index_add(0, src, tiled.index_select(0, slot))
 
 

@@ -90,7 +90,10 @@ def hash_queries(
     cov = torch.matmul(centred.transpose(-1, -2), centred) / count  # (b, h, d, d)
     var = (torch.matmul(cov, w) * w).sum(dim=-2, keepdim=True)  # (b, h, 1, bits) = w_j^T cov w_j
     threshold = torch.matmul(mean_q, w) + var.clamp(min=0).sqrt() * z.to(dt)
-    return torch.matmul(q, w) > threshold
+    # GEMMs with a multiple of 64 output columns run about twice as fast as with 63: pad, then cut
+    bits = w.shape[1]
+    w_wide = torch.nn.functional.pad(w, (0, (-bits) % 64))
+    return torch.matmul(q, w_wide)[..., :bits] > threshold
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -174,19 +177,22 @@ def hamming_kmeans(bits: torch.Tensor, valid: torch.Tensor, clusters: int, itera
 
 
 def _lloyd(bits, valid, n_real, clusters, iterations):
+    s = bits.shape[0]
     dt = _fast_dtype(bits.device, bits.shape[-1])
-    signs = torch.where(bits, 1.0, -1.0).to(dt)  # (s, n, b) in {-1, +1}
+    # +-1 per bit, plus zero columns up to a multiple of 64 (faster GEMMs; zeros add nothing)
+    signs = torch.nn.functional.pad(bits.to(dt) * 2 - 1, (0, (-bits.shape[-1]) % 64))  # (s, n, b')
     real_first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
     start = real_first.gather(1, initial_centre_ranks(n_real, clusters))  # (s, C) query positions
     centres = signs.gather(1, start[..., None].expand(-1, -1, signs.shape[-1]))
-    members = torch.where(valid[..., None], signs, 0).float()
-    weight = valid.float()
+    members = torch.where(valid[..., None], signs, 0).float().reshape(-1, signs.shape[-1])
+    weight = valid.float().reshape(-1)
+    offset = torch.arange(s, device=bits.device)[:, None] * clusters  # flat (sequence, cluster) index
     assign = _nearest(signs, centres)
     for _ in range(iterations):
-        votes = members.new_zeros(centres.shape).scatter_add_(
-            1, assign[..., None].expand(-1, -1, members.shape[-1]), members
-        )
-        count = weight.new_zeros(centres.shape[:2]).scatter_add_(1, assign, weight)
+        flat = (assign + offset).reshape(-1)
+        votes = members.new_zeros(s * clusters, members.shape[-1]).index_add_(0, flat, members)
+        count = weight.new_zeros(s * clusters).index_add_(0, flat, weight)
+        votes, count = votes.reshape(centres.shape), count.reshape(s, clusters)
         # majority bit of the members (a tie gives 0); an empty cluster keeps its centre
         majority = torch.where(votes > 0, 1.0, -1.0).to(dt)
         centres = torch.where(count[..., None] > 0, majority, centres)
