@@ -9,16 +9,20 @@ from .assets import AssetMissingError
 from .attention import (
     FEATURE_MAPS,
     AttentionKind,
+    ClusteredAttentionParams,
     EluFeatureMap,
     FavorFeatureMap,
     FeatureMap,
     HedgehogFeatureMap,
+    ImprovedClusteredAttentionParams,
     LinearAttentionParams,
     LinearAttentionState,
     ReluFeatureMap,
     attention_kind_names,
+    clustered_attention,
     get_attention_kind,
     get_feature_map,
+    improved_clustered_attention,
     linear_attention,
     linear_attention_reference,
     linear_attention_step,
@@ -36,6 +40,10 @@ from .training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "improved_clustered_attention",
+    "clustered_attention",
+    "ImprovedClusteredAttentionParams",
+    "ClusteredAttentionParams",
     "FEATURE_MAPS",
     "AssetMissingError",
     "AttentionKind",
