@@ -1,0 +1,2 @@
+"""Triton kernels (CUDA; or the CPU with ``TRITON_INTERPRET=1``). Importing this package does not import
+triton; :mod:`kernels.triton.causal_linear` does."""
