@@ -53,7 +53,12 @@ try:
                           grads(*(t.transpose(1, 2).contiguous() for t in (fq, fk, v1))))
 except Exception as exc:  # not installed, or a different API version
     out["fla_error"] = repr(exc)
-out["forward_backward_ms"] = {name: timed(fn, make) for name, (fn, make) in cases.items()}
+out["forward_backward_ms"] = {}
+for name, (fn, make) in cases.items():
+    try:
+        out["forward_backward_ms"][name] = timed(fn, make)
+    except Exception as exc:  # e.g. an fla version with another signature: report, keep the rest
+        out[f"{name}_error"] = repr(exc)
 if "fla_chunk" in out["forward_backward_ms"]:
     out["triton_over_fla"] = out["forward_backward_ms"]["triton"] / out["forward_backward_ms"]["fla_chunk"]
 print(json.dumps(out, indent=2))
