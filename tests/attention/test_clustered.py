@@ -231,16 +231,22 @@ def test_low_precision_inputs():
 
 # --------------------------------------------------------------------------- real pretrained-model q/k/v
 @pytest.fixture(scope="module")
-def minilm_qkv():
-    from hf_efficient.assets import load_hamlet, minilm_path, require_asset
+def minilm():
+    from hf_efficient.assets import minilm_path, require_asset
 
     require_asset("minilm")
-    require_asset("hamlet")
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm_qkv(minilm):
+    from hf_efficient.assets import load_hamlet, require_asset
+
+    require_asset("hamlet")
+    tokenizer, model = minilm
     enc = tokenizer(load_hamlet()[5000:20000], return_tensors="pt", truncation=True, max_length=256)
     layer = 3
     with torch.no_grad():
@@ -269,6 +275,31 @@ def test_error_decreases_with_clusters_and_topk_on_minilm(minilm_qkv):
     assert all(a > b for a, b in zip(by_topk, by_topk[1:])), by_topk
     assert by_topk[1] < by_clusters[1]  # improved beats plain at the same clusters
     assert err(clustered_attention(q, k, v, clusters=q.shape[2], seed=0)) < 1e-12
+
+
+def test_patched_minilm_exact_limit_and_batch_invariance(minilm):
+    """Through the model: clusters >= tokens reproduces the unpatched encoder; a seeded approximate
+    run gives a text the same vector alone and padded in a batch."""
+    from hf_efficient import patch_model, unpatch_model
+
+    tokenizer, model = minilm
+    texts = ["To be, or not to be, that is the question.",
+             "Something is rotten in the state of Denmark, said Marcellus to Horatio on the platform."]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()
+    try:
+        with torch.no_grad():
+            reference = model(**batch).last_hidden_state
+            patch_model(model, "clustered", clusters=64)
+            exact = model(**batch).last_hidden_state
+            patch_model(model, "improved-clustered", clusters=3, topk=4)
+            approx = model(**batch).last_hidden_state
+            alone = model(**tokenizer(texts[:1], return_tensors="pt")).last_hidden_state
+    finally:
+        unpatch_model(model)
+    torch.testing.assert_close(exact[real], reference[real], rtol=1e-5, atol=1e-5)
+    assert (approx[real] - reference[real]).abs().max() > 1e-2  # really approximate
+    torch.testing.assert_close(alone[0], approx[0, : alone.shape[1]], rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- bad inputs and registry
