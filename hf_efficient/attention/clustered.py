@@ -189,9 +189,14 @@ def clustered_attention(
     )
     cent = _centroids(q32, assign, c)
     # only the centroids' outputs are needed: the fused SDPA kernel never stores the C x n_k weights
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    mask = None
+    if key_mask is not None:
+        # additive finfo.min rather than a bool mask: a sequence without real keys stays finite (also
+        # in the backward pass) and is zeroed below
+        mask = torch.zeros(key_mask.shape, dtype=cent.dtype, device=cent.device)
+        mask = mask.masked_fill(~key_mask, torch.finfo(cent.dtype).min)[:, None, None, :]
     cout = torch.nn.functional.scaled_dot_product_attention(cent, k32, v32, attn_mask=mask, scale=scale)
-    if key_mask is not None:  # a sequence without real keys gets zeros rather than NaN
+    if key_mask is not None:
         cout = torch.where(key_mask.any(dim=1)[:, None, None, None], cout, 0.0)
     out = _per_query(cout, assign, query_mask).to(q.dtype)
     return (out, assign) if return_clusters else out
@@ -241,10 +246,10 @@ def improved_clustered_attention(
     # the centroid's attention on the keys outside its top-k
     rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
 
-    rows = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
+    exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
     # mass and rest ride together through one per-query gather
     per_query = _per_query(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign, query_mask)
-    out = (per_query[..., :1] * rows.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)
+    out = (per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)
     return (out, assign) if return_clusters else out
 
 

@@ -138,6 +138,18 @@ def test_improved_weights_sum_to_one():
         torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+def test_sequence_without_real_keys_gives_zeros_and_finite_gradients(kind):
+    q, k, v = (t.requires_grad_(True) for t in qkv(n_q=12, n_k=10))
+    key_mask = torch.ones(2, 10, dtype=torch.bool)
+    key_mask[0] = False
+    out = run(kind, q, k, v, clusters=3, topk=2, key_padding_mask=key_mask, seed=0)
+    assert (out[0] == 0).all()
+    torch.testing.assert_close(out[1], run(kind, q[1:], k[1:], v[1:], clusters=3, topk=2, seed=0)[0])
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 # --------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("kind", ["clustered", "improved"])
 def test_gradcheck(kind):
