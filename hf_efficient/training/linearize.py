@@ -106,7 +106,7 @@ def attention_transfer_loss(feature_map: nn.Module, q: torch.Tensor, k: torch.Te
     return -(target * torch.log(predicted + 1e-6)).sum(-1).mean()
 
 
-def _windows(dataset, tokenizer_free: bool = True) -> list[torch.Tensor]:
+def _windows(dataset) -> list[torch.Tensor]:
     out = []
     for item in dataset:
         ids = item["input_ids"] if isinstance(item, dict) else item
