@@ -5,6 +5,6 @@ chooses between them (``HF_EFFICIENT_KERNELS=reference`` forces the reference) a
 :func:`available` says what this machine can run.
 """
 
-from .dispatch import ENV_VAR, available, causal_linear, select_implementation
+from .dispatch import ENV_VAR, available, causal_linear, causal_linear_normalized, select_implementation
 
-__all__ = ["ENV_VAR", "available", "causal_linear", "select_implementation"]
+__all__ = ["ENV_VAR", "available", "causal_linear", "causal_linear_normalized", "select_implementation"]

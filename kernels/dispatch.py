@@ -18,7 +18,14 @@ import os
 
 import torch
 
-__all__ = ["ENV_VAR", "IMPLEMENTATIONS", "available", "causal_linear", "select_implementation"]
+__all__ = [
+    "ENV_VAR",
+    "IMPLEMENTATIONS",
+    "available",
+    "causal_linear",
+    "causal_linear_normalized",
+    "select_implementation",
+]
 
 ENV_VAR = "HF_EFFICIENT_KERNELS"
 IMPLEMENTATIONS = ("auto", "reference", "kernel")
@@ -119,26 +126,7 @@ def causal_linear(
     Returns:
         y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``.
     """
-    for label, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"causal_linear: {label} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"causal_linear: {label} must be (batch, heads, n, dim), got shape {tuple(t.shape)}")
-    if phi_q.shape != phi_k.shape or phi_q.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"causal_linear: expected phi_q, phi_k (batch, heads, n, m) and v (batch, heads, n, e), got "
-            f"{tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}"
-        )
-    if not (phi_q.dtype == phi_k.dtype == v.dtype):
-        raise ValueError(
-            f"causal_linear: phi_q, phi_k, v must share a dtype, got {phi_q.dtype}, {phi_k.dtype}, {v.dtype}"
-        )
-    b, h, _, m = phi_q.shape
-    if initial is not None and tuple(initial.shape) != (b, h, m, v.shape[-1]):
-        raise ValueError(
-            f"causal_linear: initial must be (batch, heads, m, e) = {(b, h, m, v.shape[-1])}, "
-            f"got {tuple(initial.shape)}"
-        )
+    _check(phi_q, phi_k, v, initial, extra_cols=0)
     if select_implementation(phi_q, implementation) == "kernel":
         from .ops import causal_linear_op
 
@@ -148,3 +136,71 @@ def causal_linear(
     from hf_efficient.attention.linear import causal_linear_chunked
 
     return causal_linear_chunked(phi_q, phi_k, v, chunk_size, initial)
+
+
+def causal_linear_normalized(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention with its normaliser: ``out_i = num_i / (den_i + eps)``.
+
+    ``num_i = sum_{j <= i} (phi_q_i . phi_k_j) v_j``, ``den_i = sum_{j <= i} phi_q_i . phi_k_j``. The kernel
+    fuses the normaliser (no ``(batch, heads, n, d_v + 1)`` tensor, no separate division pass); the
+    reference appends a column of ones to v and divides afterwards.
+
+    Args:
+        phi_q, phi_k: ``(batch, heads, n, m)`` features.
+        v: ``(batch, heads, n, d_v)``.
+        eps: added to the denominator.
+        initial: optional packed ``(batch, heads, m, d_v + 1)`` state (k_sum as the last column).
+        chunk_size, implementation: as in :func:`causal_linear`.
+
+    Returns:
+        out ``(batch, heads, n, d_v)`` in v's dtype and the final packed state ``(batch, heads, m, d_v + 1)``.
+    """
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"causal_linear_normalized: eps must be a positive number, got {eps!r}")
+    _check(phi_q, phi_k, v, initial, extra_cols=1, name="causal_linear_normalized")
+    if select_implementation(phi_q, implementation) == "kernel":
+        from .ops import causal_linear_normalized_op
+
+        if initial is not None:
+            initial = initial.to(phi_q.dtype)
+        out, state, _ = causal_linear_normalized_op(phi_q, phi_k, v, initial, float(eps))
+        return out, state
+    from hf_efficient.attention.linear import causal_linear_chunked
+
+    y, state = causal_linear_chunked(phi_q, phi_k, torch.cat([v, torch.ones_like(v[..., :1])], -1), chunk_size,
+                                     initial)
+    return (y[..., :-1] / (y[..., -1:] + eps)).to(v.dtype), state
+
+
+def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear") -> None:
+    """Shapes, dtypes and types; the state has v's columns plus ``extra_cols`` (the fused normaliser)."""
+    for label, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {label} must be (batch, heads, n, dim), got shape {tuple(t.shape)}")
+    if phi_q.shape != phi_k.shape or phi_q.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"{name}: expected phi_q, phi_k (batch, heads, n, m) and v (batch, heads, n, e), got "
+            f"{tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}"
+        )
+    if not (phi_q.dtype == phi_k.dtype == v.dtype):
+        raise ValueError(
+            f"{name}: phi_q, phi_k, v must share a dtype, got {phi_q.dtype}, {phi_k.dtype}, {v.dtype}"
+        )
+    b, h, _, m = phi_q.shape
+    state_cols = v.shape[-1] + extra_cols
+    if initial is not None and tuple(initial.shape) != (b, h, m, state_cols):
+        raise ValueError(
+            f"{name}: initial must be (batch, heads, m, {state_cols}) = {(b, h, m, state_cols)}, "
+            f"got {tuple(initial.shape)}"
+        )

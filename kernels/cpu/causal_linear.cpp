@@ -166,9 +166,55 @@ struct Buffer {
   }
 };
 
+// The normalised variant: v comes without the normaliser column (width d = e - 1); the kernel appends a
+// column of ones while loading, and divides by it while storing: out = num / (den + eps). The backward
+// turns grad_out into the gradient of (num, den) on the fly, so no (n, e) tensor is ever built.
+template <typename In>
+using Acc = std::conditional_t<std::is_same_v<In, double>, double, float>;
+
+template <typename In>
+struct Norm {
+  bool on = false;
+  double eps = 0;
+  Acc<In>* den_out = nullptr;    // forward: (n) denominators, in the accumulation dtype, for the backward
+  const Acc<In>* den = nullptr;  // backward: the saved denominators
+  const In* out = nullptr;       // backward: the forward's normalised output (n, d)
+};
+
+// Vt (e x C) from v: plain, or (n, e - 1) plus a row of ones for the real tokens.
+template <typename In, typename T>
+void load_v(const In* v, int64_t t0, int64_t L, int64_t e, T* Vt, int64_t C, bool append_ones) {
+  if (!append_ones) return load_t(v, t0, L, e, Vt, C);
+  load_t(v, t0, L, e - 1, Vt, C);
+  T* ones = Vt + (e - 1) * C;
+  std::fill(ones, ones + L, T(1));
+  std::fill(ones + L, ones + C, T(0));
+}
+
+// Gt (e x C), the gradient of the unnormalised output, from grad_out: d num = g / (den + eps) and
+// d den = -(g . out) / (den + eps).
+template <typename In, typename T>
+void load_g(const In* gy, int64_t t0, int64_t L, int64_t e, T* Gt, int64_t C, const Norm<In>& nrm) {
+  if (!nrm.on) return load_t(gy, t0, L, e, Gt, C);
+  const int64_t d = e - 1;
+  load_t(gy, t0, L, d, Gt, C);
+  T* gden = Gt + d * C;
+  for (int64_t i = 0; i < L; ++i) {
+    const T inv = T(1) / (static_cast<T>(nrm.den[t0 + i]) + static_cast<T>(nrm.eps));
+    const In* o = nrm.out + (t0 + i) * d;
+    T dot = 0;
+    for (int64_t f = 0; f < d; ++f) {
+      Gt[f * C + i] *= inv;
+      dot += Gt[f * C + i] * static_cast<T>(o[f]);
+    }
+    gden[i] = -dot;
+  }
+  std::fill(gden + L, gden + C, T(0));
+}
+
 template <typename In, typename T>
 void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, In* state, int64_t n,
-                  int64_t m, int64_t e, int64_t C) {
+                  int64_t m, int64_t e, int64_t C, const Norm<In>& nrm) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
   Buffer<T> bQt(m * C), bK(C * mp), bVt(e * C), bA(C * C), bYt(e * C), bSt(e * mp);
@@ -181,7 +227,7 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
     const int64_t L = std::min(C, n - t0);
     load_t(q, t0, L, m, Qt, C);
     load_rows(k, t0, L, m, Kc, C, mp);
-    load_t(v, t0, L, e, Vt, C);
+    load_v(v, t0, L, e, Vt, C, nrm.on);
     // Yt = St Qt: the state of every earlier chunk read by this chunk's queries.
     std::fill(Yt, Yt + e * C, T(0));
     gemm_acc<T>(e, C, m, St, mp, 1, Qt, C, Yt, C, KRange::kFull, blk);
@@ -193,7 +239,18 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
     gemm_acc<T>(e, C, C, Vt, C, 1, At, C, Yt, C, KRange::kUpTo, Vec<T>::W);
     // St += Vt K: this chunk's keys join the state.
     gemm_acc<T>(e, mp, L, Vt, C, 1, Kc, mp, St, mp, KRange::kFull, blk);
-    store_t(Yt, t0, L, e, y, C);
+    if (nrm.on) {
+      const int64_t d = e - 1;
+      for (int64_t i = 0; i < L; ++i) {
+        const T den = Yt[d * C + i];
+        const T inv = T(1) / (den + static_cast<T>(nrm.eps));
+        nrm.den_out[t0 + i] = den;
+        In* o = y + (t0 + i) * d;
+        for (int64_t f = 0; f < d; ++f) o[f] = static_cast<In>(Yt[f * C + i] * inv);
+      }
+    } else {
+      store_t(Yt, t0, L, e, y, C);
+    }
   }
   for (int64_t p = 0; p < m; ++p)
     for (int64_t f = 0; f < e; ++f) state[p * e + f] = static_cast<In>(St[f * mp + p]);
@@ -201,7 +258,7 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
 
 template <typename In, typename T>
 void backward_head(const In* q, const In* k, const In* v, const In* init, const In* gy, const In* gs, In* dq,
-                   In* dk, In* dv, In* dinit, int64_t n, int64_t m, int64_t e, int64_t C) {
+                   In* dk, In* dv, In* dinit, int64_t n, int64_t m, int64_t e, int64_t C, const Norm<In>& nrm) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
   const int64_t W = Vec<T>::W;
@@ -218,8 +275,8 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
   for (int64_t t0 = 0; t0 < n; t0 += C) {
     const int64_t L = std::min(C, n - t0);
     load_rows(k, t0, L, m, Kc, C, mp);
-    load_t(v, t0, L, e, Vt, C);
-    load_t(gy, t0, L, e, Gt, C);
+    load_v(v, t0, L, e, Vt, C, nrm.on);
+    load_g(gy, t0, L, e, Gt, C, nrm);
     // X(j, i) = v_j . g_i for i >= j.
     std::fill(X, X + C * C, T(0));
     gemm_acc<T>(C, C, e, Vt, 1, C, Gt, C, X, C, KRange::kFull, blk);
@@ -244,8 +301,8 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
     load_t(q, t0, L, m, Qt, C);
     load_rows(q, t0, L, m, Qc, C, mp);
     load_t(k, t0, L, m, Kt, C);
-    load_t(v, t0, L, e, Vt, C);
-    load_t(gy, t0, L, e, Gt, C);
+    load_v(v, t0, L, e, Vt, C, nrm.on);
+    load_g(gy, t0, L, e, Gt, C, nrm);
     // X(i, j) = g_i . v_j and Y(i, j) = q_i . k_j, both kept for i >= j.
     std::fill(X, X + C * C, T(0));
     gemm_acc<T>(C, C, e, Gt, 1, C, Vt, C, X, C, KRange::kFull, blk);
@@ -262,7 +319,7 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
     std::fill(Out2, Out2 + e * C, T(0));
     gemm_acc<T>(e, C, m, Rt, mp, 1, Kt, C, Out2, C, KRange::kFull, blk);
     gemm_acc<T>(e, C, C, Gt, C, 1, Y, C, Out2, C, KRange::kFrom, W);
-    store_t(Out2, t0, L, e, dv, C);
+    store_t(Out2, t0, L, nrm.on ? e - 1 : e, dv, C);  // the ones column has no gradient to return
     // Rt += Gt Q: this chunk's queries join the reverse state.
     gemm_acc<T>(e, mp, L, Gt, C, 1, Qc, mp, Rt, mp, KRange::kFull, blk);
   }
@@ -287,22 +344,28 @@ int64_t grain(int64_t n, int64_t m, int64_t e) {
   return std::max<int64_t>(1, (int64_t(1) << 22) / work);
 }
 
-template <typename In>
-using Acc = std::conditional_t<std::is_same_v<In, double>, double, float>;
-
 }  // namespace
 
-std::vector<at::Tensor> causal_linear_forward(at::Tensor q, at::Tensor k, at::Tensor v,
-                                              const std::optional<at::Tensor>& initial, int64_t chunk) {
+namespace {
+
+// e: columns of the unnormalised product (v's width, plus one when normalising).
+std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
+                                     int64_t chunk, bool normalize, double eps) {
   check_inputs(q, k, v);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), e = v.size(3);
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), w = v.size(3);
+  const int64_t e = normalize ? w + 1 : w;
   at::Tensor init;
-  if (initial.has_value() && initial->defined()) init = initial->to(q.scalar_type()).contiguous();
-  auto y = at::empty({B, H, n, e}, v.options());
+  if (initial.has_value() && initial->defined()) {
+    TORCH_CHECK(initial->numel() == B * H * m * e, "causal_linear: initial must be (batch, heads, m, e)");
+    init = initial->to(q.scalar_type()).contiguous();
+  }
+  auto y = at::empty({B, H, n, w}, v.options());
   auto state = at::empty({B, H, m, e}, v.options());
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto den = at::empty({normalize ? B : 0, H, n}, v.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "causal_linear_forward", [&] {
     using In = scalar_t;
     using T = Acc<In>;
@@ -310,30 +373,45 @@ std::vector<at::Tensor> causal_linear_forward(at::Tensor q, at::Tensor k, at::Te
     const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
     const In* pi = init.defined() ? init.data_ptr<In>() : nullptr;
     In *py = y.data_ptr<In>(), *ps = state.data_ptr<In>();
+    T* pden = normalize ? den.data_ptr<T>() : nullptr;
     at::parallel_for(0, B * H, grain(n, m, e), [&](int64_t lo, int64_t hi) {
-      for (int64_t bh = lo; bh < hi; ++bh)
-        forward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * e, pi ? pi + bh * m * e : nullptr,
-                            py + bh * n * e, ps + bh * m * e, n, m, e, C);
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        Norm<In> nrm;
+        nrm.on = normalize;
+        nrm.eps = eps;
+        nrm.den_out = normalize ? pden + bh * n : nullptr;
+        forward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * w, pi ? pi + bh * m * e : nullptr,
+                            py + bh * n * w, ps + bh * m * e, n, m, e, C, nrm);
+      }
     });
   });
+  if (normalize) return {y, state, den};
   return {y, state};
 }
 
-std::vector<at::Tensor> causal_linear_backward(at::Tensor q, at::Tensor k, at::Tensor v,
-                                               const std::optional<at::Tensor>& initial, at::Tensor grad_y,
-                                               const std::optional<at::Tensor>& grad_state, int64_t chunk) {
+std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
+                                      at::Tensor grad_y, const std::optional<at::Tensor>& grad_state, int64_t chunk,
+                                      bool normalize, const at::Tensor& out, const at::Tensor& den, double eps) {
   check_inputs(q, k, v);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
   const auto dtype = q.scalar_type();
   grad_y = grad_y.to(dtype).contiguous();
-  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), e = v.size(3);
-  at::Tensor init, gs;
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), w = v.size(3);
+  const int64_t e = normalize ? w + 1 : w;
+  TORCH_CHECK(grad_y.numel() == B * H * n * w, "causal_linear_backward: grad_y must have the output's shape");
+  at::Tensor init, gs, out_c, den_c;
   if (initial.has_value() && initial->defined()) init = initial->to(dtype).contiguous();
+  if (grad_state.has_value() && grad_state->defined()) gs = grad_state->to(dtype).contiguous();
+  if (normalize) {
+    out_c = out.to(dtype).contiguous();
+    den_c = den.to(dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+    TORCH_CHECK(out_c.numel() == B * H * n * w && den_c.numel() == B * H * n,
+                "causal_linear_backward: out/den do not match the inputs");
+  }
   // Always returned (the gradient an initial state would get), so the op has a fixed signature.
   auto dinit = at::empty({B, H, m, e}, v.options());
-  if (grad_state.has_value() && grad_state->defined()) gs = grad_state->to(dtype).contiguous();
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (n == 0) {
     if (gs.defined())
@@ -349,19 +427,55 @@ std::vector<at::Tensor> causal_linear_backward(at::Tensor q, at::Tensor k, at::T
     const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>(), *pg = grad_y.data_ptr<In>();
     const In* pi = init.defined() ? init.data_ptr<In>() : nullptr;
     const In* pgs = gs.defined() ? gs.data_ptr<In>() : nullptr;
+    const In* pout = normalize ? out_c.data_ptr<In>() : nullptr;
+    const T* pden = normalize ? den_c.data_ptr<T>() : nullptr;
     In *pdq = dq.data_ptr<In>(), *pdk = dk.data_ptr<In>(), *pdv = dv.data_ptr<In>();
     In* pdi = dinit.data_ptr<In>();
     at::parallel_for(0, B * H, grain(n, m, e), [&](int64_t lo, int64_t hi) {
-      for (int64_t bh = lo; bh < hi; ++bh)
-        backward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * e, pi ? pi + bh * m * e : nullptr,
-                             pg + bh * n * e, pgs ? pgs + bh * m * e : nullptr, pdq + bh * n * m,
-                             pdk + bh * n * m, pdv + bh * n * e, pdi + bh * m * e, n, m, e, C);
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        Norm<In> nrm;
+        nrm.on = normalize;
+        nrm.eps = eps;
+        nrm.den = normalize ? pden + bh * n : nullptr;
+        nrm.out = normalize ? pout + bh * n * w : nullptr;
+        backward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * w, pi ? pi + bh * m * e : nullptr,
+                             pg + bh * n * w, pgs ? pgs + bh * m * e : nullptr, pdq + bh * n * m,
+                             pdk + bh * n * m, pdv + bh * n * w, pdi + bh * m * e, n, m, e, C, nrm);
+      }
     });
   });
   return {dq, dk, dv, dinit};
 }
 
-// Raw ops; hf_efficient::causal_linear (kernels/ops.py) wraps them with fake kernels and autograd.
+}  // namespace
+
+std::vector<at::Tensor> causal_linear_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const std::optional<at::Tensor>& initial, int64_t chunk) {
+  return forward_impl(q, k, v, initial, chunk, false, 0.0);
+}
+
+std::vector<at::Tensor> causal_linear_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const std::optional<at::Tensor>& initial, const at::Tensor& grad_y,
+                                               const std::optional<at::Tensor>& grad_state, int64_t chunk) {
+  return backward_impl(q, k, v, initial, grad_y, grad_state, chunk, false, at::Tensor(), at::Tensor(), 0.0);
+}
+
+std::vector<at::Tensor> causal_linear_normalized_forward(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const std::optional<at::Tensor>& initial,
+                                                         double eps, int64_t chunk) {
+  return forward_impl(q, k, v, initial, chunk, true, eps);
+}
+
+std::vector<at::Tensor> causal_linear_normalized_backward(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::optional<at::Tensor>& initial,
+                                                          const at::Tensor& out, const at::Tensor& den,
+                                                          const at::Tensor& grad_out,
+                                                          const std::optional<at::Tensor>& grad_state, double eps,
+                                                          int64_t chunk) {
+  return backward_impl(q, k, v, initial, grad_out, grad_state, chunk, true, out, den, eps);
+}
+
+// Raw ops; kernels/ops.py wraps them as hf_efficient::* custom ops with fake kernels and autograd.
 TORCH_LIBRARY(hf_efficient_cpu, lib) {
   lib.def("causal_linear_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, int chunk) -> Tensor[]",
           &causal_linear_forward);
@@ -369,5 +483,13 @@ TORCH_LIBRARY(hf_efficient_cpu, lib) {
       "causal_linear_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor grad_y, Tensor? grad_state, "
       "int chunk) -> Tensor[]",
       &causal_linear_backward);
+  lib.def(
+      "causal_linear_normalized_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, float eps, int chunk) "
+      "-> Tensor[]",
+      &causal_linear_normalized_forward);
+  lib.def(
+      "causal_linear_normalized_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor out, Tensor den, "
+      "Tensor grad_out, Tensor? grad_state, float eps, int chunk) -> Tensor[]",
+      &causal_linear_normalized_backward);
   lib.def("vector_bytes() -> int", [] { return static_cast<int64_t>(kVecBytes); });
 }

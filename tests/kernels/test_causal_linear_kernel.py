@@ -205,3 +205,76 @@ def test_bad_input_is_rejected():
         kernels.causal_linear(q, k, v, initial=torch.zeros(1, 1, 3, 3))
     with pytest.raises(TypeError, match="torch.Tensor"):
         kernels.causal_linear(q, k, [1.0])
+
+
+# --------------------------------------------------------------------------- fused normaliser
+def quadratic_normalized(q, k, v, initial=None, eps=1e-6):
+    """out_i = num_i / (den_i + eps) from the quadratic sums, in float64; initial packs k_sum last."""
+    ones = torch.ones_like(v[..., :1])
+    y, state = quadratic(q, k, torch.cat([v, ones], -1), initial)
+    return y[..., :-1] / (y[..., -1:] + eps), state
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (2, 1, 130, 7, 9), (1, 2, 257, 64, 64)])
+@pytest.mark.parametrize("with_initial", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_normalized_forward_matches_quadratic(kernel_ops, shape, with_initial, dtype, tol):
+    from kernels.ops import causal_linear_normalized_op
+
+    b, h, n, m, d = shape
+    q, k, v, _ = inputs(b, h, n, m, d, dtype=dtype)
+    init = torch.rand(b, h, m, d + 1, dtype=torch.float64).to(dtype) if with_initial else None
+    out, state, den = causal_linear_normalized_op(q, k, v, init, 1e-3)
+    ref, state_ref = quadratic_normalized(q, k, v, init, 1e-3)
+    assert out.dtype == dtype and out.shape == v.shape and state.shape == (b, h, m, d + 1)
+    assert den.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < tol
+    assert (state.double() - state_ref).abs().max() / state_ref.abs().max() < tol
+
+
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_normalized_gradcheck_float64(kernel_ops, with_initial):
+    from kernels.ops import causal_linear_normalized_op
+
+    q, k, v, _ = inputs(2, 1, 21, 4, 3, dtype=torch.float64)
+    init = torch.rand(2, 1, 4, 4, dtype=torch.float64) if with_initial else None
+    args = tuple(t.requires_grad_() if t is not None else None for t in (q, k, v, init))
+    assert torch.autograd.gradcheck(lambda *a: causal_linear_normalized_op(*a, 1e-2, 16)[:2], args)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_normalized_gradients_match_quadratic(kernel_ops, dtype, tol):
+    q, k, v, _ = inputs(2, 2, 150, 16, 8, dtype=dtype)
+    gy = torch.randn(v.shape, dtype=torch.float64)
+
+    def grads(fn, tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        out = fn(*tensors)[0]
+        return torch.autograd.grad((out.double() * gy).sum(), tensors)
+
+    ours = grads(lambda *a: kernels.causal_linear_normalized(*a, implementation="kernel"), (q, k, v))
+    ref = grads(quadratic_normalized, (q.double(), k.double(), v.double()))
+    for name, a, b in zip(["phi_q", "phi_k", "v"], ours, ref):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+def test_normalized_opcheck_and_reference_path(kernel_ops):
+    from kernels.ops import causal_linear_normalized_backward_op, causal_linear_normalized_op
+
+    q, k, v, _ = inputs(2, 2, 40, 6, 5)
+    init = torch.rand(2, 2, 6, 6)
+    torch.library.opcheck(causal_linear_normalized_op, (q, k, v, None, 1e-6))
+    torch.library.opcheck(causal_linear_normalized_op, (q.requires_grad_(), k, v.requires_grad_(), init, 1e-6))
+    out, _, den = causal_linear_normalized_op(q.detach(), k, v.detach(), None, 1e-6)
+    torch.library.opcheck(causal_linear_normalized_backward_op,
+                          (q.detach(), k, v.detach(), None, out, den, torch.randn_like(out), None, 1e-6))
+    fast = kernels.causal_linear_normalized(q.detach(), k, v.detach(), 1e-6, init, implementation="kernel")
+    slow = kernels.causal_linear_normalized(q.detach(), k, v.detach(), 1e-6, init, implementation="reference")
+    for a, b in zip(fast, slow):
+        assert (a - b).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="eps"):
+        kernels.causal_linear_normalized(q, k, v, eps=0.0)
+    with pytest.raises(ValueError, match="initial must be"):
+        kernels.causal_linear_normalized(q, k, v, initial=torch.zeros(2, 2, 6, 5))
