@@ -23,6 +23,27 @@ q, k, v = (torch.randn(b, h, n, d, device=dev, generator=g, dtype=torch.bfloat16
 fq, fk = F.elu(q) + 1, F.elu(k) + 1
 v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
 
+# The custom ops on CUDA (Triton inside) against the float64 PyTorch reference, forward and backward.
+from kernels.ops import causal_linear_normalized_op
+small = [torch.rand(2, 3, 300, 16, device=dev, dtype=torch.float64) for _ in range(2)]
+small.append(torch.randn(2, 3, 300, 9, device=dev, dtype=torch.float64))
+ref_in = [t.clone().requires_grad_() for t in small]
+y_ref, _ = causal_linear_chunked(*ref_in, 64)
+y_ref.sum().backward()
+errors = {}
+for dtype in (torch.float32, torch.bfloat16):
+    x = [t.to(dtype).requires_grad_() for t in small]
+    y, _ = causal_linear_op(*x)
+    y.float().sum().backward()
+    errors[str(dtype)] = max(float((a.double() - b).abs().max() / b.abs().max())
+                             for a, b in [(y, y_ref)] + [(t.grad, r.grad) for t, r in zip(x, ref_in)])
+    o, _, _ = causal_linear_normalized_op(x[0].detach(), x[1].detach(), x[2].detach(), None, 1e-6)
+    ones = torch.ones_like(small[2][..., :1])
+    y1, _ = causal_linear_chunked(small[0], small[1], torch.cat([small[2], ones], -1), 64)
+    ref_out = y1[..., :-1] / (y1[..., -1:] + 1e-6)
+    errors[f"normalized {dtype}"] = float((o.double() - ref_out).abs().max() / ref_out.abs().max())
+out["max_relative_error_vs_float64_reference"] = errors
+
 def timed(fn, make, repeats=10):
     for _ in range(3):
         fn(make())
