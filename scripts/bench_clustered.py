@@ -6,7 +6,7 @@ Both kinds run through the attention registry with their default parameters (clu
 B=1, H=8, D=64, random Gaussian q, k, v. Timings are interleaved (SDPA, clustered, improved, SDPA,
 ...) after a warm-up; the median of the repeats is reported with the min-max spread (fewer repeats
 where one SDPA call takes over 5 s: the JSON records how many). Peak memory is the growth of the peak
-resident set of a fresh subprocess during one call.
+resident set of a fresh subprocess during one call (its high-water mark reset just before).
 
     python scripts/bench_clustered.py --quick                  # N = 512, 1024, 2048; seconds
     python scripts/bench_clustered.py                          # N = 512 ... 32768
@@ -80,17 +80,40 @@ def time_interleaved(n: int, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def child(impl: str, n: int) -> None:
-    """Runs in a fresh process: print the peak-RSS growth (MiB) of one forward call."""
+    """Runs in a fresh process: print the peak-RSS growth (MiB) of one forward call.
+
+    Importing torch and transformers peaks higher than a small call, so the high-water mark is reset
+    (``/proc/self/clear_refs``) just before the call where Linux allows it; otherwise the growth of
+    ``ru_maxrss`` is reported, which reads 0 for calls below the import peak.
+    """
     torch.set_num_threads(1)
     fn = make_fn(impl)
     q, k, v = inputs(n)
     with torch.no_grad():
         fn(q[:, :, :64], k[:, :, :64], v[:, :, :64])  # load lazily initialised libraries first
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            base = _rss_kib("VmRSS")
+        except OSError:
+            base = None
+        base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fn(q, k, v)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (peak - base) / 1024}))
+    if base is not None and _rss_kib("VmHWM") is not None:
+        growth = _rss_kib("VmHWM") - base
+    else:
+        growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_max
+    print(json.dumps({"peak_mib": growth / 1024}))
 
 
 def peak_memory(impl: str, n: int) -> float:
