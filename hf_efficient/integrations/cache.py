@@ -52,6 +52,7 @@ class LinearAttentionLayer(CacheLayerMixin):
         super().__init__()
         self.state: LinearAttentionState | None = None
         self.seen_tokens = 0
+        self._unread = False  # update() handed out keys that attend() has not consumed yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -96,15 +97,24 @@ class LinearAttentionLayer(CacheLayerMixin):
             )
         self.state = state
         self.seen_tokens += q.shape[2]
+        self._unread = False
         return out
 
     # ------------------------------------------------------------------ Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Stock-decoder path: hand the new keys/values back, tagged so the attention function runs
         :meth:`attend` (which does the bookkeeping). ``(batch, kv_heads, T, d)`` in and out."""
+        if self._unread:
+            # The previous keys never reached attend(): this model's attention ignores the tag and
+            # would silently attend to the new tokens only.
+            raise ValueError(
+                "this model's attention does not read LinearAttentionCache; patch it first with "
+                "hf_efficient.patch_model(model, 'linear') and build the cache with LinearAttentionCache.from_model"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         setattr(key_states, RECURRENT_TAG, self)
+        self._unread = True
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -120,6 +130,7 @@ class LinearAttentionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.state = None
         self.seen_tokens = 0
+        self._unread = False
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:

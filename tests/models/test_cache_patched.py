@@ -38,8 +38,8 @@ def build(arch: str):
     return model.double().eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+@pytest.mark.parametrize("arch,feature_map", [("llama", "elu"), ("qwen2", "elu"), ("gpt2", "elu"),
+                                               ("gpt2", "hedgehog")])
 def test_cached_generation_equals_uncached(arch, feature_map):
     model = patch_model(build(arch), "linear", feature_map=feature_map, chunk_size=4)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -81,8 +81,13 @@ def test_partially_patched_model_mixes_states_and_keys():
 
 
 def test_from_model_refuses_unpatched_model():
+    model = build("llama")
     with pytest.raises(ValueError, match="patch_model"):
-        LinearAttentionCache.from_model(build("llama"))
+        LinearAttentionCache.from_model(model)
+    # A hand-built cache on an unpatched model is caught instead of silently attending to new tokens only.
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match="does not read LinearAttentionCache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache=LinearAttentionCache(2))
     with pytest.raises(ValueError, match="num_layers"):
         LinearAttentionCache(0)
     with pytest.raises(ValueError, match="softmax layer index"):

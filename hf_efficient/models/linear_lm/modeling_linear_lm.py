@@ -185,7 +185,7 @@ class LinearLMModel(LinearLMPreTrainedModel):
                 f"linear-lm models keep a recurrent state, not keys/values: pass a LinearAttentionCache (or nothing, "
                 f"generate() builds one), got {type(cache).__name__}"
             )
-        if use_cache and cache is None:
+        if use_cache and cache is None and not self.training:  # a training step has no use for the state
             cache = LinearAttentionCache(self.config.num_hidden_layers)
         past = cache.get_seq_length() if cache is not None else 0
 
