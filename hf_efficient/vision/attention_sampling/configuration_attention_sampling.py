@@ -28,6 +28,7 @@ class AttentionSamplingConfig(PreTrainedConfig):
             batch); positive values spread the attention, negative values sharpen it.
         feature_channels: channels of the default feature CNN (3x3 conv + ReLU + 2x2 max-pool each),
             followed by a global max-pool; the feature size is the last entry.
+        feature_batch_norm: batch norm after each conv of the default feature CNN.
         feature_network_config: optional ``dict`` of a transformers vision model config (with
             ``model_type``, e.g. a small ``resnet``) used instead of the default feature CNN; its
             ``pooler_output`` (or the mean of ``last_hidden_state``) is the feature.
@@ -48,6 +49,7 @@ class AttentionSamplingConfig(PreTrainedConfig):
         attention_smoothing: float = 1e-5,
         entropy_regularizer: float = 1e-4,
         feature_channels: list[int] | tuple[int, ...] = (32, 32, 64),
+        feature_batch_norm: bool = True,
         feature_network_config: dict[str, Any] | None = None,
         feature_dim: int | None = None,
         classifier_dropout: float = 0.0,
@@ -61,6 +63,7 @@ class AttentionSamplingConfig(PreTrainedConfig):
         self.attention_smoothing = attention_smoothing
         self.entropy_regularizer = entropy_regularizer
         self.feature_channels = list(feature_channels)
+        self.feature_batch_norm = bool(feature_batch_norm)
         self.feature_network_config = feature_network_config
         self.feature_dim = feature_dim
         self.classifier_dropout = classifier_dropout

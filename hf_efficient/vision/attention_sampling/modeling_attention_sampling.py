@@ -42,12 +42,19 @@ def build_attention_cnn(num_channels: int, channels: list[int]) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-def build_feature_cnn(num_channels: int, channels: list[int]) -> nn.Sequential:
-    """Small CNN: ``(N, C, H, W)`` -> ``(N, channels[-1])`` (3x3 conv, ReLU, 2x2 max-pool; global max-pool)."""
+def build_feature_cnn(num_channels: int, channels: list[int], batch_norm: bool = True) -> nn.Sequential:
+    """Small CNN: ``(N, C, H, W)`` -> ``(N, channels[-1])``.
+
+    Each stage is 3x3 conv, (batch norm), ReLU, 2x2 max-pool; a global max-pool ends it. Batch norm
+    over the ``batch * num_patches`` patches makes training from scratch much faster.
+    """
     layers: list[nn.Module] = []
     c_in = num_channels
     for c in channels:
-        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+        layers.append(nn.Conv2d(c_in, c, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c))
+        layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
         c_in = c
     layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
@@ -119,12 +126,18 @@ class AttentionSamplingPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # convolutions trained from scratch need fan-in scaled weights, not the N(0, 0.02) default
-        if isinstance(module, nn.Conv2d | nn.Linear) and module.__module__.startswith("torch"):
+        if isinstance(module, nn.Conv2d | nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 fan_in = module.weight[0].numel()
                 bound = 1 / math.sqrt(fan_in)
                 init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         else:
             super()._init_weights(module)
 
@@ -145,7 +158,9 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             self.feature_network: nn.Module = _BackboneFeatures(config.feature_network_config)
             dim = _backbone_dim(config)
         else:
-            self.feature_network = build_feature_cnn(config.num_channels, config.feature_channels)
+            self.feature_network = build_feature_cnn(
+                config.num_channels, config.feature_channels, config.feature_batch_norm
+            )
             dim = config.feature_channels[-1]
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(dim, config.num_labels)
