@@ -74,6 +74,17 @@ def label(kind: str, params: dict) -> str:
     return kind + "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
 
 
+def parse_setting(text: str) -> tuple[str, dict]:
+    """``"kind:a=1,b=x"`` -> ``("kind", {"a": 1, "b": "x"})`` (integers parsed)."""
+    kind, _, rest = text.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = int(value) if value.lstrip("-").isdigit() else value
+    hf_efficient.get_attention_kind(kind).make_params(**params)  # clear error for a bad setting
+    return kind, params
+
+
 def encode(model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Last hidden states ``(n, seq, hidden)`` of ``ids`` ``(n, seq)``, in batches."""
     outs = []
@@ -148,6 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=None, help="Hamlet windows per length (default 4, quick 1)")
     parser.add_argument("--test-docs", type=int, default=None, help="test documents of 512 tokens (default 24)")
     parser.add_argument("--train-docs", type=int, default=None, help="training documents (default 60)")
+    parser.add_argument("--task-settings", nargs="+", default=None, metavar="KIND:K=V,K=V",
+                        help="settings of the review task, e.g. improved-clustered:clusters=100,topk=64")
+    parser.add_argument("--no-hamlet", action="store_true", help="skip (a), run only the review task")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/eval_fidelity.json")
     args = parser.parse_args(argv)
@@ -156,6 +170,10 @@ def main(argv=None) -> int:
 
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     task_settings = QUICK_TASK if args.quick else FULL_TASK
+    if args.task_settings:
+        task_settings = [parse_setting(text) for text in args.task_settings]
+    if args.no_hamlet:
+        settings = []
     settings = [s for s in settings if s[0] in hf_efficient.attention_kind_names()]
     task_settings = [s for s in task_settings if s[0] in hf_efficient.attention_kind_names()]
     windows = args.windows or (1 if args.quick else 4)
@@ -251,7 +269,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
     groups: dict[str, list] = {}
     for row in result["hamlet"]:
-        if "clusters" not in row["params"]:
+        if "clusters" not in row["params"] or "512" not in row:
             continue
         key = row["kind"] + (f" top-{row['params']['topk']}" if "topk" in row["params"] else "")
         groups.setdefault(key, []).append(row)
@@ -272,6 +290,9 @@ def plot(result: dict, path: Path) -> None:
     ax_t.axhline(1.0, color="black", lw=0.8)
     ax_q.legend(fontsize=8)
     ax_t.legend(fontsize=8)
+    if not result["hamlet"]:
+        plt.close(fig)
+        return
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -311,6 +311,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         config_class = getattr(type(config), "hf_efficient_base_class", type(config))
         model_class = getattr(type(model), "hf_efficient_base_class", type(model))
     config.__class__ = config_class
+    config.__dict__.pop("model_type", None)  # a config read from JSON may carry "efficient-..." here
     if original.get("model_type") is not None:
         config.__dict__["model_type"] = original["model_type"]
     model.__class__ = model_class

@@ -73,6 +73,11 @@ def test_patched_model_save_load_round_trip(arch, base_class, tiny, tmp_path):
     assert type(loaded) is type(model)
     assert torch.equal(_outputs(loaded, inputs), expected)
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "saved").iterdir())
+    # a model loaded as an efficient class unpatches to its base class, with softmax attention
+    softmax = _outputs(unpatch_model(model), inputs)
+    unpatch_model(loaded)
+    assert type(loaded) is getattr(transformers, base_class) and loaded.config.model_type == arch
+    assert torch.equal(_outputs(loaded, inputs), softmax)
 
 
 def test_learnable_feature_maps_start_from_their_initial_values(tiny, tmp_path):
