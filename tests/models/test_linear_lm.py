@@ -147,13 +147,13 @@ def test_trains_with_stock_trainer(tmp_path):
     starts = torch.randint(0, 16, (64,))
     rows = ((starts[:, None] + torch.arange(24)[None]) % 16).tolist()
     data = Dataset.from_dict({"input_ids": rows, "labels": rows})
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=20,
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=12,
                              learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
                              use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.8 * losses[0]
 
 
 def test_bad_inputs_are_refused():
