@@ -200,6 +200,10 @@ def make_attention_function(kind_name: str):
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
         if kwargs.get("sliding_window") is not None:
             raise ValueError(_UNSUPPORTED_MASK.format(what=f"sliding_window={kwargs['sliding_window']}"))
+        for extra in ("softcap", "position_bias", "s_aux"):  # logit changes the kinds cannot reproduce
+            if kwargs.get(extra) is not None and layer.kind is not None:
+                raise ValueError(f"hf_efficient attention kind {layer.kind!r} cannot apply {extra!r} to attention "
+                                 "logits; keep this model's layers softmax")
         if kwargs.get("output_attentions"):
             raise ValueError("hf_efficient attention kinds do not form attention weights: output_attentions=True "
                              "is not supported")

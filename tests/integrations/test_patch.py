@@ -243,6 +243,41 @@ def test_attention_modules_of_each_architecture(tiny):
         assert len(modules) == 2, arch
 
 
+@pytest.mark.parametrize("arch", ["mistral", "electra"])
+def test_architectures_outside_the_table(arch):
+    """Found through the attention interface: padding invariance and bit-identical unpatch."""
+    small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                 initializer_range=0.3)
+    if arch == "mistral":
+        config = transformers.MistralConfig(**small, num_key_value_heads=2)
+        windowed = patch_model(transformers.MistralModel(config).eval(), "linear")
+        with pytest.raises(ValueError, match="sliding window"):  # Mistral's default: a 4096-token window
+            windowed(input_ids=torch.randint(2, 100, (1, 6)))
+        config.sliding_window = None
+        model = transformers.MistralModel(config)
+    else:
+        model = transformers.ElectraModel(transformers.ElectraConfig(**small, embedding_size=32))
+    model.eval()
+    ids = torch.randint(2, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        patch_model(model, "linear")
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        alone = model(input_ids=ids[1:, :7]).last_hidden_state
+        torch.testing.assert_close(out[1:, :7], alone, atol=2e-5, rtol=1e-4)
+        assert (out - before).abs().max() > 1e-3
+        unpatch_model(model)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
+
+
+def test_t5_relative_bias_is_refused():
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="AttentionInterface"):
+        patch_model(transformers.T5EncoderModel(config), "linear")
+
+
 @pytest.mark.skipif(not CLUSTERED, reason="clustered kinds are not registered yet")
 @pytest.mark.parametrize("kind", CLUSTERED)
 @pytest.mark.parametrize("arch", ["bert", "llama", "vit"])
