@@ -36,10 +36,20 @@ from .training import (
     ImportanceSamplingConfig,
     ImportanceSamplingTrainer,
 )
+from .vision import (
+    AttentionSamplingConfig,
+    AttentionSamplingForImageClassification,
+    AttentionSamplingImageProcessor,
+    make_megamnist,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionSamplingConfig",
+    "AttentionSamplingForImageClassification",
+    "AttentionSamplingImageProcessor",
+    "make_megamnist",
     "improved_clustered_attention",
     "clustered_attention",
     "ImprovedClusteredAttentionParams",
