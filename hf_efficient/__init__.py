@@ -36,6 +36,7 @@ from .training import (
     ImportanceSamplingConfig,
     ImportanceSamplingTrainer,
 )
+from .training.linearize import LinearizeConfig, linearize
 from .vision import (
     AttentionSamplingConfig,
     AttentionSamplingForImageClassification,
@@ -70,6 +71,7 @@ __all__ = [
     "LinearLMConfig",
     "LinearLMForCausalLM",
     "LinearLMModel",
+    "LinearizeConfig",
     "ReluFeatureMap",
     "__version__",
     "attention_kind_names",
@@ -79,6 +81,7 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",
+    "linearize",
     "patch_model",
     "push_to_hub",
     "register_attention_kind",
