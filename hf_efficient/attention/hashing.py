@@ -207,16 +207,26 @@ def _nearest(signs: torch.Tensor, centres: torch.Tensor, block: int = 1 << 18) -
     """Index of the nearest centre in Hamming distance (the first one on ties): the most agreeing signs.
 
     signs ``(s, n, b)``, centres ``(s, C, b)`` -> int64 ``(s, n)``. Works on blocks of queries whose
-    ``(s, rows, C)`` agreement matrix (about ``block`` numbers) stays in cache: the argmax then costs
-    a fraction of what it costs streaming the whole matrix through memory.
+    ``(s, rows, C)`` agreement matrix (about ``block`` numbers) stays in cache.
     """
-    s, n, _ = signs.shape
-    rows = max(1, block // (s * centres.shape[1]))
+    s, n, n_bits = signs.shape
+    c = centres.shape[1]
+    # Agreements are integers in [-b, b]: pack (agreement, reversed index) into one exact float32
+    # key, agreement * m + (m - 1 - j), and take a plain max, several times faster than argmax on
+    # CPU. The largest key has the largest agreement and, among equals, the smallest j.
+    m = 1 << max(0, (c - 1).bit_length())
+    packed = (n_bits + 1) * m <= 1 << 24
+    reverse = (m - 1 - torch.arange(c, device=signs.device)).float()
+    rows = max(1, block // (s * c))
     centres_t = centres.transpose(1, 2)
     out = torch.empty(s, n, dtype=torch.long, device=signs.device)
     for start in range(0, n, rows):  # blocks of queries, not single queries
-        agree = torch.matmul(signs[:, start : start + rows], centres_t)
-        torch.argmax(agree.float(), dim=-1, out=out[:, start : start + rows])
+        agree = torch.matmul(signs[:, start : start + rows], centres_t).float()
+        if packed:
+            key = agree.mul_(m).add_(reverse).amax(dim=-1)
+            out[:, start : start + rows] = (m - 1) - torch.remainder(key, m).long()
+        else:
+            out[:, start : start + rows] = agree.argmax(dim=-1)
     return out
 
 
