@@ -135,10 +135,11 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
 
-        is_single = isinstance(images, torch.Tensor | np.ndarray) and images.ndim <= 3 or hasattr(images, "convert")
+        is_array = isinstance(images, torch.Tensor | np.ndarray)
+        is_single = (is_array and images.ndim <= 3) or hasattr(images, "convert")  # one array or PIL image
         if is_single:
             images = [images]
-        elif isinstance(images, torch.Tensor | np.ndarray) and images.ndim == 4:
+        elif is_array and images.ndim == 4:  # (batch, ...) array: a batch of same-sized images
             images = list(images)
         elif not isinstance(images, Sequence) or len(images) == 0:
             raise ValueError("AttentionSamplingImageProcessor: expected an image or a non-empty list of images")
