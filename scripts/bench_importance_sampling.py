@@ -6,11 +6,12 @@ Tasks:
     and cached as safetensors), 10,000 train / 2,808 test snippets.
 
 Methods: ``uniform`` (the stock :class:`transformers.Trainer`), ``importance`` (presample 3x,
-the paper's tau switch) and ``constant_time`` (the reference code's constant-time variant). Each
+the paper's tau switch), ``importance_eager`` (presample 2x, on whenever the smoothed tau > 1)
+and ``constant_time`` (the reference code's constant-time variant). Each
 method runs at every learning rate of a small grid with seed 0; its best learning rate (lowest
 final training loss) then runs two more seeds. Every run gets the same training-time budget;
-evaluation (training loss on a fixed 1,000-example subset of the training set, test error on
-1,000 test examples) pauses the clock.
+evaluation (training loss on a fixed subset of the training set, test error on held-out
+examples: 1,000 each for Fashion-MNIST, 2,000 each for Rotten Tomatoes) pauses the clock.
 
 Reported: curves against wall-clock (PNG), the step-cost ratio, the gradient-variance reduction
 measured exactly on a presample (trace of the covariance of the uniform and the importance-sampled

@@ -3,6 +3,8 @@ with resampling off it equals the stock Trainer; with it on, presamples are coll
 
 from __future__ import annotations
 
+import functools
+
 import datasets
 import torch
 from transformers import (
@@ -35,6 +37,11 @@ TEXTS = [
 
 def _setup(tmp_path):
     require_asset("minilm")
+    return _cached_setup()
+
+
+@functools.cache
+def _cached_setup():
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     ds = datasets.Dataset.from_dict({"text": TEXTS * 2, "label": [1, 0, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1] * 2})
     ds = ds.map(lambda row: tokenizer(row["text"]), remove_columns=["text"])
