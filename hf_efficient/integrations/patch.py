@@ -243,7 +243,7 @@ def patch_model(
     The attention modules receive q/k/v ``(batch, heads, seq, dim)`` as before; only the function
     that mixes them changes. Patching a patched model first undoes the previous patch.
     """
-    from .configs import as_efficient_config, efficient_classes  # configs imports this module
+    from .configs import as_efficient_config, register_auto_classes  # configs imports this module
 
     register_with_transformers()
     if is_patched(model):
@@ -261,7 +261,7 @@ def patch_model(
     )
     config = model.config
     base_type = _base_model_type(config)
-    classes = efficient_classes(base_type)  # refuses unknown model types before anything changes
+    classes = register_auto_classes(base_type)  # refuses unknown model types before anything changes
     original = {
         "config_class": type(config),
         "model_class": type(model),

@@ -244,7 +244,7 @@ def test_attention_modules_of_each_architecture(tiny):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "electra"])
-def test_architectures_outside_the_table(arch):
+def test_architectures_outside_the_table(arch, tmp_path):
     """Found through the attention interface: padding invariance and bit-identical unpatch."""
     small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                  initializer_range=0.3)
@@ -268,6 +268,10 @@ def test_architectures_outside_the_table(arch):
         alone = model(input_ids=ids[1:, :7]).last_hidden_state
         torch.testing.assert_close(out[1:, :7], alone, atol=2e-5, rtol=1e-4)
         assert (out - before).abs().max() > 1e-3
+        model.save_pretrained(tmp_path)  # the efficient-<model_type> classes are registered on first patch
+        loaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
+        assert type(loaded) is type(model)
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).last_hidden_state, out)
         unpatch_model(model)
         assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, before)
 
