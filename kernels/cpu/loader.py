@@ -11,6 +11,7 @@ then use the PyTorch reference.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -77,7 +78,13 @@ def load_extension() -> Any:
         if cpp_extension is not None:
             for cflags, ldflags in _FLAG_SETS:
                 name, path = _build_dir(cflags)
+                verbose = bool(os.environ.get("HF_EFFICIENT_KERNELS_VERBOSE"))
+                # Quiet: a failed build is reported by build_error(), and the reference still runs.
+                log = logging.getLogger("torch.utils.cpp_extension")
+                level = log.level
                 try:
+                    if not verbose:
+                        log.setLevel(logging.ERROR)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         cpp_extension.load(
@@ -86,13 +93,15 @@ def load_extension() -> Any:
                             extra_cflags=cflags,
                             extra_ldflags=ldflags,
                             build_directory=str(path),
-                            verbose=bool(os.environ.get("HF_EFFICIENT_KERNELS_VERBOSE")),
+                            verbose=verbose,
                             is_python_module=False,  # the library registers torch.ops.hf_efficient_cpu
                         )
                     _module = torch.ops.hf_efficient_cpu
                     break
                 except Exception as exc:  # no compiler, failed compile, failed import: fall back
                     errors.append(f"{' '.join(cflags)}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
+                finally:
+                    log.setLevel(level)
         _error = None if _module is not None else "; ".join(errors)
         _tried = True
         return _module
