@@ -294,14 +294,15 @@ def run_generate(args) -> dict:
     if args.attention is not None:
         params = _kind_params(args)
         model = patch_model(model, args.attention, **params)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    inputs = {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         kwargs["temperature"] = args.temperature
-    if args.attention == "linear":
+    if args.attention == "linear":  # a patched stock decoder decodes with the recurrent state
         from .integrations.cache import LinearAttentionCache
 
-        kwargs["past_key_values"] = LinearAttentionCache(model.config)
+        kwargs["cache"] = LinearAttentionCache.from_model(model)
     with torch.inference_mode():
         out = model.generate(**inputs, **kwargs)
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -128,3 +128,30 @@ def test_console_script_forwards_bench_options():
     assert script.exists(), "the hf-efficient console script is not installed"
     out = subprocess.run([str(script), "bench", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--kinds" in out.stdout
+
+
+def test_generate_with_recurrent_state_equals_uncached(tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_efficient import patch_model
+    from hf_efficient.assets import minilm_path
+
+    require_asset("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompt = "to be or not to be"
+    assert main(["generate", str(tmp_path), "--prompt", prompt, "--attention", "linear", "--max-new-tokens", "12",
+                 "--json"]) == 0
+    completion = json.loads(capsys.readouterr().out)["completion"]
+    # reference: the same patched model, greedy, recomputing the whole prefix at every step
+    model = patch_model(LlamaForCausalLM.from_pretrained(tmp_path).eval(), "linear")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        for _ in range(12):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    expected = tokenizer.decode(ids[0, -12:], skip_special_tokens=True)
+    assert completion == expected
