@@ -174,11 +174,9 @@ def causal_linear_normalized(
             initial = initial.to(phi_q.dtype)
         out, state, _ = causal_linear_normalized_op(phi_q, phi_k, v, initial, float(eps))
         return out, state
-    from hf_efficient.attention.linear import causal_linear_chunked
+    from hf_efficient.attention.linear import causal_linear_normalized_reference
 
-    y, state = causal_linear_chunked(phi_q, phi_k, torch.cat([v, torch.ones_like(v[..., :1])], -1), chunk_size,
-                                     initial)
-    return (y[..., :-1] / (y[..., -1:] + eps)).to(v.dtype), state
+    return causal_linear_normalized_reference(phi_q, phi_k, v, eps, initial, chunk_size)
 
 
 def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear") -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "LinearAttentionParams",
     "LinearAttentionState",
     "causal_linear_chunked",
+    "causal_linear_normalized_reference",
     "causal_linear_recurrent",
     "linear_attention",
     "linear_attention_reference",
@@ -116,6 +117,32 @@ def causal_linear_recurrent(
     return torch.stack(outs, dim=2), state
 
 
+def causal_linear_normalized_reference(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention with its normaliser, ``out_i = num_i / (den_i + eps)``, in PyTorch.
+
+    The normaliser rides as a column of ones appended to v through :func:`causal_linear_chunked`.
+    This is the path the fused kernel (``kernels.causal_linear_normalized``) is tested against and
+    falls back to.
+
+    Args:
+        phi_q, phi_k: ``(batch, heads, n, m)`` features; v: ``(batch, heads, n, d_v)``.
+        initial: optional packed state ``(batch, heads, m, d_v + 1)`` (k_sum as the last column).
+
+    Returns:
+        out ``(batch, heads, n, d_v)`` and the final packed state ``(batch, heads, m, d_v + 1)``.
+    """
+    y, state = causal_linear_chunked(phi_q, phi_k, torch.cat([v, torch.ones_like(v[..., :1])], -1), chunk_size,
+                                     initial)
+    return (y[..., :-1] / (y[..., -1:] + eps)).to(v.dtype), state
+
+
 # --------------------------------------------------------------------------- public functions
 def _features(q, k, v, feature_map, key_padding_mask, name):
     check_qkv(q, k, v, name)
@@ -129,8 +156,12 @@ def _features(q, k, v, feature_map, key_padding_mask, name):
         )
     if mask is not None:  # a padded key contributes nothing to any sum
         phi_k = phi_k * mask[:, None, :, None].to(phi_k.dtype)
-    ones = torch.ones_like(v[..., :1], dtype=phi_k.dtype)
-    return phi_q, phi_k, torch.cat([v.to(phi_k.dtype), ones], dim=-1)
+    return phi_q, phi_k, v.to(phi_k.dtype)
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """Append the column of ones that carries the normaliser through the products."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
 def _check_eps(eps: float, name: str) -> None:
@@ -172,24 +203,25 @@ def linear_attention(
     """
     name = "linear_attention"
     _check_eps(eps, name)
-    phi_q, phi_k, v1 = _features(q, k, v, feature_map, key_padding_mask, name)
+    phi_q, phi_k, vf = _features(q, k, v, feature_map, key_padding_mask, name)
     if not causal:
         if initial_state is not None or return_state:
             raise ValueError(f"{name}: initial_state/return_state need causal=True")
-        kv = torch.matmul(phi_k.transpose(-1, -2), v1)  # (b, h, m, d_v + 1)
-        y = torch.matmul(phi_q, kv)
-        state = None
+        v1 = _with_ones(vf)
+        y = torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), v1))  # via the (b, h, m, d_v + 1) state
+        out = (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
     else:
         if q.shape[2] != k.shape[2]:
             raise ValueError(
                 f"{name}: causal attention needs as many queries as keys, got n_q={q.shape[2]}, n_k={k.shape[2]}"
             )
         init = initial_state.packed().to(phi_q.dtype) if initial_state is not None else None
-        # The compiled kernel when one can run here, else causal_linear_chunked (kernels/dispatch.py).
-        from kernels.dispatch import causal_linear as causal_linear_fast
+        # The compiled kernel (normaliser fused) when one can run here, else
+        # causal_linear_normalized_reference; kernels/dispatch.py decides.
+        from kernels.dispatch import causal_linear_normalized as causal_linear_fast
 
-        y, state = causal_linear_fast(phi_q, phi_k, v1, chunk_size, init)
-    out = (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
+        out, state = causal_linear_fast(phi_q, phi_k, vf, eps, init, chunk_size)
+        out = out.to(q.dtype)
     if return_state:
         return out, LinearAttentionState.unpack(state)
     return out
@@ -217,9 +249,9 @@ def linear_attention_step(
     """
     name = "linear_attention_step"
     _check_eps(eps, name)
-    phi_q, phi_k, v1 = _features(q, k, v, feature_map, key_padding_mask, name)
+    phi_q, phi_k, vf = _features(q, k, v, feature_map, key_padding_mask, name)
     init = state.packed().to(phi_q.dtype) if state is not None else None
-    y, new = causal_linear_recurrent(phi_q, phi_k, v1, init)
+    y, new = causal_linear_recurrent(phi_q, phi_k, _with_ones(vf), init)
     out = (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
     return LinearAttentionState.unpack(new), out
 
@@ -235,11 +267,11 @@ def linear_attention_reference(
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Quadratic definition: A = phi(q) phi(k)^T (masked), out = A v / (A 1 + eps). O(N^2)."""
-    phi_q, phi_k, v1 = _features(q, k, v, feature_map, key_padding_mask, "linear_attention_reference")
+    phi_q, phi_k, vf = _features(q, k, v, feature_map, key_padding_mask, "linear_attention_reference")
     scores = phi_q @ phi_k.transpose(-1, -2)
     if causal:
         scores = scores.tril()
-    y = scores @ v1
+    y = scores @ _with_ones(vf)
     return (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
 
 

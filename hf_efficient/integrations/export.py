@@ -26,7 +26,10 @@ MODELING_MODULE = "modeling_hf_efficient"
 _INTEGRATION_FILES = ("attention_interface.py", "patch.py", "configs.py", "export.py")
 # Optional compiled kernels are not shipped as remote code: the copies call the PyTorch path that
 # the kernel dispatcher itself falls back to. "kernels.<module>.<name>" -> name in the same file.
-_KERNEL_FALLBACKS = {"kernels.dispatch.causal_linear": "causal_linear_chunked"}
+_KERNEL_FALLBACKS = {
+    "kernels.dispatch.causal_linear": "causal_linear_chunked",
+    "kernels.dispatch.causal_linear_normalized": "causal_linear_normalized_reference",
+}
 _KERNEL_IMPORT = re.compile(r"^(\s*)from\s+kernels\.(\w+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE)
 
 
