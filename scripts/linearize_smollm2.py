@@ -26,7 +26,7 @@ from hf_efficient import LinearAttentionCache
 from hf_efficient.assets import load_hamlet, smollm2_path
 from hf_efficient.benchmarking import cpu_model
 from hf_efficient.integrations import patch_model, unpatch_model
-from hf_efficient.training.linearize import LinearizeConfig, linearize
+from hf_efficient.training.linearize import FINETUNE_LOSSES, FINETUNE_PARAMS, LinearizeConfig, linearize
 
 
 @torch.no_grad()
@@ -44,12 +44,18 @@ def main(argv=None) -> int:
     parser.add_argument("--transfer-steps", type=int, default=40)
     parser.add_argument("--transfer-lr", type=float, default=1e-2)
     parser.add_argument("--finetune-steps", type=int, default=0)
-    parser.add_argument("--finetune-lr", type=float, default=1e-5)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-params", choices=FINETUNE_PARAMS, default="feature_maps")
+    parser.add_argument("--finetune-loss", choices=FINETUNE_LOSSES, default="distill")
+    parser.add_argument("--keep-softmax-first", type=int, default=0,
+                        help="first layers left softmax (the model is then a hybrid)")
+    parser.add_argument("--keep-softmax-last", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/linearize_smollm2.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.seq, args.train_windows, args.eval_windows, args.transfer_steps = 64, 2, 1, 3
+        args.finetune_steps = min(args.finetune_steps, 2)
     torch.set_num_threads(args.threads)
 
     path = smollm2_path()
@@ -72,11 +78,16 @@ def main(argv=None) -> int:
     eval_seconds = time.process_time() - t0
 
     config = LinearizeConfig(transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
-                             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
+                             finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                             finetune_params=args.finetune_params, finetune_loss=args.finetune_loss,
+                             keep_softmax_first=args.keep_softmax_first, keep_softmax_last=args.keep_softmax_last)
     linearize(model, train, config)
     linearize_seconds = config.log[-1]["cpu_seconds"]
-    rows.append({"model": "linearised (hedgehog transfer)" + (" + fine-tune" if args.finetune_steps else ""),
-                 "loss": held_out_loss(model, held_out)})
+    layers = model.config.num_hidden_layers
+    softmax_layers = min(layers, args.keep_softmax_first + args.keep_softmax_last)
+    rows.append({"model": "linearised (hedgehog transfer)" + (" + fine-tune" if args.finetune_steps else "")
+                 + (f", {softmax_layers}/{layers} layers softmax" if softmax_layers else ""),
+                 "loss": held_out_loss(model, held_out), "softmax_layers": softmax_layers, "layers": layers})
     for row in rows:
         row["perplexity"] = math.exp(row["loss"])
 
@@ -86,13 +97,14 @@ def main(argv=None) -> int:
 
     gap = rows[1]["loss"] - rows[0]["loss"]
     closed = (rows[1]["loss"] - rows[2]["loss"]) / gap if gap > 0 else float("nan")
-    print(f"{'model':>36} {'held-out loss':>14} {'perplexity':>11}")
+    print(f"{'model':>56} {'held-out loss':>14} {'perplexity':>11}")
     for row in rows:
-        print(f"{row['model']:>36} {row['loss']:>14.3f} {row['perplexity']:>11.1f}")
+        print(f"{row['model']:>56} {row['loss']:>14.3f} {row['perplexity']:>11.1f}")
     print(f"gap closed: {100 * closed:.1f}%  (target: loss <= softmax + 10% of the gap, "
           f"i.e. <= {rows[0]['loss'] + 0.1 * gap:.3f})")
     print(f"training tokens: {args.train_windows * args.seq} (transfer steps/layer {args.transfer_steps}, "
-          f"fine-tune steps {args.finetune_steps}); linearise CPU time {linearize_seconds:.0f} s")
+          f"fine-tune steps {args.finetune_steps} on {args.finetune_params} by {args.finetune_loss}); "
+          f"linearise CPU time {linearize_seconds:.0f} s; layers kept softmax: {softmax_layers} of {layers}")
     print(f"cached decoding equals uncached: {torch.equal(cached, uncached)}")
     record = {
         "benchmark": "linearize_smollm2",
@@ -108,7 +120,11 @@ def main(argv=None) -> int:
         "target_reached": rows[2]["loss"] <= rows[0]["loss"] + 0.1 * gap,
         "linearize_cpu_seconds": linearize_seconds,
         "evaluation_cpu_seconds": eval_seconds,
+        "softmax_layers": softmax_layers,
+        "layers": layers,
+        "phase_cpu_seconds": {k: e[k] for e in config.log for k in e if k.endswith("cpu_seconds")},
         "transfer_log": [e for e in config.log if "layer" in e],
+        "finetune_log": [e for e in config.log if "finetune_step" in e],
         "cached_equals_uncached": torch.equal(cached, uncached),
         "torch_num_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

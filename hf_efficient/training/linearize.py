@@ -5,8 +5,10 @@ map phi (``hedgehog``: softmax of a per-head projection) is trained so that the 
 weights ``phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')`` (causal) match the model's own
 softmax weights ``softmax(q_i . k_j * scale)`` on real text, by cross-entropy between the two rows.
 Only the feature maps train; the model's weights stay as they are, so each layer is fitted on the
-unchanged model's queries and keys, which are captured once. An optional language-model fine-tune
-of the whole patched model follows.
+unchanged model's queries and keys, which are captured once. An optional fine-tune of the patched
+model follows: by default only the feature maps train, on distillation from the softmax model's
+own next-token distribution (captured in the same pass as the queries and keys), which carries
+far more signal per token than the labels when only a few windows are available.
 
 Afterwards the model decodes in O(1) per token with a
 :class:`~hf_efficient.integrations.cache.LinearAttentionCache`.
@@ -22,7 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["LinearizeConfig", "attention_transfer_loss", "capture_queries_keys", "linearize"]
+__all__ = ["LinearizeConfig", "attention_transfer_loss", "capture_queries_keys", "distillation_loss", "linearize"]
+
+FINETUNE_PARAMS = ("feature_maps", "feature_maps+qk", "all")
+FINETUNE_LOSSES = ("distill", "lm")
 
 
 @dataclass
@@ -33,8 +38,12 @@ class LinearizeConfig:
         feature_map: a learnable feature map of the registry (``hedgehog``).
         transfer_steps: optimiser steps per layer for attention transfer.
         transfer_lr: Adam learning rate of the feature maps.
-        finetune_steps: language-model fine-tuning steps of the whole patched model after transfer (0 = none).
+        finetune_steps: fine-tuning steps of the patched model after transfer (0 = none).
         finetune_lr: its learning rate.
+        finetune_params: what the fine-tune trains: ``feature_maps`` (only the learnable maps),
+            ``feature_maps+qk`` (also the query/key projections of the linearised layers) or ``all``.
+        finetune_loss: ``distill`` (KL divergence from the softmax model's next-token distribution)
+            or ``lm`` (next-token cross-entropy on the windows' own tokens).
         keep_softmax_first, keep_softmax_last: layers left softmax (see ``patch_model``).
         chunk_size: chunk length of the causal linear attention.
         seed: seed of the window order.
@@ -44,7 +53,9 @@ class LinearizeConfig:
     transfer_steps: int = 60
     transfer_lr: float = 1e-2
     finetune_steps: int = 0
-    finetune_lr: float = 1e-5
+    finetune_lr: float = 1e-3
+    finetune_params: str = "feature_maps"
+    finetune_loss: str = "distill"
     keep_softmax_first: int = 0
     keep_softmax_last: int = 0
     chunk_size: int = 64
@@ -60,6 +71,12 @@ class LinearizeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"LinearizeConfig.{name} must be a non-negative int, got {value!r}")
+        if self.finetune_params not in FINETUNE_PARAMS:
+            raise ValueError(f"LinearizeConfig.finetune_params must be one of {', '.join(FINETUNE_PARAMS)}, "
+                             f"got {self.finetune_params!r}")
+        if self.finetune_loss not in FINETUNE_LOSSES:
+            raise ValueError(f"LinearizeConfig.finetune_loss must be one of {', '.join(FINETUNE_LOSSES)}, "
+                             f"got {self.finetune_loss!r}")
         for name in ("transfer_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LinearizeConfig.{name} must be positive, got {getattr(self, name)!r}")
@@ -106,6 +123,37 @@ def attention_transfer_loss(feature_map: nn.Module, q: torch.Tensor, k: torch.Te
     return -(target * torch.log(predicted + 1e-6)).sum(-1).mean()
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions.
+
+    Args:
+        student_logits: ``(batch, seq, vocab)``; teacher_log_probs: ``(batch, seq, vocab)`` log-softmax.
+    """
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher_log_probs.exp() * (teacher_log_probs - student)).sum(-1).mean()
+
+
+def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str) -> list[nn.Parameter]:
+    from ..integrations.attention_interface import LAYER_ATTRIBUTE
+    from ..integrations.patch import FEATURE_MAP_ATTRIBUTE
+
+    if which == "all":
+        return [p for p in model.parameters() if p.requires_grad]
+    params: list[nn.Parameter] = []
+    for module in modules:
+        fmap = getattr(module, FEATURE_MAP_ATTRIBUTE, None)
+        if getattr(module, LAYER_ATTRIBUTE).kind is None or fmap is None:
+            continue  # a layer kept softmax stays exactly as it was
+        params += list(fmap.parameters())
+        if which == "feature_maps+qk":
+            for name in ("q_proj", "k_proj"):
+                if isinstance(getattr(module, name, None), nn.Module):
+                    params += list(getattr(module, name).parameters())
+    if not params:
+        raise ValueError(f"finetune_params={which!r} selects no parameter of this model")
+    return params
+
+
 def _windows(dataset) -> list[torch.Tensor]:
     out = []
     for item in dataset:
@@ -147,12 +195,18 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     model.eval()
     modules = [m for _, m in attention_modules(model)]
     captured: list[dict] = []
+    # The teacher's next-token log-probabilities come from the same pass (kept only if distilling).
+    teacher: list[torch.Tensor] = []
+    distill = config.finetune_steps > 0 and config.finetune_loss == "distill"
     with torch.no_grad():
         for ids in windows:
             store: dict = {}
             with capture_queries_keys(model, store):
-                model(ids.to(device), use_cache=False)
+                logits = model(ids.to(device), use_cache=False).logits
             captured.append(store)
+            if distill:
+                teacher.append(torch.log_softmax(logits.float(), dim=-1))
+    config.log.append({"capture_cpu_seconds": time.process_time() - started})
 
     # 2. Patch, then fit each layer's feature map on its own queries and keys.
     patch_model(model, "linear", feature_map=config.feature_map, chunk_size=config.chunk_size,
@@ -177,19 +231,33 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
         config.log.append({"layer": index, "first_loss": losses[0] if losses else None,
                            "last_loss": losses[-1] if losses else None})
     del captured
+    config.log.append({"transfer_cpu_seconds": time.process_time() - started})
 
-    # 3. Optional language-model fine-tune of the whole patched model.
+    # 3. Optional fine-tune of the patched model (by default only its feature maps).
     if config.finetune_steps:
+        params = _finetune_parameters(model, modules, config.finetune_params)
+        trainable = {id(p) for p in params}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+        for p in frozen:  # no weight gradients for what does not train: faster backward, less memory
+            p.requires_grad_(False)
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.finetune_lr)
-        for step in range(config.finetune_steps):
-            ids = windows[step % len(windows)].to(device)
-            loss = model(ids, labels=ids, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            config.log.append({"finetune_step": step, "loss": loss.item()})
+        optimizer = torch.optim.AdamW(params, lr=config.finetune_lr, weight_decay=0.0)
+        try:
+            for step in range(config.finetune_steps):
+                index = step % len(windows)
+                ids = windows[index].to(device)
+                if distill:
+                    loss = distillation_loss(model(ids, use_cache=False).logits, teacher[index])
+                else:
+                    loss = model(ids, labels=ids, use_cache=False).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                config.log.append({"finetune_step": step, "loss": loss.item()})
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
     model.eval()
     config.log.append({"cpu_seconds": time.process_time() - started})
     return model

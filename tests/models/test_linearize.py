@@ -13,6 +13,7 @@ from hf_efficient.training.linearize import (
     LinearizeConfig,
     attention_transfer_loss,
     capture_queries_keys,
+    distillation_loss,
     linearize,
 )
 
@@ -81,3 +82,48 @@ def test_linearize_refuses_bad_input():
         LinearizeConfig(feature_map="nope")
     with pytest.raises(ValueError, match="at least one window"):
         linearize(tiny_llama(), [])
+    with pytest.raises(ValueError, match="finetune_params"):
+        LinearizeConfig(finetune_params="everything")
+    with pytest.raises(ValueError, match="finetune_loss"):
+        LinearizeConfig(finetune_loss="mse")
+
+
+def test_distillation_loss_matches_kl_div():
+    gen = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    teacher_lp = torch.log_softmax(teacher, -1)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(student, -1), teacher_lp, log_target=True,
+                                          reduction="sum") / 10
+    assert distillation_loss(student, teacher_lp).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert distillation_loss(teacher, teacher_lp).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_kind", ["distill", "lm"])
+def test_finetune_trains_only_feature_maps_of_linear_layers(loss_kind):
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    train = [torch.randint(0, 48, (16,), generator=gen) for _ in range(2)]
+    config = LinearizeConfig(transfer_steps=2, finetune_steps=3, finetune_loss=loss_kind, keep_softmax_first=1)
+    linearize(model, train, config)
+    for name, p in model.named_parameters():
+        if name in before:  # the original weights are untouched, and trainable again afterwards
+            assert torch.equal(p, before[name]), name
+            assert p.requires_grad, name
+    # Layer 0 stays softmax (no feature map); layer 1's map moved during transfer + fine-tune.
+    assert not hasattr(model.model.layers[0].self_attn, "hf_efficient_feature_map")
+    fmap = model.model.layers[1].self_attn.hf_efficient_feature_map
+    assert not torch.equal(fmap.weight, torch.eye(8).expand(4, 8, 8))
+    steps = [e["loss"] for e in config.log if "finetune_step" in e]
+    assert len(steps) == 3 and all(math.isfinite(v) and v >= 0 for v in steps)
+
+
+def test_finetune_qk_also_trains_linear_layer_projections():
+    model = tiny_llama()
+    q0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    q1 = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    train = [torch.randint(0, 48, (16,), generator=torch.Generator().manual_seed(4))]
+    linearize(model, train, transfer_steps=1, finetune_steps=2, finetune_params="feature_maps+qk",
+              keep_softmax_first=1)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q0)  # softmax layer untouched
+    assert not torch.equal(model.model.layers[1].self_attn.q_proj.weight, q1)
