@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_efficient.benchmarking import cpu_model
 from hf_efficient.vision import (
     AttentionSamplingConfig,
     AttentionSamplingForImageClassification,
@@ -39,14 +39,6 @@ from hf_efficient.vision.attention_sampling import build_feature_cnn
 FEATURE_CHANNELS = [16, 32, 32]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(method: str, canvas: int, low_res: int):

@@ -32,7 +32,6 @@ import argparse
 import gzip
 import json
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -46,6 +45,7 @@ from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCall
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_efficient.assets import AssetMissingError, asset_path, cache_dir, load_rotten_tomatoes, minilm_path
+from hf_efficient.benchmarking import cpu_model
 from hf_efficient.training import ImportanceSamplingConfig, ImportanceSamplingTrainer
 from hf_efficient.training.scores import cross_entropy_gradient_norm, tau_from_scores
 
@@ -57,14 +57,6 @@ METHOD_ARGS = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -34,18 +33,11 @@ import torch.nn.functional as F
 
 import kernels
 from hf_efficient.attention.linear import causal_linear_chunked
+from hf_efficient.benchmarking import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def flops(n: int, bh: int, m: int, e: int, chunk: int = 64) -> dict[str, float]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
@@ -38,6 +37,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import hf_efficient
 from hf_efficient.assets import load_hamlet, load_rotten_tomatoes, minilm_path
+from hf_efficient.benchmarking import cpu_model
 
 QUICK_SETTINGS = [
     ("improved-clustered", {"clusters": 25, "topk": 32}),
@@ -60,14 +60,6 @@ FULL_TASK = [
 ]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def label(kind: str, params: dict) -> str:
