@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "PackedDocuments",
+    "agreement",
     "attention_speed",
     "hamlet_windows",
     "hidden_agreement",
+    "hidden_states",
     "long_context_accuracy",
     "model_speed",
     "pack_reviews",
@@ -56,7 +58,9 @@ def hamlet_windows(tokenizer, length: int, count: int, offset: int = 0) -> torch
 
 
 @torch.inference_mode()
-def _hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 8):
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  batch_size: int = 8) -> torch.Tensor:
+    """``last_hidden_state`` ``(n, seq, hidden)`` in float32 for ``(n, seq)`` inputs, in batches."""
     outs = []
     for i in range(0, len(input_ids), batch_size):
         ids = input_ids[i : i + batch_size]
@@ -65,13 +69,18 @@ def _hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     return torch.cat(outs)
 
 
-def hidden_agreement(original, patched, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
-    """Mean token cosine and mean-pooled cosine of ``patched`` to ``original`` on ``(n, length)`` inputs."""
-    ref, out = _hidden(original, input_ids, batch_size=batch_size), _hidden(patched, input_ids, batch_size=batch_size)
+def agreement(reference: torch.Tensor, hidden: torch.Tensor) -> dict[str, float]:
+    """Mean token cosine and mean-pooled cosine between two ``(n, seq, hidden)`` outputs (no padding)."""
     return {
-        "token_cosine": F.cosine_similarity(ref, out, dim=-1).mean().item(),
-        "pooled_cosine": F.cosine_similarity(ref.mean(1), out.mean(1), dim=-1).mean().item(),
+        "token_cosine": F.cosine_similarity(reference, hidden, dim=-1).mean().item(),
+        "pooled_cosine": F.cosine_similarity(reference.mean(1), hidden.mean(1), dim=-1).mean().item(),
     }
+
+
+def hidden_agreement(original, patched, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """:func:`agreement` of ``patched`` to ``original`` on ``(n, length)`` inputs."""
+    return agreement(hidden_states(original, input_ids, batch_size=batch_size),
+                     hidden_states(patched, input_ids, batch_size=batch_size))
 
 
 @dataclass
@@ -89,10 +98,11 @@ class PackedDocuments:
     labels: np.ndarray
 
 
-def pack_reviews(tokenizer, texts: list[str], labels, length: int) -> PackedDocuments:
+def pack_reviews(tokenizer, texts: list[str], labels, length: int, max_docs: int | None = None) -> PackedDocuments:
     """Pack consecutive reviews into documents of ``length`` tokens ([CLS] r1 r2 ... [SEP] + padding).
 
-    A review longer than a document is truncated; the last document is padded."""
+    A review longer than a document is truncated; the last document is padded. With ``max_docs``,
+    packing stops once that many documents are full."""
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls_id is None or sep_id is None:
         raise ValueError("pack_reviews needs a tokenizer with [CLS] and [SEP] tokens (a BERT-style encoder)")
@@ -106,6 +116,8 @@ def pack_reviews(tokenizer, texts: list[str], labels, length: int) -> PackedDocu
         if len(current) + len(ids) > capacity:
             docs.append(current)
             current = []
+            if max_docs is not None and len(docs) == max_docs:
+                break
         spans.append((len(docs), 1 + len(current), 1 + len(current) + len(ids)))
         kept.append(int(label))
         current = current + ids
@@ -122,7 +134,7 @@ def pack_reviews(tokenizer, texts: list[str], labels, length: int) -> PackedDocu
 
 def span_embeddings(model, docs: PackedDocuments, batch_size: int = 8) -> np.ndarray:
     """``(reviews, hidden)``: each review's mean-pooled hidden states over its span in its document."""
-    hidden = _hidden(model, docs.input_ids, docs.attention_mask, batch_size)
+    hidden = hidden_states(model, docs.input_ids, docs.attention_mask, batch_size)
     return np.stack([hidden[d, s:e].mean(0).numpy() for d, s, e in docs.spans])
 
 

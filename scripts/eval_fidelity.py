@@ -30,14 +30,13 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 import hf_efficient
-from hf_efficient.assets import load_hamlet, load_rotten_tomatoes, minilm_path
+from hf_efficient.assets import load_rotten_tomatoes, minilm_path
 from hf_efficient.benchmarking import cpu_model
+from hf_efficient.evaluation import agreement, hamlet_windows, hidden_states, pack_reviews, span_embeddings
 
 QUICK_SETTINGS = [
     ("improved-clustered", {"clusters": 25, "topk": 32}),
@@ -75,65 +74,6 @@ def parse_setting(text: str) -> tuple[str, dict]:
         params[key] = int(value) if value.lstrip("-").isdigit() else value
     hf_efficient.get_attention_kind(kind).make_params(**params)  # clear error for a bad setting
     return kind, params
-
-
-def encode(model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Last hidden states ``(n, seq, hidden)`` of ``ids`` ``(n, seq)``, in batches."""
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(ids), batch_size):
-            outs.append(model(input_ids=ids[i : i + batch_size], attention_mask=mask[i : i + batch_size])
-                        .last_hidden_state)
-    return torch.cat(outs)
-
-
-def hamlet_windows(tokenizer, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` windows of exactly ``length`` tokens ([CLS] text [SEP]) spread over the play."""
-    ids = tokenizer(load_hamlet(), add_special_tokens=False)["input_ids"]
-    body = length - 2
-    starts = np.linspace(0, len(ids) - body - 1, count).astype(int)
-    rows = [[tokenizer.cls_token_id, *ids[s : s + body], tokenizer.sep_token_id] for s in starts]
-    t = torch.tensor(rows)
-    return t, torch.ones_like(t)
-
-
-def pack_reviews(tokenizer, texts, labels, length: int, max_docs: int):
-    """Pack reviews into documents of ``length`` tokens (padded); returns ids, mask, spans, labels.
-
-    spans: list of (doc index, start, end) per review, end exclusive, in token positions.
-    """
-    docs, spans, kept = [], [], []
-    current = [tokenizer.cls_token_id]
-    for text, y in zip(texts, labels, strict=True):
-        toks = tokenizer(text, add_special_tokens=False, truncation=True, max_length=length // 4)["input_ids"]
-        if len(current) + len(toks) + 1 > length:
-            docs.append(current + [tokenizer.sep_token_id])
-            if len(docs) == max_docs:
-                break
-            current = [tokenizer.cls_token_id]
-        spans.append((len(docs), len(current), len(current) + len(toks)))
-        kept.append(y)
-        current = current + toks
-    if len(docs) < max_docs and len(current) > 1:
-        docs.append(current + [tokenizer.sep_token_id])
-    spans_labels = [(s, y) for s, y in zip(spans, kept, strict=True) if s[0] < len(docs)]
-    ids = torch.full((len(docs), length), tokenizer.pad_token_id)
-    mask = torch.zeros(len(docs), length, dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, : len(d)] = torch.tensor(d)
-        mask[i, : len(d)] = 1
-    return ids, mask, [s for s, _ in spans_labels], np.array([y for _, y in spans_labels])
-
-
-def span_embeddings(hidden: torch.Tensor, spans) -> np.ndarray:
-    return torch.stack([hidden[d, a:b].mean(0) for d, a, b in spans]).numpy()
-
-
-def similarity(patched: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """(token cosine, pooled cosine) averaged over windows; all tokens are real here."""
-    token = F.cosine_similarity(patched, reference, dim=-1).mean().item()
-    pooled = F.cosine_similarity(patched.mean(1), reference.mean(1), dim=-1).mean().item()
-    return token, pooled
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -180,20 +120,21 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- (a) Hamlet windows
     data = {n: hamlet_windows(tokenizer, n, windows) for n in lengths}
-    reference = {n: encode(model, *data[n], batch_size) for n in lengths}
+    reference = {n: hidden_states(model, data[n], batch_size=batch_size) for n in lengths}
     rows = []
     print(f"{'setting':44s} {'len':>4s} {'token cos':>9s} {'pooled cos':>10s} {'time s':>7s} {'x softmax':>9s}",
           flush=True)
     for kind, params in settings:
         row = {"kind": kind, "params": params, "setting": label(kind, params)}
         for n in lengths:
-            base_t = statistics.median(timed(lambda n=n: encode(model, *data[n], batch_size), 1))
+            base_t = statistics.median(timed(lambda n=n: hidden_states(model, data[n], batch_size=batch_size), 1))
             hf_efficient.patch_model(model, kind, **params)
             t0 = time.perf_counter()
-            out = encode(model, *data[n], batch_size)
+            out = hidden_states(model, data[n], batch_size=batch_size)
             seconds = time.perf_counter() - t0
             hf_efficient.unpatch_model(model)
-            token, pooled = similarity(out, reference[n])
+            sim = agreement(reference[n], out)
+            token, pooled = sim["token_cosine"], sim["pooled_cosine"]
             row[str(n)] = {"token_cosine": token, "pooled_cosine": pooled, "seconds": seconds,
                            "softmax_seconds": base_t, "time_ratio": seconds / base_t}
             print(f"{row['setting']:44s} {n:4d} {token:9.4f} {pooled:10.4f} {seconds:7.2f} {seconds / base_t:9.2f}",
@@ -208,18 +149,18 @@ def main(argv=None) -> int:
     random.Random(0).shuffle(order)
     texts, labels = [reviews[i]["text"] for i in order], [reviews[i]["label"] for i in order]
     half = len(texts) // 2
-    tr_ids, tr_mask, tr_spans, tr_y = pack_reviews(tokenizer, texts[:half], labels[:half], 512, train_docs)
-    te_ids, te_mask, te_spans, te_y = pack_reviews(tokenizer, texts[half:], labels[half:], 512, test_docs)
+    train = pack_reviews(tokenizer, texts[:half], labels[:half], 512, max_docs=train_docs)
+    test = pack_reviews(tokenizer, texts[half:], labels[half:], 512, max_docs=test_docs)
+    tr_y, te_y = train.labels, test.labels
     head = LogisticRegression(max_iter=2000, C=1.0)
-    head.fit(span_embeddings(encode(model, tr_ids, tr_mask, batch_size), tr_spans), tr_y)
+    head.fit(span_embeddings(model, train, batch_size), tr_y)
 
     def accuracy(m) -> float:
-        predictions = head.predict(span_embeddings(encode(m, te_ids, te_mask, batch_size), te_spans))
-        return float((predictions == te_y).mean())
+        return float((head.predict(span_embeddings(m, test, batch_size)) == te_y).mean())
 
     base_accuracy = accuracy(model)
-    task = {"train_reviews": len(tr_y), "test_reviews": len(te_y), "train_docs": len(tr_ids),
-            "test_docs": len(te_ids), "unpatched_accuracy": base_accuracy,
+    task = {"train_reviews": len(tr_y), "test_reviews": len(te_y), "train_docs": len(train.input_ids),
+            "test_docs": len(test.input_ids), "unpatched_accuracy": base_accuracy,
             "majority_accuracy": float(max(te_y.mean(), 1 - te_y.mean())), "settings": []}
     print(f"\nreviews in 512-token documents: {len(tr_y)} train / {len(te_y)} test reviews; "
           f"unpatched accuracy {base_accuracy:.4f}", flush=True)
