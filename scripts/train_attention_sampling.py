@@ -113,6 +113,8 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
         attention_channels=[8, 8],
         feature_channels=args.feature_channels,
         entropy_regularizer=args.entropy,
+        normalize_features=args.normalize_features,
+        zero_init_attention=args.zero_init_attention,
         num_labels=10,
     )
     model = AttentionSamplingForImageClassification(config)
@@ -161,23 +163,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data, one seed, one epoch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--canvas", type=int, default=256)
-    parser.add_argument("--train-size", type=int, default=800)
+    parser.add_argument("--train-size", type=int, default=1500)
     parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--epochs", type=float, default=5)
+    parser.add_argument("--epochs", type=float, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--num-patches", type=int, default=10)
+    parser.add_argument("--num-patches", type=int, default=16)
     parser.add_argument("--feature-channels", type=int, nargs="+", default=[16, 32, 32])
-    parser.add_argument("--patch-size", type=int, default=32)
-    parser.add_argument("--low-res-scale", type=float, default=0.125)
+    parser.add_argument("--patch-size", type=int, default=40)
+    parser.add_argument("--low-res-scale", type=float, default=0.25)
     parser.add_argument(
         "--entropy",
         type=float,
-        default=0.05,
+        default=0.01,
         help="entropy regulariser; with 1e-4 the attention settles on blank patches and the loss stays at ln 10",
     )
     parser.add_argument("--sampling", default="without_replacement")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--zero-init-attention", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("results/train_attention_sampling.json"))
     args = parser.parse_args()
     if args.quick:

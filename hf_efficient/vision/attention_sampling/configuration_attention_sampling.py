@@ -35,6 +35,12 @@ class AttentionSamplingConfig(PreTrainedConfig):
         feature_dim: feature size of ``feature_network_config``'s model when it cannot be read from
             its config (``hidden_sizes[-1]`` or ``hidden_size``).
         classifier_dropout: dropout on the expected feature before the linear classifier.
+        normalize_features: L2-normalise each patch feature before the expectation, so that patches
+            full of ink do not dominate the average by their magnitude alone (the estimator stays
+            unbiased: it averages the normalised features).
+        zero_init_attention: start the last layer of the attention network at zero, i.e. a uniform
+            attention map, so that early training samples everywhere instead of wherever a random
+            initialisation points.
     """
 
     model_type = "attention_sampling"
@@ -53,6 +59,8 @@ class AttentionSamplingConfig(PreTrainedConfig):
         feature_network_config: dict[str, Any] | None = None,
         feature_dim: int | None = None,
         classifier_dropout: float = 0.0,
+        normalize_features: bool = False,
+        zero_init_attention: bool = False,
         **kwargs: Any,
     ) -> None:
         self.num_channels = num_channels
@@ -67,6 +75,8 @@ class AttentionSamplingConfig(PreTrainedConfig):
         self.feature_network_config = feature_network_config
         self.feature_dim = feature_dim
         self.classifier_dropout = classifier_dropout
+        self.normalize_features = bool(normalize_features)
+        self.zero_init_attention = bool(zero_init_attention)
         if "num_labels" not in kwargs and "id2label" not in kwargs:
             kwargs["num_labels"] = 10  # the ten digit classes of megaNIST
         super().__init__(**kwargs)

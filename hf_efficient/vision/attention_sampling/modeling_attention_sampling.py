@@ -166,6 +166,15 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         self.classifier = nn.Linear(dim, config.num_labels)
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        last = self.attention_network[-1] if isinstance(self.attention_network, nn.Sequential) else None
+        if module is last and self.config.zero_init_attention:
+            # uniform map at the start: every position is sampled until the classifier has a signal
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
     def _check_inputs(
         self,
         pixel_values: torch.Tensor,
@@ -238,6 +247,8 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         # 4. features and the unbiased expectation (gradients reach the attention through the weights)
         n = cfg.num_patches
         features = self.feature_network(patches.flatten(0, 1)).view(b, n, -1)
+        if cfg.normalize_features:
+            features = F.normalize(features, dim=-1, eps=1e-6)
         weights = expectation_weights(attention.gather(1, positions), cfg.sampling)
         pooled = expectation(features, weights)
         logits = self.classifier(self.dropout(pooled))
