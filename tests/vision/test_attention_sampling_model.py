@@ -158,3 +158,28 @@ def test_clear_errors_for_small_images_and_bad_configs():
     for kwargs in bad:
         with pytest.raises(ValueError, match="AttentionSamplingConfig"):
             tiny_config(**kwargs)
+
+
+def test_zero_init_attention_starts_uniform_and_still_learns():
+    torch.manual_seed(0)
+    model = AttentionSamplingForImageClassification(tiny_config(zero_init_attention=True))
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(0).random((2, 32, 32))))
+    out = model(**enc, labels=torch.tensor([0, 1]))
+    k = out.attention_map[0].numel()
+    torch.testing.assert_close(out.attention_map, torch.full_like(out.attention_map, 1.0 / k))
+    out.loss.backward()
+    # the last attention layer gets a gradient at the uniform start, so the map can move
+    assert model.attention_network[-1].weight.grad.abs().sum() > 0
+
+
+def test_normalized_features_match_a_manual_forward():
+    torch.manual_seed(0)
+    model = AttentionSamplingForImageClassification(tiny_config(normalize_features=True)).eval()
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(1).random((2, 32, 32))))
+    torch.manual_seed(3)
+    out = model(**enc, return_patches=True)
+    b, n = out.patches.shape[:2]
+    features = model.feature_network(out.patches.flatten(0, 1)).view(b, n, -1)
+    unit = features / features.norm(dim=-1, keepdim=True)
+    expected = model.classifier((out.sample_weights[..., None] * unit).sum(1))
+    torch.testing.assert_close(out.logits, expected)
