@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--masking", choices=["both", "causal", "full"], default="both",
+                        help="causal attention, full (non-causal) attention, or both (default)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_attention.json"))
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
         get_attention_kind(kind)  # fail early with the list of kinds
     peak = matmul_gflops()
     rows = []
-    for causal in (True, False):
+    for causal in {"both": (True, False), "causal": (True,), "full": (False,)}[args.masking]:
         kinds = [k for k in args.kinds if not causal or get_attention_kind(k).supports_causal]
         for backward in (False, True):
             for n in lengths:
