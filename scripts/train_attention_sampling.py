@@ -3,8 +3,13 @@
     python scripts/train_attention_sampling.py            # full: 3 seeds at 256x256
     python scripts/train_attention_sampling.py --quick    # seconds: tiny data, one seed
 
-CPU budget of the defaults: about 8 minutes per seed on 2 shared cores (800 training images of
-256x256, 5 epochs, batch 32, 32x32 patches, 10 per image, 32x32 attention map).
+CPU budget of the defaults: about 4.5 minutes of training per seed on one thread (1500 training
+images of 256x256, 8 epochs = 376 steps of batch 32, 16 patches of 40x40 per image, 64x64 attention
+map, constant learning rate after a short warm-up). The attention network's last layer starts at zero:
+the map is uniform at first, the feature network learns from patches that happen to hit digits, and
+the attention then moves onto the digits (about 90% of sampled patches by the end). Measured test
+error at this budget: 0.303, 0.330, 0.317 for seeds 0, 1, 2 (mean 0.317), above the 0.15 target: the loss is still falling when
+training stops, so a longer run (more epochs) is the next lever.
 
 Writes ``results/train_attention_sampling.json`` and attention-map overlays
 ``results/attention_sampling_overlay_seed<k>.png`` (low-res attention over the image, sampled patches
@@ -125,7 +130,7 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
             per_device_train_batch_size=args.batch_size,
             num_train_epochs=args.epochs,
             learning_rate=args.lr,
-            lr_scheduler_type="cosine",
+            lr_scheduler_type=args.lr_scheduler,
             warmup_steps=20,
             max_grad_norm=1.0,
             logging_steps=50,
@@ -168,6 +173,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr-scheduler", default="constant_with_warmup", help="a transformers scheduler name")
     parser.add_argument("--num-patches", type=int, default=16)
     parser.add_argument("--feature-channels", type=int, nargs="+", default=[16, 32, 32])
     parser.add_argument("--patch-size", type=int, default=40)
