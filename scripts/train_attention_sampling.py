@@ -8,8 +8,8 @@ images of 256x256, 8 epochs = 376 steps of batch 32, 16 patches of 40x40 per ima
 map, constant learning rate after a short warm-up). The attention network's last layer starts at zero:
 the map is uniform at first, the feature network learns from patches that happen to hit digits, and
 the attention then moves onto the digits (about 90% of sampled patches by the end). Measured test
-error at this budget: 0.303, 0.330, 0.317 for seeds 0, 1, 2 (mean 0.317), above the 0.15 target: the loss is still falling when
-training stops, so a longer run (more epochs) is the next lever.
+error at this budget: 0.303, 0.330, 0.317 for seeds 0, 1, 2 (mean 0.317), above the 0.15 target:
+the loss is still falling when training stops, so a longer run (more epochs) is the next lever.
 
 Writes ``results/train_attention_sampling.json`` and attention-map overlays
 ``results/attention_sampling_overlay_seed<k>.png`` (low-res attention over the image, sampled patches
