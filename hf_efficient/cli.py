@@ -2,7 +2,8 @@
 
     hf-efficient convert [MODEL] --attention improved-clustered --clusters 25 --topk 32 --out DIR
     hf-efficient eval [MODEL] --attention improved-clustered --sweep clusters=10,25,50,100,200
-    hf-efficient bench [--quick] [--kinds linear clustered improved-clustered]
+    hf-efficient bench [attention] [--quick] [--kinds linear clustered improved-clustered]
+    hf-efficient bench generate [--quick]
     hf-efficient generate MODEL --prompt "..." [--attention linear]
     hf-efficient push DIR --repo-id USER/NAME
 
@@ -377,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the rows as JSON here")
     ev.add_argument("--json", action="store_true")
 
-    bench = sub.add_parser("bench", help="attention kinds vs SDPA: time and memory against sequence length",
-                           add_help=False)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="'bench [attention] ...': attention kinds vs SDPA against sequence length; "
+                                "'bench generate ...': decode latency and cache size against context length")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     gen = sub.add_parser("generate", help="decode from a prompt (linear attention: constant-size recurrent state)")
@@ -401,10 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # the benchmark has its own options (and --help)
+    if argv[:1] == ["bench"]:  # the benchmarks have their own options (and --help)
+        if argv[1:2] == ["generate"]:
+            from .generation_benchmark import main as generate_bench
+
+            return generate_bench(argv[2:])
         from .benchmarking import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[2:] if argv[1:2] == ["attention"] else argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     runners = {"convert": run_convert, "eval": run_eval, "generate": run_generate, "push": run_push}

@@ -1,9 +1,9 @@
-#!/usr/bin/env python
 """Per-token decode latency and cache memory against context length: softmax + DynamicCache
 versus linear attention + LinearAttentionCache, on decoders of the same size.
 
     python scripts/bench_generate.py --quick        # seconds, CI-sized model and contexts
     python scripts/bench_generate.py                # 6 layers, 512 wide, contexts 512 ... 16384
+    hf-efficient bench generate --quick             # the same, from the installed package
 
 (a) ``LlamaForCausalLM`` (SDPA softmax attention, transformers' default ``DynamicCache``) and
 (b) a ``linear-lm`` model with the same layers, width, heads, MLP and vocabulary. For each

@@ -77,6 +77,9 @@ def test_convert_writes_a_loadable_folder_that_matches_its_report(converted):
     assert abs(token_cos - report["agreement"]["token_cosine"]) < 1e-4
     assert token_cos < 0.99999  # 4 clusters / top-8 on 64 tokens is an approximation, not the original
     assert 0 <= report["long_context_task"]["accuracy_patched"] <= 1
+    card = (converted / "README.md").read_text()
+    assert "model-index" in card and "Measured against the original model" in card
+    assert f"{report['agreement']['token_cosine']:.4f}" in card and "Citation" in card
 
 
 def test_push_offline_reports_hub_error(converted, monkeypatch, capsys):
@@ -128,6 +131,8 @@ def test_console_script_forwards_bench_options():
     assert script.exists(), "the hf-efficient console script is not installed"
     out = subprocess.run([str(script), "bench", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--kinds" in out.stdout
+    out = subprocess.run([str(script), "bench", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "context" in out.stdout
 
 
 def test_generate_with_recurrent_state_equals_uncached(tmp_path, capsys):
