@@ -4,6 +4,11 @@
     python scripts/linearize_smollm2.py --quick     # 2 short windows, a few transfer steps
     python scripts/linearize_smollm2.py             # 512-token windows, the issue's target
 
+The defaults are those of the measured run: 4 training windows of 512 tokens, 25 transfer steps
+per layer, first 2 and last 2 of 30 layers kept softmax (a hybrid), then 24 fine-tune steps of
+the feature maps only by distillation. Held-out loss 4.851 vs softmax 3.967 and naive elu swap
+8.355 (79.9% of the gap closed; the 90% target, 4.406, is not reached), 435 CPU s.
+
 Hamlet is tokenised with SmolLM2's tokenizer and cut into windows of ``--seq`` tokens. The last
 ``--eval-windows`` windows are held out; training (attention transfer, optional fine-tune) uses
 the first ``--train-windows``. Reports the mean next-token loss and perplexity of each model on the
@@ -39,17 +44,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--train-windows", type=int, default=8)
+    parser.add_argument("--train-windows", type=int, default=4)
     parser.add_argument("--eval-windows", type=int, default=2)
-    parser.add_argument("--transfer-steps", type=int, default=40)
+    parser.add_argument("--transfer-steps", type=int, default=25)
     parser.add_argument("--transfer-lr", type=float, default=1e-2)
-    parser.add_argument("--finetune-steps", type=int, default=0)
+    parser.add_argument("--finetune-steps", type=int, default=24)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--finetune-params", choices=FINETUNE_PARAMS, default="feature_maps")
     parser.add_argument("--finetune-loss", choices=FINETUNE_LOSSES, default="distill")
-    parser.add_argument("--keep-softmax-first", type=int, default=0,
+    parser.add_argument("--keep-softmax-first", type=int, default=2,
                         help="first layers left softmax (the model is then a hybrid)")
-    parser.add_argument("--keep-softmax-last", type=int, default=0)
+    parser.add_argument("--keep-softmax-last", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/linearize_smollm2.json"))
     args = parser.parse_args(argv)
