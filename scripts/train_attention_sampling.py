@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,22 +28,13 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_efficient.benchmarking import cpu_model
 from hf_efficient.vision import (
     AttentionSamplingConfig,
     AttentionSamplingForImageClassification,
     AttentionSamplingImageProcessor,
     make_megamnist,
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class Collator:
