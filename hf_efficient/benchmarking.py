@@ -46,6 +46,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine_info() -> dict:
+    """What every benchmark records beside its numbers: threads, torch version, CPU model."""
+    return {"torch_num_threads": torch.get_num_threads(), "torch_version": torch.__version__, "cpu_model": cpu_model()}
+
+
 def make_fn(impl: str, causal: bool):
     """A function (q, k, v) -> out for an implementation name ('sdpa' or a registered kind)."""
     if impl == "sdpa":

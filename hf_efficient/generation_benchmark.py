@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_efficient import LinearAttentionCache, LinearLMConfig, LinearLMForCausalLM
-from hf_efficient.benchmarking import cpu_model
+from hf_efficient.benchmarking import machine_info
 
 
 def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):
@@ -146,9 +146,7 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "softmax_cache": "random keys/values of the real shape (DynamicCache)",
         "linear_cache": "real chunked prefill (LinearAttentionCache)",
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "cpu_model": cpu_model(),
+        **machine_info(),
         "rows": list(rows.values()),
         "summary": summary,
     }

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_efficient import LinearAttentionCache
 from hf_efficient.assets import load_hamlet, smollm2_path
-from hf_efficient.benchmarking import cpu_model
+from hf_efficient.benchmarking import machine_info
 from hf_efficient.integrations import patch_model, unpatch_model
 from hf_efficient.training.linearize import FINETUNE_LOSSES, FINETUNE_PARAMS, LinearizeConfig, linearize
 
@@ -131,9 +131,7 @@ def main(argv=None) -> int:
         "transfer_log": [e for e in config.log if "layer" in e],
         "finetune_log": [e for e in config.log if "finetune_step" in e],
         "cached_equals_uncached": torch.equal(cached, uncached),
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "cpu_model": cpu_model(),
+        **machine_info(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

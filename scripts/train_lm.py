@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_efficient import LinearLMConfig, LinearLMForCausalLM
 from hf_efficient.assets import load_hamlet
-from hf_efficient.benchmarking import cpu_model
+from hf_efficient.benchmarking import machine_info
 
 
 def build(layers: int, width: int, heads: int, feature_map: str, seq: int, seed: int = 0):
@@ -123,9 +123,7 @@ def main(argv=None) -> int:
         "data": "Hamlet bytes, first 90% train / last 10% held out",
         "train_tokens_per_model": args.steps * args.batch * args.seq,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "cpu_model": cpu_model(),
+        **machine_info(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
