@@ -27,6 +27,13 @@ from .linear import (
     linear_attention_step,
 )
 from .registry import AttentionKind, attention_kind_names, get_attention_kind, register_attention_kind
+from .window_linear import (
+    WindowLinearParams,
+    WindowLinearState,
+    window_linear_attention,
+    window_linear_attention_reference,
+    window_linear_weights,
+)
 
 __all__ = [
     "FEATURE_MAPS",
@@ -50,4 +57,9 @@ __all__ = [
     "linear_attention_reference",
     "linear_attention_step",
     "register_attention_kind",
+    "WindowLinearParams",
+    "WindowLinearState",
+    "window_linear_attention",
+    "window_linear_attention_reference",
+    "window_linear_weights",
 ]

@@ -29,11 +29,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..attention.linear import LinearAttentionState, linear_attention, linear_attention_step
+from ..attention.window_linear import window_linear_attention
 
 __all__ = [
     "RECURRENT_TAG",
     "LinearAttentionCache",
     "LinearAttentionLayer",
+    "WindowLinearAttentionLayer",
     "install_recurrent_attention",
 ]
 
@@ -99,6 +101,11 @@ class LinearAttentionLayer(CacheLayerMixin):
         self.seen_tokens += q.shape[2]
         self._unread = False
         return out
+
+    def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """:meth:`attend` with the knobs of a kind's parameter dataclass (the stock-decoder path)."""
+        return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
+                           chunk_size=params.chunk_size)
 
     # ------------------------------------------------------------------ Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -170,6 +177,59 @@ class LinearAttentionLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.state)
 
 
+class WindowLinearAttentionLayer(LinearAttentionLayer):
+    """One ``window-linear`` layer: the last ``window - 1`` keys/values plus the linear state of older
+    keys (a :class:`~hf_efficient.attention.WindowLinearState`); bounded size however long the text."""
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        feature_map="elu",
+        key_padding_mask: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        chunk_size: int = 64,
+        window: int = 64,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Window-linear attention of the T new tokens ``(batch, heads, T, d)`` over all seen tokens."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        if self.state is not None and self.state.keys.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"LinearAttentionCache holds states for batch {self.state.keys.shape[0]} "
+                f"but got a batch of {q.shape[0]}"
+            )
+        out, self.state = window_linear_attention(
+            q, k, v, window=window, feature_map=feature_map, scale=scale, key_padding_mask=key_padding_mask,
+            eps=eps, chunk_size=chunk_size, state=self.state, return_state=True,
+        )
+        self.seen_tokens += q.shape[2]
+        self._unread = False
+        return out
+
+    def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
+        return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
+                           chunk_size=params.chunk_size, window=params.window, scale=scale)
+
+    def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.state is not None:
+            self.state = self.state.map(fn)
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.keys.shape[0] if self.state is not None else -1
+
+    def nbytes(self) -> int:
+        return self.state.nbytes() if self.state is not None else 0
+
+
+# Cache layer of each recurrent kind (the default is LinearAttentionLayer).
+_RECURRENT_LAYERS = {"window-linear": WindowLinearAttentionLayer}
+
+
 class LinearAttentionCache(Cache):
     """A ``Cache`` of per-layer recurrent states (constant size in the number of tokens).
 
@@ -182,7 +242,9 @@ class LinearAttentionCache(Cache):
     ``model.generate(**inputs, cache=LinearAttentionCache.from_model(model))``.
     """
 
-    def __init__(self, num_layers: int | None = None, softmax_layers: Sequence[int] = ()) -> None:
+    def __init__(
+        self, num_layers: int | None = None, softmax_layers: Sequence[int] = (), window_layers: Sequence[int] = ()
+    ) -> None:
         if num_layers is None:
             if softmax_layers:
                 raise ValueError("LinearAttentionCache: softmax_layers needs num_layers")
@@ -195,7 +257,15 @@ class LinearAttentionCache(Cache):
             if not isinstance(i, int) or not 0 <= i < num_layers:
                 raise ValueError(f"LinearAttentionCache: softmax layer index {i!r} is not an int in [0, {num_layers})")
             softmax.add(i)
-        layers = [DynamicLayer() if i in softmax else LinearAttentionLayer() for i in range(num_layers)]
+        windowed = set(window_layers)
+        if windowed & softmax:
+            raise ValueError("LinearAttentionCache: a layer cannot be both softmax and window-linear")
+        def make(i: int) -> CacheLayerMixin:
+            if i in softmax:
+                return DynamicLayer()
+            return WindowLinearAttentionLayer() if i in windowed else LinearAttentionLayer()
+
+        layers = [make(i) for i in range(num_layers)]
         super().__init__(layers=layers)
 
     @classmethod
@@ -217,11 +287,13 @@ class LinearAttentionCache(Cache):
         from ..attention.registry import get_attention_kind
 
         layers = record.get("layers") or []
-        softmax = []
+        softmax, windowed = [], []
         for i, layer in enumerate(layers):
             kind = layer.get("kind")
             if kind is None:
                 softmax.append(i)
+            elif _RECURRENT_LAYERS.get(kind) is WindowLinearAttentionLayer:
+                windowed.append(i)
             elif not get_attention_kind(kind).supports_recurrent:
                 raise ValueError(
                     f"layer {i} uses attention kind {kind!r}, which has no recurrent form; LinearAttentionCache needs "
@@ -229,7 +301,7 @@ class LinearAttentionCache(Cache):
                 )
         if len(softmax) == len(layers):
             raise ValueError("no layer of this model uses linear attention; use the default DynamicCache")
-        return cls(len(layers), softmax)
+        return cls(len(layers), softmax, windowed)
 
     def nbytes(self) -> int:
         """Bytes held by the whole cache: recurrent states plus any softmax layers' keys/values."""
@@ -242,8 +314,9 @@ class LinearAttentionCache(Cache):
                 total += layer.values.numel() * layer.values.element_size()
         return total
 
-    def recurrent_state(self, layer_idx: int) -> LinearAttentionState | None:
-        """The state of layer ``layer_idx`` (None before its first token)."""
+    def recurrent_state(self, layer_idx: int):
+        """The state of layer ``layer_idx``: a ``LinearAttentionState`` (a ``WindowLinearState`` for
+        window-linear layers), None before its first token."""
         layer = self.layers[layer_idx]
         if not isinstance(layer, LinearAttentionLayer):
             raise ValueError(f"layer {layer_idx} of this cache keeps softmax keys/values, not a recurrent state")
@@ -273,10 +346,14 @@ def _recurrent_wrapper(inner: Callable, kind_name: str) -> Callable:
             raise ValueError("LinearAttentionCache needs the 2-D padding mask of the hf_efficient mask function")
         padding = attention_mask[:, -query.shape[2]:] if attention_mask is not None else None
         feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
-        if params.feature_map == "favor" and scaling is not None:
+        if layer.kind == "linear" and params.feature_map == "favor" and scaling is not None:
             query = query * (scaling * query.shape[-1] ** 0.5)  # as the linear kind's own forward does
-        out = layer_cache.attend(query, key, value, feature_map=feature_map, key_padding_mask=padding,
-                                 eps=params.eps, chunk_size=params.chunk_size)
+        expected = _RECURRENT_LAYERS.get(layer.kind, LinearAttentionLayer)
+        if type(layer_cache) is not expected:
+            raise ValueError(f"layer of kind {layer.kind!r} got a {type(layer_cache).__name__} in its cache; build the "
+                             "cache with LinearAttentionCache.from_model(model)")
+        out = layer_cache.attend_with(params, query, key, value, feature_map=feature_map, key_padding_mask=padding,
+                                      scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
     attention_forward.hf_efficient_recurrent = True

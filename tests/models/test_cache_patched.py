@@ -92,3 +92,32 @@ def test_from_model_refuses_unpatched_model():
         LinearAttentionCache(0)
     with pytest.raises(ValueError, match="softmax layer index"):
         LinearAttentionCache(2, softmax_layers=[5])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_window_linear_generation_equals_uncached(arch):
+    from hf_efficient.integrations.cache import WindowLinearAttentionLayer
+
+    model = patch_model(build(arch), "window-linear", window=4, feature_map="hedgehog", chunk_size=4)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    cache = LinearAttentionCache.from_model(model)
+    assert all(isinstance(layer, WindowLinearAttentionLayer) for layer in cache.layers)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, cache=cache,
+                         return_dict_in_generate=True)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(out.sequences, ref)
+    # Bounded size: per layer 3 recent keys and values (4 query heads x 8 dims, float64) + their mask,
+    # and a hedgehog state of m = 16 features: the same after 19 tokens as it would be after 19,000.
+    per_layer = 2 * 4 * 3 * 8 * 8 * 2 + 2 * 3 + 2 * 4 * (16 * 8 + 16) * 8
+    assert cache.nbytes() == 2 * per_layer
+
+
+def test_window_linear_beam_search_matches_uncached():
+    model = patch_model(build("llama"), "window-linear", window=3, chunk_size=4)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
+                         cache=LinearAttentionCache.from_model(model))
+    ref = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(out, ref)

@@ -1,0 +1,303 @@
+"""Sliding-window softmax inside, linear attention beyond: a causal kind that decodes in O(1).
+
+For query i (causal), the ``window`` most recent keys ``i - w < j <= i`` get the softmax weight
+``exp(s_ij - m_i)`` with ``s_ij = scale * q_i . k_j`` and ``m_i`` the largest of those scores; every
+older key ``j <= i - w`` gets the linear-attention weight ``phi(q_i) . phi(k_j)``. One normaliser
+covers both::
+
+    out_i = (sum_window exp(s_ij - m_i) v_j + sum_older phi(q_i).phi(k_j) v_j)
+            / (sum_window exp(s_ij - m_i)   + sum_older phi(q_i).phi(k_j) + eps)
+
+The first ``window`` positions are therefore exact softmax attention, and local structure (which
+carries most of a pretrained model's attention mass) stays exact everywhere, while the tail is a
+linear-attention state. Decoding keeps the last ``window - 1`` keys and values plus one
+``(m, d_v)`` state per head: constant memory, constant work per token.
+
+Training/prefill cost is O(N w d) for the band (blocks of w queries against 2w keys) plus the
+chunked causal linear product on keys shifted by w; never N x N.
+:func:`window_linear_weights` forms the full N x N weight matrix: the quadratic reference, and
+what attention transfer fits when linearising a pretrained model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_padding_mask, check_qkv
+from .feature_maps import FEATURE_MAPS, resolve_feature_maps
+from .linear import LinearAttentionState, _check_eps, _with_ones
+from .registry import AttentionKind, register_attention_kind
+
+__all__ = [
+    "WindowLinearParams",
+    "WindowLinearState",
+    "window_linear_attention",
+    "window_linear_attention_reference",
+    "window_linear_weights",
+]
+
+_NAME = "window_linear_attention"
+
+
+class WindowLinearState(NamedTuple):
+    """What decoding carries from one call to the next, per layer.
+
+    linear: :class:`LinearAttentionState` of every key that has left the window (None before any has).
+    keys: ``(batch, heads, r, d)``, values: ``(batch, heads, r, d_v)``: the ``r <= window - 1`` most
+    recent keys/values; mask: ``(batch, r)`` bool, False for padding. Size bounded by the window.
+    """
+
+    linear: LinearAttentionState | None
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+
+    def map(self, fn) -> WindowLinearState:
+        """Apply ``fn`` to every tensor (batch selection, device moves)."""
+        linear = LinearAttentionState(fn(self.linear.kv), fn(self.linear.k_sum)) if self.linear is not None else None
+        return WindowLinearState(linear, fn(self.keys), fn(self.values), fn(self.mask))
+
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.values, self.mask] + (list(self.linear) if self.linear is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_window(window, name: str) -> int:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"{name}: window must be a positive int (number of recent keys under softmax), got {window!r}")
+    return window
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor, window: int, scale: float):
+    """Softmax part over the band: queries are the last ``n_q`` of the ``n`` key positions.
+
+    q ``(b, h, n, d)`` (already front-padded to the key length), k ``(b, h, n, d)``, v ``(b, h, n, e)``,
+    key_ok ``(b, n)`` bool. Returns the un-normalised sum ``(b, h, n, e)`` and its weights' sum
+    ``(b, h, n)``, with weights ``exp(s - m)`` over ``i - w < j <= i``.
+    """
+    b, h, n, d = q.shape
+    w = window
+    blocks = -(-n // w)
+    pad = blocks * w - n
+    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, blocks, w, d)
+    # keys of block t and block t - 1: query i = t*w + a sees keys (t-1)*w + c with a < c <= a + w.
+    kp = F.pad(k, (0, 0, w, pad)).view(b, h, blocks + 1, w, d)
+    vp = F.pad(v, (0, 0, w, pad)).view(b, h, blocks + 1, w, v.shape[-1])
+    ok = F.pad(key_ok, (w, pad), value=False).view(b, blocks + 1, w)
+    k2 = torch.cat([kp[:, :, :-1], kp[:, :, 1:]], dim=3)  # (b, h, blocks, 2w, d)
+    v2 = torch.cat([vp[:, :, :-1], vp[:, :, 1:]], dim=3)
+    ok2 = torch.cat([ok[:, :-1], ok[:, 1:]], dim=2)  # (b, blocks, 2w)
+    a = torch.arange(w, device=q.device)
+    c = torch.arange(2 * w, device=q.device)
+    band = (c[None, :] > a[:, None]) & (c[None, :] <= a[:, None] + w)  # (w, 2w)
+    allowed = band[None, None] & ok2[:, :, None, :]  # (b, blocks, w, 2w)
+    scores = torch.matmul(qb, k2.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a query whose window is all padding
+    weights = torch.exp(scores - m)  # exp(-inf) = 0 for excluded keys
+    num = torch.matmul(weights, v2).reshape(b, h, blocks * w, -1)[:, :, :n]
+    den = weights.sum(-1).reshape(b, h, blocks * w)[:, :, :n]
+    return num, den
+
+
+def window_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int = 64,
+    feature_map="elu",
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    state: WindowLinearState | None = None,
+    return_state: bool = False,
+):
+    """Causal sliding-window softmax + linear attention (see the module docstring).
+
+    Args:
+        q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``: T new tokens, in order.
+        window: w, the number of most recent keys (the query's own included) under softmax.
+        feature_map: phi of the linear part: a registry name, a module/callable or a (query, key) pair.
+        scale: softmax temperature; defaults to ``d ** -0.5``.
+        key_padding_mask: optional ``(batch, T)`` bool or 0/1, True/1 = real token (padded keys get zero weight).
+        eps: added to the normaliser.
+        chunk_size: chunk length of the causal linear product.
+        state: a :class:`WindowLinearState` from earlier tokens (prefill after a prefix, decoding).
+        return_state: also return the state after these tokens.
+
+    Returns:
+        ``(batch, heads, T, d_v)`` in q's dtype (and the new state if ``return_state``).
+    """
+    from kernels.dispatch import causal_linear
+
+    check_qkv(q, k, v, _NAME)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{_NAME}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    _check_window(window, _NAME)
+    _check_eps(eps, _NAME)
+    b, h, t, d = q.shape
+    mask = check_padding_mask(key_padding_mask, b, t, _NAME, "key_padding_mask")
+    if mask is None:
+        mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    scale = d**-0.5 if scale is None else float(scale)
+    dtype = _compute_dtype(q)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    init = None
+    if state is not None:
+        if state.keys.shape[:2] != (b, h) or state.keys.shape[-1] != d or state.values.shape[-1] != v.shape[-1]:
+            raise ValueError(f"{_NAME}: the state holds keys {tuple(state.keys.shape)} and values "
+                             f"{tuple(state.values.shape)}, which do not fit q {tuple(q.shape)}, v {tuple(v.shape)}")
+        kf = torch.cat([state.keys.to(dtype), kf], dim=2)
+        vf = torch.cat([state.values.to(dtype), vf], dim=2)
+        mask = torch.cat([state.mask, mask], dim=1)
+        init = state.linear.packed().to(dtype) if state.linear is not None else None
+    n = kf.shape[2]
+    front = n - t  # buffered keys precede the new queries
+
+    q_map, k_map = resolve_feature_maps(feature_map, d, h)
+    phi_q = q_map(qf).to(dtype)
+    phi_k = k_map(kf).to(dtype) * mask[:, None, :, None].to(dtype)
+    if phi_q.shape[-1] != phi_k.shape[-1]:
+        raise ValueError(f"{_NAME}: query and key feature maps give different sizes "
+                         f"({phi_q.shape[-1]} vs {phi_k.shape[-1]})")
+    v1 = _with_ones(vf)
+
+    # Older keys: key j reaches query i >= j + w, i.e. the causal product with keys shifted by w.
+    phi_q_all = F.pad(phi_q, (0, 0, front, 0))
+    shifted_k = F.pad(phi_k, (0, 0, window, 0))[:, :, :n]
+    shifted_v = F.pad(v1, (0, 0, window, 0))[:, :, :n]
+    y_lin, _ = causal_linear(phi_q_all, shifted_k, shifted_v, chunk_size, init)
+    num, den = _band(F.pad(qf, (0, 0, front, 0)), kf, vf, mask, window, scale)
+    out = (num + y_lin[..., :-1]) / (den + y_lin[..., -1] + eps).unsqueeze(-1)
+    out = out[:, :, front:].to(q.dtype)
+    if not return_state:
+        return out
+
+    leaving = max(0, n - (window - 1))  # keys older than the next query's window
+    packed = init
+    if leaving:
+        add = torch.matmul(phi_k[:, :, :leaving].transpose(-1, -2), v1[:, :, :leaving])
+        packed = add if packed is None else packed + add
+    linear = LinearAttentionState.unpack(packed) if packed is not None else None
+    keep = slice(leaving, n)
+    new_state = WindowLinearState(linear, kf[:, :, keep].to(k.dtype), vf[:, :, keep].to(v.dtype), mask[:, keep])
+    return out, new_state
+
+
+def window_linear_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    window: int,
+    feature_map="elu",
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The full causal weight matrix ``(batch, heads, n, n)`` (rows sum to 1 up to eps). O(N^2).
+
+    q, k: ``(batch, heads, n, d)``. Differentiable in the feature map's parameters (attention transfer).
+    """
+    _check_window(window, "window_linear_weights")
+    b, h, n, d = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"window_linear_weights: q and k must have the same shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}")
+    mask = check_padding_mask(key_padding_mask, b, n, "window_linear_weights", "key_padding_mask")
+    scale = d**-0.5 if scale is None else float(scale)
+    dtype = _compute_dtype(q)
+    i = torch.arange(n, device=q.device)
+    near = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    far = i[None, :] <= i[:, None] - window
+    keys_ok = mask[:, None, None, :] if mask is not None else torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~(near & keys_ok), float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    soft = torch.exp(scores - m)
+    q_map, k_map = resolve_feature_maps(feature_map, d, h)
+    lin = torch.matmul(q_map(q.to(dtype)), k_map(k.to(dtype)).transpose(-1, -2))
+    lin = lin.masked_fill(~(far & keys_ok), 0.0)
+    weights = soft + lin
+    return weights / (weights.sum(-1, keepdim=True) + eps)
+
+
+def window_linear_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int = 64,
+    feature_map="elu",
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Quadratic definition of :func:`window_linear_attention` (full weight matrix times v)."""
+    check_qkv(q, k, v, "window_linear_attention_reference")
+    weights = window_linear_weights(q, k, window=window, feature_map=feature_map, scale=scale,
+                                    key_padding_mask=key_padding_mask, eps=eps)
+    return torch.matmul(weights, v.to(weights.dtype)).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- registry entry
+@dataclass
+class WindowLinearParams:
+    """Knobs of the ``window-linear`` kind.
+
+    Attributes:
+        window: recent keys (the query's own included) under exact softmax.
+        feature_map: phi of the linear part beyond the window (``hedgehog`` is learnable: see ``linearize``).
+        eps: normaliser epsilon.
+        chunk_size: chunk length of the causal linear product.
+    """
+
+    window: int = 64
+    feature_map: str = "elu"
+    eps: float = 1e-6
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_window(self.window, "WindowLinearParams")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {self.feature_map!r}; accepted: {', '.join(sorted(FEATURE_MAPS))}")
+        _check_eps(self.eps, "WindowLinearParams")
+        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+
+
+def _forward(q, k, v, params: WindowLinearParams, *, causal=False, key_padding_mask=None, query_padding_mask=None,
+             scale=None, module=None):
+    n_q, n_k = q.shape[2], k.shape[2]
+    if not causal and n_q > 1:
+        raise ValueError("attention kind 'window-linear' is causal only (a sliding window over past tokens); use "
+                         "'linear' or the clustered kinds for bidirectional encoders")
+    feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
+    if n_q < n_k:  # queries are the last n_q positions (decoding without our cache): pad them at the front
+        q = torch.cat([q.new_zeros(*q.shape[:2], n_k - n_q, q.shape[3]), q], dim=2)
+    out = window_linear_attention(q, k, v, window=params.window, feature_map=feature_map, scale=scale,
+                                  key_padding_mask=key_padding_mask, eps=params.eps, chunk_size=params.chunk_size)
+    return out[:, :, n_k - n_q:]
+
+
+register_attention_kind(
+    AttentionKind(
+        name="window-linear",
+        params_class=WindowLinearParams,
+        forward=_forward,
+        supports_causal=True,
+        supports_recurrent=True,
+        description="causal sliding-window softmax + linear attention beyond the window; O(1) decoding",
+    )
+)
