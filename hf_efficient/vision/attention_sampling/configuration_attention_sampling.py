@@ -41,6 +41,18 @@ class AttentionSamplingConfig(PreTrainedConfig):
         zero_init_attention: start the last layer of the attention network at zero, i.e. a uniform
             attention map, so that early training samples everywhere instead of wherever a random
             initialisation points.
+        region_size: turns on multi-scale (nested) sampling when set: an int or ``[height, width]`` in
+            full-resolution pixels. The attention network on the low-resolution view then draws
+            ``num_regions`` regions of this size (centred on the drawn cells); each region is
+            average-pooled by ``region_downsample`` into a middle-resolution view, on which a second
+            attention network draws ``num_patches`` patches inside that region
+            (``num_regions * num_patches`` patches per image). Both levels use ``sampling`` and the
+            nested estimator (the weights of the two levels multiply). ``None`` (the default): one level.
+        num_regions: regions drawn per image in multi-scale mode.
+        region_downsample: integer pooling factor from a full-resolution region to its middle view;
+            must divide both sides of ``region_size``.
+        region_attention_channels: hidden channels of the second (middle-view) attention CNN;
+            defaults to ``attention_channels``.
     """
 
     model_type = "attention_sampling"
@@ -61,6 +73,10 @@ class AttentionSamplingConfig(PreTrainedConfig):
         classifier_dropout: float = 0.0,
         normalize_features: bool = False,
         zero_init_attention: bool = False,
+        region_size: int | list[int] | None = None,
+        num_regions: int = 1,
+        region_downsample: int = 4,
+        region_attention_channels: list[int] | tuple[int, ...] | None = None,
         **kwargs: Any,
     ) -> None:
         self.num_channels = num_channels
@@ -77,6 +93,14 @@ class AttentionSamplingConfig(PreTrainedConfig):
         self.classifier_dropout = classifier_dropout
         self.normalize_features = bool(normalize_features)
         self.zero_init_attention = bool(zero_init_attention)
+        self.region_size = [region_size, region_size] if isinstance(region_size, int) else region_size
+        if isinstance(self.region_size, tuple):
+            self.region_size = list(self.region_size)
+        self.num_regions = num_regions
+        self.region_downsample = region_downsample
+        self.region_attention_channels = (
+            list(region_attention_channels) if region_attention_channels is not None else None
+        )
         if "num_labels" not in kwargs and "id2label" not in kwargs:
             kwargs["num_labels"] = 10  # the ten digit classes of megaNIST
         super().__init__(**kwargs)
@@ -128,3 +152,46 @@ class AttentionSamplingConfig(PreTrainedConfig):
             positive_int("feature_dim", self.feature_dim)
         if self.num_labels < 1:
             raise ValueError(f"AttentionSamplingConfig: num_labels must be >= 1, got {self.num_labels}")
+        if self.region_size is not None:
+            self._check_multiscale(positive_int)
+
+    @property
+    def multiscale(self) -> bool:
+        """True when nested sampling is on (``region_size`` is set)."""
+        return self.region_size is not None
+
+    @property
+    def region_map_size(self) -> list[int] | None:
+        """``[height, width]`` of a region's middle-resolution view, or None with one level."""
+        if self.region_size is None:
+            return None
+        return [side // self.region_downsample for side in self.region_size]
+
+    def _check_multiscale(self, positive_int) -> None:
+        if not isinstance(self.region_size, list) or len(self.region_size) != 2:
+            raise ValueError(
+                f"AttentionSamplingConfig: region_size must be an int or [height, width], got {self.region_size!r}"
+            )
+        for side in self.region_size:
+            positive_int("region_size", side)
+        positive_int("num_regions", self.num_regions)
+        positive_int("region_downsample", self.region_downsample)
+        for c in self.region_attention_channels or []:
+            positive_int("region_attention_channels entries", c)
+        if any(r < p for r, p in zip(self.region_size, self.patch_size, strict=True)):
+            raise ValueError(
+                f"AttentionSamplingConfig: region_size {self.region_size} is smaller than patch_size "
+                f"{self.patch_size}; a region must hold at least one patch"
+            )
+        if any(side % self.region_downsample for side in self.region_size):
+            raise ValueError(
+                f"AttentionSamplingConfig: region_downsample {self.region_downsample} must divide both sides of "
+                f"region_size {self.region_size}"
+            )
+        positions = self.region_map_size[0] * self.region_map_size[1]
+        if self.sampling == "without_replacement" and self.num_patches > positions:
+            raise ValueError(
+                f"AttentionSamplingConfig: cannot draw num_patches={self.num_patches} distinct positions from a "
+                f"region's {self.region_map_size[0]}x{self.region_map_size[1]} middle view; lower num_patches or "
+                "region_downsample, enlarge region_size, or sample with replacement"
+            )

@@ -3,7 +3,9 @@
 Read top to bottom: the two default networks, the output dataclass, then the classifier, whose
 ``forward`` is the whole method: attention on the low-resolution view -> distribution over the map
 -> ``num_patches`` draws -> patches gathered from the full-resolution image -> features -> the
-unbiased expectation estimator of :mod:`.sampling` -> linear classifier.
+unbiased expectation estimator of :mod:`.sampling` -> linear classifier. With ``config.region_size``
+set, :meth:`~AttentionSamplingForImageClassification._nested_patches` inserts a middle level: the
+first draws pick regions, a second attention network on each region's pooled view picks the patches.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .sampling import (
     expectation_weights,
     extract_patches,
     negative_entropy,
+    nested_expectation_weights,
     patch_top_left,
     sample_with_replacement,
     sample_without_replacement,
@@ -105,7 +108,21 @@ class AttentionSamplingOutput(ModelOutput):
         patch_top_left: ``(batch, num_patches, 2)`` ``(row, col)`` of each patch in the full image.
         sample_weights: ``(batch, num_patches)`` estimator weights (values; they sum to one).
         patches: ``(batch, num_patches, channels, ph, pw)`` when ``return_patches=True``.
-        entropy_penalty: ``sum a log a`` averaged over the batch.
+        entropy_penalty: ``sum a log a`` averaged over the batch (multi-scale: plus the same for the
+            middle-view maps of the drawn regions).
+
+    Multi-scale models (``config.region_size`` set) use ``R = num_regions`` and ``n = num_patches``:
+    ``sampled_positions`` are the ``(batch, R)`` drawn cells of ``attention_map`` (one per region),
+    and ``patch_top_left``, ``sample_weights`` and ``patches`` have ``R * n`` rows, region-major. They
+    also return:
+
+    Attributes:
+        region_top_left: ``(batch, R, 2)`` ``(row, col)`` of each region in the full image.
+        region_attention_maps: ``(batch, R, mh, mw)`` attention over each region's middle view (zero
+            on cells outside the image).
+        region_sampled_positions: ``(batch, R, n)`` flat indices into each region's map, in draw order.
+        region_weights: ``(batch, R)`` first-level estimator weights (values).
+        region_pixel_values: ``(batch, R, channels, mh', mw')`` middle views when ``return_patches=True``.
     """
 
     loss: torch.Tensor | None = None
@@ -116,6 +133,11 @@ class AttentionSamplingOutput(ModelOutput):
     sample_weights: torch.Tensor | None = None
     patches: torch.Tensor | None = None
     entropy_penalty: torch.Tensor | None = None
+    region_top_left: torch.Tensor | None = None
+    region_attention_maps: torch.Tensor | None = None
+    region_sampled_positions: torch.Tensor | None = None
+    region_weights: torch.Tensor | None = None
+    region_pixel_values: torch.Tensor | None = None
 
 
 class AttentionSamplingPreTrainedModel(PreTrainedModel):
@@ -164,12 +186,17 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             dim = config.feature_channels[-1]
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(dim, config.num_labels)
+        # created last and only when used, so that one-level models initialise exactly as before
+        self.region_attention_network: nn.Sequential | None = None
+        if config.multiscale:
+            channels = config.region_attention_channels or config.attention_channels
+            self.region_attention_network = build_attention_cnn(config.num_channels, channels)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        last = self.attention_network[-1] if isinstance(self.attention_network, nn.Sequential) else None
-        if module is last and self.config.zero_init_attention:
+        last = [net[-1] for net in (self.attention_network, self.region_attention_network) if net is not None]
+        if any(module is layer for layer in last) and self.config.zero_init_attention:
             # uniform map at the start: every position is sampled until the classifier has a signal
             init.zeros_(module.weight)
             if module.bias is not None:
@@ -203,6 +230,70 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
                 f"{name}: image {i} has size {tuple(image_sizes[i].tolist())}, smaller than a patch "
                 f"({ph}, {pw}); use images at least as large as config.patch_size or a smaller patch_size"
             )
+        if self.config.multiscale:
+            rh, rw = self.config.region_size
+            small = (image_sizes[:, 0] < rh) | (image_sizes[:, 1] < rw)
+            if bool(small.any()):
+                i = int(small.nonzero()[0, 0])
+                raise ValueError(
+                    f"{name}: image {i} has size {tuple(image_sizes[i].tolist())}, smaller than a region "
+                    f"({rh}, {rw}); use larger images or a smaller config.region_size"
+                )
+
+    def _draw(self, attention: torch.Tensor, n: int) -> torch.Tensor:
+        if self.config.sampling == "with_replacement":
+            return sample_with_replacement(attention, n)
+        return sample_without_replacement(attention, n)
+
+    def _nested_patches(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor,
+        regions: torch.Tensor,
+        region_top_left: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Second level: attention inside each drawn region, then its patches.
+
+        Args:
+            pixel_values: ``(batch, C, H, W)`` full-resolution images.
+            image_sizes: ``(batch, 2)`` valid sizes.
+            regions: ``(batch, R, C, rh, rw)`` the drawn full-resolution regions (zeros outside the image).
+            region_top_left: ``(batch, R, 2)`` their positions in the full image.
+
+        Returns:
+            ``patch_top_left`` ``(batch, R * n, 2)``, ``patches`` ``(batch, R * n, C, ph, pw)``,
+            ``position_weights`` ``(batch, R, n)`` (attached to the second attention), and the
+            region outputs for :class:`AttentionSamplingOutput`.
+        """
+        cfg = self.config
+        b, r = region_top_left.shape[:2]
+        n = cfg.num_patches
+        rh, rw = cfg.region_size
+        # the middle view of a region: average pooling of its full-resolution pixels; only the drawn
+        # regions are pooled, so memory does not grow with the image
+        middle = F.avg_pool2d(regions.flatten(0, 1), cfg.region_downsample)  # (b*R, C, rh/d, rw/d)
+        scores = self.region_attention_network(middle)[:, 0]  # (b*R, mh, mw)
+        mh, mw = scores.shape[-2:]
+        cell_h, cell_w = rh / mh, rw / mw
+        # a cell is valid when it overlaps the image's valid area (the region may cross its border)
+        rows = region_top_left[..., 0, None] + torch.arange(mh, device=scores.device) * cell_h  # (b, R, mh)
+        cols = region_top_left[..., 1, None] + torch.arange(mw, device=scores.device) * cell_w  # (b, R, mw)
+        valid_r = (rows < image_sizes[:, None, None, 0]) & (rows + cell_h > 0)
+        valid_c = (cols < image_sizes[:, None, None, 1]) & (cols + cell_w > 0)
+        valid = (valid_r[..., :, None] & valid_c[..., None, :]).flatten(0, 1).flatten(1)  # (b*R, mh*mw)
+        attention = attention_distribution(scores.flatten(1), valid, cfg.attention_smoothing)
+        positions = self._draw(attention, n)  # (b*R, n)
+        cell = torch.tensor([[cell_h, cell_w]], device=scores.device).expand(b * r, 2)
+        local = patch_top_left(positions, mw, cell, (cfg.patch_size[0], cfg.patch_size[1]))  # (b*R, n, 2)
+        top_left = (local.view(b, r, n, 2) + region_top_left[:, :, None, :]).view(b, r * n, 2)
+        patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes)
+        weights = expectation_weights(attention.gather(1, positions), cfg.sampling).view(b, r, n)
+        extra = {
+            "region_attention_maps": attention.view(b, r, mh, mw),
+            "region_sampled_positions": positions.view(b, r, n),
+            "region_pixel_values": middle.view(b, r, *middle.shape[1:]),
+        }
+        return top_left, patches, weights, extra
 
     def forward(
         self,
@@ -235,25 +326,39 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         valid = (rows[None, :, None] < valid_h[:, None, None]) & (cols[None, None, :] < valid_w[:, None, None])
         attention = attention_distribution(scores.flatten(1), valid.flatten(1), cfg.attention_smoothing)
 
-        # 2. draw positions; 3. gather the high-resolution patches centred on them
-        if cfg.sampling == "with_replacement":
-            positions = sample_with_replacement(attention, cfg.num_patches)
-        else:
-            positions = sample_without_replacement(attention, cfg.num_patches)
+        # 2. draw positions; 3. gather the high-resolution patches centred on them. Multi-scale: the
+        # draws pick regions instead, and a second attention inside each region picks the patches.
+        positions = self._draw(attention, cfg.num_regions if cfg.multiscale else cfg.num_patches)
         cell = torch.stack([image_sizes[:, 0] / valid_h, image_sizes[:, 1] / valid_w], dim=-1).float()
-        top_left = patch_top_left(positions, w, cell, (cfg.patch_size[0], cfg.patch_size[1]))
-        patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes)
+        first_weights = expectation_weights(attention.gather(1, positions), cfg.sampling)
+        extra: dict[str, torch.Tensor] = {}
+        if cfg.multiscale:
+            region_size = (cfg.region_size[0], cfg.region_size[1])
+            region_top_left = patch_top_left(positions, w, cell, region_size)
+            regions = extract_patches(pixel_values, region_top_left, region_size, image_sizes)
+            top_left, patches, position_weights, extra = self._nested_patches(
+                pixel_values, image_sizes, regions, region_top_left
+            )
+            weights = nested_expectation_weights(first_weights, position_weights)
+            extra.update(region_top_left=region_top_left, region_weights=first_weights.detach())
+            if not return_patches:
+                extra.pop("region_pixel_values")
+        else:
+            top_left = patch_top_left(positions, w, cell, (cfg.patch_size[0], cfg.patch_size[1]))
+            patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes)
+            weights = first_weights
 
         # 4. features and the unbiased expectation (gradients reach the attention through the weights)
-        n = cfg.num_patches
+        n = patches.shape[1]
         features = self.feature_network(patches.flatten(0, 1)).view(b, n, -1)
         if cfg.normalize_features:
             features = F.normalize(features, dim=-1, eps=1e-6)
-        weights = expectation_weights(attention.gather(1, positions), cfg.sampling)
         pooled = expectation(features, weights)
         logits = self.classifier(self.dropout(pooled))
 
         penalty = negative_entropy(attention).mean()
+        if cfg.multiscale:
+            penalty = penalty + negative_entropy(extra["region_attention_maps"].flatten(2)).mean()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels.long()) + cfg.entropy_regularizer * penalty
@@ -266,4 +371,5 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             sample_weights=weights.detach(),
             patches=patches if return_patches else None,
             entropy_penalty=penalty,
+            **extra,
         )

@@ -25,6 +25,22 @@ the positions not drawn yet; this is exactly the order Gumbel top-k returns). Le
 ``-sum_{k<j} grad(a_{i_k}) f_{i_j}``, whose expectation is not zero (a bias that the exact
 enumeration tests detect). Collecting the coefficient of each draw ``k`` (0-based) over all ``T_j``:
 ``w_k = [sg(1 - S_k) a_{i_k} / sg(a_{i_k}) + (n - 1 - k) a_{i_k}] / n``; the values sum to one.
+
+**Nested (multi-scale) sampling.** A first attention ``a`` over ``K`` regions, and in each region
+``i`` a second attention ``b^i`` over its positions; the model needs
+``E_a[g] = sum_i a_i g_i`` with ``g_i = E_{b^i}[f_i] = sum_j b^i_j f_{ij}``. Draw regions
+``i_1..i_R`` from ``a`` (either mode) with weights ``u_k``, then, independently in each drawn region,
+``n`` positions from ``b^{i_k}`` with weights ``v_{kj}``, and estimate with
+``sum_k sum_j u_k v_{kj} f_{i_k j_{kj}} = sum_k u_k ghat_k``. Given the region draws, ``ghat_k`` is an
+unbiased estimate of ``g_{i_k}`` (value and gradient, by the single-level result), and ``u_k``
+depends on the region draws only, so ``E[sum_k u_k ghat_k | regions] = sum_k u_k g_{i_k}``, whose
+expectation is ``E_a[g]`` by the single-level result again. Gradients split the same way: the first
+attention's parameters enter only ``u_k``, whose gradient times ``g_{i_k}`` is unbiased for
+``sum_i grad(a_i) g_i``; the second attention and the features enter only ``ghat_k``, and
+``sum_k u_k grad(ghat_k)`` is unbiased for ``sum_i a_i grad(g_i)``. So the weights multiply, and both
+factors keep their own stop-gradient surrogates (:func:`nested_expectation_weights`). A region drawn
+twice (with replacement) gets two independent sets of position draws; only the conditional
+expectation matters, so this is still unbiased.
 """
 
 from __future__ import annotations
@@ -135,6 +151,26 @@ def expectation_weights(sampled_attention: torch.Tensor, mode: SamplingMode) -> 
         later = torch.arange(n - 1, -1, -1, device=a.device, dtype=a.dtype)  # n - 1 - k
         return (remaining * ratio + later * a) / n
     raise ValueError(f"expectation_weights: mode must be one of {SAMPLING_MODES}, got {mode!r}")
+
+
+def nested_expectation_weights(region_weights: torch.Tensor, position_weights: torch.Tensor) -> torch.Tensor:
+    """Weights of the two-level estimator (see the module docstring): ``u_k v_kj``, flattened.
+
+    Args:
+        region_weights: ``(batch, R)`` :func:`expectation_weights` of the drawn regions.
+        position_weights: ``(batch, R, n)`` :func:`expectation_weights` of the positions drawn inside
+            each drawn region (row ``k`` belongs to region draw ``k``).
+
+    Returns:
+        ``(batch, R * n)`` weights, region-major (all positions of region draw 0 first); their values
+        sum to one and their gradient reaches both attention distributions.
+    """
+    if region_weights.dim() != 2 or position_weights.dim() != 3 or position_weights.shape[:2] != region_weights.shape:
+        raise ValueError(
+            "nested_expectation_weights: expected region_weights (batch, R) and position_weights (batch, R, n), "
+            f"got {tuple(region_weights.shape)} and {tuple(position_weights.shape)}"
+        )
+    return (region_weights[..., None] * position_weights).flatten(1)
 
 
 def expectation(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
