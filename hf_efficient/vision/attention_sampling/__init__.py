@@ -1,7 +1,10 @@
 """Attention sampling (Katharopoulos & Fleuret, ICML 2019): config, image processor and classifier.
 
 Importing this package registers them with ``AutoConfig``, ``AutoImageProcessor`` and
-``AutoModelForImageClassification`` under the model type ``"attention_sampling"``.
+``AutoModelForImageClassification`` under the model type ``"attention_sampling"``, and marks them for
+remote code: ``save_pretrained`` copies their (self-contained) source files next to the weights and
+writes an ``auto_map``, so a process without hf_efficient loads the folder with
+``trust_remote_code=True``.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
@@ -21,6 +24,7 @@ from .sampling import (
     expectation_weights,
     extract_patches,
     negative_entropy,
+    nested_expectation_weights,
     patch_top_left,
     sample_with_replacement,
     sample_without_replacement,
@@ -35,6 +39,9 @@ AutoImageProcessor.register(
     image_processor_classes={"pil": AttentionSamplingImageProcessor, "torchvision": AttentionSamplingImageProcessor},
     exist_ok=True,
 )
+AttentionSamplingConfig.register_for_auto_class("AutoConfig")
+AttentionSamplingForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+AttentionSamplingImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "AttentionSamplingConfig",
@@ -49,6 +56,7 @@ __all__ = [
     "expectation_weights",
     "extract_patches",
     "negative_entropy",
+    "nested_expectation_weights",
     "patch_top_left",
     "sample_with_replacement",
     "sample_without_replacement",
