@@ -5,7 +5,8 @@ environment variable, then automatic choice. Accepted values for both:
 
 * ``"auto"`` (default): the compiled kernel when it exists for the tensors' device and dtype and can
   be built/imported here, otherwise the PyTorch reference;
-* ``"reference"``: always the PyTorch reference (``causal_linear_chunked``);
+* ``"reference"``: always the PyTorch reference (``causal_linear_chunked``; for the clustered ops, the
+  PyTorch code of ``hf_efficient.attention.clustered`` / ``hashing``);
 * ``"kernel"``: the compiled kernel, raising a ``RuntimeError`` that says why if it is unavailable.
 
 :func:`available` reports what this machine can run, and why not.
@@ -19,11 +20,17 @@ import os
 import torch
 
 __all__ = [
+    "CLUSTERED_OPS",
     "ENV_VAR",
     "IMPLEMENTATIONS",
     "available",
     "causal_linear",
     "causal_linear_normalized",
+    "cluster_broadcast",
+    "cluster_mean",
+    "clustered_topk",
+    "hamming_kmeans",
+    "select_clustered_implementation",
     "select_implementation",
 ]
 
@@ -65,18 +72,24 @@ def available(build: bool = True) -> dict:
             was already loaded in this process.
 
     Returns:
-        ``{"cpu": bool, "cpu_error": str | None, "cuda": bool, "cuda_error": str | None,
-        "forced": str}`` where ``forced`` is the value of ``HF_EFFICIENT_KERNELS`` (``"auto"`` if unset).
+        ``{"cpu": bool, "cpu_error": str | None, "cpu_clustered": bool, "cpu_clustered_error": str | None,
+        "cuda": bool, "cuda_error": str | None, "forced": str}``: ``cpu`` is the causal linear kernel,
+        ``cpu_clustered`` the clustered-attention kernels (a separate build), ``forced`` the value of
+        ``HF_EFFICIENT_KERNELS`` (``"auto"`` if unset).
     """
     if build:
         cpu, cpu_error = _cpu_kernel()
+        clustered, clustered_error = _clustered_cpu_kernel()
     else:
         from .cpu import loader
 
         cpu = loader._module is not None
         cpu_error = loader.build_error() or (None if loader._tried else "not built yet")
+        clustered = loader._clustered_module is not None
+        clustered_error = loader.clustered_build_error() or (None if loader._clustered_tried else "not built yet")
     cuda, cuda_error = _triton_kernel()
-    return {"cpu": cpu, "cpu_error": cpu_error, "cuda": cuda, "cuda_error": cuda_error, "forced": _requested(None)}
+    return {"cpu": cpu, "cpu_error": cpu_error, "cpu_clustered": clustered, "cpu_clustered_error": clustered_error,
+            "cuda": cuda, "cuda_error": cuda_error, "forced": _requested(None)}
 
 
 def select_implementation(phi_q: torch.Tensor, implementation: str | None = None) -> str:
@@ -202,3 +215,194 @@ def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear
             f"{name}: initial must be (batch, heads, m, {state_cols}) = {(b, h, m, state_cols)}, "
             f"got {tuple(initial.shape)}"
         )
+
+
+# --------------------------------------------------------------------------- clustered attention
+# Ops of clustered attention that have a CPU kernel. Where a kernel measured no faster than its PyTorch
+# path at the sizes clustered attention runs (scripts/bench_kernels.py --clustered), "auto" keeps the
+# reference; "kernel" still runs it.
+CLUSTERED_OPS = ("hamming_kmeans", "cluster_mean", "cluster_broadcast", "clustered_topk")
+_CLUSTERED_AUTO = {"hamming_kmeans": True, "cluster_mean": True, "cluster_broadcast": True, "clustered_topk": True}
+
+
+def _clustered_cpu_kernel() -> tuple[bool, str | None]:
+    from .cpu import clustered_build_error, load_clustered_extension
+
+    return load_clustered_extension() is not None, clustered_build_error()
+
+
+def select_clustered_implementation(x: torch.Tensor, op: str, implementation: str | None = None) -> str:
+    """``"kernel"`` or ``"reference"``: what the clustered op ``op`` (one of :data:`CLUSTERED_OPS`) runs for ``x``.
+
+    Only CPU tensors have a kernel (float32, float64, bfloat16, float16; any dtype for the k-means, whose
+    input is bool codes).
+    """
+    if op not in CLUSTERED_OPS:
+        raise ValueError(f"unknown clustered op {op!r}; accepted: {', '.join(CLUSTERED_OPS)}")
+    wanted = _requested(implementation)
+    if wanted == "reference" or (wanted == "auto" and not _CLUSTERED_AUTO[op]):
+        return "reference"
+    reason = None
+    if x.device.type != "cpu":
+        reason = f"no {op} kernel for device {x.device.type}"
+    elif op != "hamming_kmeans" and x.dtype not in _KERNEL_DTYPES:
+        reason = f"dtype {x.dtype} has no kernel (accepted: float32, float64, bfloat16, float16)"
+    else:
+        ok, err = _clustered_cpu_kernel()
+        reason = None if ok else f"the clustered CPU kernel could not be built: {err}"
+    if reason is None:
+        return "kernel"
+    if wanted == "kernel":
+        raise RuntimeError(f"{op}: implementation='kernel' was requested but {reason}")
+    return "reference"
+
+
+def _tensor(t, name: str, label: str, dim: int, dtype: torch.dtype | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name}: {label} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: {label} must be {dtype}, got {t.dtype}")
+
+
+def _check_assign(x: torch.Tensor, assign: torch.Tensor, name: str) -> None:
+    _tensor(x, name, "x", 4)
+    _tensor(assign, name, "assign", 3, torch.int64)
+    if tuple(assign.shape[:2]) != tuple(x.shape[:2]):
+        raise ValueError(f"{name}: assign must be (batch, heads, n) with x's batch and heads, got "
+                         f"{tuple(assign.shape)} for x {tuple(x.shape)}")
+
+
+def hamming_kmeans(
+    bits: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int, *, implementation: str | None = None
+) -> torch.Tensor:
+    """Hamming k-means of ``hf_efficient.attention.hashing.hamming_kmeans`` through the fastest implementation.
+
+    The kernel packs the codes into 64-bit words and uses popcounts; the assignment is identical to the
+    reference's (same start, ties to the lowest cluster, majority ties to 0, empty clusters kept).
+
+    Args:
+        bits: bool ``(s, n, n_bits)``; valid: bool ``(s, n)``; clusters >= 1; iterations >= 0.
+        implementation: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
+
+    Returns:
+        int64 ``(s, n)`` in ``[0, clusters)``, -1 for padded queries.
+    """
+    name = "hamming_kmeans"
+    _tensor(bits, name, "bits", 3, torch.bool)
+    _tensor(valid, name, "valid", 2, torch.bool)
+    if tuple(valid.shape) != tuple(bits.shape[:2]):
+        raise ValueError(f"{name}: valid must be (s, n) = {tuple(bits.shape[:2])}, got {tuple(valid.shape)}")
+    for label, value, low in (("clusters", clusters, 1), ("iterations", iterations, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}: {label} must be an int >= {low}, got {value!r}")
+    if select_clustered_implementation(bits, name, implementation) == "kernel":
+        from .ops import hamming_kmeans_op
+
+        return hamming_kmeans_op(bits, valid, clusters, iterations)
+    from hf_efficient.attention.hashing import hamming_kmeans as reference
+
+    return reference(bits, valid, clusters, iterations)
+
+
+def cluster_mean(
+    x: torch.Tensor, assign: torch.Tensor, clusters: int, *, implementation: str | None = None
+) -> torch.Tensor:
+    """Mean of each cluster's member rows, differentiable in x.
+
+    Args:
+        x: ``(batch, heads, n, d)``.
+        assign: int64 ``(batch, heads, n)`` in ``[0, clusters)``, -1 = left out.
+        clusters: C.
+
+    Returns:
+        ``(batch, heads, C, d)``; an empty cluster is zero.
+    """
+    _check_assign(x, assign, "cluster_mean")
+    if select_clustered_implementation(x, "cluster_mean", implementation) == "kernel":
+        from .ops import cluster_sum_op
+
+        return cluster_sum_op(x, assign, clusters, True)
+    from hf_efficient.attention.clustered import _centroids
+
+    return _centroids(x, assign, clusters)
+
+
+def cluster_broadcast(y: torch.Tensor, assign: torch.Tensor, *, implementation: str | None = None) -> torch.Tensor:
+    """Give each query its cluster's row, differentiable in y.
+
+    Args:
+        y: ``(batch, heads, C, e)``.
+        assign: int64 ``(batch, heads, n)`` in ``[0, C)``, -1 = padded query (gets zeros).
+
+    Returns:
+        ``(batch, heads, n, e)``.
+    """
+    _check_assign(y, assign, "cluster_broadcast")
+    if select_clustered_implementation(y, "cluster_broadcast", implementation) == "kernel":
+        from .ops import cluster_gather_op
+
+        return cluster_gather_op(y, assign, False)
+    from hf_efficient.attention.clustered import _per_query
+
+    return _per_query(y, assign, None) * (assign >= 0)[..., None].to(y.dtype)
+
+
+def clustered_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    top: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    *,
+    implementation: str | None = None,
+) -> torch.Tensor:
+    """Each query's softmax attention over its cluster's top keys (the exact part of improved clustered attention).
+
+    ``out_i = sum_j softmax_j(scale q_i . k_{top[c_i, j]}) v_{top[c_i, j]}`` over the real keys among them;
+    differentiable in q, k and v.
+
+    Args:
+        q: ``(batch, heads, n, d)``; k: ``(batch, heads, n_k, d)``; v: ``(batch, heads, n_k, e)``.
+        assign: int64 ``(batch, heads, n)`` in ``[0, C)``, -1 = padded query (gets zeros).
+        top: int64 ``(batch, heads, C, t)`` key indices in ``[0, n_k)``.
+        key_mask: optional bool ``(batch, n_k)``, True = real key.
+        scale: multiplies q . k.
+
+    Returns:
+        ``(batch, heads, n, e)``.
+    """
+    name = "clustered_topk"
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(t, name, label, 4)
+    _check_assign(q, assign, name)
+    _tensor(top, name, "top", 4, torch.int64)
+    b, h, n, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape[:3] != k.shape[:3] or assign.shape[2] != n \
+            or top.shape[:2] != (b, h):
+        raise ValueError(f"{name}: expected q (b, h, n, d), k (b, h, n_k, d), v (b, h, n_k, e), assign (b, h, n), "
+                         f"top (b, h, C, t); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, "
+                         f"{tuple(assign.shape)}, {tuple(top.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_mask is not None:
+        _tensor(key_mask, name, "key_mask", 2, torch.bool)
+        if tuple(key_mask.shape) != (b, k.shape[2]):
+            raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, k.shape[2])}, got {tuple(key_mask.shape)}")
+    if select_clustered_implementation(q, name, implementation) == "kernel":
+        from .ops import clustered_topk_op
+
+        return clustered_topk_op(q, k, v, assign, top, key_mask, float(scale))[0]
+    from hf_efficient.attention.clustered import _rows, _top_products
+
+    n_k, e, c, t = k.shape[2], v.shape[-1], top.shape[2], top.shape[3]
+    rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
+    k_top = _rows(k.reshape(-1, d), rows).reshape(b * h * c, t, d)
+    v_top = _rows(v.reshape(-1, e), rows).reshape(b * h * c, t, e)
+    key_ok = None
+    if key_mask is not None:
+        key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
+    return _top_products(q, assign, k_top, v_top, key_ok, float(scale), c).reshape(b, h, n, e)

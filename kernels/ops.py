@@ -3,7 +3,9 @@
 ``hf_efficient::causal_linear(phi_q, phi_k, v, initial, chunk) -> (y, state)``,
 ``hf_efficient::causal_linear_normalized(phi_q, phi_k, v, initial, eps, chunk) -> (out, state, den)`` and
 their backwards are registered with fake (meta) implementations and autograd, so they trace under ``torch.compile`` and
-pass ``torch.library.opcheck``. The CPU implementation is the C++ kernel of :mod:`kernels.cpu`; CUDA
+pass ``torch.library.opcheck``. The clustered-attention ops (``hamming_kmeans``, ``cluster_sum``,
+``cluster_gather``, ``clustered_topk``) have a CPU kernel only (:mod:`kernels.cpu`, ``clustered.cpp``).
+The CPU implementation is the C++ kernel of :mod:`kernels.cpu`; CUDA
 tensors go to the Triton kernel of :mod:`kernels.triton`. Callers normally go through
 :func:`kernels.dispatch.causal_linear`, which checks availability first and falls back to PyTorch.
 """
@@ -16,6 +18,11 @@ from .cpu import build_error, load_extension
 
 __all__ = [
     "causal_linear_backward_op",
+    "cluster_gather_op",
+    "cluster_sum_op",
+    "clustered_topk_backward_op",
+    "clustered_topk_op",
+    "hamming_kmeans_op",
     "causal_linear_normalized_backward_op",
     "causal_linear_normalized_op",
     "causal_linear_op",
@@ -216,3 +223,160 @@ def _backward_normalized(ctx, grad_out, grad_state, _grad_den):
 
 
 causal_linear_normalized_op.register_autograd(_backward_normalized, setup_context=_setup_normalized)
+
+
+# --------------------------------------------------------------------------- clustered attention
+def _clustered_module():
+    from .cpu import clustered_build_error, load_clustered_extension
+
+    ext = load_clustered_extension()
+    if ext is None:
+        raise RuntimeError(f"hf_efficient clustered ops: the CPU kernel could not be built: {clustered_build_error()}")
+    return ext
+
+
+@torch.library.custom_op("hf_efficient::hamming_kmeans", mutates_args=())
+def hamming_kmeans_op(bits: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
+    """Lloyd's k-means in Hamming space on popcounts; same result as ``hashing.hamming_kmeans``.
+
+    Args:
+        bits: bool ``(s, n, n_bits)`` codes (s = batch x heads sequences), packed into 64-bit words inside.
+        valid: bool ``(s, n)``, True = real query.
+        clusters, iterations: as in ``hashing.hamming_kmeans``.
+
+    Returns:
+        int64 ``(s, n)``: cluster in ``[0, clusters)``, -1 for padded queries.
+    """
+    return _clustered_module().hamming_kmeans(bits, valid, clusters, iterations)
+
+
+@hamming_kmeans_op.register_fake
+def _(bits, valid, clusters, iterations):
+    return bits.new_empty(bits.shape[:2], dtype=torch.long)
+
+
+@torch.library.custom_op("hf_efficient::cluster_sum", mutates_args=())
+def cluster_sum_op(x: torch.Tensor, assign: torch.Tensor, clusters: int, mean: bool) -> torch.Tensor:
+    """Per-cluster sum (or mean, with ``mean``) of rows: ``(b, h, n, d)`` -> ``(b, h, clusters, d)``.
+
+    ``assign`` is int64 ``(b, h, n)`` in ``[0, clusters)``; rows with -1 are left out; an empty cluster is zero.
+    """
+    return _clustered_module().cluster_sum(x, assign, clusters, mean)
+
+
+@cluster_sum_op.register_fake
+def _(x, assign, clusters, mean):
+    return x.new_empty(x.shape[0], x.shape[1], clusters, x.shape[3])
+
+
+@torch.library.custom_op("hf_efficient::cluster_gather", mutates_args=())
+def cluster_gather_op(y: torch.Tensor, assign: torch.Tensor, divide: bool) -> torch.Tensor:
+    """Each query's cluster row: ``(b, h, C, e)`` -> ``(b, h, n, e)``, divided by the cluster size with
+    ``divide``; zero rows where ``assign`` is -1."""
+    return _clustered_module().cluster_gather(y, assign, divide)
+
+
+@cluster_gather_op.register_fake
+def _(y, assign, divide):
+    return y.new_empty(y.shape[0], y.shape[1], assign.shape[2], y.shape[3])
+
+
+# The sum over members and the broadcast to members are each other's adjoints (the mean pairs with
+# the broadcast divided by the cluster size).
+def _setup_sum(ctx, inputs, output):
+    _, assign, _, mean = inputs
+    ctx.save_for_backward(assign)
+    ctx.mean = mean
+
+
+def _backward_sum(ctx, grad):
+    (assign,) = ctx.saved_tensors
+    return cluster_gather_op(grad.contiguous(), assign, ctx.mean), None, None, None
+
+
+def _setup_gather(ctx, inputs, output):
+    y, assign, divide = inputs
+    ctx.save_for_backward(assign)
+    ctx.clusters, ctx.divide = y.shape[2], divide
+
+
+def _backward_gather(ctx, grad):
+    (assign,) = ctx.saved_tensors
+    return cluster_sum_op(grad.contiguous(), assign, ctx.clusters, ctx.divide), None, None
+
+
+cluster_sum_op.register_autograd(_backward_sum, setup_context=_setup_sum)
+cluster_gather_op.register_autograd(_backward_gather, setup_context=_setup_gather)
+
+
+@torch.library.custom_op("hf_efficient::clustered_topk", mutates_args=())
+def clustered_topk_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    top: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of each query over its cluster's top keys: ``out_i = sum_j w_ij v_{top[c_i, j]}``.
+
+    Args:
+        q: ``(b, h, n, d)``; k: ``(b, h, n_k, d)``; v: ``(b, h, n_k, e)``.
+        assign: int64 ``(b, h, n)`` cluster of each query (-1: padded, zero output).
+        top: int64 ``(b, h, C, t)`` key indices of each cluster.
+        key_mask: optional bool ``(b, n_k)``; False keys get zero weight.
+        scale: multiplies q . k before the softmax.
+
+    Returns:
+        out ``(b, h, n, e)`` in q's dtype and the weights ``(b, h, n, t)`` in the accumulation dtype
+        (float32, float64 for float64 inputs), kept for the backward; they carry no gradient.
+    """
+    out, w = _clustered_module().clustered_topk_forward(q, k, v, assign, top, key_mask, scale)
+    return out, w
+
+
+@clustered_topk_op.register_fake
+def _(q, k, v, assign, top, key_mask, scale):
+    b, h, n, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n, top.shape[-1], dtype=acc)
+
+
+@torch.library.custom_op("hf_efficient::clustered_topk_backward", mutates_args=())
+def clustered_topk_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    top: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`clustered_topk_op` w.r.t. q, k and v (from its saved weights)."""
+    dq, dk, dv = _clustered_module().clustered_topk_backward(q, k, v, assign, top, weights, grad_out, scale)
+    return dq, dk, dv
+
+
+@clustered_topk_backward_op.register_fake
+def _(q, k, v, assign, top, weights, grad_out, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_topk(ctx, inputs, output):
+    q, k, v, assign, top, _, scale = inputs
+    ctx.save_for_backward(q, k, v, assign, top, output[1])
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_topk(ctx, grad_out, _grad_weights):
+    q, k, v, assign, top, weights = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    dq, dk, dv = clustered_topk_backward_op(q, k, v, assign, top, weights, grad_out, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+clustered_topk_op.register_autograd(_backward_topk, setup_context=_setup_topk)

@@ -39,7 +39,6 @@ from ._checks import check_padding_mask, check_qkv
 from .hashing import (
     MAX_BITS,
     draw_hyperplanes,
-    hamming_kmeans,
     hamming_kmeans_reference,
     hash_queries,
     pack_bits,
@@ -99,7 +98,10 @@ def _cluster(q, clusters, bits, iterations, seed, query_mask):
     valid = query_mask if query_mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
     codes = hash_queries(q.detach(), query_mask, w, z)  # (b, h, n, bits)
     valid_bh = valid[:, None, :].expand(b, h, n).reshape(b * h, n)
-    assign = hamming_kmeans(codes.reshape(b * h, n, bits), valid_bh, clusters, iterations)
+    # kernels/dispatch.py runs the compiled popcount k-means when it can (same result), else hamming_kmeans
+    from kernels.dispatch import hamming_kmeans as kmeans
+
+    assign = kmeans(codes.reshape(b * h, n, bits), valid_bh, clusters, iterations)
     return assign.reshape(b, h, n)
 
 
@@ -194,7 +196,9 @@ def clustered_attention(
         "clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask,
         scale, seed,
     )
-    cent = _centroids(q32, assign, c)
+    from kernels import dispatch  # compiled cluster mean / broadcast where available, else the code here
+
+    cent = dispatch.cluster_mean(q32, assign, c)
     # only the centroids' outputs are needed: the fused SDPA kernel never stores the C x n_k weights
     mask = None
     if key_mask is not None:
@@ -205,7 +209,7 @@ def clustered_attention(
     cout = torch.nn.functional.scaled_dot_product_attention(cent, k32, v32, attn_mask=mask, scale=scale)
     if key_mask is not None:
         cout = torch.where(key_mask.any(dim=1)[:, None, None, None], cout, 0.0)
-    out = _per_query(cout, assign, query_mask).to(q.dtype)
+    out = dispatch.cluster_broadcast(cout, assign).to(q.dtype)  # padded queries (assign -1) get zeros
     return (out, assign) if return_clusters else out
 
 
@@ -239,23 +243,29 @@ def improved_clustered_attention(
     b, h, n_q, d = q32.shape
     n_k, e = k32.shape[2], v32.shape[-1]
     t = min(topk, n_k)
-    probs, cout = _centroid_attention(_centroids(q32, assign, c), k32, v32, key_mask, scale)
+    from kernels import dispatch  # compiled kernels where available, else the code here
+
+    probs, cout = _centroid_attention(dispatch.cluster_mean(q32, assign, c), k32, v32, key_mask, scale)
     top = probs.topk(t, dim=-1).indices  # (b, h, C, t); padded keys have weight 0, picked last
     top_probs = probs.gather(-1, top)
     mass = top_probs.sum(-1)  # (b, h, C)
     rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
-    k_top = _rows(k32.reshape(-1, d), rows).reshape(b * h * c, t, d)
     v_top = _rows(v32.reshape(-1, e), rows).reshape(b * h * c, t, e)
-    if key_mask is not None:
-        key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
-    else:
-        key_ok = None
     # the centroid's attention on the keys outside its top-k
     rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
 
-    exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
+    if dispatch.select_clustered_implementation(q32, "clustered_topk") == "kernel":
+        # reads each cluster's top keys in place: no (b*h*C, t, d) copies
+        exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
+    else:
+        k_top = _rows(k32.reshape(-1, d), rows).reshape(b * h * c, t, d)
+        if key_mask is not None:
+            key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
+        else:
+            key_ok = None
+        exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
     # mass and rest ride together through one per-query gather
-    per_query = _per_query(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign, query_mask)
+    per_query = dispatch.cluster_broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)
     out = (per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)
     return (out, assign) if return_clusters else out
 

@@ -1,5 +1,5 @@
 """C++ (OpenMP) kernels, compiled on first use; see :mod:`kernels.cpu.loader`."""
 
-from .loader import build_error, load_extension
+from .loader import build_error, clustered_build_error, load_clustered_extension, load_extension
 
-__all__ = ["build_error", "load_extension"]
+__all__ = ["build_error", "clustered_build_error", "load_clustered_extension", "load_extension"]

@@ -1,11 +1,12 @@
 """Compile the C++ kernels on first use and cache the build.
 
 Nothing is compiled at install time. The first call to :func:`load_extension` builds
-``causal_linear.cpp`` with ``torch.utils.cpp_extension.load`` into a folder under
-``hf_efficient.assets.cache_dir()`` whose name hashes the source, the torch version and the CPU
-(the build uses ``-march=native``, so a cache shared between machines must not mix them). Any failure
-(no compiler, no ninja, a broken toolchain) is remembered and reported by :func:`build_error`; callers
-then use the PyTorch reference.
+``causal_linear.cpp`` (and the first call to :func:`load_clustered_extension` builds ``clustered.cpp``)
+with ``torch.utils.cpp_extension.load`` into a folder under ``hf_efficient.assets.cache_dir()`` whose
+name hashes the source, the torch version and the CPU (the build uses ``-march=native``, so a cache
+shared between machines must not mix them). Any failure (no compiler, no ninja, a broken toolchain)
+is remembered and reported by :func:`build_error` (:func:`clustered_build_error`); callers then use
+the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_error", "load_extension"]
+__all__ = ["build_error", "clustered_build_error", "load_clustered_extension", "load_extension"]
 
 _SOURCE = Path(__file__).with_name("causal_linear.cpp")
+_CLUSTERED_SOURCE = Path(__file__).with_name("clustered.cpp")
 _lock = threading.Lock()
 _module: Any = None
 _error: str | None = None
 _tried = False
+# the clustered kernels are a second extension: a failed build of one leaves the other usable
+_clustered_module: Any = None
+_clustered_error: str | None = None
+_clustered_tried = False
 
 # Tried in order: the fast build, then one without CPU-specific instructions.
 _FLAG_SETS = (
@@ -48,63 +54,85 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build_dir(flags: list[str]) -> tuple[str, Path]:
+def _build_dir(flags: list[str], source: Path = _SOURCE) -> tuple[str, Path]:
     from hf_efficient.assets import cache_dir
 
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode(), " ".join(flags).encode()):
+    for part in (source.read_bytes(), torch.__version__.encode(), _cpu_signature().encode(), " ".join(flags).encode()):
         h.update(part)
     tag = h.hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"causal_linear_{tag}"
+    path = cache_dir() / "kernels" / f"{source.stem}_{tag}"
     path.mkdir(parents=True, exist_ok=True)
-    return f"hf_efficient_causal_linear_{tag}", path
+    return f"hf_efficient_{source.stem}_{tag}", path
+
+
+def _compile(source: Path, namespace: str) -> tuple[Any, str | None]:
+    """Build ``source`` (first flag set that works) and return ``(torch.ops.<namespace>, None)`` or
+    ``(None, why)``."""
+    errors = []
+    try:
+        from torch.utils import cpp_extension
+    except Exception as exc:  # a torch build without the extension tools
+        return None, f"torch.utils.cpp_extension unavailable: {exc}"
+    for cflags, ldflags in _FLAG_SETS:
+        name, path = _build_dir(cflags, source)
+        verbose = bool(os.environ.get("HF_EFFICIENT_KERNELS_VERBOSE"))
+        # Quiet: a failed build is reported by build_error(), and the reference still runs.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        try:
+            if not verbose:
+                log.setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(source)],
+                    extra_cflags=cflags,
+                    extra_ldflags=ldflags,
+                    build_directory=str(path),
+                    verbose=verbose,
+                    is_python_module=False,  # the library registers torch.ops.<namespace>
+                )
+            return getattr(torch.ops, namespace), None
+        except Exception as exc:  # no compiler, failed compile, failed import: fall back
+            errors.append(f"{' '.join(cflags)}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
+        finally:
+            log.setLevel(level)
+    return None, "; ".join(errors)
 
 
 def load_extension() -> Any:
-    """``torch.ops.hf_efficient_cpu`` (the compiled ops), building it on the first call; None if it cannot be
-    built."""
+    """``torch.ops.hf_efficient_cpu`` (the compiled causal linear ops), building it on the first call; None if
+    it cannot be built."""
     global _module, _error, _tried
     if _tried:
         return _module
     with _lock:
         if _tried:
             return _module
-        errors = []
-        try:
-            from torch.utils import cpp_extension
-        except Exception as exc:  # a torch build without the extension tools
-            errors.append(f"torch.utils.cpp_extension unavailable: {exc}")
-            cpp_extension = None
-        if cpp_extension is not None:
-            for cflags, ldflags in _FLAG_SETS:
-                name, path = _build_dir(cflags)
-                verbose = bool(os.environ.get("HF_EFFICIENT_KERNELS_VERBOSE"))
-                # Quiet: a failed build is reported by build_error(), and the reference still runs.
-                log = logging.getLogger("torch.utils.cpp_extension")
-                level = log.level
-                try:
-                    if not verbose:
-                        log.setLevel(logging.ERROR)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        cpp_extension.load(
-                            name=name,
-                            sources=[str(_SOURCE)],
-                            extra_cflags=cflags,
-                            extra_ldflags=ldflags,
-                            build_directory=str(path),
-                            verbose=verbose,
-                            is_python_module=False,  # the library registers torch.ops.hf_efficient_cpu
-                        )
-                    _module = torch.ops.hf_efficient_cpu
-                    break
-                except Exception as exc:  # no compiler, failed compile, failed import: fall back
-                    errors.append(f"{' '.join(cflags)}: {type(exc).__name__}: {str(exc).strip()[-500:]}")
-                finally:
-                    log.setLevel(level)
-        _error = None if _module is not None else "; ".join(errors)
+        _module, _error = _compile(_SOURCE, "hf_efficient_cpu")
         _tried = True
         return _module
+
+
+def load_clustered_extension() -> Any:
+    """``torch.ops.hf_efficient_clustered_cpu`` (k-means, cluster sums/broadcasts, top-k products), built from
+    ``clustered.cpp`` on the first call; None if it cannot be built."""
+    global _clustered_module, _clustered_error, _clustered_tried
+    if _clustered_tried:
+        return _clustered_module
+    with _lock:
+        if _clustered_tried:
+            return _clustered_module
+        _clustered_module, _clustered_error = _compile(_CLUSTERED_SOURCE, "hf_efficient_clustered_cpu")
+        _clustered_tried = True
+        return _clustered_module
+
+
+def clustered_build_error() -> str | None:
+    """Why the clustered extension failed to build (None if it succeeded or was never tried)."""
+    return _clustered_error
 
 
 def build_error() -> str | None:

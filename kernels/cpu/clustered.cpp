@@ -1,0 +1,581 @@
+// Clustered attention on the CPU: Hamming k-means on packed codes, per-cluster means and broadcasts,
+// and the improved-clustered top-k products (forward and backward).
+//
+// Every op works on one (batch, head) sequence at a time and splits the sequences over threads, so
+// no two threads ever write the same row (the top-k backward scatters into shared keys of one
+// sequence only). Floating point work accumulates in float32 for float32/bfloat16/float16 inputs and
+// in float64 for float64 inputs.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using Acc = typename AccOf<T>::type;
+
+inline int64_t popcount(uint64_t x) { return static_cast<int64_t>(__builtin_popcountll(x)); }
+
+// --------------------------------------------------------------------------- Hamming k-means
+// Same algorithm, start and tie rules as hf_efficient.attention.hashing.hamming_kmeans:
+// * start: the real queries of ranks ((2 i + 1) n_real) / (2 C), i < C;
+// * assign: the centre with the fewest differing bits, the lowest index on ties;
+// * update: bit b of a centre is 1 when more than half of its members have it (a tie gives 0); an empty
+//   cluster keeps its centre; stop after `iterations` updates or at a fixed point.
+struct KMeans {
+  int64_t C, W;
+  std::vector<uint64_t> centres;  // word-major: centres[w * C + c], so the inner loop runs over centres
+  std::vector<int64_t> dist;
+  std::vector<int32_t> ones;  // (C, 64 W) members with the bit set
+  std::vector<int64_t> count;
+
+  KMeans(int64_t C_, int64_t W_) : C(C_), W(W_), centres(C_ * W_), dist(C_), ones(C_ * 64 * W_), count(C_) {}
+
+  int64_t nearest(const uint64_t* x) {
+    const uint64_t* c0 = centres.data();
+    int64_t* d = dist.data();
+    for (int64_t c = 0; c < C; ++c) d[c] = popcount(x[0] ^ c0[c]);
+    for (int64_t w = 1; w < W; ++w) {
+      const uint64_t* cw = c0 + w * C;
+      for (int64_t c = 0; c < C; ++c) d[c] += popcount(x[w] ^ cw[c]);
+    }
+    // (distance, index) packed in one integer: its minimum is the first nearest centre
+    uint64_t best = std::numeric_limits<uint64_t>::max();
+    for (int64_t c = 0; c < C; ++c) best = std::min(best, (static_cast<uint64_t>(d[c]) << 32) | static_cast<uint64_t>(c));
+    return static_cast<int64_t>(best & 0xffffffffu);
+  }
+
+  // returns whether any assignment changed
+  bool assign_all(const uint64_t* codes, int64_t n, int64_t* assign) {
+    bool changed = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = nearest(codes + i * W);
+      changed |= a != assign[i];
+      assign[i] = a;
+    }
+    return changed;
+  }
+
+  void update(const uint64_t* codes, int64_t n, const int64_t* assign) {
+    std::fill(ones.begin(), ones.end(), 0);
+    std::fill(count.begin(), count.end(), 0);
+    const int64_t nb = 64 * W;
+    for (int64_t i = 0; i < n; ++i) {
+      int32_t* o = ones.data() + assign[i] * nb;
+      count[assign[i]] += 1;
+      for (int64_t w = 0; w < W; ++w) {
+        const uint64_t x = codes[i * W + w];
+        for (int b = 0; b < 64; ++b) o[w * 64 + b] += static_cast<int32_t>((x >> b) & 1u);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      if (count[c] == 0) continue;
+      const int32_t* o = ones.data() + c * nb;
+      for (int64_t w = 0; w < W; ++w) {
+        uint64_t word = 0;
+        for (int b = 0; b < 64; ++b) word |= static_cast<uint64_t>(2 * static_cast<int64_t>(o[w * 64 + b]) > count[c]) << b;
+        centres[w * C + c] = word;
+      }
+    }
+  }
+};
+
+at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in, int64_t clusters, int64_t iterations) {
+  TORCH_CHECK(bits_in.dim() == 3 && bits_in.scalar_type() == at::kBool,
+              "hamming_kmeans: bits must be a bool (sequences, n, n_bits) tensor");
+  TORCH_CHECK(valid_in.dim() == 2 && valid_in.scalar_type() == at::kBool && valid_in.size(0) == bits_in.size(0) &&
+                  valid_in.size(1) == bits_in.size(1),
+              "hamming_kmeans: valid must be a bool (sequences, n) tensor");
+  TORCH_CHECK(clusters >= 1 && iterations >= 0, "hamming_kmeans: clusters >= 1 and iterations >= 0");
+  const auto bits = bits_in.contiguous();
+  const auto valid = valid_in.contiguous();
+  const int64_t S = bits.size(0), n = bits.size(1), nb = bits.size(2), W = (nb + 63) / 64;
+  auto out = at::empty({S, n}, bits.options().dtype(at::kLong));
+  const bool* pb = bits.data_ptr<bool>();
+  const bool* pv = valid.data_ptr<bool>();
+  int64_t* po = out.data_ptr<int64_t>();
+  at::parallel_for(0, S, 1, [&](int64_t lo, int64_t hi) {
+    KMeans km(clusters, W);
+    std::vector<uint64_t> codes;
+    std::vector<int64_t> pos, assign;
+    for (int64_t s = lo; s < hi; ++s) {
+      const bool* vs = pv + s * n;
+      int64_t* os = po + s * n;
+      pos.clear();
+      for (int64_t i = 0; i < n; ++i) {
+        os[i] = -1;
+        if (vs[i]) pos.push_back(i);
+      }
+      const int64_t nr = static_cast<int64_t>(pos.size());
+      if (nr <= clusters) {  // each real query is its own cluster (exact attention)
+        for (int64_t r = 0; r < nr; ++r) os[pos[r]] = r;
+        continue;
+      }
+      codes.assign(nr * W, 0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const bool* x = pb + (s * n + pos[r]) * nb;
+        uint64_t* cw = codes.data() + r * W;
+        for (int64_t b = 0; b < nb; ++b) cw[b >> 6] |= static_cast<uint64_t>(x[b]) << (b & 63);
+      }
+      for (int64_t c = 0; c < clusters; ++c) {
+        const int64_t r = ((2 * c + 1) * nr) / (2 * clusters);
+        for (int64_t w = 0; w < W; ++w) km.centres[w * clusters + c] = codes[r * W + w];
+      }
+      assign.assign(nr, -1);
+      km.assign_all(codes.data(), nr, assign.data());
+      for (int64_t it = 0; it < iterations; ++it) {
+        km.update(codes.data(), nr, assign.data());
+        if (!km.assign_all(codes.data(), nr, assign.data())) break;
+      }
+      for (int64_t r = 0; r < nr; ++r) os[pos[r]] = assign[r];
+    }
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------- aggregate / broadcast
+void check_assign(const at::Tensor& x, const at::Tensor& assign, const char* name) {
+  TORCH_CHECK(x.dim() == 4, name, ": expected a (batch, heads, rows, dim) tensor");
+  TORCH_CHECK(assign.dim() == 3 && assign.scalar_type() == at::kLong && assign.size(0) == x.size(0) &&
+                  assign.size(1) == x.size(1),
+              name, ": assign must be an int64 (batch, heads, n) tensor");
+}
+
+// Per-sequence member counts of each cluster.
+void counts(const int64_t* a, int64_t n, int64_t C, std::vector<int64_t>& cnt) {
+  cnt.assign(C, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (a[i] >= 0) cnt[a[i]] += 1;
+}
+
+// out[b, h, c] = sum (or mean) of x[b, h, i] over the queries i with assign == c (zero when empty).
+at::Tensor cluster_sum(const at::Tensor& x_in, const at::Tensor& assign_in, int64_t C, bool mean) {
+  check_assign(x_in, assign_in, "cluster_sum");
+  TORCH_CHECK(x_in.size(2) == assign_in.size(2), "cluster_sum: x and assign must have the same n");
+  const auto x = x_in.contiguous();
+  const auto assign = assign_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), d = x.size(3);
+  auto out = at::empty({B, H, C, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cluster_sum", [&] {
+    using T = Acc<scalar_t>;
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const int64_t* pa = assign.data_ptr<int64_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> acc(C * d);
+      std::vector<int64_t> cnt;
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        const int64_t* a = pa + bh * n;
+        const scalar_t* xs = px + bh * n * d;
+        for (int64_t i = 0; i < n; ++i) {
+          if (a[i] < 0) continue;
+          TORCH_CHECK(a[i] < C, "cluster_sum: assignment ", a[i], " out of range for ", C, " clusters");
+          T* row = acc.data() + a[i] * d;
+          const scalar_t* xr = xs + i * d;
+          for (int64_t j = 0; j < d; ++j) row[j] += static_cast<T>(xr[j]);
+        }
+        if (mean) counts(a, n, C, cnt);
+        scalar_t* os = po + bh * C * d;
+        for (int64_t c = 0; c < C; ++c) {
+          const T f = mean && cnt[c] > 0 ? T(1) / static_cast<T>(cnt[c]) : T(1);
+          for (int64_t j = 0; j < d; ++j) os[c * d + j] = static_cast<scalar_t>(acc[c * d + j] * f);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// out[b, h, i] = y[b, h, assign[i]] (divided by that cluster's size when `divide`); zero where assign < 0.
+at::Tensor cluster_gather(const at::Tensor& y_in, const at::Tensor& assign_in, bool divide) {
+  check_assign(y_in, assign_in, "cluster_gather");
+  const auto y = y_in.contiguous();
+  const auto assign = assign_in.contiguous();
+  const int64_t B = y.size(0), H = y.size(1), C = y.size(2), e = y.size(3), n = assign.size(2);
+  auto out = at::empty({B, H, n, e}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "cluster_gather", [&] {
+    using T = Acc<scalar_t>;
+    const scalar_t* py = y.data_ptr<scalar_t>();
+    const int64_t* pa = assign.data_ptr<int64_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<int64_t> cnt;
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t* a = pa + bh * n;
+        if (divide) counts(a, n, C, cnt);
+        const scalar_t* ys = py + bh * C * e;
+        scalar_t* os = po + bh * n * e;
+        for (int64_t i = 0; i < n; ++i) {
+          scalar_t* orow = os + i * e;
+          if (a[i] < 0) {
+            std::fill(orow, orow + e, scalar_t(0));
+            continue;
+          }
+          TORCH_CHECK(a[i] < C, "cluster_gather: assignment ", a[i], " out of range for ", C, " clusters");
+          const scalar_t* yr = ys + a[i] * e;
+          if (divide) {
+            const T f = T(1) / static_cast<T>(cnt[a[i]]);
+            for (int64_t j = 0; j < e; ++j) orow[j] = static_cast<scalar_t>(static_cast<T>(yr[j]) * f);
+          } else {
+            std::copy(yr, yr + e, orow);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------- top-k products
+// For query i of cluster c with top keys T = top[c] (t of them):
+//   w_i = softmax_j(scale * q_i . k_{T_j}) over the real keys of T,  out_i = sum_j w_ij v_{T_j}.
+// Queries are visited cluster by cluster (a counting sort per sequence): the cluster's t keys and values
+// are copied once into small zero-padded buffers, and its member queries are processed R at a time, so
+// that every product is a small matrix product whose R x L accumulators stay in registers.
+struct Sequence {
+  std::vector<int64_t> start, order;  // queries of cluster c: order[start[c] .. start[c + 1])
+  void build(const int64_t* a, int64_t n, int64_t C) {
+    start.assign(C + 1, 0);
+    for (int64_t i = 0; i < n; ++i)
+      if (a[i] >= 0) start[a[i] + 1] += 1;
+    for (int64_t c = 0; c < C; ++c) start[c + 1] += start[c];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    order.resize(start[C]);
+    for (int64_t i = 0; i < n; ++i)
+      if (a[i] >= 0) order[fill[a[i]]++] = i;
+  }
+};
+
+template <typename T>
+constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(T));  // one 512-bit vector (two 256-bit ones)
+constexpr int64_t kRows = 8;                                      // queries per block
+
+inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// One 64-byte vector of T (GCC vector extension; unaligned loads and stores are allowed).
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+};
+
+// C[r, n] (+)= sum_k A[r * rsa + k * csa] B[k * ldb + n] for r < MR, n < N (N a multiple of the lanes).
+// Written with explicit vectors: left to itself the compiler vectorises across r with shuffles.
+template <typename T, int64_t MR>
+inline void small_gemm(int64_t K, int64_t N, const T* A, int64_t rsa, int64_t csa, const T* B, int64_t ldb, T* Cm,
+                       int64_t ldc, bool accumulate) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t n0 = 0; n0 < N; n0 += L) {
+    V acc[MR];
+    for (int64_t r = 0; r < MR; ++r) acc[r] = accumulate ? *reinterpret_cast<const V*>(Cm + r * ldc + n0) : V{};
+    for (int64_t k = 0; k < K; ++k) {
+      const V b = *reinterpret_cast<const V*>(B + k * ldb + n0);
+      for (int64_t r = 0; r < MR; ++r) acc[r] += A[r * rsa + k * csa] * b;
+    }
+    for (int64_t r = 0; r < MR; ++r) *reinterpret_cast<V*>(Cm + r * ldc + n0) = acc[r];
+  }
+}
+
+// Any row count: blocks of kRows rows, then single rows.
+template <typename T>
+void gemm(int64_t M, int64_t K, int64_t N, const T* A, int64_t rsa, int64_t csa, const T* B, int64_t ldb, T* Cm,
+          int64_t ldc, bool accumulate) {
+  int64_t r = 0;
+  for (; r + kRows <= M; r += kRows)
+    small_gemm<T, kRows>(K, N, A + r * rsa, rsa, csa, B, ldb, Cm + r * ldc, ldc, accumulate);
+  for (; r < M; ++r) small_gemm<T, 1>(K, N, A + r * rsa, rsa, csa, B, ldb, Cm + r * ldc, ldc, accumulate);
+}
+
+// exp(x) for x <= 0 by 2^(x log2 e): round to the nearest integer n, a degree-7 Taylor polynomial of
+// 2^f on |f| <= 1/2 (relative error about 1e-8, below float rounding) and n added to the exponent
+// bits. Branch-free so that the loop over the keys vectorises.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const float f = (t - n) * 0.693147180559945309f;  // e^f, |f| <= ln 2 / 2
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+template <typename In, typename T>
+struct TopBuffers {
+  int64_t t, d, e, tp, dp, ep;
+  // keys transposed kt (d, tp) and values vr (t, ep) for the forward; values transposed vt (e, tp) and
+  // keys kr (t, dp) for the backward; padding columns stay zero
+  std::vector<T> kt, vr, vt, kr;
+  std::vector<T> ok;  // 1 for a real key, 0 for a padded one (or a pad lane)
+  TopBuffers(int64_t t_, int64_t d_, int64_t e_)
+      : t(t_), d(d_), e(e_), tp(round_up(t_, kLanes<T>)), dp(round_up(d_, kLanes<T>)), ep(round_up(e_, kLanes<T>)),
+        kt(d * tp, T(0)), vr(t * ep, T(0)), vt(e * tp, T(0)), kr(t * dp, T(0)), ok(tp, T(0)) {}
+
+  // Load the cluster's keys and values; returns the number of real keys among them.
+  int64_t load(const In* ks, const In* vs, const int64_t* top, const bool* kmask, int64_t nk, bool forward) {
+    int64_t real = 0;
+    for (int64_t j = 0; j < t; ++j) {
+      const int64_t key = top[j];
+      TORCH_CHECK(key >= 0 && key < nk, "clustered_topk: top index ", key, " out of range for ", nk, " keys");
+      ok[j] = (kmask == nullptr || kmask[key]) ? T(1) : T(0);
+      real += ok[j] != T(0);
+      const In* krow = ks + key * d;
+      const In* vrow = vs + key * e;
+      if (forward) {
+        for (int64_t x = 0; x < d; ++x) kt[x * tp + j] = static_cast<T>(krow[x]);
+        for (int64_t x = 0; x < e; ++x) vr[j * ep + x] = static_cast<T>(vrow[x]);
+      } else {
+        for (int64_t x = 0; x < d; ++x) kr[j * dp + x] = static_cast<T>(krow[x]);
+        for (int64_t x = 0; x < e; ++x) vt[x * tp + j] = static_cast<T>(vrow[x]);
+      }
+    }
+    return real;
+  }
+};
+
+// In place: each of the `rows` score rows (stride tp) becomes the softmax over its real keys.
+template <typename T>
+void softmax_rows(T* s, int64_t rows, int64_t tp, const T* ok, int64_t real) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * tp;
+    if (real == 0) {  // no real key: zero weights, as the PyTorch path gives
+      std::fill(row, row + tp, T(0));
+      continue;
+    }
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < tp; ++j)
+      if (ok[j] != T(0)) mx = std::max(mx, row[j]);
+    T sum = 0;
+    for (int64_t j = 0; j < tp; ++j) {
+      row[j] = exp_nonpositive(row[j] - mx) * ok[j];
+      sum += row[j];
+    }
+    const T inv = T(1) / sum;
+    for (int64_t j = 0; j < tp; ++j) row[j] *= inv;
+  }
+}
+
+void check_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& assign,
+                const at::Tensor& top, const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "clustered_topk: q, k, v must be 4-d");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3) &&
+                  k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+              "clustered_topk: expected q (b, h, n, d), k (b, h, n_k, d), v (b, h, n_k, e)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "clustered_topk: q, k, v must share a dtype");
+  TORCH_CHECK(assign.dim() == 3 && assign.scalar_type() == at::kLong && assign.sizes() == q.sizes().slice(0, 3),
+              "clustered_topk: assign must be int64 (b, h, n)");
+  TORCH_CHECK(top.dim() == 4 && top.scalar_type() == at::kLong && top.size(0) == q.size(0) && top.size(1) == q.size(1),
+              "clustered_topk: top must be int64 (b, h, C, t)");
+  if (key_mask.has_value() && key_mask->defined())
+    TORCH_CHECK(key_mask->dim() == 2 && key_mask->scalar_type() == at::kBool && key_mask->size(0) == k.size(0) &&
+                    key_mask->size(1) == k.size(2),
+                "clustered_topk: key_mask must be bool (b, n_k)");
+}
+
+// Zero the rows of padded queries (assign < 0) and check the assignment range.
+template <typename X>
+void zero_padded(const int64_t* a, int64_t n, int64_t C, X* rows, int64_t width) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(a[i] < C, "clustered_topk: assignment ", a[i], " out of range for ", C, " clusters");
+    if (a[i] < 0) std::fill(rows + i * width, rows + (i + 1) * width, X(0));
+  }
+}
+
+std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                               const at::Tensor& assign_in, const at::Tensor& top_in,
+                                               const std::optional<at::Tensor>& key_mask, double scale) {
+  check_topk(q_in, k_in, v_in, assign_in, top_in, key_mask);
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto assign = assign_in.contiguous(), top = top_in.contiguous();
+  at::Tensor km;
+  if (key_mask.has_value() && key_mask->defined()) km = key_mask->contiguous();
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2), e = v.size(3);
+  const int64_t C = top.size(2), t = top.size(3);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({B, H, n, e}, q.options());
+  auto w = at::empty({B, H, n, t}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "clustered_topk_forward", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
+    const int64_t *pa = assign.data_ptr<int64_t>(), *pt = top.data_ptr<int64_t>();
+    const bool* pm = km.defined() ? km.data_ptr<bool>() : nullptr;
+    In* po = out.data_ptr<In>();
+    T* pw = w.data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      TopBuffers<In, T> buf(t, d, e);
+      const int64_t tp = buf.tp, ep = buf.ep;
+      Sequence seq;
+      std::vector<T> qb(kRows * d), s(kRows * tp), o(kRows * ep);
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t* a = pa + bh * n;
+        zero_padded(a, n, C, po + bh * n * e, e);
+        zero_padded(a, n, C, pw + bh * n * t, t);
+        seq.build(a, n, C);
+        const bool* mask = pm ? pm + (bh / H) * nk : nullptr;
+        for (int64_t c = 0; c < C; ++c) {
+          if (seq.start[c] == seq.start[c + 1]) continue;
+          const int64_t real = buf.load(pk + bh * nk * d, pv + bh * nk * e, pt + (bh * C + c) * t, mask, nk, true);
+          for (int64_t r0 = seq.start[c]; r0 < seq.start[c + 1]; r0 += kRows) {
+            const int64_t rows = std::min(kRows, seq.start[c + 1] - r0);
+            for (int64_t r = 0; r < rows; ++r) {
+              const In* qi = pq + (bh * n + seq.order[r0 + r]) * d;
+              for (int64_t x = 0; x < d; ++x) qb[r * d + x] = static_cast<T>(qi[x]) * static_cast<T>(scale);
+            }
+            gemm<T>(rows, d, tp, qb.data(), d, 1, buf.kt.data(), tp, s.data(), tp, false);
+            softmax_rows<T>(s.data(), rows, tp, buf.ok.data(), real);
+            gemm<T>(rows, t, ep, s.data(), tp, 1, buf.vr.data(), ep, o.data(), ep, false);
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = seq.order[r0 + r];
+              In* orow = po + (bh * n + i) * e;
+              for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(o[r * ep + x]);
+              std::copy(s.data() + r * tp, s.data() + r * tp + t, pw + (bh * n + i) * t);
+            }
+          }
+        }
+      }
+    });
+  });
+  return {out, w};
+}
+
+// Gradients of clustered_topk_forward w.r.t. q, k and v, from the saved softmax weights w.
+//   dW_ij = g_i . v_{T_j};  dS_ij = w_ij (dW_ij - sum_l w_il dW_il);
+//   dq_i = scale sum_j dS_ij k_{T_j};  dk_{T_j} += scale sum_i dS_ij q_i;  dv_{T_j} += sum_i w_ij g_i.
+// dk and dv are accumulated per cluster, then added into float buffers of the sequence (a key may be in
+// the top of several clusters).
+std::vector<at::Tensor> clustered_topk_backward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                                const at::Tensor& assign_in, const at::Tensor& top_in,
+                                                const at::Tensor& w_in, const at::Tensor& grad_in, double scale) {
+  check_topk(q_in, k_in, v_in, assign_in, top_in, std::nullopt);
+  const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto assign = assign_in.contiguous(), top = top_in.contiguous();
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto wts = w_in.to(acc).contiguous();
+  const auto grad = grad_in.to(q.scalar_type()).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2), e = v.size(3);
+  const int64_t C = top.size(2), t = top.size(3);
+  TORCH_CHECK(wts.numel() == B * H * n * t && grad.numel() == B * H * n * e,
+              "clustered_topk_backward: weights or grad do not match the inputs");
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros({B, H, nk, d}, q.options().dtype(acc));
+  auto dv = at::zeros({B, H, nk, e}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "clustered_topk_backward", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>(), *pg = grad.data_ptr<In>();
+    const int64_t *pa = assign.data_ptr<int64_t>(), *pt = top.data_ptr<int64_t>();
+    const T* pw = wts.data_ptr<T>();
+    In* pdq = dq.data_ptr<In>();
+    T *pdk = dk.data_ptr<T>(), *pdv = dv.data_ptr<T>();
+    at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      TopBuffers<In, T> buf(t, d, e);
+      const int64_t tp = buf.tp, dp = buf.dp, ep = buf.ep;
+      Sequence seq;
+      // per block: queries qb (R, dp), grads gb (R, ep), weights wb and score grads ds (R, tp), dq (R, dp);
+      // per cluster: dkt (tp, dp), dvt (tp, ep)
+      std::vector<T> qb(kRows * dp), gb(kRows * ep), wb(kRows * tp), ds(kRows * tp), dqb(kRows * dp);
+      std::vector<T> dkt(tp * dp), dvt(tp * ep);
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t* a = pa + bh * n;
+        zero_padded(a, n, C, pdq + bh * n * d, d);
+        seq.build(a, n, C);
+        for (int64_t c = 0; c < C; ++c) {
+          if (seq.start[c] == seq.start[c + 1]) continue;
+          const int64_t* tc = pt + (bh * C + c) * t;
+          buf.load(pk + bh * nk * d, pv + bh * nk * e, tc, nullptr, nk, false);
+          std::fill(dkt.begin(), dkt.end(), T(0));
+          std::fill(dvt.begin(), dvt.end(), T(0));
+          for (int64_t r0 = seq.start[c]; r0 < seq.start[c + 1]; r0 += kRows) {
+            const int64_t rows = std::min(kRows, seq.start[c + 1] - r0);
+            // unused rows and pad columns stay zero, so they add nothing to dk and dv
+            std::fill(qb.begin(), qb.end(), T(0));
+            std::fill(gb.begin(), gb.end(), T(0));
+            std::fill(wb.begin(), wb.end(), T(0));
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = seq.order[r0 + r];
+              const In* qi = pq + (bh * n + i) * d;
+              const In* gi = pg + (bh * n + i) * e;
+              for (int64_t x = 0; x < d; ++x) qb[r * dp + x] = static_cast<T>(qi[x]);
+              for (int64_t x = 0; x < e; ++x) gb[r * ep + x] = static_cast<T>(gi[x]);
+              std::copy(pw + (bh * n + i) * t, pw + (bh * n + i + 1) * t, wb.data() + r * tp);
+            }
+            gemm<T>(kRows, e, tp, gb.data(), ep, 1, buf.vt.data(), tp, ds.data(), tp, false);  // dW
+            for (int64_t r = 0; r < kRows; ++r) {
+              T* dsr = ds.data() + r * tp;
+              const T* wr = wb.data() + r * tp;
+              T dot = 0;
+              for (int64_t j = 0; j < tp; ++j) dot += wr[j] * dsr[j];
+              for (int64_t j = 0; j < tp; ++j) dsr[j] = wr[j] * (dsr[j] - dot) * static_cast<T>(scale);
+            }
+            gemm<T>(rows, t, dp, ds.data(), tp, 1, buf.kr.data(), dp, dqb.data(), dp, false);       // dq
+            gemm<T>(t, kRows, dp, ds.data(), 1, tp, qb.data(), dp, dkt.data(), dp, true);          // dk_T
+            gemm<T>(t, kRows, ep, wb.data(), 1, tp, gb.data(), ep, dvt.data(), ep, true);          // dv_T
+            for (int64_t r = 0; r < rows; ++r) {
+              In* dqrow = pdq + (bh * n + seq.order[r0 + r]) * d;
+              for (int64_t x = 0; x < d; ++x) dqrow[x] = static_cast<In>(dqb[r * dp + x]);
+            }
+          }
+          for (int64_t j = 0; j < t; ++j) {
+            T* dkrow = pdk + (bh * nk + tc[j]) * d;
+            T* dvrow = pdv + (bh * nk + tc[j]) * e;
+            for (int64_t x = 0; x < d; ++x) dkrow[x] += dkt[j * dp + x];
+            for (int64_t x = 0; x < e; ++x) dvrow[x] += dvt[j * ep + x];
+          }
+        }
+      }
+    });
+  });
+  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+}
+
+}  // namespace
+
+// Raw ops; kernels/ops.py wraps them as hf_efficient::* custom ops with fake kernels and autograd.
+TORCH_LIBRARY(hf_efficient_clustered_cpu, lib) {
+  lib.def("hamming_kmeans(Tensor bits, Tensor valid, int clusters, int iterations) -> Tensor", &hamming_kmeans);
+  lib.def("cluster_sum(Tensor x, Tensor assign, int clusters, bool mean) -> Tensor", &cluster_sum);
+  lib.def("cluster_gather(Tensor y, Tensor assign, bool divide) -> Tensor", &cluster_gather);
+  lib.def(
+      "clustered_topk_forward(Tensor q, Tensor k, Tensor v, Tensor assign, Tensor top, Tensor? key_mask, "
+      "float scale) -> Tensor[]",
+      &clustered_topk_forward);
+  lib.def(
+      "clustered_topk_backward(Tensor q, Tensor k, Tensor v, Tensor assign, Tensor top, Tensor weights, "
+      "Tensor grad, float scale) -> Tensor[]",
+      &clustered_topk_backward);
+}
