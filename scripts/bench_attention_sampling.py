@@ -5,11 +5,20 @@
 
 Time: forward + backward of one image (batch 1) from the image processor's outputs, both methods
 interleaved in one process (A B A B ...) after a warm-up, median of ``--repeats``; the processor's own
-time (making the low-resolution view) is reported beside it. Memory: peak resident memory
-(``VmHWM``; ``resource.getrusage`` where that is missing) of a fresh subprocess that runs one
-forward + backward, and the same minus an idle subprocess that only imports, builds the model and
-holds the input (the memory the method itself needs). The CNN is the attention model's own feature
-network applied to the whole image.
+time (making the low-resolution view) is reported beside it. The CNN is the attention model's own
+feature network applied to the whole image. A third method, multi-scale attention sampling, draws
+``--regions`` regions of ``--region-size`` pixels from the same low-resolution view and the patches
+inside them (the same total number of patches).
+
+Memory, in a fresh subprocess per method and canvas that builds the model, makes the inputs and
+runs one forward + backward:
+- peak: the process's peak resident memory (``VmHWM``), interpreter and torch included (~470 MiB);
+- compute: the peak resident memory during the forward + backward minus the resident memory of the
+  same process just before it (model and input image loaded): what the computation itself needs.
+  The peak is reset before the step by writing ``5`` to ``/proc/self/clear_refs`` (Linux). This
+  first step also pays one-off costs (library code paged in, allocator and thread set-up);
+- compute (warm): the same for a second forward + backward, after the first one's freed memory is
+  handed back to the system (``malloc_trim``), so that it counts the step's working memory only.
 Attention sampling reads a fixed-size low-resolution view (``--low-res``), so its cost does not grow
 with the image. Writes ``results/bench_attention_sampling.json`` and a log-log PNG beside it.
 """
@@ -17,6 +26,8 @@ with the image. Writes ``results/bench_attention_sampling.json`` and a log-log P
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
 import statistics
@@ -37,8 +48,21 @@ from hf_efficient.vision import (
 from hf_efficient.vision.attention_sampling import build_feature_cnn
 
 FEATURE_CHANNELS = [16, 32, 32]
-
-
+METHODS = ("attention_sampling", "multiscale", "cnn")
+DEFINITIONS = {
+    "seconds": "median wall time of one forward + backward of one image (batch 1), methods interleaved",
+    "peak_mib": "peak resident memory of a fresh process that loads the model and image and runs one "
+    "forward + backward (interpreter and torch included)",
+    "compute_mib": "peak resident memory during the forward + backward minus the resident memory of the same "
+    "process just before it, with the model and input image already loaded",
+    "warm_compute_mib": "the same for a second forward + backward, after the first one's freed memory is "
+    "returned to the system with malloc_trim (excludes one-off costs such as library code paged in)",
+    "time_ratio": "attention sampling seconds / CNN seconds",
+    "peak_memory_ratio": "attention sampling peak_mib / CNN peak_mib",
+    "compute_memory_ratio": "attention sampling compute_mib / CNN compute_mib",
+    "warm_compute_memory_ratio": "attention sampling warm_compute_mib / CNN warm_compute_mib",
+}
+PATCHES, REGIONS, REGION_SIZE, REGION_DOWNSAMPLE = 10, 2, 256, 8
 
 
 def build(method: str, canvas: int, low_res: int):
@@ -46,9 +70,17 @@ def build(method: str, canvas: int, low_res: int):
     torch.manual_seed(0)
     image = torch.rand(canvas, canvas) * 255
     labels = torch.tensor([3])
-    if method == "attention_sampling":
+    if method in ("attention_sampling", "multiscale"):
+        nested = {}
+        if method == "multiscale":  # the same 10 patches: 5 in each of 2 regions
+            nested = dict(region_size=REGION_SIZE, num_regions=REGIONS, region_downsample=REGION_DOWNSAMPLE)
         config = AttentionSamplingConfig(
-            num_channels=1, patch_size=32, num_patches=10, feature_channels=FEATURE_CHANNELS, num_labels=10
+            num_channels=1,
+            patch_size=32,
+            num_patches=PATCHES // REGIONS if nested else PATCHES,
+            feature_channels=FEATURE_CHANNELS,
+            num_labels=10,
+            **nested,
         )
         model = AttentionSamplingForImageClassification(config)
         processor = AttentionSamplingImageProcessor(low_res_size={"height": low_res, "width": low_res})
@@ -69,7 +101,7 @@ def build(method: str, canvas: int, low_res: int):
             return nn.functional.cross_entropy(model(inputs["pixel_values"]), inputs["labels"])
 
     else:
-        raise ValueError(f"unknown method {method!r}; accepted: attention_sampling, cnn")
+        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
     model.train()
     return model, prepare, step
 
@@ -79,14 +111,60 @@ def fwd_bwd(model, step, inputs) -> None:
     step(inputs).backward()
 
 
-def child(method: str, canvas: int, low_res: int, idle: bool) -> None:
-    """Run in a fresh process: one forward + backward (unless idle), print peak RSS in MiB."""
+def child(method: str, canvas: int, low_res: int) -> None:
+    """Run in a fresh process: load, then one forward + backward; print the memory measures in MiB."""
     torch.set_num_threads(1)
     model, prepare, step = build(method, canvas, low_res)
     inputs = prepare()
-    if not idle:
-        fwd_bwd(model, step, inputs)
-    print(json.dumps({"peak_rss_mib": peak_rss_kib() / 1024}))
+    peak_before = peak_rss_kib()
+    loaded = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    fwd_bwd(model, step, inputs)
+    peak_step = peak_rss_kib()
+    _release_freed_memory()
+    before_warm = _status_kib("VmRSS")
+    _reset_peak_rss()
+    fwd_bwd(model, step, inputs)
+    peak_warm = peak_rss_kib()
+    known = reset and loaded is not None  # without a reset the step's own peak is unknown
+    print(
+        json.dumps(
+            {
+                "peak_mib": max(peak_before, peak_step) / 1024,
+                "loaded_mib": loaded / 1024 if loaded is not None else None,
+                "compute_mib": (peak_step - loaded) / 1024 if known else None,
+                "warm_compute_mib": (peak_warm - before_warm) / 1024 if known and before_warm is not None else None,
+            }
+        )
+    )
+
+
+def _release_freed_memory() -> None:
+    """Return memory freed by the first step to the system, so the second step must touch its own pages."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the warm measure may then read low
+        pass
+
+
+def _status_kib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident size (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_rss_kib() -> float:
@@ -96,25 +174,18 @@ def peak_rss_kib() -> float:
     fallback) can carry over the parent's peak across fork + exec on Linux, which would hide small
     children behind the parent benchmark's footprint.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def measure_memory(method: str, canvas: int, low_res: int, idle: bool) -> float:
+def measure_memory(method: str, canvas: int, low_res: int) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(canvas), "--low-res", str(low_res)]
-    if idle:
-        cmd.append("--idle")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_time(canvas: int, low_res: int, repeats: int) -> dict:
-    built = {m: build(m, canvas, low_res) for m in ("attention_sampling", "cnn")}
+    built = {m: build(m, canvas, low_res) for m in METHODS}
     inputs = {m: built[m][1]() for m in built}
     for m, (model, _, step) in built.items():  # warm-up
         fwd_bwd(model, step, inputs[m])
@@ -122,7 +193,7 @@ def measure_time(canvas: int, low_res: int, repeats: int) -> dict:
     prep: list[float] = []
     for _ in range(repeats):
         for m, (model, prepare, step) in built.items():  # interleaved A B A B ...
-            if m == "attention_sampling":
+            if m == "attention_sampling":  # the processor is the same for both sampling models
                 t0 = time.perf_counter()
                 prepare()
                 prep.append(time.perf_counter() - t0)
@@ -135,6 +206,11 @@ def measure_time(canvas: int, low_res: int, repeats: int) -> dict:
     return result
 
 
+LABELS = {"attention_sampling": "attention sampling", "multiscale": "multi-scale sampling", "cnn": "CNN, full image"}
+MARKERS = {"attention_sampling": "o", "multiscale": "^", "cnn": "s"}
+COLOURS = {"attention_sampling": "tab:blue", "multiscale": "tab:orange", "cnn": "tab:green"}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -143,25 +219,37 @@ def plot(rows: list[dict], path: Path) -> None:
 
     sizes = [r["canvas"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.loglog(sizes, [r["attention_sampling_seconds"] for r in rows], "o-", label="attention sampling")
-    ax1.loglog(sizes, [r["cnn_seconds"] for r in rows], "s-", label="CNN, full resolution")
+    for m in METHODS:
+        style = dict(marker=MARKERS[m], color=COLOURS[m])
+        ax1.loglog(sizes, [r[f"{m}_seconds"] for r in rows], "-", label=LABELS[m], **style)
+        ax2.loglog(sizes, [r[f"{m}_peak_mib"] for r in rows], "-", label=f"{LABELS[m]}, peak", **style)
+        for key, line, name in (("compute_mib", "--", "compute"), ("warm_compute_mib", ":", "compute, warm")):
+            values = [r[f"{m}_{key}"] for r in rows]
+            if all(v is not None for v in values):  # floor at 0.1 MiB so the log axis can show it
+                ax2.loglog(sizes, [max(v, 0.1) for v in values], line, label=f"{LABELS[m]}, {name}", **style)
     ax1.set_xlabel("canvas side (pixels)")
     ax1.set_ylabel("forward + backward per image (s)")
-    ax1.legend()
-    ax2.loglog(sizes, [r["attention_sampling_peak_mib"] for r in rows], "o-", label="attention sampling, peak")
-    ax2.loglog(sizes, [r["cnn_peak_mib"] for r in rows], "s-", label="CNN, peak")
-    extra_as = [max(r["attention_sampling_extra_mib"], 1e-1) for r in rows]
-    ax2.loglog(sizes, extra_as, "o--", label="attention sampling, over idle")
-    ax2.loglog(sizes, [max(r["cnn_extra_mib"], 1e-1) for r in rows], "s--", label="CNN, over idle")
+    ax1.legend(fontsize=7)
     ax2.set_xlabel("canvas side (pixels)")
     ax2.set_ylabel("resident memory (MiB)")
-    ax2.legend(fontsize=7)
+    ax2.set_title("peak: whole process; compute: step only", fontsize=8)
+    ax2.legend(fontsize=6)
     for ax in (ax1, ax2):
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return a / max(b, 1e-9)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def main() -> None:
@@ -172,65 +260,97 @@ def main() -> None:
     parser.add_argument("--low-res", type=int, default=128, help="side of the fixed low-resolution view")
     parser.add_argument("--output", type=Path, default=Path("results/bench_attention_sampling.json"))
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "CANVAS"), help=argparse.SUPPRESS)
-    parser.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.low_res, args.idle)
+        child(args.child[0], int(args.child[1]), args.low_res)
         return
     if args.quick:
         args.sizes = [512, 1024]
     torch.set_num_threads(1)
 
-    rows = []
+    print("AS: attention sampling; MS: multi-scale attention sampling; CNN: CNN over the full image")
+    for key, short in (("peak_mib", "peak"), ("compute_mib", "comp"), ("warm_compute_mib", "warm")):
+        print(f"{short}: {DEFINITIONS[key]}")
     header = (
-        f"{'canvas':>7} {'AS s':>8} {'CNN s':>8} {'time x':>7} {'AS MiB':>7} {'CNN MiB':>8} "
-        f"{'AS+':>7} {'CNN+':>8} {'mem+ x':>7}"
+        f"{'canvas':>7} {'AS s':>7} {'MS s':>7} {'CNN s':>8} {'time x':>7} | {'AS peak':>7} {'MS peak':>7} "
+        f"{'CNN peak':>8} {'peak x':>6} | {'AS comp':>7} {'MS comp':>7} {'CNN comp':>8} {'comp x':>7} | "
+        f"{'AS warm':>7} {'MS warm':>7} {'CNN warm':>8} {'warm x':>7}"
     )
     print(header)
+    rows = []
     for canvas in args.sizes:
         row = {"canvas": canvas, **measure_time(canvas, args.low_res, args.repeats)}
-        for m in ("attention_sampling", "cnn"):
-            peak = measure_memory(m, canvas, args.low_res, idle=False)
-            idle = measure_memory(m, canvas, args.low_res, idle=True)
-            row[f"{m}_peak_mib"], row[f"{m}_idle_mib"], row[f"{m}_extra_mib"] = peak, idle, peak - idle
+        for m in METHODS:
+            memory = measure_memory(m, canvas, args.low_res)
+            row[f"{m}_peak_mib"] = memory["peak_mib"]
+            row[f"{m}_loaded_mib"] = memory["loaded_mib"]
+            row[f"{m}_compute_mib"] = memory["compute_mib"]
+            row[f"{m}_warm_compute_mib"] = memory["warm_compute_mib"]
         row["time_ratio"] = row["attention_sampling_seconds"] / row["cnn_seconds"]
         row["peak_memory_ratio"] = row["attention_sampling_peak_mib"] / row["cnn_peak_mib"]
-        row["extra_memory_ratio"] = row["attention_sampling_extra_mib"] / max(row["cnn_extra_mib"], 1e-9)
+        row["compute_memory_ratio"] = _ratio(row["attention_sampling_compute_mib"], row["cnn_compute_mib"])
+        row["warm_compute_memory_ratio"] = _ratio(
+            row["attention_sampling_warm_compute_mib"], row["cnn_warm_compute_mib"]
+        )
+        row["multiscale_time_ratio"] = row["multiscale_seconds"] / row["cnn_seconds"]
+        row["multiscale_peak_memory_ratio"] = row["multiscale_peak_mib"] / row["cnn_peak_mib"]
+        row["multiscale_compute_memory_ratio"] = _ratio(row["multiscale_compute_mib"], row["cnn_compute_mib"])
+        row["multiscale_warm_compute_memory_ratio"] = _ratio(
+            row["multiscale_warm_compute_mib"], row["cnn_warm_compute_mib"]
+        )
         rows.append(row)
         print(
-            f"{canvas:>7} {row['attention_sampling_seconds']:>8.4f} {row['cnn_seconds']:>8.3f} "
-            f"{row['time_ratio']:>7.4f} {row['attention_sampling_peak_mib']:>7.0f} {row['cnn_peak_mib']:>8.0f} "
-            f"{row['attention_sampling_extra_mib']:>7.1f} {row['cnn_extra_mib']:>8.1f} "
-            f"{row['extra_memory_ratio']:>7.4f}",
+            f"{canvas:>7} {row['attention_sampling_seconds']:>7.4f} {row['multiscale_seconds']:>7.4f} "
+            f"{row['cnn_seconds']:>8.3f} {row['time_ratio']:>7.4f} | {row['attention_sampling_peak_mib']:>7.0f} "
+            f"{row['multiscale_peak_mib']:>7.0f} {row['cnn_peak_mib']:>8.0f} {row['peak_memory_ratio']:>6.3f} | "
+            f"{_fmt(row['attention_sampling_compute_mib'], '>7.1f')} {_fmt(row['multiscale_compute_mib'], '>7.1f')} "
+            f"{_fmt(row['cnn_compute_mib'], '>8.1f')} {_fmt(row['compute_memory_ratio'], '>7.4f')} | "
+            f"{_fmt(row['attention_sampling_warm_compute_mib'], '>7.1f')} "
+            f"{_fmt(row['multiscale_warm_compute_mib'], '>7.1f')} {_fmt(row['cnn_warm_compute_mib'], '>8.1f')} "
+            f"{_fmt(row['warm_compute_memory_ratio'], '>7.4f')}",
             flush=True,
         )
+    print("time x, peak x, comp x, warm x: attention sampling (AS) over the CNN; memory in MiB")
 
     by_size = {r["canvas"]: r for r in rows}
-    targets = {}
+    targets: dict = {}
     if 4096 in by_size and 512 in by_size:
         big, small = by_size[4096], by_size[512]
+        growth = big["attention_sampling_seconds"] / small["attention_sampling_seconds"]
+        compute = big["compute_memory_ratio"]
         targets = {
             "time_ratio_at_4096": big["time_ratio"],
             "time_ratio_at_4096_met (<= 0.05)": big["time_ratio"] <= 0.05,
-            "extra_memory_ratio_at_4096": big["extra_memory_ratio"],
-            "extra_memory_ratio_at_4096_met (<= 0.05)": big["extra_memory_ratio"] <= 0.05,
+            "compute_memory_ratio_at_4096": compute,
+            "compute_memory_ratio_at_4096_met (<= 0.05)": compute is not None and compute <= 0.05,
+            "warm_compute_memory_ratio_at_4096": big["warm_compute_memory_ratio"],
+            "warm_compute_memory_ratio_at_4096_met (<= 0.05)": big["warm_compute_memory_ratio"] is not None
+            and big["warm_compute_memory_ratio"] <= 0.05,
             "peak_memory_ratio_at_4096": big["peak_memory_ratio"],
             "peak_memory_ratio_at_4096_met (<= 0.05)": big["peak_memory_ratio"] <= 0.05,
-            "as_time_4096_over_512": big["attention_sampling_seconds"] / small["attention_sampling_seconds"],
-            "as_time_4096_over_512_met (<= 1.5)": big["attention_sampling_seconds"]
-            / small["attention_sampling_seconds"]
-            <= 1.5,
+            "as_time_4096_over_512": growth,
+            "as_time_4096_over_512_met (<= 1.5)": growth <= 1.5,
+            "multiscale_time_ratio_at_4096": big["multiscale_time_ratio"],
+            "multiscale_compute_memory_ratio_at_4096": big["multiscale_compute_memory_ratio"],
+            "multiscale_time_4096_over_512": big["multiscale_seconds"] / small["multiscale_seconds"],
         }
         for k, v in targets.items():
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     result = {
         "rows": rows,
         "targets": targets,
+        "definitions": DEFINITIONS,
         "settings": {
             "patch_size": 32,
-            "num_patches": 10,
+            "num_patches": PATCHES,
             "low_res": args.low_res,
             "feature_channels": FEATURE_CHANNELS,
+            "multiscale": {
+                "num_regions": REGIONS,
+                "patches_per_region": PATCHES // REGIONS,
+                "region_size": REGION_SIZE,
+                "region_downsample": REGION_DOWNSAMPLE,
+            },
             "repeats": args.repeats,
             "batch": 1,
         },
