@@ -1,0 +1,300 @@
+"""The compiled clustered-attention kernels against independent references.
+
+* k-means: identical assignments to ``hashing.hamming_kmeans`` and to the popcount loop
+  ``hashing.hamming_kmeans_reference`` (ties included);
+* cluster mean / broadcast and the top-k products: values and gradients against plain float64
+  formulas written here (gathers and a softmax), float64 ``gradcheck``, ``torch.library.opcheck``;
+* clustered attention end to end: the same result with the kernels as with ``HF_EFFICIENT_KERNELS=reference``.
+"""
+
+import os
+
+import pytest
+import torch
+
+from hf_efficient.attention import clustered_attention, improved_clustered_attention
+from hf_efficient.attention.hashing import hamming_kmeans, hamming_kmeans_reference, pack_bits
+from kernels import dispatch
+from kernels.cpu import clustered_build_error, load_clustered_extension, loader
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if load_clustered_extension() is None:
+        # CI has a compiler, so a failed build there is a failure, not a skip.
+        if os.environ.get("HF_EFFICIENT_REQUIRE_ASSETS") == "1":
+            pytest.fail(f"the clustered CPU kernel did not build: {clustered_build_error()}")
+        pytest.skip(f"the clustered CPU kernel cannot be built here: {clustered_build_error()}")
+    from kernels import ops as kernel_ops
+
+    return kernel_ops
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- k-means
+@pytest.mark.parametrize("n_bits", [1, 5, 63, 64, 65, 130])
+@pytest.mark.parametrize("clusters", [1, 3, 8, 40])
+def test_kmeans_equals_pytorch_path(ops, n_bits, clusters):
+    g = _gen(n_bits * 100 + clusters)
+    s, n = 5, 120
+    bits = torch.rand(s, n, n_bits, generator=g) < 0.5
+    valid = torch.rand(s, n, generator=g) < 0.8
+    valid[1] = False  # no real query
+    valid[2] = False
+    valid[2, 7:7 + clusters] = True  # exactly `clusters` real queries: each its own cluster
+    valid[3] = True
+    for iterations in (0, 1, 10):
+        want = hamming_kmeans(bits, valid, clusters, iterations)
+        got = ops.hamming_kmeans_op(bits, valid, clusters, iterations)
+        assert torch.equal(got, want), (n_bits, clusters, iterations)
+
+
+def test_kmeans_ties_equal_popcount_reference(ops):
+    """Few bits and many duplicate codes: distances tie everywhere, majorities tie (even cluster sizes)."""
+    g = _gen(1)
+    n_bits, n = 4, 200
+    palette = torch.rand(6, n_bits, generator=g) < 0.5
+    bits = palette[torch.randint(0, 6, (3, n), generator=g)]  # (3, n, 4) with many exact duplicates
+    bits[2] = False  # all codes equal: every distance ties, the lowest centre index must win
+    valid = torch.ones(3, n, dtype=torch.bool)
+    got = ops.hamming_kmeans_op(bits, valid, 5, 10)
+    assert torch.equal(got, hamming_kmeans(bits, valid, 5, 10))
+    for i in range(3):
+        want = hamming_kmeans_reference(pack_bits(bits[i]), n_bits, 5, 10)
+        assert torch.equal(got[i], want), i
+    assert torch.equal(got[2], torch.zeros(n, dtype=torch.long))
+
+
+def test_kmeans_padded_queries_match_popcount_reference(ops):
+    g = _gen(2)
+    bits = torch.rand(2, 90, 63, generator=g) < 0.5
+    valid = torch.rand(2, 90, generator=g) < 0.6
+    got = ops.hamming_kmeans_op(bits, valid, 7, 10)
+    for i in range(2):
+        assert (got[i][~valid[i]] == -1).all()
+        want = hamming_kmeans_reference(pack_bits(bits[i][valid[i]]), 63, 7, 10)
+        assert torch.equal(got[i][valid[i]], want)
+
+
+# --------------------------------------------------------------------------- mean / broadcast
+def _assign(b, h, n, c, seed, padded=True):
+    a = torch.randint(0, c, (b, h, n), generator=_gen(seed))
+    if padded:
+        a[:, :, -2:] = -1
+    return a
+
+
+def mean_formula(x, assign, c):
+    onehot = torch.nn.functional.one_hot(assign.clamp(min=0), c).to(x.dtype) * (assign >= 0)[..., None]
+    count = onehot.sum(2).clamp(min=1)  # (b, h, c)
+    return torch.einsum("bhnc,bhnd->bhcd", onehot, x) / count[..., None]
+
+
+def broadcast_formula(y, assign):
+    rows = torch.stack([y[bi, hi][assign[bi, hi].clamp(min=0)] for bi in range(y.shape[0]) for hi in range(y.shape[1])])
+    return rows.reshape(*assign.shape, y.shape[-1]) * (assign >= 0)[..., None]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-12)])
+def test_mean_and_broadcast_values_and_grads(ops, dtype, tol):
+    b, h, n, d, c = 2, 3, 37, 9, 5
+    g = _gen(3)
+    x = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(b, h, c, d + 2, generator=g, dtype=torch.float64)
+    assign = _assign(b, h, n, c, 4)
+    assign[0, 0] = 0  # clusters 1.. empty in one sequence
+    xk, yk = x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
+    xr, yr = x.to(dtype).double().requires_grad_(), y.to(dtype).double().requires_grad_()
+    mean = dispatch.cluster_mean(xk, assign, c, implementation="kernel")
+    out = dispatch.cluster_broadcast(yk, assign, implementation="kernel")
+    mean_r, out_r = mean_formula(xr, assign, c), broadcast_formula(yr, assign)
+    assert mean.dtype == dtype and out.dtype == dtype
+    torch.testing.assert_close(mean.double(), mean_r, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), out_r, atol=tol, rtol=tol)
+    gm, go = torch.randn_like(mean_r), torch.randn_like(out_r)
+    (mean * gm.to(dtype)).sum().add((out * go.to(dtype)).sum()).backward()
+    (mean_r * gm.to(dtype).double()).sum().add((out_r * go.to(dtype).double()).sum()).backward()
+    torch.testing.assert_close(xk.grad.double(), xr.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(yk.grad.double(), yr.grad, atol=tol, rtol=tol)
+
+
+def test_mean_and_broadcast_gradcheck(ops):
+    g = _gen(5)
+    x = torch.randn(1, 2, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 2, 4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assign = _assign(1, 2, 11, 4, 6)
+    assert torch.autograd.gradcheck(lambda t: ops.cluster_sum_op(t, assign, 4, True), (x,))
+    assert torch.autograd.gradcheck(lambda t: ops.cluster_sum_op(t, assign, 4, False), (x,))
+    assert torch.autograd.gradcheck(lambda t: ops.cluster_gather_op(t, assign, False), (y,))
+    assert torch.autograd.gradcheck(lambda t: ops.cluster_gather_op(t, assign, True), (y,))
+
+
+# --------------------------------------------------------------------------- top-k products
+def topk_formula(q, k, v, assign, top, key_mask, scale):
+    """Per query: gather its cluster's top keys, masked softmax, weighted sum (float64 in, float64 out)."""
+    b, h, n, _ = q.shape
+    idx = torch.gather(top, 2, assign.clamp(min=0)[..., None].expand(b, h, n, top.shape[-1]))  # (b, h, n, t)
+    bh = torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None]
+    k_sel, v_sel = k[bh[0], bh[1], idx], v[bh[0], bh[1], idx]  # (b, h, n, t, d)
+    scores = torch.einsum("bhnd,bhntd->bhnt", q, k_sel) * scale
+    if key_mask is not None:
+        ok = key_mask[torch.arange(b)[:, None, None, None], idx]
+        scores = scores.masked_fill(~ok, float("-inf"))
+        w = torch.softmax(scores, -1).nan_to_num(0.0)  # a query with no real key gets zeros
+    else:
+        w = torch.softmax(scores, -1)
+    return torch.einsum("bhnt,bhnte->bhne", w, v_sel) * (assign >= 0)[..., None]
+
+
+def _topk_inputs(b=2, h=2, n=40, nk=30, d=8, e=5, c=4, t=6, seed=7, masked=False):
+    g = _gen(seed)
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, nk, e, generator=g, dtype=torch.float64)
+    assign = _assign(b, h, n, c, seed + 1)
+    top = torch.stack([torch.randperm(nk, generator=g)[:t] for _ in range(b * h * c)]).reshape(b, h, c, t)
+    key_mask = None
+    if masked:
+        key_mask = torch.rand(b, nk, generator=g) < 0.6
+        key_mask[-1] = False  # a sequence with no real key: zero output (with b = 1: the only one)
+    return q, k, v, assign, top, key_mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", [dict(), dict(n=70, nk=50, d=64, e=64, c=3, t=32), dict(d=3, e=1, t=17, nk=17)])
+def test_topk_values_and_grads(ops, masked, dtype, tol, shape):
+    q, k, v, assign, top, key_mask = _topk_inputs(masked=masked, **shape)
+    scale = 0.4
+    xs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    rs = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
+    out = dispatch.clustered_topk(*xs, assign, top, key_mask, scale, implementation="kernel")
+    ref = topk_formula(*rs, assign, top, key_mask, scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad.to(dtype).double())
+    for x, r in zip(xs, rs):
+        torch.testing.assert_close(x.grad.double(), r.grad, atol=4 * tol, rtol=4 * tol)
+
+
+def test_topk_matches_pytorch_path(ops):
+    q, k, v, assign, top, key_mask = _topk_inputs(masked=True)
+    q, k, v = q.float(), k.float(), v.float()
+    got = dispatch.clustered_topk(q, k, v, assign, top, key_mask, 0.3, implementation="kernel")
+    want = dispatch.clustered_topk(q, k, v, assign, top, key_mask, 0.3, implementation="reference")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_gradcheck(ops):
+    q, k, v, assign, top, _ = _topk_inputs(b=1, h=2, n=9, nk=7, d=3, e=2, c=3, t=4)
+    key_mask = torch.tensor([[True, False, True, True, False, True, True]])
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b_, c: ops.clustered_topk_op(a, b_, c, assign, top, key_mask, 0.7)[0], inputs
+    )
+
+
+# --------------------------------------------------------------------------- opcheck
+def test_opcheck(ops):
+    g = _gen(8)
+    bits = torch.rand(2, 30, 10, generator=g) < 0.5
+    valid = torch.rand(2, 30, generator=g) < 0.9
+    torch.library.opcheck(ops.hamming_kmeans_op, (bits, valid, 4, 5))
+    x = torch.randn(1, 2, 13, 3, generator=g, requires_grad=True)
+    y = torch.randn(1, 2, 4, 5, generator=g, requires_grad=True)
+    assign = _assign(1, 2, 13, 4, 9)
+    for mean in (True, False):
+        torch.library.opcheck(ops.cluster_sum_op, (x, assign, 4, mean))
+        torch.library.opcheck(ops.cluster_gather_op, (y, assign, mean))
+    q, k, v, assign, top, key_mask = _topk_inputs(masked=True)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(ops.clustered_topk_op, (q, k, v, assign, top, key_mask, 0.5))
+    torch.library.opcheck(ops.clustered_topk_op, (q, k, v, assign, top, None, 0.5))
+
+
+# --------------------------------------------------------------------------- dispatch and errors
+def test_env_var_forces_reference(ops, monkeypatch):
+    x = torch.randn(1, 1, 4, 2)
+    assert dispatch.select_clustered_implementation(x, "cluster_mean") == "kernel"
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    for op in dispatch.CLUSTERED_OPS:
+        assert dispatch.select_clustered_implementation(x, op) == "reference"
+    # the per-call argument wins over the variable
+    assert dispatch.select_clustered_implementation(x, "cluster_mean", "kernel") == "kernel"
+
+
+def test_unbuildable_kernel_falls_back(monkeypatch):
+    monkeypatch.setattr(loader, "_clustered_tried", True)
+    monkeypatch.setattr(loader, "_clustered_module", None)
+    monkeypatch.setattr(loader, "_clustered_error", "no compiler")
+    bits = torch.rand(2, 20, 6, generator=_gen(10)) < 0.5
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    assert dispatch.select_clustered_implementation(bits, "hamming_kmeans") == "reference"
+    assert torch.equal(dispatch.hamming_kmeans(bits, valid, 3, 4), hamming_kmeans(bits, valid, 3, 4))
+    with pytest.raises(RuntimeError, match="no compiler"):
+        dispatch.hamming_kmeans(bits, valid, 3, 4, implementation="kernel")
+    assert dispatch.available(build=False)["cpu_clustered"] is False
+
+
+def test_cuda_and_odd_dtypes_use_reference():
+    x = torch.randn(1, 1, 4, 2).to(torch.complex64)
+    assert dispatch.select_clustered_implementation(x, "cluster_mean") == "reference"
+    with pytest.raises(RuntimeError, match="complex64"):
+        dispatch.select_clustered_implementation(x, "cluster_mean", "kernel")
+
+
+def test_clear_errors():
+    x = torch.randn(1, 2, 5, 3)
+    assign = torch.zeros(1, 2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown clustered op"):
+        dispatch.select_clustered_implementation(x, "nope")
+    with pytest.raises(ValueError, match="implementation"):
+        dispatch.cluster_mean(x, assign, 2, implementation="fast")
+    with pytest.raises(TypeError, match="int64"):
+        dispatch.cluster_mean(x, assign.int(), 2)
+    with pytest.raises(ValueError, match="batch, heads"):
+        dispatch.cluster_broadcast(x, assign[:, :1])
+    with pytest.raises(TypeError, match="bool"):
+        dispatch.hamming_kmeans(torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), 2, 1)
+    with pytest.raises(ValueError, match="clusters"):
+        dispatch.hamming_kmeans(torch.zeros(2, 3, 4, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool), 0, 1)
+    q, k, v, assign, top, _ = _topk_inputs()
+    with pytest.raises(ValueError, match="key_mask"):
+        dispatch.clustered_topk(q, k, v, assign, top, torch.ones(3, 3, dtype=torch.bool), 0.1)
+    with pytest.raises(ValueError, match="share a dtype"):
+        dispatch.clustered_topk(q, k.float(), v, assign, top, None, 0.1)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("improved", [False, True])
+def test_clustered_attention_same_with_and_without_kernels(ops, monkeypatch, improved):
+    g = _gen(11)
+    b, h, n, d = 2, 2, 150, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    qm = torch.ones(b, n, dtype=torch.bool)
+    qm[1, 120:] = False
+    km = torch.ones(b, n, dtype=torch.bool)
+    km[1, 100:] = False
+    fn = improved_clustered_attention if improved else clustered_attention
+    kwargs = dict(clusters=10, seed=0, query_padding_mask=qm, key_padding_mask=km, return_clusters=True)
+    if improved:
+        kwargs["topk"] = 8
+
+    def run():
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, assign = fn(*xs, **kwargs)
+        out.backward(torch.ones_like(out))
+        return out, assign, [x.grad for x in xs]
+
+    out, assign, grads = run()
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    out_r, assign_r, grads_r = run()
+    assert torch.equal(assign, assign_r)
+    torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
+    for a, r in zip(grads, grads_r):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
