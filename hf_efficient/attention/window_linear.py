@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from ._checks import check_padding_mask, check_qkv
 from .feature_maps import FEATURE_MAPS, resolve_feature_maps
-from .linear import LinearAttentionState, _check_eps, _with_ones
+
+# causal_linear_chunked: what remote code (shipped without compiled kernels) runs instead of the dispatcher.
+from .linear import LinearAttentionState, _check_eps, _with_ones, causal_linear_chunked  # noqa: F401
 from .registry import AttentionKind, register_attention_kind
 
 __all__ = [

@@ -27,6 +27,7 @@ from torch import nn
 __all__ = ["LinearizeConfig", "attention_transfer_loss", "capture_queries_keys", "distillation_loss", "linearize"]
 
 FINETUNE_PARAMS = ("feature_maps", "feature_maps+qk", "all")
+KINDS = ("linear", "window-linear")
 FINETUNE_LOSSES = ("distill", "lm")
 
 
@@ -35,6 +36,9 @@ class LinearizeConfig:
     """Knobs of :func:`linearize`.
 
     Attributes:
+        kind: ``linear`` (every patched layer fully linear) or ``window-linear`` (exact softmax over the
+            last ``window`` tokens, linear beyond; still a constant-size decoding state).
+        window: the softmax window of ``window-linear``.
         feature_map: a learnable feature map of the registry (``hedgehog``).
         transfer_steps: optimiser steps per layer for attention transfer.
         transfer_lr: Adam learning rate of the feature maps.
@@ -49,6 +53,8 @@ class LinearizeConfig:
         seed: seed of the window order.
     """
 
+    kind: str = "linear"
+    window: int = 64
     feature_map: str = "hedgehog"
     transfer_steps: int = 60
     transfer_lr: float = 1e-2
@@ -67,6 +73,10 @@ class LinearizeConfig:
 
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {self.feature_map!r}; accepted: {', '.join(sorted(FEATURE_MAPS))}")
+        if self.kind not in KINDS:
+            raise ValueError(f"LinearizeConfig.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ValueError(f"LinearizeConfig.window must be a positive int, got {self.window!r}")
         for name in ("transfer_steps", "finetune_steps", "keep_softmax_first", "keep_softmax_last"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -107,19 +117,29 @@ def capture_queries_keys(model: nn.Module, store: dict):
             del ALL_ATTENTION_FUNCTIONS[name]
 
 
-def attention_transfer_loss(feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Cross-entropy of the causal linear attention weights against the softmax weights.
+def attention_transfer_loss(
+    feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the causal linear (or window-linear) attention weights against the softmax weights.
 
     Args:
         q: ``(batch, heads, n, d)``; k: ``(batch, heads, n, d)`` (key heads already repeated for GQA).
         scaling: the softmax temperature the model uses (usually ``d ** -0.5``).
+        window: None for plain linear attention; w for ``window-linear`` (softmax over the last w keys).
     """
     n = q.shape[2]
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
     target = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-    scores = (feature_map(q) @ feature_map(k).transpose(-1, -2)).masked_fill(~causal, 0.0)
-    predicted = scores / (scores.sum(-1, keepdim=True) + 1e-6)
+    if window is None:
+        scores = (feature_map(q) @ feature_map(k).transpose(-1, -2)).masked_fill(~causal, 0.0)
+        predicted = scores / (scores.sum(-1, keepdim=True) + 1e-6)
+    else:
+        from ..attention.window_linear import window_linear_weights
+
+        predicted = window_linear_weights(q, k, window=window, feature_map=feature_map, scale=scaling)
+        # Rows shorter than the window are exact softmax: nothing to learn there, so they are left out.
+        target, predicted = target[:, :, window:], predicted[:, :, window:]
     return -(target * torch.log(predicted + 1e-6)).sum(-1).mean()
 
 
@@ -209,8 +229,10 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     config.log.append({"capture_cpu_seconds": time.process_time() - started})
 
     # 2. Patch, then fit each layer's feature map on its own queries and keys.
-    patch_model(model, "linear", feature_map=config.feature_map, chunk_size=config.chunk_size,
-                keep_softmax_first=config.keep_softmax_first, keep_softmax_last=config.keep_softmax_last)
+    extra = {"window": config.window} if config.kind == "window-linear" else {}
+    patch_model(model, config.kind, feature_map=config.feature_map, chunk_size=config.chunk_size,
+                keep_softmax_first=config.keep_softmax_first, keep_softmax_last=config.keep_softmax_last, **extra)
+    window = config.window if config.kind == "window-linear" else None
     gen = torch.Generator().manual_seed(config.seed)
     for index, module in enumerate(modules):
         layer = getattr(module, LAYER_ATTRIBUTE)
@@ -223,7 +245,7 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
             q, k, scaling = captured[int(torch.randint(len(windows), (1,), generator=gen))][module]
             if k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            loss = attention_transfer_loss(fmap, q, k, scaling if scaling is not None else q.shape[-1] ** -0.5)
+            loss = attention_transfer_loss(fmap, q, k, scaling if scaling is not None else q.shape[-1] ** -0.5, window)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

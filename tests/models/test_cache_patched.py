@@ -121,3 +121,13 @@ def test_window_linear_beam_search_matches_uncached():
                          cache=LinearAttentionCache.from_model(model))
     ref = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kind,params", [("linear", {}), ("window-linear", {"window": 3})])
+def test_generate_builds_the_recurrent_cache_itself(kind, params):
+    model = patch_model(build("llama"), kind, softmax_layers=[0], chunk_size=4, **params)
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.cache, LinearAttentionCache)
+    assert isinstance(out.cache.layers[0], DynamicLayer)  # the softmax layer keeps keys and values
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))

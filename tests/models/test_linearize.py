@@ -127,3 +127,46 @@ def test_finetune_qk_also_trains_linear_layer_projections():
               keep_softmax_first=1)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q0)  # softmax layer untouched
     assert not torch.equal(model.model.layers[1].self_attn.q_proj.weight, q1)
+
+
+def test_window_transfer_loss_is_exact_when_the_window_covers_everything_but_the_tail():
+    # With q = 0 the softmax rows are uniform; with a constant feature map (weight 1 per old key) and
+    # exp(0 - 0) = 1 per window key, window-linear is uniform too: the loss is the uniform entropy,
+    # over the rows past the window only.
+    n, w = 7, 3
+    q, k = torch.zeros(1, 2, n, 4, dtype=torch.float64), torch.randn(1, 2, n, 4, dtype=torch.float64)
+    loss = attention_transfer_loss(lambda x: torch.ones_like(x[..., :1]), q, k, 0.5, window=w)
+    expected = sum(math.log(i + 1) for i in range(w, n)) / (n - w)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_linearize_window_linear_fits_and_decodes_with_its_cache():
+    from hf_efficient.integrations.cache import WindowLinearAttentionLayer
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    train = [torch.randint(0, 48, (24,), generator=gen) for _ in range(2)]
+    store: dict = {}
+    with torch.no_grad(), capture_queries_keys(model, store):
+        model(train[0][None])
+    attn = model.model.layers[1].self_attn
+    q, k, scaling = store[attn]
+    k = k.repeat_interleave(2, dim=1)
+    config = LinearizeConfig(kind="window-linear", window=4, transfer_steps=30, transfer_lr=3e-2)
+    linearize(model, train, config)
+    assert model.config.hf_efficient["kind"] == "window-linear"
+    fmap = attn.hf_efficient_feature_map
+    with torch.no_grad():
+        after = attention_transfer_loss(fmap, q, k, scaling, window=4).item()
+        fmap.weight.copy_(torch.eye(8).expand(4, 8, 8))
+        fmap.bias.zero_()
+        before = attention_transfer_loss(fmap, q, k, scaling, window=4).item()
+    assert after < before - 0.01
+    ids = train[0][None, :8]
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.cache.layers[1], WindowLinearAttentionLayer)
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
+    with pytest.raises(ValueError, match="kind"):
+        LinearizeConfig(kind="clustered")
+    with pytest.raises(ValueError, match="window"):
+        LinearizeConfig(window=0)
