@@ -5,6 +5,30 @@ chooses between them (``HF_EFFICIENT_KERNELS=reference`` forces the reference) a
 :func:`available` says what this machine can run.
 """
 
-from .dispatch import ENV_VAR, available, causal_linear, causal_linear_normalized, select_implementation
+from .dispatch import (
+    CLUSTERED_OPS,
+    ENV_VAR,
+    available,
+    causal_linear,
+    causal_linear_normalized,
+    cluster_broadcast,
+    cluster_mean,
+    clustered_topk,
+    hamming_kmeans,
+    select_clustered_implementation,
+    select_implementation,
+)
 
-__all__ = ["ENV_VAR", "available", "causal_linear", "causal_linear_normalized", "select_implementation"]
+__all__ = [
+    "CLUSTERED_OPS",
+    "ENV_VAR",
+    "available",
+    "causal_linear",
+    "causal_linear_normalized",
+    "cluster_broadcast",
+    "cluster_mean",
+    "clustered_topk",
+    "hamming_kmeans",
+    "select_clustered_implementation",
+    "select_implementation",
+]
