@@ -444,6 +444,19 @@ def clustered_cases(n: int, older: dict | None, clusters: int, topk: int, bits: 
         "improved_fwd_bwd": {"kernel": (grads, ours_fb(improved_clustered_attention, "auto", topk=topk)),
                              "reference": (grads, ours_fb(improved_clustered_attention, "reference", topk=topk))},
     }
+    # the other kernels alone, at the sizes clustered attention gives them (they are dispatched by default
+    # only where faster than their PyTorch path)
+    _, assign = clustered_attention(q, k, v, **knobs, return_clusters=True)
+    cout = torch.randn(b, h, clusters, d + 1, generator=g)
+    top = torch.randint(0, n, (b, h, clusters, topk), generator=g)
+    op_calls = {
+        "op_cluster_mean": lambda impl: kernels.cluster_mean(q, assign, clusters, implementation=impl),
+        "op_cluster_broadcast": lambda impl: kernels.cluster_broadcast(cout, assign, implementation=impl),
+        "op_clustered_topk": lambda impl: kernels.clustered_topk(q, k, v, assign, top, None, d**-0.5,
+                                                                 implementation=impl),
+    }
+    for name, call in op_calls.items():
+        groups[name] = {impl: (plain, lambda x, call=call, impl=impl: call(impl)) for impl in ("kernel", "reference")}
     if older is not None:
         groups["clustered"]["older"] = (plain, lambda x: older_clustered_forward(older, *x, clusters, bits,
                                                                                  iterations, None))
