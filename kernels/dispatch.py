@@ -26,6 +26,7 @@ __all__ = [
     "available",
     "causal_linear",
     "causal_linear_normalized",
+    "centroid_topk",
     "cluster_broadcast",
     "cluster_mean",
     "clustered_topk",
@@ -221,8 +222,9 @@ def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear
 # Ops of clustered attention that have a CPU kernel. Where a kernel measured no faster than its PyTorch
 # path at the sizes clustered attention runs (scripts/bench_kernels.py --clustered), "auto" keeps the
 # reference; "kernel" still runs it.
-CLUSTERED_OPS = ("hamming_kmeans", "cluster_mean", "cluster_broadcast", "clustered_topk")
-_CLUSTERED_AUTO = {"hamming_kmeans": True, "cluster_mean": True, "cluster_broadcast": True, "clustered_topk": True}
+CLUSTERED_OPS = ("hamming_kmeans", "cluster_mean", "cluster_broadcast", "clustered_topk", "centroid_topk")
+_CLUSTERED_AUTO = {"hamming_kmeans": True, "cluster_mean": True, "cluster_broadcast": True, "clustered_topk": True,
+                   "centroid_topk": True}
 
 
 def _clustered_cpu_kernel() -> tuple[bool, str | None]:
@@ -406,3 +408,61 @@ def clustered_topk(
     if key_mask is not None:
         key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
     return _top_products(q, assign, k_top, v_top, key_ok, float(scale), c).reshape(b, h, n, e)
+
+
+def centroid_topk(
+    cent: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    t: int,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The centroid half of improved clustered attention: each centroid's top-``t`` keys, their weight and the rest.
+
+    With ``p_c = softmax(scale * cent_c . k)`` over the real keys (zero for padded ones). The kernel is
+    fused and forward only: it runs when no gradient is needed (``torch.is_grad_enabled()`` is False or no
+    input requires one); otherwise this is the differentiable PyTorch computation.
+
+    Args:
+        cent: ``(batch, heads, C, d)``; k: ``(batch, heads, n_k, d)``; v: ``(batch, heads, n_k, e)``.
+        key_mask: optional bool ``(batch, n_k)``, True = real key.
+        scale: multiplies cent . k; t: keys kept per centroid, ``1 <= t <= n_k``.
+
+    Returns:
+        ``top`` int64 ``(batch, heads, C, t)`` (any order), ``mass`` ``(batch, heads, C)`` = the top keys'
+        total weight, ``rest`` ``(batch, heads, C, e)`` = ``sum_{j not in top} p_cj v_j``.
+    """
+    name = "centroid_topk"
+    for label, x in (("cent", cent), ("k", k), ("v", v)):
+        _tensor(x, name, label, 4)
+    b, h, _, d = cent.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{name}: expected cent (b, h, C, d), k (b, h, n_k, d), v (b, h, n_k, e); got "
+                         f"{tuple(cent.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (cent.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{name}: cent, k, v must share a dtype, got {cent.dtype}, {k.dtype}, {v.dtype}")
+    if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= k.shape[2]:
+        raise ValueError(f"{name}: t must be an int in [1, n_k = {k.shape[2]}], got {t!r}")
+    if key_mask is not None:
+        _tensor(key_mask, name, "key_mask", 2, torch.bool)
+        if tuple(key_mask.shape) != (b, k.shape[2]):
+            raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, k.shape[2])}, got {tuple(key_mask.shape)}")
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (cent, k, v))
+    if not needs_grad and select_clustered_implementation(cent, name, implementation) == "kernel":
+        from .ops import centroid_topk_op
+
+        return centroid_topk_op(cent, k, v, key_mask, float(scale), t)
+    if needs_grad and _requested(implementation) == "kernel":
+        raise RuntimeError(f"{name}: the kernel is forward only and an input requires a gradient")
+    from hf_efficient.attention.clustered import _centroid_attention
+
+    probs, cout = _centroid_attention(cent, k, v, key_mask, float(scale))
+    top = probs.topk(t, dim=-1).indices
+    top_probs = probs.gather(-1, top)
+    e = v.shape[-1]
+    v_top = torch.gather(v[:, :, None].expand(b, h, top.shape[2], -1, e), 3, top[..., None].expand(-1, -1, -1, -1, e))
+    rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top).squeeze(-2)
+    return top, top_probs.sum(-1), rest

@@ -4,10 +4,11 @@
 ``hf_efficient::causal_linear_normalized(phi_q, phi_k, v, initial, eps, chunk) -> (out, state, den)`` and
 their backwards are registered with fake (meta) implementations and autograd, so they trace under ``torch.compile`` and
 pass ``torch.library.opcheck``. The clustered-attention ops (``hamming_kmeans``, ``cluster_sum``,
-``cluster_gather``, ``clustered_topk``) have a CPU kernel only (:mod:`kernels.cpu`, ``clustered.cpp``).
-The CPU implementation is the C++ kernel of :mod:`kernels.cpu`; CUDA
-tensors go to the Triton kernel of :mod:`kernels.triton`. Callers normally go through
-:func:`kernels.dispatch.causal_linear`, which checks availability first and falls back to PyTorch.
+``cluster_gather``, ``clustered_topk``, ``centroid_topk``) have a CPU kernel only
+(:mod:`kernels.cpu`, ``clustered.cpp``). For causal linear attention the CPU implementation is the
+C++ kernel of :mod:`kernels.cpu`; CUDA tensors go to the Triton kernel of :mod:`kernels.triton`.
+Callers normally go through :func:`kernels.dispatch.causal_linear` (and the clustered functions of
+:mod:`kernels.dispatch`), which checks availability first and falls back to PyTorch.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .cpu import build_error, load_extension
 
 __all__ = [
     "causal_linear_backward_op",
+    "centroid_topk_op",
     "cluster_gather_op",
     "cluster_sum_op",
     "clustered_topk_backward_op",
@@ -380,3 +382,23 @@ def _backward_topk(ctx, grad_out, _grad_weights):
 
 
 clustered_topk_op.register_autograd(_backward_topk, setup_context=_setup_topk)
+
+
+@torch.library.custom_op("hf_efficient::centroid_topk", mutates_args=())
+def centroid_topk_op(
+    cent: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float, t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The centroid half of improved clustered attention, fused; forward only (no autograd).
+
+    With ``p_c = softmax(scale * cent_c . k)`` over the real keys: the indices of the ``t`` largest
+    weights ``(b, h, C, t)`` (in no particular order), their mass ``(b, h, C)`` and
+    ``rest_c = sum_{j not in top} p_cj v_j`` ``(b, h, C, e)``, without a ``(b, h, C, n_k)`` tensor.
+    """
+    top, mass, rest = _clustered_module().centroid_topk(cent, k, v, key_mask, scale, t)
+    return top, mass, rest
+
+
+@centroid_topk_op.register_fake
+def _(cent, k, v, key_mask, scale, t):
+    b, h, c, _ = cent.shape
+    return cent.new_empty(b, h, c, t, dtype=torch.long), cent.new_empty(b, h, c), cent.new_empty(b, h, c, v.shape[-1])

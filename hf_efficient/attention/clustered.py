@@ -245,25 +245,33 @@ def improved_clustered_attention(
     t = min(topk, n_k)
     from kernels import dispatch  # compiled kernels where available, else the code here
 
-    probs, cout = _centroid_attention(dispatch.cluster_mean(q32, assign, c), k32, v32, key_mask, scale)
-    top = probs.topk(t, dim=-1).indices  # (b, h, C, t); padded keys have weight 0, picked last
-    top_probs = probs.gather(-1, top)
-    mass = top_probs.sum(-1)  # (b, h, C)
-    rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
-    v_top = _rows(v32.reshape(-1, e), rows).reshape(b * h * c, t, e)
-    # the centroid's attention on the keys outside its top-k
-    rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
-
-    if dispatch.select_clustered_implementation(q32, "clustered_topk") == "kernel":
-        # reads each cluster's top keys in place: no (b*h*C, t, d) copies
+    cent = dispatch.cluster_mean(q32, assign, c)
+    inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q32, k32, v32)))
+    if inference and all(dispatch.select_clustered_implementation(q32, op) == "kernel"
+                         for op in ("centroid_topk", "clustered_topk")):
+        # forward-only fused kernel: centroid softmax, its top-k, mass and rest without a (b, h, C, n_k) tensor
+        top, mass, rest = dispatch.centroid_topk(cent, k32, v32, key_mask, scale, t, implementation="kernel")
         exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
     else:
-        k_top = _rows(k32.reshape(-1, d), rows).reshape(b * h * c, t, d)
-        if key_mask is not None:
-            key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
+        probs, cout = _centroid_attention(cent, k32, v32, key_mask, scale)
+        top = probs.topk(t, dim=-1).indices  # (b, h, C, t); padded keys have weight 0, picked last
+        top_probs = probs.gather(-1, top)
+        mass = top_probs.sum(-1)  # (b, h, C)
+        rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
+        v_top = _rows(v32.reshape(-1, e), rows).reshape(b * h * c, t, e)
+        # the centroid's attention on the keys outside its top-k
+        rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
+
+        if dispatch.select_clustered_implementation(q32, "clustered_topk") == "kernel":
+            # reads each cluster's top keys in place: no (b*h*C, t, d) copies
+            exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
         else:
-            key_ok = None
-        exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
+            k_top = _rows(k32.reshape(-1, d), rows).reshape(b * h * c, t, d)
+            if key_mask is not None:
+                key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
+            else:
+                key_ok = None
+            exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
     # mass and rest ride together through one per-query gather
     per_query = dispatch.cluster_broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)
     out = (per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -299,13 +300,14 @@ inline void small_gemm(int64_t K, int64_t N, const T* A, int64_t rsa, int64_t cs
   }
 }
 
-// Any row count: blocks of kRows rows, then single rows.
+// Any row count: blocks of kRows rows, then of 4, then single rows.
 template <typename T>
 void gemm(int64_t M, int64_t K, int64_t N, const T* A, int64_t rsa, int64_t csa, const T* B, int64_t ldb, T* Cm,
           int64_t ldc, bool accumulate) {
   int64_t r = 0;
   for (; r + kRows <= M; r += kRows)
     small_gemm<T, kRows>(K, N, A + r * rsa, rsa, csa, B, ldb, Cm + r * ldc, ldc, accumulate);
+  for (; r + 4 <= M; r += 4) small_gemm<T, 4>(K, N, A + r * rsa, rsa, csa, B, ldb, Cm + r * ldc, ldc, accumulate);
   for (; r < M; ++r) small_gemm<T, 1>(K, N, A + r * rsa, rsa, csa, B, ldb, Cm + r * ldc, ldc, accumulate);
 }
 
@@ -563,6 +565,146 @@ std::vector<at::Tensor> clustered_topk_backward(const at::Tensor& q_in, const at
   return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type())};
 }
 
+// --------------------------------------------------------------------------- centroid attention + top-k
+// For each centroid c (a row of cent) of a sequence: p = softmax over the real keys of scale * cent_c . k,
+// its t largest weights T_c, their mass m_c = sum_{j in T_c} p_j and the rest of its output,
+// rest_c = sum_{j not in T_c} p_j v_j. This is the centroid half of improved clustered attention without
+// the (C, n_k) weight tensor ever leaving the thread (one buffer reused for every sequence). Forward only.
+template <typename T>
+struct TopSet {  // the t largest (value, index) pairs seen, as a binary min-heap
+  std::vector<std::pair<T, int64_t>> heap;
+  int64_t t;
+  explicit TopSet(int64_t t_) : t(t_) { heap.reserve(t_); }
+  void clear() { heap.clear(); }
+  static bool greater(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) { return a.first > b.first; }
+  void offer(T value, int64_t index) {
+    if (static_cast<int64_t>(heap.size()) < t) {
+      heap.emplace_back(value, index);
+      std::push_heap(heap.begin(), heap.end(), greater);
+    } else if (value > heap.front().first) {
+      std::pop_heap(heap.begin(), heap.end(), greater);
+      heap.back() = {value, index};
+      std::push_heap(heap.begin(), heap.end(), greater);
+    }
+  }
+};
+
+std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const std::optional<at::Tensor>& key_mask, double scale, int64_t t) {
+  TORCH_CHECK(cent_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "centroid_topk: cent, k, v must be 4-d");
+  TORCH_CHECK(cent_in.size(0) == k_in.size(0) && cent_in.size(1) == k_in.size(1) && cent_in.size(3) == k_in.size(3) &&
+                  k_in.sizes().slice(0, 3) == v_in.sizes().slice(0, 3),
+              "centroid_topk: expected cent (b, h, C, d), k (b, h, n_k, d), v (b, h, n_k, e)");
+  TORCH_CHECK(cent_in.scalar_type() == k_in.scalar_type() && cent_in.scalar_type() == v_in.scalar_type(),
+              "centroid_topk: cent, k, v must share a dtype");
+  TORCH_CHECK(t >= 1 && t <= k_in.size(2), "centroid_topk: need 1 <= t <= n_k");
+  const auto cent = cent_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor km;
+  if (key_mask.has_value() && key_mask->defined()) {
+    km = key_mask->contiguous();
+    TORCH_CHECK(km.dim() == 2 && km.scalar_type() == at::kBool && km.size(0) == k.size(0) && km.size(1) == k.size(2),
+                "centroid_topk: key_mask must be bool (b, n_k)");
+  }
+  const int64_t B = cent.size(0), H = cent.size(1), C = cent.size(2), d = cent.size(3), nk = k.size(2), e = v.size(3);
+  auto top = at::empty({B, H, C, t}, cent.options().dtype(at::kLong));
+  auto mass = at::empty({B, H, C}, cent.options());
+  auto rest = at::empty({B, H, C, e}, cent.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cent.scalar_type(), "centroid_topk", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    constexpr int64_t L = kLanes<T>;
+    // Scores are computed transposed, keys x centroids, so that the key rows are read in place and every
+    // per-centroid reduction (max, sum) is a vector operation across centroids.
+    const int64_t Cp = round_up(C, L), ep = round_up(e, L);
+    const In *pc = cent.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
+    const bool* pm = km.defined() ? km.data_ptr<bool>() : nullptr;
+    int64_t* ptop = top.data_ptr<int64_t>();
+    In *pmass = mass.data_ptr<In>(), *prest = rest.data_ptr<In>();
+    constexpr bool direct = std::is_same_v<In, T>;  // float/double keys are read in place
+    at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      // st (nk, Cp): scores, then weights; csT (d, Cp): scaled centroids transposed; kf (nk, d) and
+      // vp (nk, ep): keys and values in the accumulation type where a copy is needed
+      std::vector<T> st(nk * Cp), csT(d * Cp, T(0)), kf(direct ? 0 : nk * d), vp(nk * ep, T(0)), out(C * ep);
+      std::vector<T> mx(Cp), sum(Cp), thr(Cp);
+      std::vector<char> ok(nk);
+      std::vector<TopSet<T>> best(C, TopSet<T>(t));
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const In* ks = pk + bh * nk * d;
+        const In* vs = pv + bh * nk * e;
+        const T* keys;
+        if constexpr (direct) {
+          keys = reinterpret_cast<const T*>(ks);  // In is T here
+        } else {
+          for (int64_t r = 0; r < nk * d; ++r) kf[r] = static_cast<T>(ks[r]);
+          keys = kf.data();
+        }
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t x = 0; x < e; ++x) vp[j * ep + x] = static_cast<T>(vs[j * e + x]);
+        const bool* mask = pm ? pm + (bh / H) * nk : nullptr;
+        int64_t real = 0;
+        for (int64_t j = 0; j < nk; ++j) {
+          ok[j] = mask == nullptr || mask[j];
+          real += ok[j];
+        }
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t x = 0; x < d; ++x) csT[x * Cp + c] = static_cast<T>(pc[(bh * C + c) * d + x]) * static_cast<T>(scale);
+        gemm<T>(nk, d, Cp, keys, d, 1, csT.data(), Cp, st.data(), Cp, false);
+        std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
+        for (int64_t j = 0; j < nk; ++j) {
+          if (!ok[j]) continue;
+          const T* row = st.data() + j * Cp;
+          for (int64_t c = 0; c < Cp; ++c) mx[c] = row[c] > mx[c] ? row[c] : mx[c];
+        }
+        std::fill(sum.begin(), sum.end(), T(0));
+        for (int64_t j = 0; j < nk; ++j) {
+          T* row = st.data() + j * Cp;
+          if (!ok[j]) {  // padded key: zero weight
+            std::fill(row, row + Cp, T(0));
+            continue;
+          }
+          for (int64_t c = 0; c < Cp; ++c) {
+            row[c] = exp_nonpositive(std::min(row[c] - mx[c], T(0)));
+            sum[c] += row[c];
+          }
+        }
+        for (int64_t c = 0; c < Cp; ++c) sum[c] = real > 0 ? T(1) / sum[c] : T(0);
+        // top-t per centroid: a heap each, entered only by a weight above its current t-th largest;
+        // padded keys (weight 0) come after every real key, as in the PyTorch path
+        for (int64_t c = 0; c < C; ++c) best[c].clear();
+        std::fill(thr.begin(), thr.end(), -std::numeric_limits<T>::infinity());
+        for (int64_t j = 0; j < nk; ++j) {
+          T* row = st.data() + j * Cp;
+          for (int64_t c = 0; c < Cp; ++c) row[c] *= sum[c];
+          const T shift = ok[j] ? T(0) : T(1);
+          for (int64_t c = 0; c < C; ++c) {
+            const T value = row[c] - shift;
+            if (value > thr[c]) {
+              best[c].offer(value, j);
+              if (static_cast<int64_t>(best[c].heap.size()) == t) thr[c] = best[c].heap.front().first;
+            }
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          T m = 0;
+          int64_t* tc = ptop + (bh * C + c) * t;
+          for (int64_t j = 0; j < t; ++j) {
+            const int64_t key = best[c].heap[j].second;
+            tc[j] = key;
+            m += st[key * Cp + c];
+            st[key * Cp + c] = T(0);  // the rest leaves the top keys out
+          }
+          pmass[bh * C + c] = static_cast<In>(m);
+        }
+        // rest (C, ep) = weights^T (C, nk) . values (nk, ep)
+        gemm<T>(C, nk, ep, st.data(), 1, Cp, vp.data(), ep, out.data(), ep, false);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t x = 0; x < e; ++x) prest[(bh * C + c) * e + x] = static_cast<In>(out[c * ep + x]);
+      }
+    });
+  });
+  return {top, mass, rest};
+}
+
 }  // namespace
 
 // Raw ops; kernels/ops.py wraps them as hf_efficient::* custom ops with fake kernels and autograd.
@@ -578,4 +720,6 @@ TORCH_LIBRARY(hf_efficient_clustered_cpu, lib) {
       "clustered_topk_backward(Tensor q, Tensor k, Tensor v, Tensor assign, Tensor top, Tensor weights, "
       "Tensor grad, float scale) -> Tensor[]",
       &clustered_topk_backward);
+  lib.def("centroid_topk(Tensor cent, Tensor k, Tensor v, Tensor? key_mask, float scale, int t) -> Tensor[]",
+          &centroid_topk);
 }

@@ -298,3 +298,64 @@ def test_clustered_attention_same_with_and_without_kernels(ops, monkeypatch, imp
     torch.testing.assert_close(out, out_r, atol=1e-5, rtol=1e-5)
     for a, r in zip(grads, grads_r):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- fused centroid attention + top-k
+def centroid_formula(cent, k, v, key_mask, scale, t):
+    """Float64: weights over the real keys, the t largest per centroid, their mass and the rest of the output."""
+    scores = torch.einsum("bhcd,bhnd->bhcn", cent, k) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    ranked = p - (0.0 if key_mask is None else (~key_mask[:, None, None, :]).double())  # padded keys last
+    top = ranked.topk(t, -1).indices
+    in_top = torch.zeros_like(p).scatter(-1, top, 1.0)
+    return top, (p * in_top).sum(-1), torch.einsum("bhcn,bhne->bhce", p * (1 - in_top), v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("shape", [(2, 2, 5, 40, 8, 5, 6), (1, 2, 19, 300, 64, 64, 32), (2, 1, 3, 17, 3, 1, 17)])
+def test_centroid_topk_values(ops, dtype, tol, shape):
+    b, h, c, nk, d, e, t = shape
+    g = _gen(12)
+    cent, k = torch.randn(b, h, c, d, generator=g), torch.randn(b, h, nk, d, generator=g)
+    v = torch.randn(b, h, nk, e, generator=g)
+    key_mask = torch.rand(b, nk, generator=g) < 0.6
+    key_mask[0, :2] = True
+    if b > 1:
+        key_mask[1] = False  # a sequence with no real key: zero mass and rest
+    for mask in (None, key_mask):
+        xs = [x.to(dtype) for x in (cent, k, v)]
+        top, mass, rest = dispatch.centroid_topk(*xs, mask, 0.3, t, implementation="kernel")
+        top_r, mass_r, rest_r = centroid_formula(*(x.double() for x in xs), mask, 0.3, t)
+        assert mass.dtype == dtype and rest.dtype == dtype
+        torch.testing.assert_close(mass.double(), mass_r, atol=tol, rtol=tol)
+        torch.testing.assert_close(rest.double(), rest_r, atol=tol, rtol=tol)
+        if dtype != torch.bfloat16:  # bf16 rounding may swap near-equal weights at the boundary
+            has_real = torch.ones(b, dtype=torch.bool) if mask is None else mask.any(-1)
+            assert torch.equal(top.sort(-1).values[has_real], top_r.sort(-1).values[has_real])
+
+
+def test_centroid_topk_is_forward_only(ops):
+    cent = torch.randn(1, 1, 3, 4, requires_grad=True)
+    k, v = torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 2)
+    with pytest.raises(RuntimeError, match="forward only"):
+        dispatch.centroid_topk(cent, k, v, None, 0.5, 3, implementation="kernel")
+    # auto: the differentiable PyTorch path, whose gradient reaches the centroids
+    top, mass, rest = dispatch.centroid_topk(cent, k, v, None, 0.5, 3)
+    (mass.sum() + rest.sum()).backward()
+    assert cent.grad is not None and cent.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.library.opcheck(ops.centroid_topk_op, (cent.detach(), k, v, None, 0.5, 3))
+
+
+def test_improved_inference_path_equals_reference(ops, monkeypatch):
+    g = _gen(13)
+    q, k, v = (torch.randn(2, 2, 120, 16, generator=g) for _ in range(3))
+    km = torch.ones(2, 120, dtype=torch.bool)
+    km[1, 90:] = False
+    with torch.no_grad():
+        out = improved_clustered_attention(q, k, v, clusters=9, topk=7, seed=0, key_padding_mask=km)
+        monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+        ref = improved_clustered_attention(q, k, v, clusters=9, topk=7, seed=0, key_padding_mask=km)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
