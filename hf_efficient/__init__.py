@@ -18,6 +18,8 @@ from .attention import (
     LinearAttentionParams,
     LinearAttentionState,
     ReluFeatureMap,
+    WindowLinearParams,
+    WindowLinearState,
     attention_kind_names,
     clustered_attention,
     get_attention_kind,
@@ -27,6 +29,7 @@ from .attention import (
     linear_attention_reference,
     linear_attention_step,
     register_attention_kind,
+    window_linear_attention,
 )
 from .integrations import efficient_config, patch_model, push_to_hub, unpatch_model
 from .integrations.cache import LinearAttentionCache
@@ -82,6 +85,9 @@ __all__ = [
     "linear_attention_reference",
     "linear_attention_step",
     "linearize",
+    "window_linear_attention",
+    "WindowLinearParams",
+    "WindowLinearState",
     "patch_model",
     "push_to_hub",
     "register_attention_kind",
