@@ -571,7 +571,7 @@ def plot_clustered(results: dict, names: list[str], path: Path) -> None:
             ys = [1e3 * run[nm][impl]["median_s"] for nm in names if impl in run[nm]]
             if xs:
                 ax.bar(xs, ys, width, label=impl)
-        ax.set_xticks([j + width for j in range(len(names))], names, rotation=20)
+        ax.set_xticks([j + width for j in range(len(names))], names, rotation=30, ha="right")
         ax.set_yscale("log")
         ax.set_ylabel("median time (ms, log)")
         ax.set_title(f"N={results['n']}, C={results['clusters']}, {run['threads']} thread(s)")

@@ -31,6 +31,7 @@ functions are tested against.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from ._checks import check_padding_mask, check_qkv
 from .hashing import (
     MAX_BITS,
     draw_hyperplanes,
+    hamming_kmeans,
     hamming_kmeans_reference,
     hash_queries,
     pack_bits,
@@ -84,6 +86,29 @@ def _check_scale(scale, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- shared steps
+def _kernel_dispatch():
+    """:mod:`kernels.dispatch` (compiled kernels where they run, else the PyTorch code of this file) for the
+    package's own copy of this module; None for a remote-code copy or without the kernels' package, which
+    then runs the PyTorch code here. Imported by name so that a copy never needs the package."""
+    if not __name__.startswith("hf_efficient."):
+        return None
+    try:
+        return importlib.import_module("kernels.dispatch")
+    except ImportError:
+        return None
+
+
+def _mean(q, assign, clusters):
+    dispatch = _kernel_dispatch()
+    return dispatch.cluster_mean(q, assign, clusters) if dispatch else _centroids(q, assign, clusters)
+
+
+def _broadcast(cout, assign, query_mask):
+    dispatch = _kernel_dispatch()
+    # padded queries have assign -1: the kernel gives them zeros, as the query mask does here
+    return dispatch.cluster_broadcast(cout, assign) if dispatch else _per_query(cout, assign, query_mask)
+
+
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` along dim 0 (differentiable in table); the embedding lookup copies narrow
     rows many times faster than ``index_select`` on CPU."""
@@ -99,8 +124,8 @@ def _cluster(q, clusters, bits, iterations, seed, query_mask):
     codes = hash_queries(q.detach(), query_mask, w, z)  # (b, h, n, bits)
     valid_bh = valid[:, None, :].expand(b, h, n).reshape(b * h, n)
     # kernels/dispatch.py runs the compiled popcount k-means when it can (same result), else hamming_kmeans
-    from kernels.dispatch import hamming_kmeans as kmeans
-
+    dispatch = _kernel_dispatch()
+    kmeans = dispatch.hamming_kmeans if dispatch else hamming_kmeans
     assign = kmeans(codes.reshape(b * h, n, bits), valid_bh, clusters, iterations)
     return assign.reshape(b, h, n)
 
@@ -196,9 +221,7 @@ def clustered_attention(
         "clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask,
         scale, seed,
     )
-    from kernels import dispatch  # compiled cluster mean / broadcast where available, else the code here
-
-    cent = dispatch.cluster_mean(q32, assign, c)
+    cent = _mean(q32, assign, c)
     # only the centroids' outputs are needed: the fused SDPA kernel never stores the C x n_k weights
     mask = None
     if key_mask is not None:
@@ -209,7 +232,7 @@ def clustered_attention(
     cout = torch.nn.functional.scaled_dot_product_attention(cent, k32, v32, attn_mask=mask, scale=scale)
     if key_mask is not None:
         cout = torch.where(key_mask.any(dim=1)[:, None, None, None], cout, 0.0)
-    out = dispatch.cluster_broadcast(cout, assign).to(q.dtype)  # padded queries (assign -1) get zeros
+    out = _broadcast(cout, assign, query_mask).to(q.dtype)
     return (out, assign) if return_clusters else out
 
 
@@ -243,12 +266,14 @@ def improved_clustered_attention(
     b, h, n_q, d = q32.shape
     n_k, e = k32.shape[2], v32.shape[-1]
     t = min(topk, n_k)
-    from kernels import dispatch  # compiled kernels where available, else the code here
+    dispatch = _kernel_dispatch()
 
-    cent = dispatch.cluster_mean(q32, assign, c)
+    def kernel(op):
+        return dispatch is not None and dispatch.select_clustered_implementation(q32, op) == "kernel"
+
+    cent = _mean(q32, assign, c)
     inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q32, k32, v32)))
-    if inference and all(dispatch.select_clustered_implementation(q32, op) == "kernel"
-                         for op in ("centroid_topk", "clustered_topk")):
+    if inference and kernel("centroid_topk") and kernel("clustered_topk"):
         # forward-only fused kernel: centroid softmax, its top-k, mass and rest without a (b, h, C, n_k) tensor
         top, mass, rest = dispatch.centroid_topk(cent, k32, v32, key_mask, scale, t, implementation="kernel")
         exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
@@ -262,7 +287,7 @@ def improved_clustered_attention(
         # the centroid's attention on the keys outside its top-k
         rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
 
-        if dispatch.select_clustered_implementation(q32, "clustered_topk") == "kernel":
+        if kernel("clustered_topk"):
             # reads each cluster's top keys in place: no (b*h*C, t, d) copies
             exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
         else:
@@ -273,7 +298,7 @@ def improved_clustered_attention(
                 key_ok = None
             exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
     # mass and rest ride together through one per-query gather
-    per_query = dispatch.cluster_broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)
+    per_query = _broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign, query_mask)
     out = (per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)
     return (out, assign) if return_clusters else out
 
