@@ -349,7 +349,8 @@ def _recurrent_wrapper(inner: Callable, kind_name: str) -> Callable:
         if layer.kind == "linear" and params.feature_map == "favor" and scaling is not None:
             query = query * (scaling * query.shape[-1] ** 0.5)  # as the linear kind's own forward does
         expected = _RECURRENT_LAYERS.get(layer.kind, LinearAttentionLayer)
-        if type(layer_cache) is not expected:
+        # by name: two remote-code checkpoints in one process bring two copies of these classes
+        if type(layer_cache).__name__ != expected.__name__:
             raise ValueError(f"layer of kind {layer.kind!r} got a {type(layer_cache).__name__} in its cache; build the "
                              "cache with LinearAttentionCache.from_model(model)")
         out = layer_cache.attend_with(params, query, key, value, feature_map=feature_map, key_padding_mask=padding,

@@ -23,7 +23,7 @@ __all__ = ["MODEL_CARD_TEMPLATE", "push_to_hub", "render_model_card", "write_rem
 
 CONFIG_MODULE = "configuration_hf_efficient"
 MODELING_MODULE = "modeling_hf_efficient"
-_INTEGRATION_FILES = ("attention_interface.py", "patch.py", "configs.py", "export.py")
+_INTEGRATION_FILES = ("attention_interface.py", "patch.py", "configs.py", "export.py", "cache.py")
 # Optional compiled kernels are not shipped as remote code: the copies call the PyTorch path that
 # the kernel dispatcher itself falls back to. "kernels.<module>.<name>" -> name in the same file.
 _KERNEL_FALLBACKS = {

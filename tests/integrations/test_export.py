@@ -52,6 +52,12 @@ CHILD = textwrap.dedent(
                 results["out"] = (out.logits if hasattr(out, "logits") else out.last_hidden_state).contiguous()
                 impl = model.config._attn_implementation
                 results["implementation"] = torch.tensor([impl.startswith("hf_efficient_")])
+                if head == "AutoModelForCausalLM":  # generate() decodes from the shipped recurrent cache
+                    ids = inputs["input_ids"][:1, :6]
+                    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+                    plain = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+                    results["generate_equal"] = torch.tensor([torch.equal(out.sequences, plain)])
+                    names["cache"] = type(out.cache).__name__ + "/" + type(out.cache.layers[0]).__name__
         save_file(results, job["out"])
         report[job["folder"]] = names
     print(json.dumps(report))
@@ -76,6 +82,7 @@ CASES = [
      ["AutoModelForSequenceClassification", "AutoModel", "AutoModelForMaskedLM"],
      "linear", {"feature_map": "hedgehog", "keep_softmax_first": 1}),
     ("llama", "LlamaForCausalLM", ["AutoModelForCausalLM", "AutoModel"], "linear", {"feature_map": "favor"}),
+    ("llama", "LlamaForCausalLM", ["AutoModelForCausalLM"], "window-linear", {"feature_map": "hedgehog", "window": 3}),
     ("vit", "ViTForImageClassification", ["AutoModelForImageClassification"], "improved-clustered", {}),
 ]
 
@@ -99,12 +106,12 @@ def _save_checkpoint(arch, base_class, kind, params, tiny, folder):
 
 def test_remote_code_without_the_package(tiny, tmp_path):
     jobs, expected = [], {}
-    for arch, base_class, heads, kind, params in CASES:
-        folder = tmp_path / arch
+    for index, (arch, base_class, heads, kind, params) in enumerate(CASES):
+        folder = tmp_path / f"{arch}-{index}"
         inputs, expected[str(folder)] = _save_checkpoint(arch, base_class, kind, params, tiny, folder)
-        save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / f"{arch}-inputs.safetensors")
-        jobs.append({"folder": str(folder), "inputs": str(tmp_path / f"{arch}-inputs.safetensors"),
-                     "out": str(tmp_path / f"{arch}-out.safetensors"), "heads": heads})
+        save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / f"{index}-inputs.safetensors")
+        jobs.append({"folder": str(folder), "inputs": str(tmp_path / f"{index}-inputs.safetensors"),
+                     "out": str(tmp_path / f"{index}-out.safetensors"), "heads": heads})
 
         auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
         assert {"AutoConfig", "AutoModel"} <= set(auto_map)
@@ -120,11 +127,15 @@ def test_remote_code_without_the_package(tiny, tmp_path):
                 assert not re.search(r"^\s*from\s+\.\.", text, flags=re.MULTILINE), path.name
 
     report = _run_child(jobs, tmp_path)
-    for (arch, base_class, heads, _, _), job in zip(CASES, jobs, strict=True):
+    for (arch, base_class, heads, kind, _), job in zip(CASES, jobs, strict=True):
         result = load_file(job["out"])
         assert bool(result["implementation"]), arch
+        names = report[job["folder"]]
+        if "AutoModelForCausalLM" in heads:
+            assert bool(result["generate_equal"]), kind
+            layer = "WindowLinearAttentionLayer" if kind == "window-linear" else "LinearAttentionLayer"
+            assert names.pop("cache") == f"LinearAttentionCache/{layer}"
         # the parent may run a compiled kernel where the child runs the PyTorch path: float32 rounding only
         torch.testing.assert_close(result["out"], expected[job["folder"]], atol=2e-5, rtol=1e-4)
-        names = report[job["folder"]]
         assert names[heads[0]] == f"Efficient{base_class}"
         assert all(name.startswith("Efficient") for name in names.values())
