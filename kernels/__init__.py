@@ -1,6 +1,6 @@
 """Fast paths for hf_efficient: compiled CPU kernels and Triton GPU kernels, never the only path.
 
-Everything here has a PyTorch reference in :mod:`hf_efficient.attention`; :mod:`kernels.dispatch`
+Everything here has a PyTorch reference in :mod:`hf_efficient.attention`; :mod:`hf_efficient_kernels.dispatch`
 chooses between them (``HF_EFFICIENT_KERNELS=reference`` forces the reference) and
 :func:`available` says what this machine can run.
 """

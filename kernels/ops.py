@@ -5,10 +5,10 @@
 their backwards are registered with fake (meta) implementations and autograd, so they trace under ``torch.compile`` and
 pass ``torch.library.opcheck``. The clustered-attention ops (``hamming_kmeans``, ``cluster_sum``,
 ``cluster_gather``, ``clustered_topk``, ``centroid_topk``) have a CPU kernel only
-(:mod:`kernels.cpu`, ``clustered.cpp``). For causal linear attention the CPU implementation is the
-C++ kernel of :mod:`kernels.cpu`; CUDA tensors go to the Triton kernel of :mod:`kernels.triton`.
-Callers normally go through :func:`kernels.dispatch.causal_linear` (and the clustered functions of
-:mod:`kernels.dispatch`), which checks availability first and falls back to PyTorch.
+(:mod:`hf_efficient_kernels.cpu`, ``clustered.cpp``). For causal linear attention the CPU implementation is the
+C++ kernel of :mod:`hf_efficient_kernels.cpu`; CUDA tensors go to the Triton kernel of
+:mod:`hf_efficient_kernels.triton`. Callers normally go through :mod:`hf_efficient_kernels.dispatch`
+(``causal_linear`` and the clustered functions), which checks availability first and falls back to PyTorch.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ TRITON_INTERPRET=0 "$PY" -m pytest -q tests/kernels/test_triton_causal_linear.py
 N="$N" "$PY" - <<'PYEOF'
 import json, os, statistics, torch
 import torch.nn.functional as F
-from kernels.ops import causal_linear_op
+from hf_efficient_kernels.ops import causal_linear_op
 from hf_efficient.attention.linear import causal_linear_chunked
 
 n, b, h, d = int(os.environ["N"]), 1, 8, 64
@@ -24,7 +24,7 @@ fq, fk = F.elu(q) + 1, F.elu(k) + 1
 v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)
 
 # The custom ops on CUDA (Triton inside) against the float64 PyTorch reference, forward and backward.
-from kernels.ops import causal_linear_normalized_op
+from hf_efficient_kernels.ops import causal_linear_normalized_op
 small = [torch.rand(2, 3, 300, 16, device=dev, dtype=torch.float64) for _ in range(2)]
 small.append(torch.randn(2, 3, 300, 9, device=dev, dtype=torch.float64))
 ref_in = [t.clone().requires_grad_() for t in small]

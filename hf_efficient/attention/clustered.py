@@ -87,13 +87,13 @@ def _check_scale(scale, name: str) -> None:
 
 # --------------------------------------------------------------------------- shared steps
 def _kernel_dispatch():
-    """:mod:`kernels.dispatch` (compiled kernels where they run, else the PyTorch code of this file) for the
-    package's own copy of this module; None for a remote-code copy or without the kernels' package, which
+    """:mod:`hf_efficient_kernels.dispatch` (compiled kernels where they run, else the PyTorch code of this
+    file) for the package's own copy of this module; None for a remote-code copy or without the kernels' package, which
     then runs the PyTorch code here. Imported by name so that a copy never needs the package."""
     if not __name__.startswith("hf_efficient."):
         return None
     try:
-        return importlib.import_module("kernels.dispatch")
+        return importlib.import_module("hf_efficient_kernels.dispatch")
     except ImportError:
         return None
 

@@ -218,7 +218,7 @@ def linear_attention(
         init = initial_state.packed().to(phi_q.dtype) if initial_state is not None else None
         # The compiled kernel (normaliser fused) when one can run here, else
         # causal_linear_normalized_reference; kernels/dispatch.py decides.
-        from kernels.dispatch import causal_linear_normalized as causal_linear_fast
+        from hf_efficient_kernels.dispatch import causal_linear_normalized as causal_linear_fast
 
         out, state = causal_linear_fast(phi_q, phi_k, vf, eps, init, chunk_size)
         out = out.to(q.dtype)

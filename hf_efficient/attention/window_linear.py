@@ -141,7 +141,7 @@ def window_linear_attention(
     Returns:
         ``(batch, heads, T, d_v)`` in q's dtype (and the new state if ``return_state``).
     """
-    from kernels.dispatch import causal_linear
+    from hf_efficient_kernels.dispatch import causal_linear
 
     check_qkv(q, k, v, _NAME)
     if q.shape[2] != k.shape[2]:

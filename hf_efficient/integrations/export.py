@@ -12,6 +12,7 @@ card) and uploads that folder with ``huggingface_hub.HfApi.upload_folder``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import tempfile
@@ -25,25 +26,27 @@ CONFIG_MODULE = "configuration_hf_efficient"
 MODELING_MODULE = "modeling_hf_efficient"
 _INTEGRATION_FILES = ("attention_interface.py", "patch.py", "configs.py", "export.py", "cache.py")
 # Optional compiled kernels are not shipped as remote code: the copies call the PyTorch path that
-# the kernel dispatcher itself falls back to. "kernels.<module>.<name>" -> name in the same file.
+# the kernel dispatcher itself falls back to. "hf_efficient_kernels.<module>.<name>" -> name in the same file.
 _KERNEL_FALLBACKS = {
-    "kernels.dispatch.causal_linear": "causal_linear_chunked",
-    "kernels.dispatch.causal_linear_normalized": "causal_linear_normalized_reference",
+    "hf_efficient_kernels.dispatch.causal_linear": "causal_linear_chunked",
+    "hf_efficient_kernels.dispatch.causal_linear_normalized": "causal_linear_normalized_reference",
 }
-_KERNEL_IMPORT = re.compile(r"^(\s*)from\s+kernels\.(\w+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE)
+_KERNEL_IMPORT = re.compile(
+    r"^(\s*)from\s+hf_efficient_kernels\.(\w+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE
+)
 
 
 def _without_kernels(name: str, text: str) -> str:
     def replace(match: re.Match) -> str:
         indent, module, symbol, alias = match.groups()
-        fallback = _KERNEL_FALLBACKS.get(f"kernels.{module}.{symbol}")
+        fallback = _KERNEL_FALLBACKS.get(f"hf_efficient_kernels.{module}.{symbol}")
         if fallback is None:
-            raise RuntimeError(f"{name} imports kernels.{module}.{symbol}, which has no PyTorch fallback for "
-                               "remote code")
+            raise RuntimeError(f"{name} imports hf_efficient_kernels.{module}.{symbol}, which has no PyTorch "
+                               "fallback for remote code")
         return f"{indent}{alias or symbol} = {fallback}  # remote code runs the PyTorch path"
 
     text = _KERNEL_IMPORT.sub(replace, text)
-    if re.search(r"^\s*(from|import)\s+(kernels|hf_efficient)\b", text, flags=re.MULTILINE):
+    if re.search(r"^\s*(from|import)\s+(kernels|hf_efficient|hf_efficient_kernels)\b", text, flags=re.MULTILINE):
         raise RuntimeError(f"{name} imports the hf_efficient package or its kernels; it cannot be remote code")
     return text
 
@@ -148,7 +151,12 @@ def _template_text(template: str | Path | None) -> str:
     if template is not None and Path(template).exists():
         return Path(template).read_text(encoding="utf-8")
     name = str(template) if template is not None else MODEL_CARD_TEMPLATE
-    for root in (_HERE.parent.parent / "model_cards", _HERE / "model_cards"):
+    roots = [_HERE.parent.parent / "model_cards", _HERE / "model_cards"]  # source checkout, flat remote code
+    try:  # installed: the model_cards folder is the package hf_efficient_model_cards
+        roots.insert(0, Path(importlib.import_module("hf_efficient_model_cards").__file__).parent)
+    except ImportError:
+        pass
+    for root in roots:
         if (root / name).exists():
             return (root / name).read_text(encoding="utf-8")
     return _FALLBACK_CARD

@@ -1,4 +1,4 @@
-"""C++ (OpenMP) kernels, compiled on first use; see :mod:`kernels.cpu.loader`."""
+"""C++ (OpenMP) kernels, compiled on first use; see :mod:`hf_efficient_kernels.cpu.loader`."""
 
 from .loader import build_error, clustered_build_error, load_clustered_extension, load_extension
 

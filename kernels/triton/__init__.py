@@ -1,2 +1,2 @@
 """Triton kernels (CUDA; or the CPU with ``TRITON_INTERPRET=1``). Importing this package does not import
-triton; :mod:`kernels.triton.causal_linear` does."""
+triton; :mod:`hf_efficient_kernels.triton.causal_linear` does."""

@@ -1,6 +1,6 @@
 """Triton kernels for causal linear attention on CUDA tensors (forward and backward).
 
-Same contract as ``kernels.ops.causal_linear_op``: features ``phi_q, phi_k`` ``(batch, heads, n, m)``,
+Same contract as ``hf_efficient_kernels.ops.causal_linear_op``: features ``phi_q, phi_k`` ``(batch, heads, n, m)``,
 values ``v`` ``(batch, heads, n, e)``, optional initial state ``(batch, heads, m, e)``; returns
 ``y (batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``.
 

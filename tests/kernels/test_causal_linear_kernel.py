@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import dispatch
-from kernels.cpu import build_error, load_extension, loader
+import hf_efficient_kernels as kernels
+from hf_efficient_kernels import dispatch
+from hf_efficient_kernels.cpu import build_error, load_extension, loader
 
 CHUNK = 64
 
@@ -20,7 +20,7 @@ def kernel_ops():
         if os.environ.get("HF_EFFICIENT_REQUIRE_ASSETS") == "1":
             pytest.fail(f"the CPU kernel did not build: {build_error()}")
         pytest.skip(f"the CPU kernel cannot be built here: {build_error()}")
-    from kernels.ops import causal_linear_op
+    from hf_efficient_kernels.ops import causal_linear_op
 
     return causal_linear_op
 
@@ -120,7 +120,7 @@ def test_opcheck(kernel_ops):
     q, k, v, init = inputs(2, 2, 70, 6, 5, initial=True)
     torch.library.opcheck(kernel_ops, (q, k, v, None))
     torch.library.opcheck(kernel_ops, (q.requires_grad_(), k.requires_grad_(), v, init.requires_grad_()))
-    from kernels.ops import causal_linear_backward_op
+    from hf_efficient_kernels.ops import causal_linear_backward_op
 
     torch.library.opcheck(causal_linear_backward_op, (q.detach(), k.detach(), v, init.detach(), v.clone(), None))
 
@@ -219,7 +219,7 @@ def quadratic_normalized(q, k, v, initial=None, eps=1e-6):
 @pytest.mark.parametrize("with_initial", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
 def test_normalized_forward_matches_quadratic(kernel_ops, shape, with_initial, dtype, tol):
-    from kernels.ops import causal_linear_normalized_op
+    from hf_efficient_kernels.ops import causal_linear_normalized_op
 
     b, h, n, m, d = shape
     q, k, v, _ = inputs(b, h, n, m, d, dtype=dtype)
@@ -234,7 +234,7 @@ def test_normalized_forward_matches_quadratic(kernel_ops, shape, with_initial, d
 
 @pytest.mark.parametrize("with_initial", [False, True])
 def test_normalized_gradcheck_float64(kernel_ops, with_initial):
-    from kernels.ops import causal_linear_normalized_op
+    from hf_efficient_kernels.ops import causal_linear_normalized_op
 
     q, k, v, _ = inputs(2, 1, 21, 4, 3, dtype=torch.float64)
     init = torch.rand(2, 1, 4, 4, dtype=torch.float64) if with_initial else None
@@ -261,7 +261,7 @@ def test_normalized_gradients_match_quadratic(kernel_ops, dtype, tol):
 
 
 def test_normalized_opcheck_and_reference_path(kernel_ops):
-    from kernels.ops import causal_linear_normalized_backward_op, causal_linear_normalized_op
+    from hf_efficient_kernels.ops import causal_linear_normalized_backward_op, causal_linear_normalized_op
 
     q, k, v, _ = inputs(2, 2, 40, 6, 5)
     init = torch.rand(2, 2, 6, 6)

@@ -14,8 +14,8 @@ import torch
 
 from hf_efficient.attention import clustered_attention, improved_clustered_attention
 from hf_efficient.attention.hashing import hamming_kmeans, hamming_kmeans_reference, pack_bits
-from kernels import dispatch
-from kernels.cpu import clustered_build_error, load_clustered_extension, loader
+from hf_efficient_kernels import dispatch
+from hf_efficient_kernels.cpu import clustered_build_error, load_clustered_extension, loader
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def ops():
         if os.environ.get("HF_EFFICIENT_REQUIRE_ASSETS") == "1":
             pytest.fail(f"the clustered CPU kernel did not build: {clustered_build_error()}")
         pytest.skip(f"the clustered CPU kernel cannot be built here: {clustered_build_error()}")
-    from kernels import ops as kernel_ops
+    from hf_efficient_kernels import ops as kernel_ops
 
     return kernel_ops
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET was set to something other than 1 and there is no GPU", allow_module_level=True)
 
-from kernels.triton.causal_linear import (  # noqa: E402
+from hf_efficient_kernels.triton.causal_linear import (  # noqa: E402
     triton_causal_linear_backward,
     triton_causal_linear_forward,
 )
