@@ -6,8 +6,11 @@ versus linear attention + LinearAttentionCache, on decoders of the same size.
     hf-efficient bench generate --quick             # the same, from the installed package
 
 (a) ``LlamaForCausalLM`` (SDPA softmax attention, transformers' default ``DynamicCache``) and
-(b) a ``linear-lm`` model with the same layers, width, heads, MLP and vocabulary. For each
-context length the linear model runs a real chunked prefill; the softmax cache is filled with
+(b) a ``linear-lm`` model with the same layers, width, heads, MLP and vocabulary, and (c) with
+``--window W`` (default 64; 0 leaves it out) the Llama of (a) patched with ``window-linear``
+attention (exact softmax over the last W tokens, linear beyond) decoding from its bounded
+``LinearAttentionCache``. For each
+context length the linear models run a real chunked prefill; the softmax cache is filled with
 random keys/values of the right shape (a real softmax prefill at 16k costs minutes on a CPU, and
 decode cost depends only on the cache's shape). Then both decode ``--steps`` tokens at a time,
 interleaved over models and lengths, ``--repeats`` times after a warm-up; we report the median
@@ -51,9 +54,18 @@ def softmax_cache(model: LlamaForCausalLM, context: int) -> DynamicCache:
     return cache
 
 
-def linear_cache(model: LinearLMForCausalLM, context: int) -> LinearAttentionCache:
-    """A real chunked prefill of ``context`` random tokens."""
-    cache = LinearAttentionCache(model.config.num_hidden_layers)
+def window_model(llama: LlamaForCausalLM, window: int) -> LlamaForCausalLM:
+    """A copy of ``llama`` with every layer patched to ``window-linear`` attention."""
+    import copy
+
+    from hf_efficient import patch_model
+
+    return patch_model(copy.deepcopy(llama), "window-linear", window=window).eval()
+
+
+def linear_cache(model, context: int) -> LinearAttentionCache:
+    """A real chunked prefill of ``context`` random tokens (a linear-lm or a patched decoder)."""
+    cache = LinearAttentionCache.from_model(model)
     ids = torch.randint(0, model.config.vocab_size, (1, context))
     for start in range(0, context, 4096):  # bounded activations
         model(ids[:, start : start + 4096], cache=cache, logits_to_keep=1)
@@ -88,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="decode steps per timing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--window", type=int, default=64, help="also time window-linear with this window (0: no)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_generate.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -98,10 +111,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     llama, linear = build(args.layers, args.width, args.heads, args.intermediate, args.vocab)
+    models = {"softmax": llama, "linear": linear}
+    if args.window:
+        models["window"] = window_model(llama, args.window)
     rows = {}
     with torch.inference_mode():
-        caches = {n: {"softmax": softmax_cache(llama, n), "linear": linear_cache(linear, n)} for n in contexts}
-        models = {"softmax": llama, "linear": linear}
+        caches = {n: {name: softmax_cache(model, n) if name == "softmax" else linear_cache(model, n)
+                      for name, model in models.items()} for n in contexts}
         times = {n: {name: [] for name in models} for n in contexts}
         for repeat in range(args.repeats + 1):  # the first pass is a warm-up
             for n in contexts:  # interleaved over lengths and models, so load changes hit all alike
@@ -117,6 +133,8 @@ def main(argv=None) -> int:
                 row[f"{name}_ms_min"], row[f"{name}_ms_max"] = 1e3 * min(ts), 1e3 * max(ts)
                 row[f"{name}_cache_bytes"] = cache_bytes(caches[n][name])
             row["speedup"] = row["softmax_ms"] / row["linear_ms"]
+            if "window" in models:
+                row["window_speedup"] = row["softmax_ms"] / row["window_ms"]
             rows[n] = row
 
     first, last = rows[contexts[0]], rows[contexts[-1]]
@@ -124,17 +142,23 @@ def main(argv=None) -> int:
         "speedup_at_longest": last["speedup"],
         "linear_longest_over_shortest": last["linear_ms"] / first["linear_ms"],
         "softmax_longest_over_shortest": last["softmax_ms"] / first["softmax_ms"],
+        **({"window_speedup_at_longest": last["window_speedup"],
+            "window_longest_over_shortest": last["window_ms"] / first["window_ms"]} if "window" in models else {}),
         "targets": {"speedup_at_16384 >= 16": None, "linear_16384_over_512 <= 1.1": None},
     }
     if contexts[0] == 512 and contexts[-1] == 16384:
         summary["targets"] = {"speedup_at_16384 >= 16": last["speedup"] >= 16,
                               "linear_16384_over_512 <= 1.1": summary["linear_longest_over_shortest"] <= 1.1}
 
+    window = "window" in models
     print(f"{'context':>8} {'softmax ms/tok':>15} {'linear ms/tok':>14} {'speedup':>8} "
-          f"{'softmax cache MB':>17} {'linear cache MB':>16}")
+          f"{'softmax cache MB':>17} {'linear cache MB':>16}"
+          + (f" {'window ms/tok':>14} {'speedup':>8} {'window cache MB':>16}" if window else ""))
     for row in rows.values():
         print(f"{row['context']:>8} {row['softmax_ms']:>15.2f} {row['linear_ms']:>14.2f} {row['speedup']:>8.1f} "
-              f"{row['softmax_cache_bytes'] / 2**20:>17.2f} {row['linear_cache_bytes'] / 2**20:>16.3f}")
+              f"{row['softmax_cache_bytes'] / 2**20:>17.2f} {row['linear_cache_bytes'] / 2**20:>16.3f}"
+              + (f" {row['window_ms']:>14.2f} {row['window_speedup']:>8.1f} "
+                 f"{row['window_cache_bytes'] / 2**20:>16.3f}" if window else ""))
     print(json.dumps(summary, indent=1))
 
     record = {
@@ -146,6 +170,7 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "softmax_cache": "random keys/values of the real shape (DynamicCache)",
         "linear_cache": "real chunked prefill (LinearAttentionCache)",
+        "window": args.window or None,
         **machine_info(),
         "rows": list(rows.values()),
         "summary": summary,
@@ -168,7 +193,11 @@ def _plot(rows: list[dict], path: Path) -> None:
         return
     n = [r["context"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, label in (("softmax", "softmax + DynamicCache"), ("linear", "linear + LinearAttentionCache")):
+    curves = [("softmax", "softmax + DynamicCache"), ("linear", "linear + LinearAttentionCache"),
+              ("window", "window-linear (patched Llama) + LinearAttentionCache")]
+    for name, label in curves:
+        if f"{name}_ms" not in rows[0]:
+            continue
         ax1.errorbar(n, [r[f"{name}_ms"] for r in rows],
                      yerr=[[r[f"{name}_ms"] - r[f"{name}_ms_min"] for r in rows],
                            [r[f"{name}_ms_max"] - r[f"{name}_ms"] for r in rows]], marker="o", label=label)

@@ -166,6 +166,8 @@ def window_linear_attention(
         init = state.linear.packed().to(dtype) if state.linear is not None else None
     n = kf.shape[2]
     front = n - t  # buffered keys precede the new queries
+    if t == 1:  # decoding: one query against <= w keys and the state, no blocking or padding
+        return _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_state)
 
     q_map, k_map = resolve_feature_maps(feature_map, d, h)
     phi_q = q_map(qf).to(dtype)
@@ -195,6 +197,36 @@ def window_linear_attention(
     keep = slice(leaving, n)
     new_state = WindowLinearState(linear, kf[:, :, keep].to(k.dtype), vf[:, :, keep].to(v.dtype), mask[:, keep])
     return out, new_state
+
+
+def _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_state):
+    """:func:`window_linear_attention` for one new token: qf ``(b, h, 1, d)``, kf/vf ``(b, h, n, .)`` with
+    ``n <= window`` (the buffer and the new key), init the packed state of older keys or None."""
+    b, h, n, d = kf.shape
+    scores = torch.matmul(qf, kf.transpose(-1, -2)).squeeze(2) * scale  # (b, h, n)
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    weights = torch.exp(scores - m)
+    num = torch.einsum("bhn,bhne->bhe", weights, vf)
+    den = weights.sum(-1)
+    q_map, k_map = resolve_feature_maps(feature_map, d, h)
+    if init is not None:
+        phi_q = q_map(qf).to(init.dtype).squeeze(2)  # (b, h, m)
+        y = torch.einsum("bhm,bhme->bhe", phi_q, init)
+        num, den = num + y[..., :-1], den + y[..., -1]
+    out = (num / (den + eps).unsqueeze(-1)).unsqueeze(2).to(q.dtype)
+    if not return_state:
+        return out
+    packed = init
+    if n > window - 1:  # the oldest key leaves the window: fold it into the state
+        phi_old = k_map(kf[:, :, :1]).to(kf.dtype) * mask[:, None, :1, None].to(kf.dtype)
+        add = torch.matmul(phi_old.transpose(-1, -2), _with_ones(vf[:, :, :1]))
+        packed = add if packed is None else packed + add
+    linear = LinearAttentionState.unpack(packed) if packed is not None else None
+    keep = slice(max(0, n - (window - 1)), n)
+    state = WindowLinearState(linear, kf[:, :, keep].to(q.dtype), vf[:, :, keep].to(q.dtype), mask[:, keep])
+    return out, state
 
 
 def window_linear_weights(
