@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["LinearizeConfig", "attention_transfer_loss", "capture_queries_keys", "distillation_loss", "linearize"]
 
-FINETUNE_PARAMS = ("feature_maps", "feature_maps+qk", "all")
+FINETUNE_PARAMS = ("feature_maps", "feature_maps+qk", "lora", "all")
 KINDS = ("linear", "window-linear")
 FINETUNE_LOSSES = ("distill", "lm")
 
@@ -45,7 +45,10 @@ class LinearizeConfig:
         finetune_steps: fine-tuning steps of the patched model after transfer (0 = none).
         finetune_lr: its learning rate.
         finetune_params: what the fine-tune trains: ``feature_maps`` (only the learnable maps),
-            ``feature_maps+qk`` (also the query/key projections of the linearised layers) or ``all``.
+            ``feature_maps+qk`` (also the query/key projections of the linearised layers), ``lora``
+            (the feature maps plus LoRA adapters on the q/k/v/o projections of the linearised layers,
+            through PEFT, merged into the weights afterwards) or ``all``.
+        lora_rank, lora_alpha: rank and scaling numerator of the LoRA adapters.
         finetune_loss: ``distill`` (KL divergence from the softmax model's next-token distribution)
             or ``lm`` (next-token cross-entropy on the windows' own tokens).
         keep_softmax_first, keep_softmax_last: layers left softmax (see ``patch_model``).
@@ -62,6 +65,8 @@ class LinearizeConfig:
     finetune_lr: float = 1e-3
     finetune_params: str = "feature_maps"
     finetune_loss: str = "distill"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
     keep_softmax_first: int = 0
     keep_softmax_last: int = 0
     chunk_size: int = 64
@@ -77,7 +82,7 @@ class LinearizeConfig:
             raise ValueError(f"LinearizeConfig.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise ValueError(f"LinearizeConfig.window must be a positive int, got {self.window!r}")
-        for name in ("transfer_steps", "finetune_steps", "keep_softmax_first", "keep_softmax_last"):
+        for name in ("transfer_steps", "finetune_steps", "keep_softmax_first", "keep_softmax_last", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"LinearizeConfig.{name} must be a non-negative int, got {value!r}")
@@ -87,7 +92,7 @@ class LinearizeConfig:
         if self.finetune_loss not in FINETUNE_LOSSES:
             raise ValueError(f"LinearizeConfig.finetune_loss must be one of {', '.join(FINETUNE_LOSSES)}, "
                              f"got {self.finetune_loss!r}")
-        for name in ("transfer_lr", "finetune_lr"):
+        for name in ("transfer_lr", "finetune_lr", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LinearizeConfig.{name} must be positive, got {getattr(self, name)!r}")
 
@@ -174,6 +179,31 @@ def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str)
     return params
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")
+
+
+def _add_lora(model: nn.Module, modules: list[nn.Module], config: LinearizeConfig) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters on the linear projections of the linearised layers."""
+    from ..integrations.attention_interface import LAYER_ATTRIBUTE
+
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("finetune_params='lora' needs PEFT: pip install peft (or hf-efficient[lora])") from None
+    names = {id(m): name for name, m in model.named_modules()}
+    targets = []
+    for module in modules:
+        if getattr(module, LAYER_ATTRIBUTE).kind is None:
+            continue  # softmax layers stay as they were
+        for child in _PROJECTIONS:
+            if isinstance(getattr(module, child, None), nn.Module):
+                targets.append(f"{names[id(module)]}.{child}")
+    if not targets:
+        raise ValueError("finetune_params='lora' found no q/k/v/o projection in the linearised layers")
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(model, lora)
+
+
 def _windows(dataset) -> list[torch.Tensor]:
     out = []
     for item in dataset:
@@ -257,28 +287,39 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
 
     # 3. Optional fine-tune of the patched model (by default only its feature maps).
     if config.finetune_steps:
-        params = _finetune_parameters(model, modules, config.finetune_params)
-        trainable = {id(p) for p in params}
-        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
-        for p in frozen:  # no weight gradients for what does not train: faster backward, less memory
-            p.requires_grad_(False)
-        model.train()
+        trainable_before = [p for p in model.parameters() if p.requires_grad]
+        student = model
+        if config.finetune_params == "lora":
+            feature_maps = _finetune_parameters(model, modules, "feature_maps")
+            student = _add_lora(model, modules, config)  # freezes every base weight
+            for p in feature_maps:
+                p.requires_grad_(True)
+            params = [p for p in student.parameters() if p.requires_grad]
+        else:
+            params = _finetune_parameters(model, modules, config.finetune_params)
+            trainable = {id(p) for p in params}
+            for p in trainable_before:  # no weight gradients for what does not train: faster, less memory
+                if id(p) not in trainable:
+                    p.requires_grad_(False)
+        student.train()
         optimizer = torch.optim.AdamW(params, lr=config.finetune_lr, weight_decay=0.0)
         try:
             for step in range(config.finetune_steps):
                 index = step % len(windows)
                 ids = windows[index].to(device)
                 if distill:
-                    loss = distillation_loss(model(ids, use_cache=False).logits, teacher[index])
+                    loss = distillation_loss(student(input_ids=ids, use_cache=False).logits, teacher[index])
                 else:
-                    loss = model(ids, labels=ids, use_cache=False).loss
+                    loss = student(input_ids=ids, labels=ids, use_cache=False).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 config.log.append({"finetune_step": step, "loss": loss.item()})
         finally:
-            for p in frozen:
+            if student is not model:
+                student.merge_and_unload()  # LoRA folded into the weights: the model is plain again
+            for p in trainable_before:
                 p.requires_grad_(True)
     model.eval()
     config.log.append({"cpu_seconds": time.process_time() - started})

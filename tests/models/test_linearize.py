@@ -170,3 +170,29 @@ def test_linearize_window_linear_fits_and_decodes_with_its_cache():
         LinearizeConfig(kind="clustered")
     with pytest.raises(ValueError, match="window"):
         LinearizeConfig(window=0)
+
+
+def test_lora_finetune_merges_into_the_linearised_layers_only(monkeypatch):
+    pytest.importorskip("peft", reason="finetune_params='lora' needs peft (the test extra installs it)")
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train = [torch.randint(0, 48, (16,), generator=torch.Generator().manual_seed(5))]
+    config = LinearizeConfig(transfer_steps=1, finetune_steps=3, finetune_params="lora", finetune_lr=1e-2,
+                             keep_softmax_first=1, lora_rank=2)
+    linearize(model, train, config)
+    layers = model.model.layers
+    assert type(layers[1].self_attn.q_proj) is torch.nn.Linear  # adapters merged and removed
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        key = f"model.layers.1.self_attn.{name}.weight"
+        assert not torch.equal(getattr(layers[1].self_attn, name).weight, before[key]), name
+        key0 = f"model.layers.0.self_attn.{name}.weight"
+        assert torch.equal(getattr(layers[0].self_attn, name).weight, before[key0]), name  # softmax layer
+    assert torch.equal(layers[1].mlp.up_proj.weight, before["model.layers.1.mlp.up_proj.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+    ids = train[0][None, :8]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False))
+    monkeypatch.setitem(__import__("sys").modules, "peft", None)
+    with pytest.raises(ImportError, match="pip install peft"):
+        linearize(tiny_llama(), train, transfer_steps=1, finetune_steps=1, finetune_params="lora")
