@@ -113,6 +113,9 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
         normalize_features=args.normalize_features,
         zero_init_attention=args.zero_init_attention,
         num_labels=10,
+        region_size=args.region_size,
+        num_regions=args.num_regions,
+        region_downsample=args.region_downsample,
     )
     model = AttentionSamplingForImageClassification(config)
     processor = AttentionSamplingImageProcessor(low_res_scale=args.low_res_scale)
@@ -181,6 +184,10 @@ def main() -> None:
     parser.add_argument("--sampling", default="without_replacement")
     parser.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--zero-init-attention", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--region-size", type=int, default=None,
+                        help="multi-scale: side of the regions drawn on the coarse view (off by default)")
+    parser.add_argument("--num-regions", type=int, default=1, help="multi-scale: regions per image")
+    parser.add_argument("--region-downsample", type=int, default=4, help="multi-scale: region -> middle view pooling")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=Path("results/train_attention_sampling.json"))
     args = parser.parse_args()
