@@ -225,6 +225,9 @@ def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear
 CLUSTERED_OPS = ("hamming_kmeans", "cluster_mean", "cluster_broadcast", "clustered_topk", "centroid_topk")
 _CLUSTERED_AUTO = {"hamming_kmeans": True, "cluster_mean": True, "cluster_broadcast": True, "clustered_topk": True,
                    "centroid_topk": True}
+# CUDA tensors of these ops go to the Triton kernels (centroid_topk keeps its PyTorch path there).
+_TRITON_CLUSTERED_OPS = ("hamming_kmeans", "cluster_mean", "cluster_broadcast", "clustered_topk")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _clustered_cpu_kernel() -> tuple[bool, str | None]:
@@ -236,8 +239,9 @@ def _clustered_cpu_kernel() -> tuple[bool, str | None]:
 def select_clustered_implementation(x: torch.Tensor, op: str, implementation: str | None = None) -> str:
     """``"kernel"`` or ``"reference"``: what the clustered op ``op`` (one of :data:`CLUSTERED_OPS`) runs for ``x``.
 
-    Only CPU tensors have a kernel (float32, float64, bfloat16, float16; any dtype for the k-means, whose
-    input is bool codes).
+    CPU tensors have the C++ kernel (float32, float64, bfloat16, float16); CUDA tensors have the Triton
+    kernels of :mod:`hf_efficient_kernels.triton.clustered` when triton is installed (float32, bfloat16,
+    float16; ``centroid_topk`` has none). The k-means takes bool codes: any dtype there.
     """
     if op not in CLUSTERED_OPS:
         raise ValueError(f"unknown clustered op {op!r}; accepted: {', '.join(CLUSTERED_OPS)}")
@@ -245,7 +249,15 @@ def select_clustered_implementation(x: torch.Tensor, op: str, implementation: st
     if wanted == "reference" or (wanted == "auto" and not _CLUSTERED_AUTO[op]):
         return "reference"
     reason = None
-    if x.device.type != "cpu":
+    if x.device.type == "cuda":
+        if op not in _TRITON_CLUSTERED_OPS:
+            reason = f"no Triton {op} kernel"
+        elif op != "hamming_kmeans" and x.dtype not in _TRITON_DTYPES:
+            reason = f"dtype {x.dtype} has no Triton kernel (accepted: float32, bfloat16, float16)"
+        else:
+            ok, err = _triton_kernel()
+            reason = None if ok else err
+    elif x.device.type != "cpu":
         reason = f"no {op} kernel for device {x.device.type}"
     elif op != "hamming_kmeans" and x.dtype not in _KERNEL_DTYPES:
         reason = f"dtype {x.dtype} has no kernel (accepted: float32, float64, bfloat16, float16)"
@@ -300,6 +312,10 @@ def hamming_kmeans(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: {label} must be an int >= {low}, got {value!r}")
     if select_clustered_implementation(bits, name, implementation) == "kernel":
+        if bits.device.type == "cuda":
+            from .triton.clustered import triton_hamming_kmeans
+
+            return triton_hamming_kmeans(bits, valid, clusters, iterations)
         from .ops import hamming_kmeans_op
 
         return hamming_kmeans_op(bits, valid, clusters, iterations)
@@ -323,6 +339,10 @@ def cluster_mean(
     """
     _check_assign(x, assign, "cluster_mean")
     if select_clustered_implementation(x, "cluster_mean", implementation) == "kernel":
+        if x.device.type == "cuda":
+            from .triton.clustered import triton_cluster_mean
+
+            return triton_cluster_mean(x, assign, clusters)
         from .ops import cluster_sum_op
 
         return cluster_sum_op(x, assign, clusters, True)
@@ -343,6 +363,10 @@ def cluster_broadcast(y: torch.Tensor, assign: torch.Tensor, *, implementation: 
     """
     _check_assign(y, assign, "cluster_broadcast")
     if select_clustered_implementation(y, "cluster_broadcast", implementation) == "kernel":
+        if y.device.type == "cuda":
+            from .triton.clustered import triton_cluster_broadcast
+
+            return triton_cluster_broadcast(y, assign)
         from .ops import cluster_gather_op
 
         return cluster_gather_op(y, assign, False)
@@ -395,6 +419,10 @@ def clustered_topk(
         if tuple(key_mask.shape) != (b, k.shape[2]):
             raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, k.shape[2])}, got {tuple(key_mask.shape)}")
     if select_clustered_implementation(q, name, implementation) == "kernel":
+        if q.device.type == "cuda":
+            from .triton.clustered import triton_clustered_topk
+
+            return triton_clustered_topk(q, k, v, assign, top, key_mask, float(scale))
         from .ops import clustered_topk_op
 
         return clustered_topk_op(q, k, v, assign, top, key_mask, float(scale))[0]
