@@ -15,9 +15,11 @@ Same contracts as the functions of :mod:`hf_efficient_kernels.dispatch` (and the
 * :func:`triton_clustered_topk`: each query's softmax over its cluster's top keys, forward and backward
   (one program per query; gradients of k and v are scattered with float32 atomics).
 
-Every kernel accumulates in float32 whatever the input dtype (float32, bfloat16, float16). They run only
-where ``triton`` is installed: on a CUDA GPU, or on the CPU with ``TRITON_INTERPRET=1`` (slow; tests on
-tiny shapes).
+Shapes and dtypes are checked by the dispatcher (:mod:`hf_efficient_kernels.dispatch`); the wrappers here
+check that cluster ids lie in ``[-1, C)`` and key indices in ``[0, n_k)`` (a wrong index would make the
+kernels write outside their outputs; the check costs one synchronisation). Every kernel accumulates in
+float32 whatever the input dtype (float32, bfloat16, float16). They run only where ``triton`` is installed:
+on a CUDA GPU, or on the CPU with ``TRITON_INTERPRET=1`` (slow; tests on tiny shapes).
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(int(x)))
+
+
+def _check_range(index: torch.Tensor, low: int, high: int, name: str, label: str) -> None:
+    if index.numel() == 0:
+        return
+    lo, hi = (int(z) for z in torch.aminmax(index))
+    if lo < low or hi >= high:
+        raise ValueError(f"{name}: {label} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
 
 
 # --------------------------------------------------------------------------- Hamming k-means
@@ -98,6 +108,8 @@ def _nearest(bits_u8: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     c = centres.shape[1]
     out = torch.empty(s, n, dtype=torch.long, device=bits_u8.device)
     block_n, block_c, block_b = 32, 16, min(64, _pow2(n_bits))
+    if out.numel() == 0:
+        return out
     _assign_kernel[(s, triton.cdiv(n, block_n))](bits_u8, centres, out, n, n_bits, c,
                                                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_B=block_b)
     return out
@@ -199,6 +211,8 @@ def _cluster_sums(x: torch.Tensor, assign: torch.Tensor, clusters: int) -> tuple
     sums = torch.zeros(b, h, clusters, d, dtype=torch.float32, device=x.device)
     count = torch.zeros(b, h, clusters, dtype=torch.float32, device=x.device)
     block_n, block_d = 32, min(128, _pow2(d))
+    if x.numel() == 0:
+        return sums, count
     _cluster_sum_kernel[(b * h, triton.cdiv(n, block_n))](x, assign, sums, count, n, d, clusters,
                                                           BLOCK_N=block_n, BLOCK_D=block_d)
     return sums, count
@@ -210,6 +224,8 @@ def _cluster_gather(y: torch.Tensor, assign: torch.Tensor, count: torch.Tensor |
     n = assign.shape[2]
     out = torch.empty(b, h, n, e, dtype=dtype, device=y.device)
     block_n, block_e = 32, min(128, _pow2(e))
+    if out.numel() == 0:
+        return out
     _cluster_gather_kernel[(b * h, triton.cdiv(n, block_n))](
         y, assign, count if count is not None else y, out, n, e, c,
         DIVIDE=count is not None, BLOCK_N=block_n, BLOCK_E=block_e)
@@ -255,12 +271,14 @@ def triton_cluster_mean(x: torch.Tensor, assign: torch.Tensor, clusters: int) ->
     Returns:
         ``(batch, heads, C, d)`` in x's dtype; an empty cluster is zero.
     """
+    _check_range(assign, -1, clusters, "cluster_mean", "assign")
     return _ClusterMean.apply(x, assign, clusters)
 
 
 def triton_cluster_broadcast(y: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     """Each query's cluster row, differentiable in y: ``(batch, heads, C, e)`` -> ``(batch, heads, n, e)``;
     rows where ``assign`` is -1 are zero."""
+    _check_range(assign, -1, y.shape[2], "cluster_broadcast", "assign")
     return _ClusterBroadcast.apply(y, assign)
 
 
@@ -400,4 +418,6 @@ def triton_clustered_topk(
     Returns:
         ``(batch, heads, n, e)`` in q's dtype.
     """
+    _check_range(assign, -1, top.shape[2], "clustered_topk", "assign")
+    _check_range(top, 0, k.shape[2], "clustered_topk", "top")
     return _ClusteredTopk.apply(q, k, v, assign, top, key_mask, scale)

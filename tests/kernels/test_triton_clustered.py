@@ -207,6 +207,57 @@ def test_clustered_topk_agrees_with_pytorch_path():
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_out_of_range_indices_are_refused():
+    x = torch.randn(1, 1, 4, 3).to(DEVICE)
+    with pytest.raises(ValueError, match=r"assign must lie in \[-1, 2\)"):
+        triton_cluster_mean(x, torch.tensor([[[0, 1, 2, -1]]]).to(DEVICE), 2)
+    with pytest.raises(ValueError, match="assign must lie"):
+        triton_cluster_broadcast(x[:, :, :2], torch.tensor([[[0, -2, 1, 1]]]).to(DEVICE))
+    top = torch.tensor([[[[0, 4]]]]).to(DEVICE)  # key 4 of 4 keys
+    with pytest.raises(ValueError, match=r"top must lie in \[0, 4\)"):
+        triton_clustered_topk(x, x, x, torch.zeros(1, 1, 4, dtype=torch.long).to(DEVICE), top, None, 1.0)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("improved", [False, True])
+def test_clustered_attention_with_triton_ops_equals_pytorch_path(monkeypatch, improved):
+    """The attention functions with the ops routed as CUDA tensors are (Triton; centroid_topk stays in
+    PyTorch) give the PyTorch path's values and gradients, with query and key padding."""
+    from hf_efficient.attention import clustered_attention, improved_clustered_attention
+
+    g = _gen(5)
+    b, h, n, d = 2, 2, 24, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(DEVICE) for _ in range(3))
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, -7:] = False
+    mask = mask.to(DEVICE)
+    gout = torch.randn(b, h, n, d, generator=g).to(DEVICE)
+    kwargs = dict(clusters=4, bits=16, iterations=5, seed=0, key_padding_mask=mask, query_padding_mask=mask)
+    if improved:
+        kwargs["topk"] = 5
+    fn = improved_clustered_attention if improved else clustered_attention
+
+    def run():
+        ins = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*ins, **kwargs)
+        return out, torch.autograd.grad((out * gout).sum(), ins)
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    want, want_grads = run()
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    monkeypatch.setattr(dispatch, "select_clustered_implementation",
+                        lambda x, op, implementation=None: "reference" if op == "centroid_topk" else "kernel")
+    monkeypatch.setattr(dispatch, "hamming_kmeans", lambda bits, valid, c, it, **kw: triton_hamming_kmeans(
+        bits, valid, c, it))
+    monkeypatch.setattr(dispatch, "cluster_mean", lambda x, a, c, **kw: triton_cluster_mean(x, a, c))
+    monkeypatch.setattr(dispatch, "cluster_broadcast", lambda y, a, **kw: triton_cluster_broadcast(y, a))
+    monkeypatch.setattr(dispatch, "clustered_topk", lambda *a, **kw: triton_clustered_topk(*a))
+    got, got_grads = run()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- dispatch on CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="routing of CUDA tensors needs a CUDA device")
 def test_dispatch_routes_cuda_tensors_to_triton():
