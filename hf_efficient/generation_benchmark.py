@@ -14,7 +14,13 @@ context length the linear models run a real chunked prefill; the softmax cache i
 random keys/values of the right shape (a real softmax prefill at 16k costs minutes on a CPU, and
 decode cost depends only on the cache's shape). Then both decode ``--steps`` tokens at a time,
 interleaved over models and lengths, ``--repeats`` times after a warm-up; we report the median
-per-token time and the min-max spread. Cache bytes are exact tensor sizes.
+per-token time (one decoding step: one new token for each of ``--batch`` sequences) and the
+min-max spread. Cache bytes are exact tensor sizes.
+
+On a CPU, decoding one token is bound by memory traffic: every step reads all weights, and the
+softmax model also reads its whole cache. So the speed-up of a constant-size state over a growing
+cache is about (weight bytes + cache bytes) / weight bytes, and it grows with the batch, whose
+caches add up while the weights are read once.
 """
 
 from __future__ import annotations
@@ -43,13 +49,13 @@ def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):
     return llama.eval(), linear.eval()
 
 
-def softmax_cache(model: LlamaForCausalLM, context: int) -> DynamicCache:
-    """A DynamicCache holding ``context`` tokens of random keys/values, ``(1, heads, context, head_dim)``."""
+def softmax_cache(model: LlamaForCausalLM, context: int, batch: int = 1) -> DynamicCache:
+    """A DynamicCache holding ``context`` tokens of random keys/values, ``(batch, heads, context, head_dim)``."""
     c = model.config
     cache = DynamicCache(config=c)
     head_dim = c.hidden_size // c.num_attention_heads
     for i in range(c.num_hidden_layers):
-        k = torch.randn(1, c.num_key_value_heads, context, head_dim)
+        k = torch.randn(batch, c.num_key_value_heads, context, head_dim)
         cache.update(k, torch.randn_like(k), i)
     return cache
 
@@ -63,10 +69,10 @@ def window_model(llama: LlamaForCausalLM, window: int) -> LlamaForCausalLM:
     return patch_model(copy.deepcopy(llama), "window-linear", window=window).eval()
 
 
-def linear_cache(model, context: int) -> LinearAttentionCache:
+def linear_cache(model, context: int, batch: int = 1) -> LinearAttentionCache:
     """A real chunked prefill of ``context`` random tokens (a linear-lm or a patched decoder)."""
     cache = LinearAttentionCache.from_model(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, context))
+    ids = torch.randint(0, model.config.vocab_size, (batch, context))
     for start in range(0, context, 4096):  # bounded activations
         model(ids[:, start : start + 4096], cache=cache, logits_to_keep=1)
     return cache
@@ -78,9 +84,9 @@ def cache_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
-def decode(model, cache, steps: int) -> float:
-    """Seconds per token for ``steps`` greedy steps continuing ``cache``."""
-    token = torch.zeros(1, 1, dtype=torch.long)
+def decode(model, cache, steps: int, batch: int = 1) -> float:
+    """Seconds per decoding step (one new token for each of ``batch`` sequences) continuing ``cache``."""
+    token = torch.zeros(batch, 1, dtype=torch.long)
     start = time.perf_counter()
     for _ in range(steps):
         logits = model(token, cache=cache, use_cache=True).logits
@@ -100,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="decode steps per timing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--window", type=int, default=64, help="also time window-linear with this window (0: no)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_generate.json"))
     args = parser.parse_args(argv)
@@ -116,13 +123,14 @@ def main(argv=None) -> int:
         models["window"] = window_model(llama, args.window)
     rows = {}
     with torch.inference_mode():
-        caches = {n: {name: softmax_cache(model, n) if name == "softmax" else linear_cache(model, n)
+        caches = {n: {name: softmax_cache(model, n, args.batch) if name == "softmax" else
+                      linear_cache(model, n, args.batch)
                       for name, model in models.items()} for n in contexts}
         times = {n: {name: [] for name in models} for n in contexts}
         for repeat in range(args.repeats + 1):  # the first pass is a warm-up
             for n in contexts:  # interleaved over lengths and models, so load changes hit all alike
                 for name, model in models.items():
-                    t = decode(model, caches[n][name], args.steps)
+                    t = decode(model, caches[n][name], args.steps, args.batch)
                     if repeat:
                         times[n][name].append(t)
         for n in contexts:
@@ -167,6 +175,7 @@ def main(argv=None) -> int:
         "model": {"layers": args.layers, "width": args.width, "heads": args.heads,
                   "intermediate": args.intermediate, "vocab": args.vocab, "feature_map": "elu"},
         "steps": args.steps,
+        "batch": args.batch,
         "repeats": args.repeats,
         "softmax_cache": "random keys/values of the real shape (DynamicCache)",
         "linear_cache": "real chunked prefill (LinearAttentionCache)",
