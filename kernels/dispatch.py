@@ -293,8 +293,9 @@ def hamming_kmeans(
 ) -> torch.Tensor:
     """Hamming k-means of ``hf_efficient.attention.hashing.hamming_kmeans`` through the fastest implementation.
 
-    The kernel packs the codes into 64-bit words and uses popcounts; the assignment is identical to the
-    reference's (same start, ties to the lowest cluster, majority ties to 0, empty clusters kept).
+    The CPU kernel packs the codes into 64-bit words and uses popcounts, the Triton kernel (CUDA) scores +-1
+    signs with ``tl.dot``; the assignment is identical to the reference's (same start, ties to the lowest
+    cluster, majority ties to 0, empty clusters kept).
 
     Args:
         bits: bool ``(s, n, n_bits)``; valid: bool ``(s, n)``; clusters >= 1; iterations >= 0.

@@ -286,7 +286,7 @@ def triton_cluster_broadcast(y: torch.Tensor, assign: torch.Tensor) -> torch.Ten
 @triton.jit
 def _topk_rows(TOP, KEYOK, ASSIGN, pid, bh, batch, n_k, c, t,
                HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Key indices of this query's cluster and which of them are real keys (all False for a padded query)."""
+    # key indices of this query's cluster, which slots exist, and which hold real keys (none for a padded query)
     a = tl.load(ASSIGN + pid)
     rt = tl.arange(0, BLOCK_T)
     a = tl.zeros((BLOCK_T,), dtype=tl.int64) + a  # as a block: the interpreter rejects scalar-made masks

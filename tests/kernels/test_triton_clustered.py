@@ -29,7 +29,7 @@ from hf_efficient_kernels.triton.clustered import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -90,7 +90,7 @@ def _assignment(b, h, n, clusters, g):
     return assign
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [5, 130])
 def test_cluster_mean_and_broadcast_match_one_hot_products(dtype, d):
     g = _gen(d)
@@ -155,9 +155,9 @@ def _topk_reference(q, k, v, assign, top, key_mask, scale):
     return (w[..., None] * v_sel).sum(-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("shape", [(2, 2, 23, 19, 5, 3, 4, 6), (1, 1, 9, 40, 16, 17, 2, 33)])
+@pytest.mark.parametrize("shape", [(2, 1, 17, 19, 5, 3, 4, 6), (1, 1, 9, 40, 16, 17, 2, 33)])
 def test_clustered_topk_values_and_gradients(dtype, masked, shape):
     b, h, n, n_k, d, e, c, t = shape
     g = _gen(n + t)
