@@ -20,3 +20,46 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+# Prelude of a child process that must not see this project: `python -I` (no PYTHONPATH, no cwd on
+# sys.path) plus a finder that refuses its packages, which may still be installed in site-packages.
+_WITHOUT_PACKAGE = '''
+import importlib.abc, json, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hf_efficient", "hf_efficient_kernels", "hf_efficient_model_cards"):
+            raise ImportError(name + " is blocked in this process")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+try:
+    import hf_efficient  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("hf_efficient was importable")
+'''
+
+
+@pytest.fixture
+def run_without_package(tmp_path):
+    """``run(body, jobs) -> dict``: run ``body`` (Python source that reads ``json.loads(sys.argv[1])`` and
+    prints one JSON line last) in a fresh interpreter where hf_efficient cannot be imported, offline."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(body: str, jobs) -> dict:
+        script = tmp_path / "child.py"
+        script.write_text(_WITHOUT_PACKAGE + textwrap.dedent(body))
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+        env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
+        proc = subprocess.run([sys.executable, "-I", str(script), json.dumps(jobs)], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from hf_efficient.integrations import patch_model
 
-# Runs with `python -I` (no PYTHONPATH, no cwd on sys.path) and a finder that refuses hf_efficient,
-# which may still be installed in site-packages.
-CHILD = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class Refuse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_efficient" or name.startswith("hf_efficient."):
-                raise ImportError("hf_efficient is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Refuse())
-    try:
-        import hf_efficient  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_efficient was importable")
-
+CHILD = """
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -61,19 +38,7 @@ CHILD = textwrap.dedent(
         save_file(results, job["out"])
         report[job["folder"]] = names
     print(json.dumps(report))
-    """
-)
-
-
-def _run_child(jobs, tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps(jobs)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+"""
 
 
 # (architecture, saved class, Auto heads loaded in the child (first one is compared), kind, params)
@@ -104,7 +69,7 @@ def _save_checkpoint(arch, base_class, kind, params, tiny, folder):
     return inputs, expected
 
 
-def test_remote_code_without_the_package(tiny, tmp_path):
+def test_remote_code_without_the_package(tiny, tmp_path, run_without_package):
     jobs, expected = [], {}
     for index, (arch, base_class, heads, kind, params) in enumerate(CASES):
         folder = tmp_path / f"{arch}-{index}"
@@ -126,7 +91,7 @@ def test_remote_code_without_the_package(tiny, tmp_path):
                 assert not re.search(r"^\s*(from|import)\s+hf_efficient", text, flags=re.MULTILINE), path.name
                 assert not re.search(r"^\s*from\s+\.\.", text, flags=re.MULTILINE), path.name
 
-    report = _run_child(jobs, tmp_path)
+    report = run_without_package(CHILD, jobs)
     for (arch, base_class, heads, kind, _), job in zip(CASES, jobs, strict=True):
         result = load_file(job["out"])
         assert bool(result["implementation"]), arch

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import torch
@@ -19,26 +15,7 @@ from hf_efficient.vision import (
     AttentionSamplingImageProcessor,
 )
 
-# Runs with `python -I` (no PYTHONPATH, no cwd on sys.path) and a finder that refuses hf_efficient,
-# which may still be installed in site-packages.
-CHILD = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class Refuse(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_efficient" or name.startswith("hf_efficient."):
-                raise ImportError("hf_efficient is blocked in this process")
-            return None
-
-    sys.meta_path.insert(0, Refuse())
-    try:
-        import hf_efficient  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_efficient was importable")
-
+CHILD = """
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -59,13 +36,12 @@ CHILD = textwrap.dedent(
         assert "hf_efficient" not in sys.modules
         report[job["folder"]] = [type(model).__name__, type(processor).__name__, type(model).__module__]
     print(json.dumps(report))
-    """
-)
+"""
 
 TINY = dict(num_channels=1, patch_size=8, num_patches=3, attention_channels=[4], feature_channels=[4, 8], num_labels=3)
 
 
-def test_remote_code_without_the_package(tmp_path):
+def test_remote_code_without_the_package(tmp_path, run_without_package):
     configs = {
         "one_level": AttentionSamplingConfig(**TINY),
         "multiscale": AttentionSamplingConfig(**TINY, region_size=16, num_regions=2, sampling="with_replacement"),
@@ -96,14 +72,7 @@ def test_remote_code_without_the_package(tmp_path):
                 assert not re.search(r"^\s*(from|import)\s+hf_efficient", text, flags=re.MULTILINE), path.name
                 assert not re.search(r"^\s*from\s+\.\.", text, flags=re.MULTILINE), path.name
 
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-I", str(script), json.dumps(jobs)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = run_without_package(CHILD, jobs)
     for name, job in zip(configs, jobs, strict=True):
         model_name, processor_name, module = report[job["folder"]]
         assert model_name == "AttentionSamplingForImageClassification"
