@@ -5,32 +5,5 @@ chooses between them (``HF_EFFICIENT_KERNELS=reference`` forces the reference) a
 :func:`available` says what this machine can run.
 """
 
-from .dispatch import (
-    CLUSTERED_OPS,
-    ENV_VAR,
-    available,
-    causal_linear,
-    causal_linear_normalized,
-    centroid_topk,
-    cluster_broadcast,
-    cluster_mean,
-    clustered_topk,
-    hamming_kmeans,
-    select_clustered_implementation,
-    select_implementation,
-)
-
-__all__ = [
-    "CLUSTERED_OPS",
-    "ENV_VAR",
-    "available",
-    "causal_linear",
-    "causal_linear_normalized",
-    "centroid_topk",
-    "cluster_broadcast",
-    "cluster_mean",
-    "clustered_topk",
-    "hamming_kmeans",
-    "select_clustered_implementation",
-    "select_implementation",
-]
+from .dispatch import *  # noqa: F403  (the dispatcher is the public face of the kernels)
+from .dispatch import __all__  # noqa: F401

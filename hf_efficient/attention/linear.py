@@ -138,8 +138,7 @@ def causal_linear_normalized_reference(
     Returns:
         out ``(batch, heads, n, d_v)`` and the final packed state ``(batch, heads, m, d_v + 1)``.
     """
-    y, state = causal_linear_chunked(phi_q, phi_k, torch.cat([v, torch.ones_like(v[..., :1])], -1), chunk_size,
-                                     initial)
+    y, state = causal_linear_chunked(phi_q, phi_k, _with_ones(v), chunk_size, initial)
     return (y[..., :-1] / (y[..., -1:] + eps)).to(v.dtype), state
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_padding_mask, check_qkv
-from .feature_maps import FEATURE_MAPS, resolve_feature_maps
+from .feature_maps import FEATURE_MAPS, _compute_dtype, resolve_feature_maps
 
 # causal_linear_chunked: what remote code (shipped without compiled kernels) runs instead of the dispatcher.
 from .linear import LinearAttentionState, _check_eps, _with_ones, causal_linear_chunked  # noqa: F401
@@ -74,8 +74,12 @@ def _check_window(window, name: str) -> int:
     return window
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _window_exp(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``exp(s - m)`` on the allowed keys (0 elsewhere), m = the row's largest allowed score; a row with
+    no allowed key (a padded query's window) gets zeros instead of NaN."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    return torch.exp(scores - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
 
 
 def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tensor, window: int, scale: float):
@@ -101,11 +105,7 @@ def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ok: torch.Tenso
     c = torch.arange(2 * w, device=q.device)
     band = (c[None, :] > a[:, None]) & (c[None, :] <= a[:, None] + w)  # (w, 2w)
     allowed = band[None, None] & ok2[:, :, None, :]  # (b, blocks, w, 2w)
-    scores = torch.matmul(qb, k2.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a query whose window is all padding
-    weights = torch.exp(scores - m)  # exp(-inf) = 0 for excluded keys
+    weights = _window_exp(torch.matmul(qb, k2.transpose(-1, -2)) * scale, allowed[:, None])
     num = torch.matmul(weights, v2).reshape(b, h, blocks * w, -1)[:, :, :n]
     den = weights.sum(-1).reshape(b, h, blocks * w)[:, :, :n]
     return num, den
@@ -203,11 +203,7 @@ def _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_sta
     """:func:`window_linear_attention` for one new token: qf ``(b, h, 1, d)``, kf/vf ``(b, h, n, .)`` with
     ``n <= window`` (the buffer and the new key), init the packed state of older keys or None."""
     b, h, n, d = kf.shape
-    scores = torch.matmul(qf, kf.transpose(-1, -2)).squeeze(2) * scale  # (b, h, n)
-    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-    m = scores.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    weights = torch.exp(scores - m)
+    weights = _window_exp(torch.matmul(qf, kf.transpose(-1, -2)).squeeze(2) * scale, mask[:, None, :])  # (b, h, n)
     num = torch.einsum("bhn,bhne->bhe", weights, vf)
     den = weights.sum(-1)
     q_map, k_map = resolve_feature_maps(feature_map, d, h)
@@ -255,11 +251,7 @@ def window_linear_weights(
     near = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     far = i[None, :] <= i[:, None] - window
     keys_ok = mask[:, None, None, :] if mask is not None else torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
-    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~(near & keys_ok), float("-inf"))
-    m = scores.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    soft = torch.exp(scores - m)
+    soft = _window_exp(torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale, near & keys_ok)
     q_map, k_map = resolve_feature_maps(feature_map, d, h)
     lin = torch.matmul(q_map(q.to(dtype)), k_map(k.to(dtype)).transpose(-1, -2))
     lin = lin.masked_fill(~(far & keys_ok), 0.0)

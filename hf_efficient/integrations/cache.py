@@ -82,12 +82,7 @@ class LinearAttentionLayer(CacheLayerMixin):
             ``(batch, heads, T, d_v)``. T > 1 (prefill) runs the chunked form seeded with the
             stored state; T == 1 (decoding) runs one recurrent step.
         """
-        if not self.is_initialized:
-            self.lazy_initialization(k, v)
-        if self.state is not None and self.state.kv.shape[0] != q.shape[0]:
-            raise ValueError(
-                f"LinearAttentionCache holds states for batch {self.state.kv.shape[0]} but got a batch of {q.shape[0]}"
-            )
+        self._begin(q, k, v)
         if q.shape[2] == 1:
             state, out = linear_attention_step(
                 self.state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=eps
@@ -98,9 +93,20 @@ class LinearAttentionLayer(CacheLayerMixin):
                 chunk_size=chunk_size, initial_state=self.state, return_state=True,
             )
         self.state = state
-        self.seen_tokens += q.shape[2]
-        self._unread = False
+        self._consumed(q.shape[2])
         return out
+
+    def _begin(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        if self.state is not None and self.batch_size != q.shape[0]:
+            raise ValueError(
+                f"LinearAttentionCache holds states for batch {self.batch_size} but got a batch of {q.shape[0]}"
+            )
+
+    def _consumed(self, tokens: int) -> None:
+        self.seen_tokens += tokens
+        self._unread = False
 
     def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
         """:meth:`attend` with the knobs of a kind's parameter dataclass (the stock-decoder path)."""
@@ -195,19 +201,12 @@ class WindowLinearAttentionLayer(LinearAttentionLayer):
         scale: float | None = None,
     ) -> torch.Tensor:
         """Window-linear attention of the T new tokens ``(batch, heads, T, d)`` over all seen tokens."""
-        if not self.is_initialized:
-            self.lazy_initialization(k, v)
-        if self.state is not None and self.state.keys.shape[0] != q.shape[0]:
-            raise ValueError(
-                f"LinearAttentionCache holds states for batch {self.state.keys.shape[0]} "
-                f"but got a batch of {q.shape[0]}"
-            )
+        self._begin(q, k, v)
         out, self.state = window_linear_attention(
             q, k, v, window=window, feature_map=feature_map, scale=scale, key_padding_mask=key_padding_mask,
             eps=eps, chunk_size=chunk_size, state=self.state, return_state=True,
         )
-        self.seen_tokens += q.shape[2]
-        self._unread = False
+        self._consumed(q.shape[2])
         return out
 
     def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:

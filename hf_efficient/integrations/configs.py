@@ -86,15 +86,16 @@ class EfficientModelMixin:
             and model_kwargs.get("past_key_values") is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation is None
-            and _all_recurrent(self.config)
         ):
             try:
                 from .cache import LinearAttentionCache
-            except ImportError:  # remote code shipped without the cache: the default cache is still exact
-                pass
-            else:
+
                 model_kwargs["cache"] = LinearAttentionCache.from_model(self)
                 return None
+            except ImportError:  # remote code shipped without the cache: the default cache is still exact
+                pass
+            except ValueError:  # a patched layer without a recurrent form: transformers' default cache
+                pass
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -109,14 +110,6 @@ class EfficientModelMixin:
         from .export import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
-
-
-def _all_recurrent(config) -> bool:
-    """Whether every layer that is not softmax uses a recurrent kind, and at least one does."""
-    record = getattr(config.get_text_config(decoder=True), CONFIG_KEY, None) or {}
-    kinds = [layer.get("kind") for layer in record.get("layers") or []]
-    patched = [kind for kind in kinds if kind is not None]
-    return bool(patched) and all(get_attention_kind(kind).supports_recurrent for kind in patched)
 
 
 class EfficientConfigMixin:
