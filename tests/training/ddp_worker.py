@@ -57,3 +57,7 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Leave the process group in order: gloo threads still alive at interpreter exit can abort a rank.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
