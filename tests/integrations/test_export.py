@@ -98,7 +98,7 @@ def test_remote_code_without_the_package(tiny, tmp_path, run_without_package):
         names = report[job["folder"]]
         if "AutoModelForCausalLM" in heads:
             assert bool(result["generate_equal"]), kind
-            layer = "WindowLinearAttentionLayer" if kind == "window-linear" else "LinearAttentionLayer"
+            layer = "WindowLinearStateLayer" if kind == "window-linear" else "LinearStateLayer"
             assert names.pop("cache") == f"LinearAttentionCache/{layer}"
         # the parent may run a compiled kernel where the child runs the PyTorch path: float32 rounding only
         torch.testing.assert_close(result["out"], expected[job["folder"]], atol=2e-5, rtol=1e-4)
