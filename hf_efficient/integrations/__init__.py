@@ -30,7 +30,7 @@ from .configs import EfficientClasses, efficient_classes, efficient_config
 from .export import push_to_hub, render_model_card, write_remote_code
 from .models import EfficientConfigMixin, EfficientModelMixin
 from .patch import is_patched, patch_model, unpatch_model
-from .plan import LayerAttention, describe_plan, layer_types, plan_layers, summarize_plan
+from .plan import LayerAttention, describe_plan, layer_types, plan_from_record, plan_layers, summarize_plan
 from .surgery import SELF_ATTENTION_CLASSES, attention_modules
 
 
@@ -73,6 +73,7 @@ __all__ = [
     "kind_from_implementation",
     "layer_types",
     "patch_model",
+    "plan_from_record",
     "plan_layers",
     "push_to_hub",
     "register",

@@ -31,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+import huggingface_hub
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.models.auto import modeling_auto
@@ -369,7 +370,7 @@ def push_to_hub(
             "push_to_hub needs a model patched with patch_model, an efficient model, or an efficient config"
         )
     if api is None:
-        api = HfApi(token=token)
+        api = huggingface_hub.HfApi(token=token)  # looked up at call time (tests stand in for it)
     with tempfile.TemporaryDirectory() as tmp:
         if hasattr(model_or_config, "save_pretrained") and hasattr(model_or_config, "state_dict"):
             model_or_config.save_pretrained(tmp, safe_serialization=True)

@@ -13,6 +13,7 @@ for masks, padding, grouped-query attention and save/load.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Sequence
@@ -150,7 +151,12 @@ def _check(model: nn.Module, modules, plan: Sequence[LayerAttention], ignore_log
     for i, ((qualified, module), layer) in enumerate(zip(modules, plan, strict=True)):
         if layer.kind is None:
             continue
-        if getattr(module, "is_causal", False) and not get_attention_kind(layer.kind).supports_causal:
+        kind = get_attention_kind(layer.kind)
+        windowed = "window" in {f.name for f in dataclasses.fields(kind.params_class)}
+        if windowed and not getattr(module, "is_causal", False):
+            raise ValueError(f"layer {i} ({qualified}) attends in both directions, but {layer.kind!r} is a causal "
+                             "sliding window; keep this layer softmax, or use a bidirectional kind (e.g. 'linear')")
+        if getattr(module, "is_causal", False) and not kind.supports_causal:
             raise ValueError(f"attention kind {layer.kind!r} has no causal form, but layer {i} ({qualified}) is "
                              "causal; use a kind that supports causal attention (e.g. 'linear') for this model")
         if softcap is not None and not ignore_logit_softcap:
