@@ -27,6 +27,7 @@ refused, and ``generate()`` refuses a cache whose tokens are not the start of it
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import warnings
 import weakref
@@ -442,6 +443,18 @@ class LinearAttentionCache(Cache):
         if not isinstance(layer, RecurrentStateLayer):
             raise ValueError(f"layer {layer_idx} of this cache keeps softmax keys/values, not a recurrent state")
         return layer.state
+
+    def __getstate__(self) -> dict:
+        # Pickled without its owner (a weak reference): a copy in another process cannot be continued.
+        return {**self.__dict__, "_owner": None}
+
+    def __deepcopy__(self, memo: dict) -> LinearAttentionCache:
+        # A deep copy in this process keeps its owner, so it continues like the original (prompt reuse).
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, value if name == "_owner" else copy.deepcopy(value, memo))
+        return clone
 
     # ------------------------------------------------------------------ reuse across generate() calls
     def check_layout(self, config) -> None:

@@ -50,8 +50,7 @@ def efficient_config(
         reason = REFUSED_ARCHITECTURES.get(base_type, "hf_efficient does not support it")
         raise ValueError(f"cannot make an efficient {base_type!r} config: {reason}. Supported: "
                          f"{', '.join(sorted(SELF_ATTENTION_CLASSES))}")
-    config_class = efficient_class(type(base_config)) or efficient_class(
-        getattr(type(base_config), "hf_efficient_base_class", type(base_config)))
+    config_class = efficient_class(type(base_config))  # itself for an efficient config
     if config_class is None:
         raise ValueError(f"no efficient config class for {type(base_config).__name__}")
     plan = plan_layers(base_config, kind, layers=layers, softmax_layers=softmax_layers,

@@ -128,6 +128,11 @@ class EfficientModelMixin(CacheReuseMixin):
         plan = plan_from_record(getattr(self.config, CONFIG_KEY))
         user_cache = model_kwargs.get("cache")
         implementation = generation_config.cache_implementation
+        if implementation is not None and implementation == getattr(self.generation_config, "cache_implementation",
+                                                                    None):
+            # The checkpoint's default (Gemma's "hybrid"), chosen for softmax attention: decoding from the
+            # states below gives the same tokens with less memory.
+            generation_config.cache_implementation = implementation = None
         if user_cache is not None and not isinstance(user_cache, LinearAttentionCache):
             for i, layer in enumerate(plan):
                 held = user_cache.layers[i] if i < len(getattr(user_cache, "layers", ())) else None

@@ -356,3 +356,16 @@ def test_register_is_idempotent():
     hf_efficient.integrations.register()
     hf_efficient.integrations.register()
     assert dict(transformers.AttentionInterface._global_mapping) == before
+
+
+def test_copied_and_pickled_caches():
+    """A deep copy (transformers' prompt-reuse recipe) continues like the original; a pickled one cannot."""
+    model = patch_model(llama(), "linear")
+    cache = LinearAttentionCache(config=model.config)
+    first = greedy(model, ids(5), cache=cache)
+    follow_up = torch.cat([first, ids(2, seed=3)], dim=1)
+    reference = greedy(model, follow_up, use_cache=False)
+    assert torch.equal(greedy(model, follow_up, cache=copy.deepcopy(cache)), reference)
+    with pytest.raises(ValueError, match="outside generate"):
+        greedy(model, follow_up, cache=pickle.loads(pickle.dumps(cache)))
+    assert torch.equal(greedy(model, follow_up, cache=cache), reference)
