@@ -9,13 +9,15 @@ and a reader finds the class it reports.
 
 Adding an architecture: its self-attention class name in ``surgery.SELF_ATTENTION_CLASSES``, its
 classes below and a row in :data:`ARCHITECTURES`, and a tiny random config in the tests (masks,
-padding, save/load, remote code). A class declared elsewhere can join with :func:`add_architecture`.
+padding, save/load, remote code). Classes declared in another module join with :func:`add_architecture`.
 
 Nothing is registered with transformers on import: :func:`register_auto_classes` (called once by
 ``hf_efficient.integrations.register``) does it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import transformers
 from transformers import (
@@ -117,6 +119,7 @@ from transformers import (
 
 from .export import auto_class_name
 from .models import EfficientConfigMixin, EfficientModelMixin
+from .surgery import SELF_ATTENTION_CLASSES
 
 __all__ = ["ARCHITECTURES", "add_architecture", "efficient_class", "register_auto_classes", "supported_model_classes"]
 
@@ -698,16 +701,35 @@ def supported_model_classes(model_type: str) -> list[str]:
     return [cls.hf_efficient_base_class.__name__ for cls in entry[1]] if entry else []
 
 
-def add_architecture(config_class: type, *model_classes: type) -> None:
-    """Add static classes declared outside this module (subclasses of the mixins) to the table and
-    register them with the Auto classes. The attention class must be in ``SELF_ATTENTION_CLASSES``."""
+def add_architecture(config_class: type, *model_classes: type, attention_classes: Sequence[str]) -> None:
+    """Make another architecture patchable: static classes declared outside this module (subclasses
+    of the mixins, like the ones above) and the names of its self-attention classes, whose forward
+    must call transformers' attention interface. Registers them with the Auto classes.
+
+    Example::
+
+        class EfficientOlmoConfig(EfficientConfigMixin, OlmoConfig):
+            model_type = "efficient-olmo"
+
+        class EfficientOlmoForCausalLM(EfficientModelMixin, OlmoForCausalLM):
+            config_class = EfficientOlmoConfig
+
+        add_architecture(EfficientOlmoConfig, EfficientOlmoForCausalLM, attention_classes=["OlmoAttention"])
+    """
     if not (isinstance(config_class, type) and issubclass(config_class, EfficientConfigMixin)):
         raise TypeError(f"add_architecture needs an EfficientConfigMixin subclass, got {config_class!r}")
     for cls in model_classes:
         if not (isinstance(cls, type) and issubclass(cls, EfficientModelMixin)) or cls.config_class is not config_class:
             raise TypeError(f"{cls!r} must subclass EfficientModelMixin with config_class = {config_class.__name__}")
-    ARCHITECTURES[config_class.base_model_type] = (config_class, tuple(model_classes))
-    register_auto_classes(config_class.base_model_type)
+    if isinstance(attention_classes, str) or not attention_classes:
+        raise TypeError(f"attention_classes must be a list of class names, got {attention_classes!r}")
+    model_type = config_class.base_model_type
+    if config_class.model_type != f"efficient-{model_type}":
+        raise ValueError(f"{config_class.__name__}.model_type must be 'efficient-{model_type}', got "
+                         f"{config_class.model_type!r}")
+    SELF_ATTENTION_CLASSES[model_type] = tuple(attention_classes)
+    ARCHITECTURES[model_type] = (config_class, tuple(model_classes))
+    register_auto_classes(model_type)
 
 
 def register_auto_classes(model_type: str | None = None) -> None:

@@ -19,7 +19,16 @@ from transformers.modeling_utils import AttentionInterface
 from hf_efficient import LinearAttentionCache
 from hf_efficient.attention.linear import linear_attention_reference
 from hf_efficient.attention.window_linear import window_linear_attention_reference
-from hf_efficient.integrations import ARCHITECTURES, implementation_name, patch_model, summarize_plan, unpatch_model
+from hf_efficient.integrations import (
+    ARCHITECTURES,
+    EfficientConfigMixin,
+    EfficientModelMixin,
+    add_architecture,
+    implementation_name,
+    patch_model,
+    summarize_plan,
+    unpatch_model,
+)
 from hf_efficient.integrations.export import AUTO_HEADS, auto_class_name
 from hf_efficient.integrations.plan import plan_from_record
 
@@ -234,6 +243,8 @@ def test_refusals(tiny):
 def test_every_auto_head_has_an_efficient_class():
     """The static table covers each architecture's heads in transformers' Auto mappings (and nothing else)."""
     for model_type, (config_class, model_classes) in ARCHITECTURES.items():
+        if config_class.__module__ != "hf_efficient.integrations.architectures":
+            continue  # added by add_architecture in another test
         assert config_class.model_type == f"efficient-{model_type}"
         assert config_class.hf_efficient_base_class.model_type == model_type
         expected = {mapping[model_type] for mapping in AUTO_HEADS.values() if model_type in mapping}
@@ -244,3 +255,35 @@ def test_every_auto_head_has_an_efficient_class():
             assert cls.__name__ == f"Efficient{cls.hf_efficient_base_class.__name__}"
             assert auto_class_name(cls) is not None
             assert getattr(transformers, auto_class_name(cls))._model_mapping[config_class] is cls
+
+
+class EfficientOlmoConfig(EfficientConfigMixin, transformers.OlmoConfig):
+    model_type = "efficient-olmo"
+
+
+class EfficientOlmoForCausalLM(EfficientModelMixin, transformers.OlmoForCausalLM):
+    config_class = EfficientOlmoConfig
+
+
+def test_another_architecture_joins_with_add_architecture(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.OlmoConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                     num_attention_heads=4, initializer_range=0.3, pad_token_id=0)
+    with pytest.raises(ValueError, match="Supported:"):
+        patch_model(transformers.OlmoForCausalLM(config), "linear")
+    with pytest.raises(TypeError, match="attention_classes"):
+        add_architecture(EfficientOlmoConfig, EfficientOlmoForCausalLM, attention_classes="OlmoAttention")
+    add_architecture(EfficientOlmoConfig, EfficientOlmoForCausalLM, attention_classes=["OlmoAttention"])
+    model = patch_model(transformers.OlmoForCausalLM(config).eval(), "linear")
+    assert type(model) is EfficientOlmoForCausalLM
+    prompt = _left_padded()
+    kwargs = dict(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=6,
+                  do_sample=False)
+    out = model.generate(**kwargs, return_dict_in_generate=True)
+    assert isinstance(out.cache, LinearAttentionCache)
+    assert torch.equal(out.sequences, model.generate(**kwargs, use_cache=False))
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is EfficientOlmoForCausalLM
+    with torch.no_grad():
+        assert torch.equal(loaded(**prompt).logits, model(**prompt).logits)
