@@ -1,8 +1,9 @@
 """hf_efficient: linear, clustered and sampled attention plus importance-sampled training for the
 Hugging Face ecosystem.
 
-Importing the package registers every attention kind with the registry (and, through
-:mod:`hf_efficient.integrations`, with transformers).
+Importing the package registers every attention kind with the registry, then, in one explicit
+call (:func:`hf_efficient.integrations.register`), with transformers' attention and mask
+interfaces and the efficient model classes with the Auto classes.
 """
 
 from .assets import AssetMissingError
@@ -31,8 +32,7 @@ from .attention import (
     register_attention_kind,
     window_linear_attention,
 )
-from .integrations import efficient_config, patch_model, push_to_hub, unpatch_model
-from .integrations.cache import LinearAttentionCache
+from .integrations import LinearAttentionCache, efficient_config, patch_model, push_to_hub, register, unpatch_model
 from .models.linear_lm import LinearLMConfig, LinearLMForCausalLM, LinearLMModel
 from .training import (
     ImportanceSamplingCallback,
@@ -48,6 +48,8 @@ from .vision import (
 )
 
 __version__ = "0.1.0"
+
+register()  # the one registration with transformers (idempotent)
 
 __all__ = [
     "AttentionSamplingConfig",

@@ -1,46 +1,52 @@
 """Every attention kind of the registry as a transformers attention implementation.
 
-Each kind ``k`` is registered twice, under the name ``hf_efficient_<k>`` (dashes become
-underscores, e.g. ``hf_efficient_improved_clustered``):
+Each kind ``k`` is registered under the name ``hf_efficient_<k>`` (dashes become underscores, e.g.
+``hf_efficient_improved_clustered``) twice:
 
-* with ``AttentionInterface``: the function transformers calls from inside each attention module;
-* with ``AttentionMaskInterface``: :func:`efficient_mask`, which hands the attention function the
-  2-D padding mask ``(batch, kv_len)`` (True = real token) instead of a 4-D bias. Without it
-  transformers would pass ``attention_mask=None`` and padding would silently leak into the output.
+* with ``AttentionInterface``: :func:`efficient_attention_forward`, which transformers calls from
+  inside every attention module. It reads the module's plan entry (set by ``patch_model``): a
+  replaced layer runs its kind, a kept layer runs the model's own implementation (its
+  ``base_attn_implementation``: ``sdpa``, ``eager`` with soft-capping, ...) unchanged;
+* with ``AttentionMaskInterface``: :func:`efficient_mask`. For full causal/bidirectional layers it
+  hands the attention function the 2-D padding mask ``(batch, kv_len)`` (True = real token), which
+  the kinds honour; every other mask (sliding windows, packed sequences, custom overlays) is built
+  by the model's own mask function, exactly as without hf_efficient, for the layers that keep
+  softmax. A replaced layer that receives such a mask refuses it, except a sliding layer replaced
+  by a windowed kind, which reads its padding from the mask's diagonal.
 
-Masks that the kinds cannot honour (packed sequences, sliding windows, chunked attention, custom
-``or``/``and`` mask functions, 4-D masks built by the caller) raise ``ValueError``; they are never
-approximated silently. Layers that ``patch_model`` keeps softmax run transformers' own SDPA
-function on the 4-D mask rebuilt from the 2-D one.
+A recurrent cache layer (:mod:`.cache`) reaches the attention function through the keyword
+argument :data:`CACHE_KWARG`, which it adds to the attention module's keyword arguments in
+``cache.update(..., kwargs=kwargs)`` (the channel transformers' paged cache uses).
 
-This file imports only torch, transformers and the registry, so it can be copied next to a saved
-checkpoint as remote code.
+Masks and logit changes a kind cannot honour (packed sequences, custom 4-D masks, soft-capping,
+sinks, relative position bias) raise ``ValueError``; they are never approximated silently.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import sys
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     AttentionMaskInterface,
     bidirectional_mask_function,
     causal_mask_function,
-    sdpa_mask,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ..attention.registry import attention_kind_names, get_attention_kind
+from .plan import CONFIG_KEY, LayerAttention
+from .surgery import FEATURE_MAP_ATTRIBUTE, LAYER_ATTRIBUTE, is_learnable_feature_map, layer_attention
 
 __all__ = [
+    "CACHE_KWARG",
     "IMPLEMENTATION_PREFIX",
     "LAYER_ATTRIBUTE",
-    "LayerAttention",
+    "efficient_attention_forward",
     "efficient_mask",
     "implementation_name",
     "kind_from_implementation",
@@ -48,30 +54,8 @@ __all__ = [
 ]
 
 IMPLEMENTATION_PREFIX = "hf_efficient_"
-# Attribute that patch_model sets on each attention module: a LayerAttention (kind None = softmax).
-LAYER_ATTRIBUTE = "hf_efficient_attention"
-# Attribute holding the name of the config key that lists the per-layer choice.
-CONFIG_KEY = "hf_efficient"
-
-
-@dataclass
-class LayerAttention:
-    """The attention one layer runs: ``kind`` None means softmax (SDPA); ``params`` is the kind's
-    validated parameter dataclass."""
-
-    kind: str | None
-    params: Any = None
-
-    def to_dict(self) -> dict:
-        params = dataclasses.asdict(self.params) if self.params is not None else None
-        return {"kind": self.kind, "params": params}
-
-    @staticmethod
-    def from_dict(data: dict) -> LayerAttention:
-        kind = data.get("kind")
-        if kind is None:
-            return LayerAttention(None)
-        return LayerAttention(kind, get_attention_kind(kind).make_params(**(data.get("params") or {})))
+# Keyword argument through which a recurrent cache layer reaches the attention function.
+CACHE_KWARG = "hf_efficient_cache_layer"
 
 
 def implementation_name(kind: str) -> str:
@@ -91,190 +75,233 @@ def kind_from_implementation(implementation: str | None) -> str | None:
     return None
 
 
+def _base_implementation(config) -> str:
+    record = getattr(config, CONFIG_KEY, None) or {}
+    base = record.get("base_attn_implementation") if isinstance(record, dict) else None
+    return base if isinstance(base, str) and not base.startswith(IMPLEMENTATION_PREFIX) else "sdpa"
+
+
 # --------------------------------------------------------------------------- mask function
-_UNSUPPORTED_MASK = (
-    "hf_efficient attention kinds honour only full (bidirectional or causal) attention with a 2-D "
-    "padding mask; got {what}. Use attention_mask (batch, seq) padding instead of packed sequences, "
-    "disable sliding windows/chunked attention (e.g. config.use_sliding_window=False), or keep the "
-    "affected layers softmax."
-)
-
-
 def efficient_mask(
     batch_size: int,
     q_length: int,
     kv_length: int,
     q_offset: int = 0,
     kv_offset: int = 0,
-    mask_function=causal_mask_function,
+    mask_function: Callable = causal_mask_function,
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
     """``AttentionMaskInterface`` function of every kind.
 
-    Returns the boolean padding mask ``(batch, kv_length)`` (True = real key), or None when
-    nothing is padded. Causality is not encoded here: the attention function reads
-    ``module.is_causal``. Anything beyond padding + causal/bidirectional raises ``ValueError``.
+    Full causal/bidirectional masks: the boolean padding mask ``(batch, kv_length)`` (True = real
+    key), or None when nothing is padded; causality is read from the module by the attention
+    function. Any other mask (sliding window, packed sequences, custom overlays): the mask the
+    model's own implementation would build, for the layers that keep softmax.
     """
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
-        name = getattr(mask_function, "__name__", type(mask_function).__name__)
-        raise ValueError(
-            _UNSUPPORTED_MASK.format(
-                what=f"a mask built from {name!r} (packed sequences, sliding window, chunked or custom mask)"
-            )
+        base = _base_implementation(kwargs.get("config"))
+        return ALL_MASK_ATTENTION_FUNCTIONS[base](
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, **kwargs,
         )
-    if kv_offset != 0:
-        raise ValueError(_UNSUPPORTED_MASK.format(what=f"a key window starting at offset {kv_offset}"))
+    if kv_offset != 0 or int(q_offset) + q_length != kv_length:
+        raise ValueError(
+            f"hf_efficient attention needs the keys to be exactly the past and current tokens, but the cache presents "
+            f"{kv_length} key slots for {q_length} new tokens after {int(q_offset)} (offset {kv_offset}). Static or "
+            "pre-allocated caches are not supported: use the default cache (or LinearAttentionCache)"
+        )
     if attention_mask is None:
         return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"hf_efficient: expected a 2-D (batch, seq) padding mask, got shape "
+                         f"{tuple(attention_mask.shape)}")
     mask = attention_mask[:, -kv_length:].to(torch.bool)
     if mask.shape != (batch_size, kv_length):
         raise ValueError(
             f"hf_efficient: the padding mask has shape {tuple(attention_mask.shape)} but the keys are "
-            f"(batch={batch_size}, kv_len={kv_length}); static caches longer than the input are not supported"
+            f"(batch={batch_size}, kv_len={kv_length}); pass an attention_mask covering the past and current tokens"
         )
     if bool(mask.all()):
         return None
     return mask
 
 
-# --------------------------------------------------------------------------- attention function
-def _softmax_fallback(module, query, key, value, padding, dropout, scaling, causal, **kwargs):
-    """Transformers' SDPA on the 4-D boolean mask that the 2-D padding mask stands for."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    mask4d = None
-    if padding is not None or (causal and q_len != kv_len):
-        mask4d = sdpa_mask(
-            batch_size=query.shape[0],
-            q_length=q_len,
-            kv_length=kv_len,
-            q_offset=kv_len - q_len,  # the queries are the last q_len positions (cache or not)
+# --------------------------------------------------------------------------- softmax layers
+def _base_function(module: torch.nn.Module, base: str) -> Callable:
+    if base == "eager":  # each modeling file has its own eager function (soft-capping, sinks, ...)
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+        base = "sdpa"
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _softmax(module, query, key, value, attention_mask, dropout, scaling, is_causal, layer, kwargs):
+    """A kept layer: the model's own implementation, with the mask it would have built."""
+    base = _base_implementation(module.config)
+    mask = attention_mask
+    if layer.is_global and (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
+                                                       and attention_mask.dim() == 2)):
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        q_len, kv_len = query.shape[2], key.shape[2]
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[base](
+            batch_size=query.shape[0], q_length=q_len, kv_length=kv_len,
+            q_offset=kv_len - q_len,  # the queries are the last q_len of the keys' positions
+            kv_offset=0,
             mask_function=causal_mask_function if causal else bidirectional_mask_function,
-            attention_mask=padding,
-            allow_is_causal_skip=False,
-            device=query.device,
+            attention_mask=attention_mask, allow_is_causal_skip=True, dtype=query.dtype, config=module.config,
+            use_vmap=False, device=query.device,
         )
-    return sdpa_attention_forward(
-        module, query, key, value, mask4d, dropout=dropout, scaling=scaling, is_causal=causal and mask4d is None
-    )
+    if is_causal is not None:
+        kwargs["is_causal"] = is_causal
+    return _base_function(module, base)(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _layer_for(module, default_kind: str) -> LayerAttention:
-    layer = getattr(module, LAYER_ATTRIBUTE, None)
-    if layer is not None:
-        return layer
-    config = getattr(module, "config", None)
-    if config is not None and getattr(config, CONFIG_KEY, None):
-        # A patched model's attention module that patch_model did not select (e.g. cross-attention).
-        return LayerAttention(None)
-    # attn_implementation="hf_efficient_<kind>" set by hand: the kind with its default parameters.
-    kind = get_attention_kind(default_kind)
-    layer = LayerAttention(kind.name, kind.make_params())
-    return layer
+# --------------------------------------------------------------------------- replaced layers
+def _padding(attention_mask, layer: LayerAttention, q_len: int, kv_len: int, recurrent: bool) -> torch.Tensor | None:
+    """The key padding mask ``(batch, kv_len)`` (True = real key) of a replaced layer, or None."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        padding = attention_mask[:, -kv_len:].to(torch.bool)
+        if padding.shape[1] != kv_len:
+            raise ValueError(f"hf_efficient: the padding mask covers {attention_mask.shape[1]} tokens but the layer "
+                             f"has {kv_len} keys")
+    elif (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and not layer.is_global
+          and (recurrent or q_len == kv_len)):
+        # A sliding layer replaced by a windowed kind gets the model's sliding mask; a key is real
+        # iff the query at its own position may see it (the diagonal of the new tokens' block).
+        diagonal = attention_mask[:, 0, :, -q_len:].diagonal(dim1=-2, dim2=-1)
+        padding = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    else:
+        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        raise ValueError(
+            f"hf_efficient attention kind {layer.kind!r} got a prepared attention mask of shape {shape}; it honours "
+            "only a 2-D (batch, seq) padding mask with causal or bidirectional attention. Pass the usual "
+            "attention_mask instead of a 4-D one, and padding instead of packed sequences (position_ids restarting "
+            "inside a row)"
+        )
+    return None if bool(padding.all()) else padding
 
 
 _warned_dropout = False
 
 
-def make_attention_function(kind_name: str):
-    """The ``AttentionInterface`` function for ``kind_name`` (used by layers without a per-layer choice).
+def _check_kwargs(module, layer: LayerAttention, kwargs: dict) -> None:
+    if kwargs.get("output_attentions"):
+        raise ValueError("hf_efficient attention kinds do not form attention weights: output_attentions=True is not "
+                         "supported")
+    record = getattr(module.config, CONFIG_KEY, None) or {}
+    if kwargs.get("softcap") is not None and not record.get("ignore_logit_softcap"):
+        raise ValueError(f"hf_efficient attention kind {layer.kind!r} cannot apply soft-capping to attention logits "
+                         f"(softcap={kwargs['softcap']}); patch with ignore_logit_softcap=True to accept that")
+    for extra in ("position_bias", "s_aux"):
+        if kwargs.get(extra) is not None:
+            raise ValueError(f"hf_efficient attention kind {layer.kind!r} cannot apply {extra!r} to attention logits; "
+                             "keep this model's layers softmax")
+    if kwargs.get("sliding_window") is not None and layer.is_global:
+        raise ValueError(f"a full-attention layer replaced by {layer.kind!r} was asked for sliding_window="
+                         f"{kwargs['sliding_window']}; the layer types of the config and the plan disagree")
+
+
+def _efficient(module, layer, query, key, value, attention_mask, dropout, scaling, is_causal, cache_layer, kwargs):
+    global _warned_dropout
+    _check_kwargs(module, layer, kwargs)
+    kind = get_attention_kind(layer.kind)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    padding = _padding(attention_mask, layer, q_len, kv_len, cache_layer is not None)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: every query head gets its key/value head
+        if query.shape[1] % key.shape[1]:
+            raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if dropout > 0 and module.training and not _warned_dropout:
+        warnings.warn("hf_efficient attention kinds have no attention matrix to drop out; attention dropout is not "
+                      "applied (hidden-state dropout still is)", stacklevel=3)
+        _warned_dropout = True
+    feature_name = getattr(layer.params, "feature_map", None)
+    if (isinstance(feature_name, str) and is_learnable_feature_map(feature_name)
+            and getattr(module, FEATURE_MAP_ATTRIBUTE, None) is None):
+        raise ValueError(f"layer {getattr(module, 'layer_idx', '?')} needs its learned {feature_name!r} feature map, "
+                         "but the module has none: load efficient checkpoints through the Auto classes or patch_model")
+
+    if cache_layer is not None:  # decoding from a recurrent state: the keys are the new tokens only
+        if getattr(cache_layer, "kind", None) != layer.kind:
+            raise ValueError(f"a layer of kind {layer.kind!r} got a {type(cache_layer).__name__} in its cache; build "
+                             "the cache with LinearAttentionCache(config=model.config)")
+        fmap = getattr(module, FEATURE_MAP_ATTRIBUTE, None) or feature_name
+        out = cache_layer.attend_with(layer.params, query, key, value, feature_map=fmap, key_padding_mask=padding,
+                                      scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    # One query (decoding over cached keys) sees every key, so causality is moot; fewer queries than
+    # keys with causality (prefill after a prefix) puts the queries at the last positions.
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False)) and q_len > 1
+    if causal and not kind.supports_causal:
+        raise ValueError(f"attention kind {kind.name!r} does not support causal attention")
+    query_padding = padding[:, -q_len:] if padding is not None and q_len == kv_len else None
+    front = kv_len - q_len if causal else 0
+    if front > 0:
+        query = torch.cat([query.new_zeros(*query.shape[:2], front, query.shape[3]), query], dim=2)
+        query_padding = torch.ones(query.shape[0], kv_len, dtype=torch.bool, device=query.device)
+        query_padding[:, :front] = False
+        if padding is not None:
+            query_padding &= padding
+    out = kind.forward(query, key, value, layer.params, causal=causal, key_padding_mask=padding,
+                       query_padding_mask=query_padding, scale=scaling, module=module)
+    if front > 0:
+        out = out[:, :, front:]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def efficient_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``AttentionInterface`` function of every kind.
 
     Signature of transformers' attention functions: q ``(batch, heads, q_len, dim)``, k/v
     ``(batch, kv_heads, kv_len, dim)`` with ``heads`` a multiple of ``kv_heads`` (grouped-query
-    attention), returns ``(batch, q_len, heads, dim_v)`` and None for the weights.
+    attention); returns ``(batch, q_len, heads, dim_v)`` and the attention weights (None for the
+    kinds, which never form them).
     """
-
-    def attention_forward(
-        module: torch.nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        is_causal: bool | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, None]:
-        global _warned_dropout
-        layer = _layer_for(module, kind_name)
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        if kwargs.get("sliding_window") is not None:
-            raise ValueError(_UNSUPPORTED_MASK.format(what=f"sliding_window={kwargs['sliding_window']}"))
-        for extra in ("softcap", "position_bias", "s_aux"):  # logit changes the kinds cannot reproduce
-            if kwargs.get(extra) is not None and layer.kind is not None:
-                raise ValueError(f"hf_efficient attention kind {layer.kind!r} cannot apply {extra!r} to attention "
-                                 "logits; keep this model's layers softmax")
-        if kwargs.get("output_attentions"):
-            raise ValueError("hf_efficient attention kinds do not form attention weights: output_attentions=True "
-                             "is not supported")
-        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-            if layer.kind is None:
-                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                              scaling=scaling, is_causal=is_causal, **kwargs)
-            shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
-            raise ValueError(
-                f"hf_efficient attention kind {layer.kind!r} got a prepared attention mask of shape {shape}; it "
-                "honours only a 2-D (batch, seq) padding mask. Pass the usual attention_mask instead of a 4-D one."
-            )
-        q_len, kv_len = query.shape[2], key.shape[2]
-        padding = attention_mask[:, -kv_len:].to(torch.bool) if attention_mask is not None else None
-        if layer.kind is None:
-            return _softmax_fallback(module, query, key, value, padding, dropout, scaling, causal)
-
-        kind = get_attention_kind(layer.kind)
-        if key.shape[1] != query.shape[1]:
-            if query.shape[1] % key.shape[1]:
-                raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads "
-                                 f"({key.shape[1]})")
-            groups = query.shape[1] // key.shape[1]
-            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        if dropout > 0 and module.training and not _warned_dropout:
-            warnings.warn("hf_efficient attention kinds have no attention matrix to drop out; attention dropout "
-                          "is not applied (hidden-state dropout still is)", stacklevel=2)
-            _warned_dropout = True
-
-        # One query (decoding) sees every cached key, so causality is moot; fewer queries than keys
-        # with causality (prefill after a prefix) is handled by padding the queries at the front.
-        causal = causal and q_len > 1
-        if causal and not kind.supports_causal:
-            raise ValueError(f"attention kind {kind.name!r} does not support causal attention")
-        query_padding = padding[:, -q_len:] if padding is not None and q_len == kv_len else None
-        front = kv_len - q_len if causal else 0
-        if front > 0:
-            query = torch.cat([query.new_zeros(*query.shape[:2], front, query.shape[3]), query], dim=2)
-            query_padding = torch.ones(query.shape[0], kv_len, dtype=torch.bool, device=query.device)
-            query_padding[:, :front] = False
-            if padding is not None:
-                query_padding &= padding
-        out = kind.forward(
-            query,
-            key,
-            value,
-            layer.params,
-            causal=causal,
-            key_padding_mask=padding,
-            query_padding_mask=query_padding,
-            scale=scaling,
-            module=module,
+    layer = layer_attention(module)
+    if layer is None:
+        raise ValueError(
+            f"{type(module).__name__} runs attn_implementation={module.config._attn_implementation!r} but its model "
+            "was not patched by hf_efficient, so the choice and its parameters would not be recorded in the config or "
+            "saved. Use hf_efficient.patch_model(model, kind, ...) or load with "
+            "config=hf_efficient.efficient_config(config, kind, ...)"
         )
-        if front > 0:
-            out = out[:, :, front:]
-        return out.transpose(1, 2).contiguous(), None
-
-    attention_forward.__name__ = f"{implementation_name(kind_name)}_forward"
-    return attention_forward
+    cache_layer = kwargs.pop(CACHE_KWARG, None)
+    if layer.kind is None:
+        if cache_layer is not None:
+            raise ValueError("a softmax layer received a recurrent cache layer; build the cache with "
+                             "LinearAttentionCache(config=model.config)")
+        return _softmax(module, query, key, value, attention_mask, dropout, scaling, is_causal, layer, kwargs)
+    return _efficient(module, layer, query, key, value, attention_mask, dropout, scaling, is_causal, cache_layer,
+                      kwargs)
 
 
 def register_with_transformers() -> list[str]:
     """Register every kind of the registry with ``AttentionInterface`` and ``AttentionMaskInterface``.
 
-    Idempotent; call it again after registering a new kind. Returns the implementation names.
+    Idempotent (a name already registered is left alone, e.g. by a checkpoint's remote-code copy of
+    this module); call it again after registering a new kind. Returns the implementation names.
     """
     names = []
     for kind in attention_kind_names():
         name = implementation_name(kind)
         if name not in ALL_ATTENTION_FUNCTIONS:
-            AttentionInterface.register(name, make_attention_function(kind))
+            AttentionInterface.register(name, efficient_attention_forward)
         if name not in ALL_MASK_ATTENTION_FUNCTIONS:
             AttentionMaskInterface.register(name, efficient_mask)
         names.append(name)

@@ -1,66 +1,197 @@
-"""``LinearAttentionCache``: a transformers ``Cache`` that holds recurrent states instead of keys and values.
+"""``LinearAttentionCache``: a transformers ``Cache`` that keeps recurrent states instead of keys and values.
 
 Causal linear attention is an RNN: everything a new token needs from the past is, per layer,
 S = sum_j phi(k_j) v_j^T ``(batch, heads, m, d_v)`` and z = sum_j phi(k_j) ``(batch, heads, m)``
-(a :class:`~hf_efficient.attention.LinearAttentionState`). The cache keeps only that, so its size
-is the same after 10 or 100,000 tokens.
+(a :class:`~hf_efficient.attention.LinearAttentionState`); window-linear adds the last
+``window - 1`` keys/values. So a replaced layer's cache has the same size after 10 or 100,000
+tokens. Layers a patched model keeps softmax get transformers' own cache layers for their layer
+type: ``DynamicSlidingWindowLayer`` (bounded by the window) for sliding layers, ``DynamicLayer``
+for full ones. A hybrid model whose full layers are replaced (Gemma 3: 5 sliding : 1 full)
+therefore decodes in constant memory as a whole, from one cache:
+``LinearAttentionCache(config=model.config)``, which ``generate()`` builds by itself.
 
 Two ways in:
 
-* models of the ``linear-lm`` family call :meth:`LinearAttentionLayer.attend` directly;
-* stock decoders patched with ``patch_model(model, "linear")`` call ``cache.update(k, v, layer_idx)``
-  as they would with a ``DynamicCache``. The layer returns the *new* keys/values, tagged with the
-  attribute :data:`RECURRENT_TAG` pointing back at the layer; the attention function of each
-  recurrent kind (wrapped by :func:`install_recurrent_attention`) sees the tag and runs the prefill
-  (chunked form, seeded with the stored state) or the decoding step (recurrent form) through
-  :meth:`LinearAttentionLayer.attend`. Layers a patched model keeps softmax get an ordinary
-  ``DynamicLayer`` in the same cache.
+* models of the ``linear-lm`` family call :meth:`LinearStateLayer.attend` directly;
+* stock decoders call ``cache.update(k, v, layer_idx, kwargs=kwargs)`` as with any cache. A
+  recurrent layer returns the new keys/values unchanged and adds itself to the attention module's
+  keyword arguments (:data:`~.attention_interface.CACHE_KWARG`); the attention function then runs
+  the prefill (chunked form seeded with the state) or the decoding step through
+  :meth:`RecurrentStateLayer.attend_with`.
 
-Beam search works: ``reorder_cache``, ``batch_select_indices`` and ``batch_repeat_interleave``
-act on the batch dimension of the states. Cropping (assisted decoding) cannot undo a sum, so it is
-refused.
+Beam search works: ``reorder_cache``, ``batch_select_indices`` and ``batch_repeat_interleave`` act
+on the batch dimension of the states. A state cannot be rewound: cropping (assisted decoding) is
+refused, and ``generate()`` refuses a cache whose tokens are not the start of its input (see
+:meth:`LinearAttentionCache.check_reuse`).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    get_layer_types_and_kwargs,
+)
 
 from ..attention.linear import LinearAttentionState, linear_attention, linear_attention_step
 from ..attention.window_linear import window_linear_attention
+from .attention_interface import CACHE_KWARG
+from .plan import CONFIG_KEY, plan_from_record
+from .surgery import LAYER_ATTRIBUTE, shares_kwargs_with_cache
 
 __all__ = [
-    "RECURRENT_TAG",
+    "RECURRENT_LAYERS",
+    "CacheReuseMixin",
     "LinearAttentionCache",
-    "LinearAttentionLayer",
-    "WindowLinearAttentionLayer",
-    "install_recurrent_attention",
+    "LinearStateLayer",
+    "RecurrentStateLayer",
+    "WindowLinearStateLayer",
 ]
 
-# Attribute set on the key tensor returned by LinearAttentionLayer.update (see the module docstring).
-RECURRENT_TAG = "hf_efficient_recurrent_layer"
 
+class RecurrentStateLayer(CacheLayerMixin):
+    """One replaced layer's state; ``keys``/``values`` stay None (nothing grows with the sequence).
 
-class LinearAttentionLayer(CacheLayerMixin):
-    """One layer's recurrent state; ``keys``/``values`` stay None (nothing grows with the sequence)."""
+    Subclasses set :attr:`kind` (the registry kind they serve) and implement :meth:`attend`.
+    """
 
+    kind = ""
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__()
-        self.state: LinearAttentionState | None = None
+        self.state = None
         self.seen_tokens = 0
+        self.dtype: torch.dtype | None = None
         self._unread = False  # update() handed out keys that attend() has not consumed yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
+        self.dtype = key_states.dtype
         self.is_initialized = True
 
     # ------------------------------------------------------------------ recurrence
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """:meth:`attend` with the knobs of a kind's parameter dataclass (the stock-decoder path)."""
+        raise NotImplementedError
+
+    def _begin(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        if self.state is None:
+            return
+        if self.batch_size != q.shape[0]:
+            raise ValueError(f"LinearAttentionCache holds states for batch {self.batch_size} but got a batch of "
+                             f"{q.shape[0]}; use a fresh cache (or cache.reset()) for a new batch")
+        device = self._state_tensor().device
+        if device != k.device:
+            raise ValueError(f"LinearAttentionCache holds its state on {device} but the model computes on {k.device}; "
+                             "use a fresh cache after moving the model")
+        if self.dtype is not None and k.dtype != self.dtype:
+            raise ValueError(f"LinearAttentionCache was filled by a {self.dtype} model but now gets {k.dtype} keys; "
+                             "use a fresh cache after changing the model's dtype")
+
+    def _consumed(self, tokens: int) -> None:
+        self.seen_tokens += tokens
+        self._unread = False
+
+    # ------------------------------------------------------------------ Cache API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Stock-decoder path: hand the new keys/values ``(batch, kv_heads, T, d)`` back unchanged and
+        offer this layer to the attention function through the module's keyword arguments."""
+        if self._unread:
+            # The previous keys never reached attend(): this model's attention ignored the cache layer
+            # and would silently attend to the new tokens only.
+            raise ValueError(
+                "this model's attention does not read LinearAttentionCache; patch it first with "
+                "hf_efficient.patch_model(model, 'linear') and build the cache with "
+                "LinearAttentionCache(config=model.config)"
+            )
+        shared = kwargs.get("kwargs")
+        if not isinstance(shared, dict):
+            raise ValueError(
+                "this model's attention module does not pass its keyword arguments to the cache "
+                "(cache.update(..., kwargs=kwargs)), so a recurrent cache cannot reach its attention; decode it with "
+                "transformers' DynamicCache (generate() picks it by default for this architecture)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        shared[CACHE_KWARG] = self
+        self._unread = True
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The 2-D padding mask covers past + new tokens; the attention reads its last T columns.
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state = None
+        self.seen_tokens = 0
+        self._unread = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                "LinearAttentionCache cannot remove tokens: the recurrent state is a sum over all of them. "
+                "Assisted/speculative decoding is not supported with linear attention."
+            )
+
+    def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _state_tensor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_state(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._map_state(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map_state(lambda t: t.to(self.device, non_blocking=True))
+
+    @property
+    def batch_size(self) -> int:
+        return self._state_tensor().shape[0] if self.state is not None else -1
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's state (0 before the first token)."""
+        raise NotImplementedError
+
+
+class LinearStateLayer(RecurrentStateLayer):
+    """A ``linear`` layer: the :class:`LinearAttentionState` of every token seen."""
+
+    kind = "linear"
+
     def attend(
         self,
         q: torch.Tensor,
@@ -96,96 +227,32 @@ class LinearAttentionLayer(CacheLayerMixin):
         self._consumed(q.shape[2])
         return out
 
-    def _begin(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if not self.is_initialized:
-            self.lazy_initialization(k, v)
-        if self.state is not None and self.batch_size != q.shape[0]:
-            raise ValueError(
-                f"LinearAttentionCache holds states for batch {self.batch_size} but got a batch of {q.shape[0]}"
-            )
-
-    def _consumed(self, tokens: int) -> None:
-        self.seen_tokens += tokens
-        self._unread = False
-
     def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
-        """:meth:`attend` with the knobs of a kind's parameter dataclass (the stock-decoder path)."""
+        if params.feature_map == "favor" and scale is not None:
+            q = q * (scale * q.shape[-1] ** 0.5)  # as the linear kind's own forward does
         return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
                            chunk_size=params.chunk_size)
-
-    # ------------------------------------------------------------------ Cache API
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Stock-decoder path: hand the new keys/values back, tagged so the attention function runs
-        :meth:`attend` (which does the bookkeeping). ``(batch, kv_heads, T, d)`` in and out."""
-        if self._unread:
-            # The previous keys never reached attend(): this model's attention ignores the tag and
-            # would silently attend to the new tokens only.
-            raise ValueError(
-                "this model's attention does not read LinearAttentionCache; patch it first with "
-                "hf_efficient.patch_model(model, 'linear') and build the cache with LinearAttentionCache.from_model"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        setattr(key_states, RECURRENT_TAG, self)
-        self._unread = True
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The 2-D padding mask covers past + new tokens; the attention reads its last T columns.
-        return self.seen_tokens + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.state = None
-        self.seen_tokens = 0
-        self._unread = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise ValueError(
-                "LinearAttentionCache cannot remove tokens: the recurrent state is a sum over all of them. "
-                "Assisted/speculative decoding is not supported with linear attention."
-            )
 
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.state is not None:
             self.state = LinearAttentionState(fn(self.state.kv), fn(self.state.k_sum))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_state(lambda t: t[indices])
-
-    def offload(self) -> None:
-        self._map_state(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        if self.is_initialized:
-            self._map_state(lambda t: t.to(self.device, non_blocking=True))
-
-    @property
-    def batch_size(self) -> int:
-        return self.state.kv.shape[0] if self.state is not None else -1
+    def _state_tensor(self) -> torch.Tensor:
+        return self.state.kv
 
     def nbytes(self) -> int:
-        """Bytes held by this layer's state (0 before the first token)."""
-        if self.state is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in self.state)
+        return sum(t.numel() * t.element_size() for t in self.state) if self.state is not None else 0
 
 
-class WindowLinearAttentionLayer(LinearAttentionLayer):
-    """One ``window-linear`` layer: the last ``window - 1`` keys/values plus the linear state of older
+class WindowLinearStateLayer(RecurrentStateLayer):
+    """A ``window-linear`` layer: the last ``window - 1`` keys/values plus the linear state of older
     keys (a :class:`~hf_efficient.attention.WindowLinearState`); bounded size however long the text."""
+
+    kind = "window-linear"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.window: int | None = None
 
     def attend(
         self,
@@ -202,10 +269,13 @@ class WindowLinearAttentionLayer(LinearAttentionLayer):
     ) -> torch.Tensor:
         """Window-linear attention of the T new tokens ``(batch, heads, T, d)`` over all seen tokens."""
         self._begin(q, k, v)
+        if self.state is not None and window != self.window:
+            raise ValueError(f"this cache layer holds a window-linear state of window {self.window}, not {window}")
         out, self.state = window_linear_attention(
             q, k, v, window=window, feature_map=feature_map, scale=scale, key_padding_mask=key_padding_mask,
             eps=eps, chunk_size=chunk_size, state=self.state, return_state=True,
         )
+        self.window = window
         self._consumed(q.shape[2])
         return out
 
@@ -213,100 +283,153 @@ class WindowLinearAttentionLayer(LinearAttentionLayer):
         return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
                            chunk_size=params.chunk_size, window=params.window, scale=scale)
 
+    def reset(self) -> None:
+        super().reset()
+        self.window = None
+
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.state is not None:
             self.state = self.state.map(fn)
 
-    @property
-    def batch_size(self) -> int:
-        return self.state.keys.shape[0] if self.state is not None else -1
+    def _state_tensor(self) -> torch.Tensor:
+        return self.state.keys
 
     def nbytes(self) -> int:
         return self.state.nbytes() if self.state is not None else 0
 
 
-# Cache layer of each recurrent kind (the default is LinearAttentionLayer).
-_RECURRENT_LAYERS = {"window-linear": WindowLinearAttentionLayer}
+# The cache layer of each recurrent kind.
+RECURRENT_LAYERS: dict[str, type[RecurrentStateLayer]] = {"linear": LinearStateLayer,
+                                                          "window-linear": WindowLinearStateLayer}
+
+
+def _layers_for_config(config) -> list:
+    """One cache layer per decoder layer of a model with this config (see the module docstring)."""
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "model_type", None) == "linear-lm":
+        return [LinearStateLayer() for _ in range(text.num_hidden_layers)]
+    record = getattr(text, CONFIG_KEY, None)
+    if not record:
+        raise ValueError(
+            f"a {getattr(text, 'model_type', type(text).__name__)!r} config does not use linear attention: patch the "
+            "model first with hf_efficient.patch_model(model, 'linear'), or use a linear-lm model"
+        )
+    plan = plan_from_record(record)
+    types, per_layer_kwargs = get_layer_types_and_kwargs(text)
+    if len(types) != len(plan):
+        raise ValueError(f"config.{CONFIG_KEY} plans {len(plan)} layers but the config has {len(types)}")
+    layers = []
+    for i, (layer, layer_type, kwargs) in enumerate(zip(plan, types, per_layer_kwargs, strict=True)):
+        if layer.kind is None:
+            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        elif layer.kind in RECURRENT_LAYERS:
+            layers.append(RECURRENT_LAYERS[layer.kind]())
+        else:
+            raise ValueError(f"layer {i} uses attention kind {layer.kind!r}, which has no recurrent form; "
+                             "LinearAttentionCache needs every replaced layer to be a recurrent kind "
+                             f"({', '.join(RECURRENT_LAYERS)})")
+    return layers
+
+
+def _describe(layer) -> tuple:
+    return type(layer).__name__, getattr(layer, "sliding_window", None)
+
+
+def _digest(row: torch.Tensor) -> str:
+    return hashlib.sha256(row.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 class LinearAttentionCache(Cache):
     """A ``Cache`` of per-layer recurrent states (constant size in the number of tokens).
 
-    Args:
-        num_layers: number of decoder layers; None adds recurrent layers lazily as they are used.
-        softmax_layers: indices of layers that keep softmax attention (a partially patched model):
-            they get an ordinary growing ``DynamicLayer``.
+    Build it for a model as transformers' caches are built: ``LinearAttentionCache(config=model.config)``
+    (a patched model, an efficient checkpoint or a ``linear-lm`` model). ``generate()`` of such a
+    model builds one by itself.
 
-    Use :meth:`from_model` to build the right layout for a patched stock decoder, e.g.
-    ``model.generate(**inputs, cache=LinearAttentionCache.from_model(model))``.
+    Args:
+        num_layers: (without ``config``) number of layers, all ``linear``; None adds ``linear``
+            layers lazily as they are used.
+        softmax_layers: (without ``config``) indices of layers that keep softmax attention: they get
+            a growing ``DynamicLayer``.
+        window_layers: (without ``config``) indices of ``window-linear`` layers.
+        config: the model's config: the layout follows its plan and layer types.
     """
 
     def __init__(
-        self, num_layers: int | None = None, softmax_layers: Sequence[int] = (), window_layers: Sequence[int] = ()
+        self,
+        num_layers: int | None = None,
+        softmax_layers: Sequence[int] = (),
+        window_layers: Sequence[int] = (),
+        *,
+        config=None,
     ) -> None:
+        self._owner: weakref.ref | None = None
+        self._digests: list[str] | None = None
+        self._digest_tokens = 0
+        if config is not None:
+            if num_layers is not None or softmax_layers or window_layers:
+                raise TypeError("LinearAttentionCache: pass either config= or num_layers/softmax_layers/window_layers")
+            super().__init__(layers=_layers_for_config(config))
+            return
         if num_layers is None:
-            if softmax_layers:
-                raise ValueError("LinearAttentionCache: softmax_layers needs num_layers")
-            super().__init__(layer_class_to_replicate=LinearAttentionLayer)
+            if softmax_layers or window_layers:
+                raise ValueError("LinearAttentionCache: softmax_layers/window_layers need num_layers")
+            super().__init__(layer_class_to_replicate=LinearStateLayer)
             return
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
             raise ValueError(f"LinearAttentionCache: num_layers must be a positive int or None, got {num_layers!r}")
-        softmax = set()
-        for i in softmax_layers:
-            if not isinstance(i, int) or not 0 <= i < num_layers:
-                raise ValueError(f"LinearAttentionCache: softmax layer index {i!r} is not an int in [0, {num_layers})")
-            softmax.add(i)
-        windowed = set(window_layers)
-        if windowed & softmax:
+        indices = {}
+        for name, spec in (("softmax", softmax_layers), ("window-linear", window_layers)):
+            indices[name] = set()
+            for i in spec:
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers:
+                    raise ValueError(f"LinearAttentionCache: {name} layer index {i!r} is not an int in "
+                                     f"[0, {num_layers})")
+                indices[name].add(i)
+        if indices["softmax"] & indices["window-linear"]:
             raise ValueError("LinearAttentionCache: a layer cannot be both softmax and window-linear")
-        def make(i: int) -> CacheLayerMixin:
-            if i in softmax:
-                return DynamicLayer()
-            return WindowLinearAttentionLayer() if i in windowed else LinearAttentionLayer()
 
-        layers = [make(i) for i in range(num_layers)]
-        super().__init__(layers=layers)
+        def make(i: int) -> CacheLayerMixin:
+            if i in indices["softmax"]:
+                return DynamicLayer()
+            return WindowLinearStateLayer() if i in indices["window-linear"] else LinearStateLayer()
+
+        super().__init__(layers=[make(i) for i in range(num_layers)])
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> LinearAttentionCache:
-        """The cache layout for ``model``: a ``linear-lm`` model, or a stock decoder patched with
-        ``patch_model(model, "linear")`` (its per-layer plan is read from ``config.hf_efficient``)."""
+        """``LinearAttentionCache(config=model.config)``, after checking that the model's attention
+        modules can reach a recurrent cache (GPT-NeoX's cannot: it decodes with ``DynamicCache``)."""
         config = getattr(model, "config", None)
         if config is None:
             raise TypeError(f"LinearAttentionCache.from_model needs a transformers model, got {type(model).__name__}")
-        config = config.get_text_config(decoder=True)
-        record = getattr(config, "hf_efficient", None)
-        if getattr(config, "model_type", None) == "linear-lm":
-            return cls(config.num_hidden_layers)
-        if not record:
-            raise ValueError(
-                f"{type(model).__name__} does not use linear attention: patch it first with "
-                "hf_efficient.patch_model(model, 'linear'), or use a linear-lm model"
-            )
-        from ..attention.registry import get_attention_kind
-
-        layers = record.get("layers") or []
-        softmax, windowed = [], []
-        for i, layer in enumerate(layers):
-            kind = layer.get("kind")
-            if kind is None:
-                softmax.append(i)
-            elif _RECURRENT_LAYERS.get(kind) is WindowLinearAttentionLayer:
-                windowed.append(i)
-            elif not get_attention_kind(kind).supports_recurrent:
+        from_config = cls(config=config)
+        for module in model.modules():
+            layer = getattr(module, LAYER_ATTRIBUTE, None)
+            if layer is not None and layer.kind is not None and not shares_kwargs_with_cache(type(module)):
                 raise ValueError(
-                    f"layer {i} uses attention kind {kind!r}, which has no recurrent form; LinearAttentionCache needs "
-                    "every patched layer to be a recurrent kind such as 'linear'"
+                    f"{type(module).__name__} does not pass its keyword arguments to the cache, so a recurrent cache "
+                    "cannot reach its attention; generate() decodes this model with transformers' DynamicCache "
+                    "(exact, but its memory grows with the length)"
                 )
-        if len(softmax) == len(layers):
-            raise ValueError("no layer of this model uses linear attention; use the default DynamicCache")
-        return cls(len(layers), softmax, windowed)
+        return from_config
+
+    # ------------------------------------------------------------------ Cache API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.layer_class_to_replicate is None and not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"this LinearAttentionCache has {len(self.layers)} layers but the model called layer "
+                             f"{layer_idx}; build it for the model with LinearAttentionCache(config=model.config)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self._owner, self._digests, self._digest_tokens = None, None, 0
 
     def nbytes(self) -> int:
-        """Bytes held by the whole cache: recurrent states plus any softmax layers' keys/values."""
+        """Bytes held by the whole cache: recurrent states plus the kept layers' keys/values."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, LinearAttentionLayer):
+            if isinstance(layer, RecurrentStateLayer):
                 total += layer.nbytes()
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
                 total += layer.keys.numel() * layer.keys.element_size()
@@ -317,69 +440,108 @@ class LinearAttentionCache(Cache):
         """The state of layer ``layer_idx``: a ``LinearAttentionState`` (a ``WindowLinearState`` for
         window-linear layers), None before its first token."""
         layer = self.layers[layer_idx]
-        if not isinstance(layer, LinearAttentionLayer):
+        if not isinstance(layer, RecurrentStateLayer):
             raise ValueError(f"layer {layer_idx} of this cache keeps softmax keys/values, not a recurrent state")
         return layer.state
 
+    def __getstate__(self) -> dict:
+        # Pickled without its owner (a weak reference): a copy in another process cannot be continued.
+        return {**self.__dict__, "_owner": None}
 
-# --------------------------------------------------------------------------- stock decoders
-def _recurrent_wrapper(inner: Callable, kind_name: str) -> Callable:
-    """Route attention calls whose keys came from a :class:`LinearAttentionLayer` to :meth:`attend`;
-    everything else goes to ``inner`` (the integration's attention function, unchanged)."""
-    from .attention_interface import _layer_for  # the integration's per-module lookup
+    def __deepcopy__(self, memo: dict) -> LinearAttentionCache:
+        # A deep copy in this process keeps its owner, so it continues like the original (prompt reuse).
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, value if name == "_owner" else copy.deepcopy(value, memo))
+        return clone
 
-    def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layer_cache = getattr(key, RECURRENT_TAG, None)
-        if layer_cache is None:
-            return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        layer = _layer_for(module, kind_name)
-        if layer.kind is None:
-            raise ValueError("a softmax layer received a recurrent cache layer; build the cache with "
-                             "LinearAttentionCache.from_model(model)")
-        params = layer.params
-        if key.shape[1] != query.shape[1]:  # grouped-query attention: the state is per query head
-            groups = query.shape[1] // key.shape[1]
-            key = key.repeat_interleave(groups, dim=1)
-            value = value.repeat_interleave(groups, dim=1)
-        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-            raise ValueError("LinearAttentionCache needs the 2-D padding mask of the hf_efficient mask function")
-        padding = attention_mask[:, -query.shape[2]:] if attention_mask is not None else None
-        feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
-        if layer.kind == "linear" and params.feature_map == "favor" and scaling is not None:
-            query = query * (scaling * query.shape[-1] ** 0.5)  # as the linear kind's own forward does
-        expected = _RECURRENT_LAYERS.get(layer.kind, LinearAttentionLayer)
-        # by name: two remote-code checkpoints in one process bring two copies of these classes
-        if type(layer_cache).__name__ != expected.__name__:
-            raise ValueError(f"layer of kind {layer.kind!r} got a {type(layer_cache).__name__} in its cache; build the "
-                             "cache with LinearAttentionCache.from_model(model)")
-        out = layer_cache.attend_with(params, query, key, value, feature_map=feature_map, key_padding_mask=padding,
-                                      scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
+    # ------------------------------------------------------------------ reuse across generate() calls
+    def check_layout(self, config) -> None:
+        """Raise ``ValueError`` unless this cache has the layout ``LinearAttentionCache(config=config)`` has."""
+        if self.layer_class_to_replicate is not None and not self.layers:
+            return  # lazy: grows to whatever the model asks for
+        expected = [_describe(layer) for layer in _layers_for_config(config)]
+        got = [_describe(layer) for layer in self.layers]
+        if got != expected:
+            raise ValueError(
+                f"this LinearAttentionCache was built for another layer layout ({len(got)} layers: "
+                f"{sorted({name for name, _ in got})}) than this model's ({len(expected)} layers: "
+                f"{sorted({name for name, _ in expected})}); build it with LinearAttentionCache(config=model.config)"
+            )
 
-    attention_forward.hf_efficient_recurrent = True
-    attention_forward.__name__ = getattr(inner, "__name__", "attention_forward")
-    return attention_forward
+    def check_reuse(self, model, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None) -> None:
+        """Called by ``generate()`` before it uses this cache: a state can only be continued.
+
+        A fresh (or reset) cache is accepted if its layout fits the model. A used one only by the
+        model whose ``generate()`` filled it, with ``input_ids`` that start with exactly the tokens it
+        has seen (or only the new tokens, with an ``attention_mask`` covering old + new), never by
+        another model, after beam search, or after a forward outside ``generate()``.
+        """
+        seen = self.get_seq_length()
+        if seen == 0 and not any(getattr(layer, "state", None) is not None for layer in self.layers):
+            self.check_layout(model.config)
+            return
+        fresh = "pass a fresh cache (LinearAttentionCache(config=model.config)) or call cache.reset()"
+        owner = self._owner() if self._owner is not None else None
+        if owner is not model:
+            who = "another model" if owner is not None else "a forward call outside generate()"
+            raise ValueError(f"this LinearAttentionCache holds the state of {seen} tokens from {who}; {fresh}")
+        if self._digests is None or self._digest_tokens != seen:
+            raise ValueError(f"this LinearAttentionCache holds {seen} tokens that cannot be continued (the generate() "
+                             "that filled it ran beam search, or the cache was used since); " + fresh)
+        if input_ids is None:
+            raise ValueError("continuing a LinearAttentionCache needs input_ids (the tokens are checked against it)")
+        if input_ids.shape[0] != len(self._digests):
+            raise ValueError(f"this LinearAttentionCache holds {len(self._digests)} rows but input_ids has "
+                             f"{input_ids.shape[0]}; {fresh}")
+        mask_length = attention_mask.shape[-1] if attention_mask is not None else input_ids.shape[1]
+        if mask_length == input_ids.shape[1]:  # the full sequence: old tokens then new ones
+            if input_ids.shape[1] <= seen or [_digest(row[:seen]) for row in input_ids] != self._digests:
+                raise ValueError(
+                    f"input_ids do not continue the {seen} tokens this LinearAttentionCache has seen: a recurrent "
+                    f"state cannot be rewound or swapped for another prompt; {fresh}"
+                )
+        elif mask_length != seen + input_ids.shape[1]:
+            raise ValueError(f"attention_mask covers {mask_length} tokens, but this cache has seen {seen} and "
+                             f"input_ids adds {input_ids.shape[1]}")
+
+    def record_generation(self, model, sequences: torch.Tensor | None) -> None:
+        """Called by ``generate()`` after it used this cache: remember who filled it with which tokens."""
+        self._owner = weakref.ref(model)
+        seen = self.get_seq_length()
+        self._digests, self._digest_tokens = None, seen
+        if (isinstance(sequences, torch.Tensor) and sequences.dim() == 2 and sequences.shape[1] >= seen
+                and sequences.shape[0] == self.batch_size):
+            self._digests = [_digest(row[:seen]) for row in sequences]
 
 
-def install_recurrent_attention() -> None:
-    """Let every recurrent kind's ``hf_efficient_<kind>`` attention function accept a
-    :class:`LinearAttentionCache`. Idempotent; called on ``import hf_efficient``."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+class CacheReuseMixin:
+    """Mixed into models that decode with a :class:`LinearAttentionCache`: ``generate()`` checks a
+    cache it is given (:meth:`LinearAttentionCache.check_reuse`) and records what filled it, so a
+    recurrent state is never silently continued with a prompt it has not seen."""
 
-    from ..attention.registry import attention_kind_names, get_attention_kind
-    from .attention_interface import implementation_name, make_attention_function, register_with_transformers
-
-    register_with_transformers()
-    for kind in attention_kind_names():
-        if not get_attention_kind(kind).supports_recurrent:
-            continue
-        name = implementation_name(kind)
-        inner = ALL_ATTENTION_FUNCTIONS.get(name) or make_attention_function(kind)
-        if getattr(inner, "hf_efficient_recurrent", False):
-            continue
-        AttentionInterface.register(name, _recurrent_wrapper(inner, kind))
+    def generate(self, inputs=None, *args, **kwargs):
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        if isinstance(cache, LinearAttentionCache):
+            input_ids = inputs if isinstance(inputs, torch.Tensor) else kwargs.get("input_ids")
+            cache.check_reuse(self, input_ids, kwargs.get("attention_mask"))
+        output = super().generate(inputs, *args, **kwargs)
+        used = cache if isinstance(cache, LinearAttentionCache) else getattr(output, "cache", None)
+        if isinstance(used, LinearAttentionCache):
+            used.record_generation(self, output if isinstance(output, torch.Tensor) else output.sequences)
+        return output
 
 
-# A LinearAttentionCache only exists once this module is imported, so this is where the attention
-# functions learn to read it.
-install_recurrent_attention()
+_DEPRECATED = {"LinearAttentionLayer": LinearStateLayer, "WindowLinearAttentionLayer": WindowLinearStateLayer,
+               "RECURRENT_TAG": CACHE_KWARG}
+
+
+def __getattr__(name: str):
+    # Old names: LinearAttentionLayer shadowed transformers' own class of that name.
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"hf_efficient.integrations.cache.{name} is deprecated; use "
+                      f"{getattr(new, '__name__', 'CACHE_KWARG')}", DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,29 @@ TINY = {
                                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                                            initializer_range=0.3), "ViTModel", False),
 }
+# Hybrid and other modern layouts: sliding-window layers (window 4) beside full ones, GQA, soft-capping.
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_MODERN = dict(_GQA, **_IDS, head_dim=8)
+TINY.update({
+    "electra": (lambda: transformers.ElectraConfig(**_TEXT_SIZES, embedding_size=32), "ElectraModel", False),
+    "modernbert": (lambda: transformers.ModernBertConfig(**dict(_TEXT_SIZES, num_hidden_layers=3), **_IDS,
+                                                         cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=3,
+                                                         local_attention=4), "ModernBertModel", False),
+    "gpt_neox": (lambda: transformers.GPTNeoXConfig(**_TEXT_SIZES, **_IDS), "GPTNeoXModel", True),
+    "qwen3": (lambda: transformers.Qwen3Config(**_MODERN), "Qwen3Model", True),
+    "mistral": (lambda: transformers.MistralConfig(**_MODERN, sliding_window=4), "MistralModel", True),
+    "phi3": (lambda: transformers.Phi3Config(**_GQA, **_IDS, sliding_window=4), "Phi3Model", True),
+    "qwen2_sliding": (lambda: transformers.Qwen2Config(**dict(_GQA, num_hidden_layers=4), **_IDS,
+                                                       use_sliding_window=True, sliding_window=4, max_window_layers=2),
+                      "Qwen2Model", True),
+    "gemma2": (lambda: transformers.Gemma2Config(**dict(_MODERN, num_hidden_layers=4), sliding_window=4,
+                                                 attn_logit_softcapping=5.0), "Gemma2Model", True),
+    "gemma3": (lambda: transformers.Gemma3TextConfig(**dict(_MODERN, num_hidden_layers=6), sliding_window=4),
+               "Gemma3TextModel", True),
+    "cohere2": (lambda: transformers.Cohere2Config(**dict(_GQA, num_hidden_layers=4), **_IDS, sliding_window=4),
+                "Cohere2Model", True),
+})
+HYBRID = ["modernbert", "mistral", "phi3", "qwen2_sliding", "gemma2", "gemma3", "cohere2"]
 TEXT = [name for name in TINY if name != "vit"]
 CAUSAL = [name for name, (_, _, causal) in TINY.items() if causal]
 
@@ -44,7 +67,7 @@ def tiny_model(name: str, class_name: str | None = None, seed: int = 0):
 
 
 def tiny_inputs(name: str, batch: int = 2, seq: int = 12, seed: int = 1) -> dict:
-    """Model inputs; text models get a right-padded second row (3 pads)."""
+    """Model inputs; text models get a right-padded second row (3 pads) and its position ids."""
     gen = torch.Generator().manual_seed(seed)
     if name == "vit":
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}
@@ -65,4 +88,5 @@ def hidden(model, inputs) -> torch.Tensor:
 def tiny():
     """The helpers above, as a fixture (tests import nothing from this file)."""
     return type("Tiny", (), {"model": staticmethod(tiny_model), "inputs": staticmethod(tiny_inputs),
-                             "hidden": staticmethod(hidden), "TINY": TINY, "TEXT": TEXT, "CAUSAL": CAUSAL})
+                             "hidden": staticmethod(hidden), "TINY": TINY, "TEXT": TEXT, "CAUSAL": CAUSAL,
+                             "HYBRID": HYBRID})

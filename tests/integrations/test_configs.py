@@ -65,7 +65,7 @@ def test_patched_model_save_load_round_trip(arch, base_class, tiny, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["model_type"] == f"efficient-{arch}"
-    assert saved["hf_efficient"]["layers"][0] == {"kind": None, "params": None}
+    assert saved["hf_efficient"]["layers"][0] == {"kind": None, "params": None, "layer_type": "full_attention"}
     assert saved["hf_efficient"]["layers"][1]["params"]["feature_map"] == "hedgehog"
     auto = "AutoModel" if base_class.endswith("Model") else (
         "AutoModelForCausalLM" if "CausalLM" in base_class else "AutoModelForSequenceClassification")

@@ -94,3 +94,28 @@ def test_bad_inputs(tiny):
     model = patch_model(tiny.model("bert"), "linear")
     with pytest.raises(ValueError, match="missing"):
         render_model_card(model, model_name="x", results=[{"task": "t", "value": 1.0}])
+
+
+def test_card_metadata_through_huggingface_hub(tiny):
+    """The card's metadata is huggingface_hub's ModelCardData: pipeline tag of the head, license, dataset ids."""
+    model = patch_model(tiny.model("bert", "BertForSequenceClassification"), "linear")
+    card = render_model_card(model, model_name="m", base_model="someone/base", results=RESULTS, license="apache-2.0",
+                             datasets=["rotten_tomatoes"])
+    data = huggingface_hub.ModelCard(card).data  # parsed and validated by the hub library
+    assert data.pipeline_tag == "text-classification" and data.license == "apache-2.0"
+    assert data.datasets == ["rotten_tomatoes"] and data.library_name == "transformers"
+    assert data.eval_results[0].metric_value == 0.771 and data.eval_results[0].dataset_split == "test"
+    heads = {("llama", "LlamaForCausalLM"): "text-generation", ("vit", "ViTModel"): "image-feature-extraction",
+             ("bert", "BertModel"): "feature-extraction", ("bert", "BertForMaskedLM"): "fill-mask"}
+    for (arch, cls), tag in heads.items():
+        card = render_model_card(patch_model(tiny.model(arch, cls), "linear"), model_name="m")
+        assert huggingface_hub.ModelCard(card).data.pipeline_tag == tag, cls
+    with pytest.raises(FileNotFoundError, match="no-such-template"):
+        render_model_card(model, model_name="m", template="no-such-template.md.j2")
+
+
+def test_hybrid_card_names_the_kept_layers(tiny):
+    model = patch_model(tiny.model("gemma3", "Gemma3ForCausalLM"), "linear")
+    card = render_model_card(model, model_name="tiny-gemma3")
+    assert "| 5 | `linear`" in card
+    assert "| 0, 1, 2, 3, 4 | softmax, as in the original model (sliding_attention)" in card

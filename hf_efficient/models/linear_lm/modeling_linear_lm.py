@@ -19,7 +19,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from ...attention.feature_maps import FEATURE_MAPS
 from ...attention.linear import linear_attention
-from ...integrations.cache import LinearAttentionCache, LinearAttentionLayer
+from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
 
 __all__ = ["LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
@@ -70,7 +70,7 @@ class LinearLMAttention(nn.Module):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         padding_mask: torch.Tensor | None,
-        cache_layer: LinearAttentionLayer | None,
+        cache_layer: LinearStateLayer | None,
     ) -> torch.Tensor:
         b, n, _ = hidden_states.shape
         shape = (b, n, self.num_heads, self.head_dim)
@@ -212,8 +212,9 @@ class LinearLMModel(LinearLMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None)
 
 
-class LinearLMForCausalLM(LinearLMPreTrainedModel, GenerationMixin):
-    """Causal LM head on :class:`LinearLMModel`; ``generate()`` decodes with a recurrent cache."""
+class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMixin):
+    """Causal LM head on :class:`LinearLMModel`; ``generate()`` decodes with a recurrent cache (and refuses
+    to continue one with a prompt it has not seen, see :class:`CacheReuseMixin`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 

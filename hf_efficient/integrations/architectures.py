@@ -1,0 +1,747 @@
+"""The efficient config and model classes, declared one by one (the third step of patching).
+
+Every architecture ``patch_model`` accepts has here a config class ``Efficient<Config>`` with
+``model_type = "efficient-<type>"`` and one model class per Auto head, each a plain subclass of
+:class:`~.models.EfficientModelMixin` (or :class:`~.models.EfficientConfigMixin`) and of the
+transformers class. ``patch_model`` turns a model into the class of the same name here, so a
+patched model pickles, deep-copies and crosses process boundaries like any transformers model,
+and a reader finds the class it reports.
+
+Adding an architecture: its self-attention class name in ``surgery.SELF_ATTENTION_CLASSES``, its
+classes below and a row in :data:`ARCHITECTURES`, and a tiny random config in the tests (masks,
+padding, save/load, remote code). Classes declared in another module join with :func:`add_architecture`.
+
+Nothing is registered with transformers on import: :func:`register_auto_classes` (called once by
+``hf_efficient.integrations.register``) does it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import transformers
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertLMHeadModel,
+    BertModel,
+    Cohere2Config,
+    Cohere2ForCausalLM,
+    Cohere2Model,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    DistilBertForMultipleChoice,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertForTokenClassification,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraForCausalLM,
+    ElectraForMaskedLM,
+    ElectraForMultipleChoice,
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    Gemma2ForTokenClassification,
+    Gemma2Model,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    Gemma3TextForSequenceClassification,
+    Gemma3TextModel,
+    GPT2Config,
+    GPT2ForQuestionAnswering,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForQuestionAnswering,
+    GPTNeoXForSequenceClassification,
+    GPTNeoXForTokenClassification,
+    GPTNeoXModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralForQuestionAnswering,
+    MistralForSequenceClassification,
+    MistralForTokenClassification,
+    MistralModel,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertForMultipleChoice,
+    ModernBertForQuestionAnswering,
+    ModernBertForSequenceClassification,
+    ModernBertForTokenClassification,
+    ModernBertModel,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
+    Phi3ForTokenClassification,
+    Phi3Model,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForQuestionAnswering,
+    Qwen2ForSequenceClassification,
+    Qwen2ForTokenClassification,
+    Qwen2Model,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3ForQuestionAnswering,
+    Qwen3ForSequenceClassification,
+    Qwen3ForTokenClassification,
+    Qwen3Model,
+    RobertaConfig,
+    RobertaForCausalLM,
+    RobertaForMaskedLM,
+    RobertaForMultipleChoice,
+    RobertaForQuestionAnswering,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from .export import auto_class_name
+from .models import EfficientConfigMixin, EfficientModelMixin
+from .surgery import SELF_ATTENTION_CLASSES
+
+__all__ = ["ARCHITECTURES", "add_architecture", "efficient_class", "register_auto_classes", "supported_model_classes"]
+
+
+# -------------------- BERT (and sentence encoders such as all-MiniLM-L6-v2)
+class EfficientBertConfig(EfficientConfigMixin, BertConfig):
+    model_type = "efficient-bert"
+
+
+class EfficientBertModel(EfficientModelMixin, BertModel):
+    config_class = EfficientBertConfig
+
+
+class EfficientBertForSequenceClassification(EfficientModelMixin, BertForSequenceClassification):
+    config_class = EfficientBertConfig
+
+
+class EfficientBertForMaskedLM(EfficientModelMixin, BertForMaskedLM):
+    config_class = EfficientBertConfig
+
+
+class EfficientBertForTokenClassification(EfficientModelMixin, BertForTokenClassification):
+    config_class = EfficientBertConfig
+
+
+class EfficientBertLMHeadModel(EfficientModelMixin, BertLMHeadModel):
+    config_class = EfficientBertConfig
+
+
+class EfficientBertForQuestionAnswering(EfficientModelMixin, BertForQuestionAnswering):
+    config_class = EfficientBertConfig
+
+
+class EfficientBertForMultipleChoice(EfficientModelMixin, BertForMultipleChoice):
+    config_class = EfficientBertConfig
+
+
+# -------------------- RoBERTa
+class EfficientRobertaConfig(EfficientConfigMixin, RobertaConfig):
+    model_type = "efficient-roberta"
+
+
+class EfficientRobertaModel(EfficientModelMixin, RobertaModel):
+    config_class = EfficientRobertaConfig
+
+
+class EfficientRobertaForSequenceClassification(EfficientModelMixin, RobertaForSequenceClassification):
+    config_class = EfficientRobertaConfig
+
+
+class EfficientRobertaForMaskedLM(EfficientModelMixin, RobertaForMaskedLM):
+    config_class = EfficientRobertaConfig
+
+
+class EfficientRobertaForTokenClassification(EfficientModelMixin, RobertaForTokenClassification):
+    config_class = EfficientRobertaConfig
+
+
+class EfficientRobertaForCausalLM(EfficientModelMixin, RobertaForCausalLM):
+    config_class = EfficientRobertaConfig
+
+
+class EfficientRobertaForQuestionAnswering(EfficientModelMixin, RobertaForQuestionAnswering):
+    config_class = EfficientRobertaConfig
+
+
+class EfficientRobertaForMultipleChoice(EfficientModelMixin, RobertaForMultipleChoice):
+    config_class = EfficientRobertaConfig
+
+
+# -------------------- DistilBERT
+class EfficientDistilBertConfig(EfficientConfigMixin, DistilBertConfig):
+    model_type = "efficient-distilbert"
+
+
+class EfficientDistilBertModel(EfficientModelMixin, DistilBertModel):
+    config_class = EfficientDistilBertConfig
+
+
+class EfficientDistilBertForSequenceClassification(EfficientModelMixin, DistilBertForSequenceClassification):
+    config_class = EfficientDistilBertConfig
+
+
+class EfficientDistilBertForMaskedLM(EfficientModelMixin, DistilBertForMaskedLM):
+    config_class = EfficientDistilBertConfig
+
+
+class EfficientDistilBertForTokenClassification(EfficientModelMixin, DistilBertForTokenClassification):
+    config_class = EfficientDistilBertConfig
+
+
+class EfficientDistilBertForQuestionAnswering(EfficientModelMixin, DistilBertForQuestionAnswering):
+    config_class = EfficientDistilBertConfig
+
+
+class EfficientDistilBertForMultipleChoice(EfficientModelMixin, DistilBertForMultipleChoice):
+    config_class = EfficientDistilBertConfig
+
+
+# -------------------- ELECTRA
+class EfficientElectraConfig(EfficientConfigMixin, ElectraConfig):
+    model_type = "efficient-electra"
+
+
+class EfficientElectraModel(EfficientModelMixin, ElectraModel):
+    config_class = EfficientElectraConfig
+
+
+class EfficientElectraForSequenceClassification(EfficientModelMixin, ElectraForSequenceClassification):
+    config_class = EfficientElectraConfig
+
+
+class EfficientElectraForMaskedLM(EfficientModelMixin, ElectraForMaskedLM):
+    config_class = EfficientElectraConfig
+
+
+class EfficientElectraForTokenClassification(EfficientModelMixin, ElectraForTokenClassification):
+    config_class = EfficientElectraConfig
+
+
+class EfficientElectraForCausalLM(EfficientModelMixin, ElectraForCausalLM):
+    config_class = EfficientElectraConfig
+
+
+class EfficientElectraForQuestionAnswering(EfficientModelMixin, ElectraForQuestionAnswering):
+    config_class = EfficientElectraConfig
+
+
+class EfficientElectraForMultipleChoice(EfficientModelMixin, ElectraForMultipleChoice):
+    config_class = EfficientElectraConfig
+
+
+# -------------------- ModernBERT: full and sliding-window layers
+class EfficientModernBertConfig(EfficientConfigMixin, ModernBertConfig):
+    model_type = "efficient-modernbert"
+
+
+class EfficientModernBertModel(EfficientModelMixin, ModernBertModel):
+    config_class = EfficientModernBertConfig
+
+
+class EfficientModernBertForSequenceClassification(EfficientModelMixin, ModernBertForSequenceClassification):
+    config_class = EfficientModernBertConfig
+
+
+class EfficientModernBertForMaskedLM(EfficientModelMixin, ModernBertForMaskedLM):
+    config_class = EfficientModernBertConfig
+
+
+class EfficientModernBertForTokenClassification(EfficientModelMixin, ModernBertForTokenClassification):
+    config_class = EfficientModernBertConfig
+
+
+class EfficientModernBertForQuestionAnswering(EfficientModelMixin, ModernBertForQuestionAnswering):
+    config_class = EfficientModernBertConfig
+
+
+class EfficientModernBertForMultipleChoice(EfficientModelMixin, ModernBertForMultipleChoice):
+    config_class = EfficientModernBertConfig
+
+
+# -------------------- ViT
+class EfficientViTConfig(EfficientConfigMixin, ViTConfig):
+    model_type = "efficient-vit"
+
+
+class EfficientViTModel(EfficientModelMixin, ViTModel):
+    config_class = EfficientViTConfig
+
+
+class EfficientViTForImageClassification(EfficientModelMixin, ViTForImageClassification):
+    config_class = EfficientViTConfig
+
+
+# -------------------- GPT-2
+class EfficientGPT2Config(EfficientConfigMixin, GPT2Config):
+    model_type = "efficient-gpt2"
+
+
+class EfficientGPT2Model(EfficientModelMixin, GPT2Model):
+    config_class = EfficientGPT2Config
+
+
+class EfficientGPT2ForSequenceClassification(EfficientModelMixin, GPT2ForSequenceClassification):
+    config_class = EfficientGPT2Config
+
+
+class EfficientGPT2ForTokenClassification(EfficientModelMixin, GPT2ForTokenClassification):
+    config_class = EfficientGPT2Config
+
+
+class EfficientGPT2LMHeadModel(EfficientModelMixin, GPT2LMHeadModel):
+    config_class = EfficientGPT2Config
+
+
+class EfficientGPT2ForQuestionAnswering(EfficientModelMixin, GPT2ForQuestionAnswering):
+    config_class = EfficientGPT2Config
+
+
+# -------------------- GPT-NeoX / Pythia
+class EfficientGPTNeoXConfig(EfficientConfigMixin, GPTNeoXConfig):
+    model_type = "efficient-gpt_neox"
+
+
+class EfficientGPTNeoXModel(EfficientModelMixin, GPTNeoXModel):
+    config_class = EfficientGPTNeoXConfig
+
+
+class EfficientGPTNeoXForSequenceClassification(EfficientModelMixin, GPTNeoXForSequenceClassification):
+    config_class = EfficientGPTNeoXConfig
+
+
+class EfficientGPTNeoXForTokenClassification(EfficientModelMixin, GPTNeoXForTokenClassification):
+    config_class = EfficientGPTNeoXConfig
+
+
+class EfficientGPTNeoXForCausalLM(EfficientModelMixin, GPTNeoXForCausalLM):
+    config_class = EfficientGPTNeoXConfig
+
+
+class EfficientGPTNeoXForQuestionAnswering(EfficientModelMixin, GPTNeoXForQuestionAnswering):
+    config_class = EfficientGPTNeoXConfig
+
+
+# -------------------- Llama (and SmolLM2)
+class EfficientLlamaConfig(EfficientConfigMixin, LlamaConfig):
+    model_type = "efficient-llama"
+
+
+class EfficientLlamaModel(EfficientModelMixin, LlamaModel):
+    config_class = EfficientLlamaConfig
+
+
+class EfficientLlamaForSequenceClassification(EfficientModelMixin, LlamaForSequenceClassification):
+    config_class = EfficientLlamaConfig
+
+
+class EfficientLlamaForTokenClassification(EfficientModelMixin, LlamaForTokenClassification):
+    config_class = EfficientLlamaConfig
+
+
+class EfficientLlamaForCausalLM(EfficientModelMixin, LlamaForCausalLM):
+    config_class = EfficientLlamaConfig
+
+
+class EfficientLlamaForQuestionAnswering(EfficientModelMixin, LlamaForQuestionAnswering):
+    config_class = EfficientLlamaConfig
+
+
+# -------------------- Mistral: sliding-window layers
+class EfficientMistralConfig(EfficientConfigMixin, MistralConfig):
+    model_type = "efficient-mistral"
+
+
+class EfficientMistralModel(EfficientModelMixin, MistralModel):
+    config_class = EfficientMistralConfig
+
+
+class EfficientMistralForSequenceClassification(EfficientModelMixin, MistralForSequenceClassification):
+    config_class = EfficientMistralConfig
+
+
+class EfficientMistralForTokenClassification(EfficientModelMixin, MistralForTokenClassification):
+    config_class = EfficientMistralConfig
+
+
+class EfficientMistralForCausalLM(EfficientModelMixin, MistralForCausalLM):
+    config_class = EfficientMistralConfig
+
+
+class EfficientMistralForQuestionAnswering(EfficientModelMixin, MistralForQuestionAnswering):
+    config_class = EfficientMistralConfig
+
+
+# -------------------- Qwen2
+class EfficientQwen2Config(EfficientConfigMixin, Qwen2Config):
+    model_type = "efficient-qwen2"
+
+
+class EfficientQwen2Model(EfficientModelMixin, Qwen2Model):
+    config_class = EfficientQwen2Config
+
+
+class EfficientQwen2ForSequenceClassification(EfficientModelMixin, Qwen2ForSequenceClassification):
+    config_class = EfficientQwen2Config
+
+
+class EfficientQwen2ForTokenClassification(EfficientModelMixin, Qwen2ForTokenClassification):
+    config_class = EfficientQwen2Config
+
+
+class EfficientQwen2ForCausalLM(EfficientModelMixin, Qwen2ForCausalLM):
+    config_class = EfficientQwen2Config
+
+
+class EfficientQwen2ForQuestionAnswering(EfficientModelMixin, Qwen2ForQuestionAnswering):
+    config_class = EfficientQwen2Config
+
+
+# -------------------- Qwen3
+class EfficientQwen3Config(EfficientConfigMixin, Qwen3Config):
+    model_type = "efficient-qwen3"
+
+
+class EfficientQwen3Model(EfficientModelMixin, Qwen3Model):
+    config_class = EfficientQwen3Config
+
+
+class EfficientQwen3ForSequenceClassification(EfficientModelMixin, Qwen3ForSequenceClassification):
+    config_class = EfficientQwen3Config
+
+
+class EfficientQwen3ForTokenClassification(EfficientModelMixin, Qwen3ForTokenClassification):
+    config_class = EfficientQwen3Config
+
+
+class EfficientQwen3ForCausalLM(EfficientModelMixin, Qwen3ForCausalLM):
+    config_class = EfficientQwen3Config
+
+
+class EfficientQwen3ForQuestionAnswering(EfficientModelMixin, Qwen3ForQuestionAnswering):
+    config_class = EfficientQwen3Config
+
+
+# -------------------- Phi-3
+class EfficientPhi3Config(EfficientConfigMixin, Phi3Config):
+    model_type = "efficient-phi3"
+
+
+class EfficientPhi3Model(EfficientModelMixin, Phi3Model):
+    config_class = EfficientPhi3Config
+
+
+class EfficientPhi3ForSequenceClassification(EfficientModelMixin, Phi3ForSequenceClassification):
+    config_class = EfficientPhi3Config
+
+
+class EfficientPhi3ForTokenClassification(EfficientModelMixin, Phi3ForTokenClassification):
+    config_class = EfficientPhi3Config
+
+
+class EfficientPhi3ForCausalLM(EfficientModelMixin, Phi3ForCausalLM):
+    config_class = EfficientPhi3Config
+
+
+# -------------------- Gemma 2: sliding and full layers, soft-capped logits
+class EfficientGemma2Config(EfficientConfigMixin, Gemma2Config):
+    model_type = "efficient-gemma2"
+
+
+class EfficientGemma2Model(EfficientModelMixin, Gemma2Model):
+    config_class = EfficientGemma2Config
+
+
+class EfficientGemma2ForSequenceClassification(EfficientModelMixin, Gemma2ForSequenceClassification):
+    config_class = EfficientGemma2Config
+
+
+class EfficientGemma2ForTokenClassification(EfficientModelMixin, Gemma2ForTokenClassification):
+    config_class = EfficientGemma2Config
+
+
+class EfficientGemma2ForCausalLM(EfficientModelMixin, Gemma2ForCausalLM):
+    config_class = EfficientGemma2Config
+
+
+# -------------------- Gemma 3 (text): 5 sliding : 1 full
+class EfficientGemma3TextConfig(EfficientConfigMixin, Gemma3TextConfig):
+    model_type = "efficient-gemma3_text"
+
+
+class EfficientGemma3TextModel(EfficientModelMixin, Gemma3TextModel):
+    config_class = EfficientGemma3TextConfig
+
+
+class EfficientGemma3TextForSequenceClassification(EfficientModelMixin, Gemma3TextForSequenceClassification):
+    config_class = EfficientGemma3TextConfig
+
+
+class EfficientGemma3ForCausalLM(EfficientModelMixin, Gemma3ForCausalLM):
+    config_class = EfficientGemma3TextConfig
+
+
+# -------------------- Cohere2: sliding and full layers
+class EfficientCohere2Config(EfficientConfigMixin, Cohere2Config):
+    model_type = "efficient-cohere2"
+
+
+class EfficientCohere2Model(EfficientModelMixin, Cohere2Model):
+    config_class = EfficientCohere2Config
+
+
+class EfficientCohere2ForCausalLM(EfficientModelMixin, Cohere2ForCausalLM):
+    config_class = EfficientCohere2Config
+
+
+# model_type -> (config class, model classes): what register_auto_classes registers.
+ARCHITECTURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "bert": (
+        EfficientBertConfig,
+        (
+            EfficientBertModel,
+            EfficientBertForSequenceClassification,
+            EfficientBertForMaskedLM,
+            EfficientBertForTokenClassification,
+            EfficientBertLMHeadModel,
+            EfficientBertForQuestionAnswering,
+            EfficientBertForMultipleChoice,
+        ),
+    ),
+    "roberta": (
+        EfficientRobertaConfig,
+        (
+            EfficientRobertaModel,
+            EfficientRobertaForSequenceClassification,
+            EfficientRobertaForMaskedLM,
+            EfficientRobertaForTokenClassification,
+            EfficientRobertaForCausalLM,
+            EfficientRobertaForQuestionAnswering,
+            EfficientRobertaForMultipleChoice,
+        ),
+    ),
+    "distilbert": (
+        EfficientDistilBertConfig,
+        (
+            EfficientDistilBertModel,
+            EfficientDistilBertForSequenceClassification,
+            EfficientDistilBertForMaskedLM,
+            EfficientDistilBertForTokenClassification,
+            EfficientDistilBertForQuestionAnswering,
+            EfficientDistilBertForMultipleChoice,
+        ),
+    ),
+    "electra": (
+        EfficientElectraConfig,
+        (
+            EfficientElectraModel,
+            EfficientElectraForSequenceClassification,
+            EfficientElectraForMaskedLM,
+            EfficientElectraForTokenClassification,
+            EfficientElectraForCausalLM,
+            EfficientElectraForQuestionAnswering,
+            EfficientElectraForMultipleChoice,
+        ),
+    ),
+    "modernbert": (
+        EfficientModernBertConfig,
+        (
+            EfficientModernBertModel,
+            EfficientModernBertForSequenceClassification,
+            EfficientModernBertForMaskedLM,
+            EfficientModernBertForTokenClassification,
+            EfficientModernBertForQuestionAnswering,
+            EfficientModernBertForMultipleChoice,
+        ),
+    ),
+    "vit": (
+        EfficientViTConfig,
+        (
+            EfficientViTModel,
+            EfficientViTForImageClassification,
+        ),
+    ),
+    "gpt2": (
+        EfficientGPT2Config,
+        (
+            EfficientGPT2Model,
+            EfficientGPT2ForSequenceClassification,
+            EfficientGPT2ForTokenClassification,
+            EfficientGPT2LMHeadModel,
+            EfficientGPT2ForQuestionAnswering,
+        ),
+    ),
+    "gpt_neox": (
+        EfficientGPTNeoXConfig,
+        (
+            EfficientGPTNeoXModel,
+            EfficientGPTNeoXForSequenceClassification,
+            EfficientGPTNeoXForTokenClassification,
+            EfficientGPTNeoXForCausalLM,
+            EfficientGPTNeoXForQuestionAnswering,
+        ),
+    ),
+    "llama": (
+        EfficientLlamaConfig,
+        (
+            EfficientLlamaModel,
+            EfficientLlamaForSequenceClassification,
+            EfficientLlamaForTokenClassification,
+            EfficientLlamaForCausalLM,
+            EfficientLlamaForQuestionAnswering,
+        ),
+    ),
+    "mistral": (
+        EfficientMistralConfig,
+        (
+            EfficientMistralModel,
+            EfficientMistralForSequenceClassification,
+            EfficientMistralForTokenClassification,
+            EfficientMistralForCausalLM,
+            EfficientMistralForQuestionAnswering,
+        ),
+    ),
+    "qwen2": (
+        EfficientQwen2Config,
+        (
+            EfficientQwen2Model,
+            EfficientQwen2ForSequenceClassification,
+            EfficientQwen2ForTokenClassification,
+            EfficientQwen2ForCausalLM,
+            EfficientQwen2ForQuestionAnswering,
+        ),
+    ),
+    "qwen3": (
+        EfficientQwen3Config,
+        (
+            EfficientQwen3Model,
+            EfficientQwen3ForSequenceClassification,
+            EfficientQwen3ForTokenClassification,
+            EfficientQwen3ForCausalLM,
+            EfficientQwen3ForQuestionAnswering,
+        ),
+    ),
+    "phi3": (
+        EfficientPhi3Config,
+        (
+            EfficientPhi3Model,
+            EfficientPhi3ForSequenceClassification,
+            EfficientPhi3ForTokenClassification,
+            EfficientPhi3ForCausalLM,
+        ),
+    ),
+    "gemma2": (
+        EfficientGemma2Config,
+        (
+            EfficientGemma2Model,
+            EfficientGemma2ForSequenceClassification,
+            EfficientGemma2ForTokenClassification,
+            EfficientGemma2ForCausalLM,
+        ),
+    ),
+    "gemma3_text": (
+        EfficientGemma3TextConfig,
+        (
+            EfficientGemma3TextModel,
+            EfficientGemma3TextForSequenceClassification,
+            EfficientGemma3ForCausalLM,
+        ),
+    ),
+    "cohere2": (
+        EfficientCohere2Config,
+        (
+            EfficientCohere2Model,
+            EfficientCohere2ForCausalLM,
+        ),
+    ),
+}
+
+
+def _by_base_class() -> dict[type, type]:
+    out = {}
+    for config_class, model_classes in ARCHITECTURES.values():
+        for cls in (config_class, *model_classes):
+            out[cls.hf_efficient_base_class] = cls
+    return out
+
+
+def efficient_class(base_class: type) -> type | None:
+    """The efficient class of a transformers config or model class (itself if already efficient),
+    or None when there is none."""
+    if isinstance(getattr(base_class, "__dict__", {}).get("hf_efficient_base_class"), type):
+        return base_class
+    return _by_base_class().get(base_class)
+
+
+def supported_model_classes(model_type: str) -> list[str]:
+    """Names of the transformers model classes that have an efficient class, for error messages."""
+    entry = ARCHITECTURES.get(model_type)
+    return [cls.hf_efficient_base_class.__name__ for cls in entry[1]] if entry else []
+
+
+def add_architecture(config_class: type, *model_classes: type, attention_classes: Sequence[str]) -> None:
+    """Make another architecture patchable: static classes declared outside this module (subclasses
+    of the mixins, like the ones above) and the names of its self-attention classes, whose forward
+    must call transformers' attention interface. Registers them with the Auto classes.
+
+    Example::
+
+        class EfficientOlmoConfig(EfficientConfigMixin, OlmoConfig):
+            model_type = "efficient-olmo"
+
+        class EfficientOlmoForCausalLM(EfficientModelMixin, OlmoForCausalLM):
+            config_class = EfficientOlmoConfig
+
+        add_architecture(EfficientOlmoConfig, EfficientOlmoForCausalLM, attention_classes=["OlmoAttention"])
+    """
+    if not (isinstance(config_class, type) and issubclass(config_class, EfficientConfigMixin)):
+        raise TypeError(f"add_architecture needs an EfficientConfigMixin subclass, got {config_class!r}")
+    for cls in model_classes:
+        if not (isinstance(cls, type) and issubclass(cls, EfficientModelMixin)) or cls.config_class is not config_class:
+            raise TypeError(f"{cls!r} must subclass EfficientModelMixin with config_class = {config_class.__name__}")
+    if isinstance(attention_classes, str) or not attention_classes:
+        raise TypeError(f"attention_classes must be a list of class names, got {attention_classes!r}")
+    model_type = config_class.base_model_type
+    if config_class.model_type != f"efficient-{model_type}":
+        raise ValueError(f"{config_class.__name__}.model_type must be 'efficient-{model_type}', got "
+                         f"{config_class.model_type!r}")
+    SELF_ATTENTION_CLASSES[model_type] = tuple(attention_classes)
+    ARCHITECTURES[model_type] = (config_class, tuple(model_classes))
+    register_auto_classes(model_type)
+
+
+def register_auto_classes(model_type: str | None = None) -> None:
+    """Register the efficient classes of ``model_type`` (default: every architecture) with
+    ``AutoConfig`` and the Auto head of each model class. Idempotent."""
+    types = list(ARCHITECTURES) if model_type is None else [model_type]
+    for name in types:
+        if name not in ARCHITECTURES:
+            raise ValueError(f"no efficient classes for model_type {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        config_class, model_classes = ARCHITECTURES[name]
+        transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for cls in model_classes:
+            auto_name = auto_class_name(cls)
+            if auto_name is not None:
+                getattr(transformers, auto_name).register(config_class, cls, exist_ok=True)
