@@ -1,27 +1,29 @@
-"""The efficient config and model classes, declared one by one (the third step of patching).
+"""The efficient model classes, declared one by one (the third step of patching).
 
-Every architecture ``patch_model`` accepts has here a config class ``Efficient<Config>`` with
-``model_type = "efficient-<type>"`` and one model class per Auto head, each a plain subclass of
-:class:`~.models.EfficientModelMixin` (or :class:`~.models.EfficientConfigMixin`) and of the
-transformers class. ``patch_model`` turns a model into the class of the same name here, so a
-patched model pickles, deep-copies and crosses process boundaries like any transformers model,
-and a reader finds the class it reports.
+Every architecture ``patch_model`` accepts has a config class ``Efficient<Config>`` (declared in
+:mod:`.configurations`, ``model_type = "efficient-<type>"``) and here one model class per Auto head,
+each a plain subclass of :class:`~.models.EfficientModelMixin` and of the transformers class.
+``patch_model`` turns a model into the class of the same name here, so a patched model pickles,
+deep-copies and crosses process boundaries like any transformers model, and a reader finds the class
+it reports.
 
-Adding an architecture: its self-attention class name in ``surgery.SELF_ATTENTION_CLASSES``, its
-classes below and a row in :data:`ARCHITECTURES`, and a tiny random config in the tests (masks,
-padding, save/load, remote code). Classes declared in another module join with :func:`add_architecture`.
+Adding an architecture: its self-attention class names in ``surgery.SELF_ATTENTION_CLASSES``, its
+config class and the names of its model classes in :mod:`.configurations`, its model classes below,
+and a tiny random config in the tests (masks, padding, save/load, remote code). Classes declared in
+another module join with :func:`add_architecture`.
 
-Nothing is registered with transformers on import: :func:`register_auto_classes` (called once by
-``hf_efficient.integrations.register``) does it.
+Importing this module registers nothing: :func:`register_auto_classes` does (``patch_model`` and
+``efficient_config`` call it; :mod:`hf_efficient.registration` registers the same classes by name
+as soon as transformers' Auto classes load).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import transformers
 from transformers import (
-    BertConfig,
     BertForMaskedLM,
     BertForMultipleChoice,
     BertForQuestionAnswering,
@@ -29,17 +31,14 @@ from transformers import (
     BertForTokenClassification,
     BertLMHeadModel,
     BertModel,
-    Cohere2Config,
     Cohere2ForCausalLM,
     Cohere2Model,
-    DistilBertConfig,
     DistilBertForMaskedLM,
     DistilBertForMultipleChoice,
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
     DistilBertForTokenClassification,
     DistilBertModel,
-    ElectraConfig,
     ElectraForCausalLM,
     ElectraForMaskedLM,
     ElectraForMultipleChoice,
@@ -47,64 +46,53 @@ from transformers import (
     ElectraForSequenceClassification,
     ElectraForTokenClassification,
     ElectraModel,
-    Gemma2Config,
     Gemma2ForCausalLM,
     Gemma2ForSequenceClassification,
     Gemma2ForTokenClassification,
     Gemma2Model,
     Gemma3ForCausalLM,
-    Gemma3TextConfig,
     Gemma3TextForSequenceClassification,
     Gemma3TextModel,
-    GPT2Config,
     GPT2ForQuestionAnswering,
     GPT2ForSequenceClassification,
     GPT2ForTokenClassification,
     GPT2LMHeadModel,
     GPT2Model,
-    GPTNeoXConfig,
     GPTNeoXForCausalLM,
     GPTNeoXForQuestionAnswering,
     GPTNeoXForSequenceClassification,
     GPTNeoXForTokenClassification,
     GPTNeoXModel,
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
-    MistralConfig,
     MistralForCausalLM,
     MistralForQuestionAnswering,
     MistralForSequenceClassification,
     MistralForTokenClassification,
     MistralModel,
-    ModernBertConfig,
     ModernBertForMaskedLM,
     ModernBertForMultipleChoice,
     ModernBertForQuestionAnswering,
     ModernBertForSequenceClassification,
     ModernBertForTokenClassification,
     ModernBertModel,
-    Phi3Config,
     Phi3ForCausalLM,
     Phi3ForSequenceClassification,
     Phi3ForTokenClassification,
     Phi3Model,
-    Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2ForQuestionAnswering,
     Qwen2ForSequenceClassification,
     Qwen2ForTokenClassification,
     Qwen2Model,
-    Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3ForQuestionAnswering,
     Qwen3ForSequenceClassification,
     Qwen3ForTokenClassification,
     Qwen3Model,
-    RobertaConfig,
     RobertaForCausalLM,
     RobertaForMaskedLM,
     RobertaForMultipleChoice,
@@ -112,23 +100,40 @@ from transformers import (
     RobertaForSequenceClassification,
     RobertaForTokenClassification,
     RobertaModel,
-    ViTConfig,
     ViTForImageClassification,
     ViTModel,
 )
 
+from .attention_interface import register_with_transformers
+from .configurations import (
+    CONFIG_CLASSES,
+    MODEL_CLASS_NAMES,
+    EfficientBertConfig,
+    EfficientCohere2Config,
+    EfficientConfigMixin,
+    EfficientDistilBertConfig,
+    EfficientElectraConfig,
+    EfficientGemma2Config,
+    EfficientGemma3TextConfig,
+    EfficientGPT2Config,
+    EfficientGPTNeoXConfig,
+    EfficientLlamaConfig,
+    EfficientMistralConfig,
+    EfficientModernBertConfig,
+    EfficientPhi3Config,
+    EfficientQwen2Config,
+    EfficientQwen3Config,
+    EfficientRobertaConfig,
+    EfficientViTConfig,
+)
 from .export import auto_class_name
-from .models import EfficientConfigMixin, EfficientModelMixin
+from .models import EfficientModelMixin
 from .surgery import SELF_ATTENTION_CLASSES
 
 __all__ = ["ARCHITECTURES", "add_architecture", "efficient_class", "register_auto_classes", "supported_model_classes"]
 
 
 # -------------------- BERT (and sentence encoders such as all-MiniLM-L6-v2)
-class EfficientBertConfig(EfficientConfigMixin, BertConfig):
-    model_type = "efficient-bert"
-
-
 class EfficientBertModel(EfficientModelMixin, BertModel):
     config_class = EfficientBertConfig
 
@@ -158,10 +163,6 @@ class EfficientBertForMultipleChoice(EfficientModelMixin, BertForMultipleChoice)
 
 
 # -------------------- RoBERTa
-class EfficientRobertaConfig(EfficientConfigMixin, RobertaConfig):
-    model_type = "efficient-roberta"
-
-
 class EfficientRobertaModel(EfficientModelMixin, RobertaModel):
     config_class = EfficientRobertaConfig
 
@@ -191,10 +192,6 @@ class EfficientRobertaForMultipleChoice(EfficientModelMixin, RobertaForMultipleC
 
 
 # -------------------- DistilBERT
-class EfficientDistilBertConfig(EfficientConfigMixin, DistilBertConfig):
-    model_type = "efficient-distilbert"
-
-
 class EfficientDistilBertModel(EfficientModelMixin, DistilBertModel):
     config_class = EfficientDistilBertConfig
 
@@ -220,10 +217,6 @@ class EfficientDistilBertForMultipleChoice(EfficientModelMixin, DistilBertForMul
 
 
 # -------------------- ELECTRA
-class EfficientElectraConfig(EfficientConfigMixin, ElectraConfig):
-    model_type = "efficient-electra"
-
-
 class EfficientElectraModel(EfficientModelMixin, ElectraModel):
     config_class = EfficientElectraConfig
 
@@ -253,10 +246,6 @@ class EfficientElectraForMultipleChoice(EfficientModelMixin, ElectraForMultipleC
 
 
 # -------------------- ModernBERT: full and sliding-window layers
-class EfficientModernBertConfig(EfficientConfigMixin, ModernBertConfig):
-    model_type = "efficient-modernbert"
-
-
 class EfficientModernBertModel(EfficientModelMixin, ModernBertModel):
     config_class = EfficientModernBertConfig
 
@@ -282,10 +271,6 @@ class EfficientModernBertForMultipleChoice(EfficientModelMixin, ModernBertForMul
 
 
 # -------------------- ViT
-class EfficientViTConfig(EfficientConfigMixin, ViTConfig):
-    model_type = "efficient-vit"
-
-
 class EfficientViTModel(EfficientModelMixin, ViTModel):
     config_class = EfficientViTConfig
 
@@ -295,10 +280,6 @@ class EfficientViTForImageClassification(EfficientModelMixin, ViTForImageClassif
 
 
 # -------------------- GPT-2
-class EfficientGPT2Config(EfficientConfigMixin, GPT2Config):
-    model_type = "efficient-gpt2"
-
-
 class EfficientGPT2Model(EfficientModelMixin, GPT2Model):
     config_class = EfficientGPT2Config
 
@@ -320,10 +301,6 @@ class EfficientGPT2ForQuestionAnswering(EfficientModelMixin, GPT2ForQuestionAnsw
 
 
 # -------------------- GPT-NeoX / Pythia
-class EfficientGPTNeoXConfig(EfficientConfigMixin, GPTNeoXConfig):
-    model_type = "efficient-gpt_neox"
-
-
 class EfficientGPTNeoXModel(EfficientModelMixin, GPTNeoXModel):
     config_class = EfficientGPTNeoXConfig
 
@@ -345,10 +322,6 @@ class EfficientGPTNeoXForQuestionAnswering(EfficientModelMixin, GPTNeoXForQuesti
 
 
 # -------------------- Llama (and SmolLM2)
-class EfficientLlamaConfig(EfficientConfigMixin, LlamaConfig):
-    model_type = "efficient-llama"
-
-
 class EfficientLlamaModel(EfficientModelMixin, LlamaModel):
     config_class = EfficientLlamaConfig
 
@@ -370,10 +343,6 @@ class EfficientLlamaForQuestionAnswering(EfficientModelMixin, LlamaForQuestionAn
 
 
 # -------------------- Mistral: sliding-window layers
-class EfficientMistralConfig(EfficientConfigMixin, MistralConfig):
-    model_type = "efficient-mistral"
-
-
 class EfficientMistralModel(EfficientModelMixin, MistralModel):
     config_class = EfficientMistralConfig
 
@@ -395,10 +364,6 @@ class EfficientMistralForQuestionAnswering(EfficientModelMixin, MistralForQuesti
 
 
 # -------------------- Qwen2
-class EfficientQwen2Config(EfficientConfigMixin, Qwen2Config):
-    model_type = "efficient-qwen2"
-
-
 class EfficientQwen2Model(EfficientModelMixin, Qwen2Model):
     config_class = EfficientQwen2Config
 
@@ -420,10 +385,6 @@ class EfficientQwen2ForQuestionAnswering(EfficientModelMixin, Qwen2ForQuestionAn
 
 
 # -------------------- Qwen3
-class EfficientQwen3Config(EfficientConfigMixin, Qwen3Config):
-    model_type = "efficient-qwen3"
-
-
 class EfficientQwen3Model(EfficientModelMixin, Qwen3Model):
     config_class = EfficientQwen3Config
 
@@ -445,10 +406,6 @@ class EfficientQwen3ForQuestionAnswering(EfficientModelMixin, Qwen3ForQuestionAn
 
 
 # -------------------- Phi-3
-class EfficientPhi3Config(EfficientConfigMixin, Phi3Config):
-    model_type = "efficient-phi3"
-
-
 class EfficientPhi3Model(EfficientModelMixin, Phi3Model):
     config_class = EfficientPhi3Config
 
@@ -466,10 +423,6 @@ class EfficientPhi3ForCausalLM(EfficientModelMixin, Phi3ForCausalLM):
 
 
 # -------------------- Gemma 2: sliding and full layers, soft-capped logits
-class EfficientGemma2Config(EfficientConfigMixin, Gemma2Config):
-    model_type = "efficient-gemma2"
-
-
 class EfficientGemma2Model(EfficientModelMixin, Gemma2Model):
     config_class = EfficientGemma2Config
 
@@ -487,10 +440,6 @@ class EfficientGemma2ForCausalLM(EfficientModelMixin, Gemma2ForCausalLM):
 
 
 # -------------------- Gemma 3 (text): 5 sliding : 1 full
-class EfficientGemma3TextConfig(EfficientConfigMixin, Gemma3TextConfig):
-    model_type = "efficient-gemma3_text"
-
-
 class EfficientGemma3TextModel(EfficientModelMixin, Gemma3TextModel):
     config_class = EfficientGemma3TextConfig
 
@@ -504,10 +453,6 @@ class EfficientGemma3ForCausalLM(EfficientModelMixin, Gemma3ForCausalLM):
 
 
 # -------------------- Cohere2: sliding and full layers
-class EfficientCohere2Config(EfficientConfigMixin, Cohere2Config):
-    model_type = "efficient-cohere2"
-
-
 class EfficientCohere2Model(EfficientModelMixin, Cohere2Model):
     config_class = EfficientCohere2Config
 
@@ -518,164 +463,8 @@ class EfficientCohere2ForCausalLM(EfficientModelMixin, Cohere2ForCausalLM):
 
 # model_type -> (config class, model classes): what register_auto_classes registers.
 ARCHITECTURES: dict[str, tuple[type, tuple[type, ...]]] = {
-    "bert": (
-        EfficientBertConfig,
-        (
-            EfficientBertModel,
-            EfficientBertForSequenceClassification,
-            EfficientBertForMaskedLM,
-            EfficientBertForTokenClassification,
-            EfficientBertLMHeadModel,
-            EfficientBertForQuestionAnswering,
-            EfficientBertForMultipleChoice,
-        ),
-    ),
-    "roberta": (
-        EfficientRobertaConfig,
-        (
-            EfficientRobertaModel,
-            EfficientRobertaForSequenceClassification,
-            EfficientRobertaForMaskedLM,
-            EfficientRobertaForTokenClassification,
-            EfficientRobertaForCausalLM,
-            EfficientRobertaForQuestionAnswering,
-            EfficientRobertaForMultipleChoice,
-        ),
-    ),
-    "distilbert": (
-        EfficientDistilBertConfig,
-        (
-            EfficientDistilBertModel,
-            EfficientDistilBertForSequenceClassification,
-            EfficientDistilBertForMaskedLM,
-            EfficientDistilBertForTokenClassification,
-            EfficientDistilBertForQuestionAnswering,
-            EfficientDistilBertForMultipleChoice,
-        ),
-    ),
-    "electra": (
-        EfficientElectraConfig,
-        (
-            EfficientElectraModel,
-            EfficientElectraForSequenceClassification,
-            EfficientElectraForMaskedLM,
-            EfficientElectraForTokenClassification,
-            EfficientElectraForCausalLM,
-            EfficientElectraForQuestionAnswering,
-            EfficientElectraForMultipleChoice,
-        ),
-    ),
-    "modernbert": (
-        EfficientModernBertConfig,
-        (
-            EfficientModernBertModel,
-            EfficientModernBertForSequenceClassification,
-            EfficientModernBertForMaskedLM,
-            EfficientModernBertForTokenClassification,
-            EfficientModernBertForQuestionAnswering,
-            EfficientModernBertForMultipleChoice,
-        ),
-    ),
-    "vit": (
-        EfficientViTConfig,
-        (
-            EfficientViTModel,
-            EfficientViTForImageClassification,
-        ),
-    ),
-    "gpt2": (
-        EfficientGPT2Config,
-        (
-            EfficientGPT2Model,
-            EfficientGPT2ForSequenceClassification,
-            EfficientGPT2ForTokenClassification,
-            EfficientGPT2LMHeadModel,
-            EfficientGPT2ForQuestionAnswering,
-        ),
-    ),
-    "gpt_neox": (
-        EfficientGPTNeoXConfig,
-        (
-            EfficientGPTNeoXModel,
-            EfficientGPTNeoXForSequenceClassification,
-            EfficientGPTNeoXForTokenClassification,
-            EfficientGPTNeoXForCausalLM,
-            EfficientGPTNeoXForQuestionAnswering,
-        ),
-    ),
-    "llama": (
-        EfficientLlamaConfig,
-        (
-            EfficientLlamaModel,
-            EfficientLlamaForSequenceClassification,
-            EfficientLlamaForTokenClassification,
-            EfficientLlamaForCausalLM,
-            EfficientLlamaForQuestionAnswering,
-        ),
-    ),
-    "mistral": (
-        EfficientMistralConfig,
-        (
-            EfficientMistralModel,
-            EfficientMistralForSequenceClassification,
-            EfficientMistralForTokenClassification,
-            EfficientMistralForCausalLM,
-            EfficientMistralForQuestionAnswering,
-        ),
-    ),
-    "qwen2": (
-        EfficientQwen2Config,
-        (
-            EfficientQwen2Model,
-            EfficientQwen2ForSequenceClassification,
-            EfficientQwen2ForTokenClassification,
-            EfficientQwen2ForCausalLM,
-            EfficientQwen2ForQuestionAnswering,
-        ),
-    ),
-    "qwen3": (
-        EfficientQwen3Config,
-        (
-            EfficientQwen3Model,
-            EfficientQwen3ForSequenceClassification,
-            EfficientQwen3ForTokenClassification,
-            EfficientQwen3ForCausalLM,
-            EfficientQwen3ForQuestionAnswering,
-        ),
-    ),
-    "phi3": (
-        EfficientPhi3Config,
-        (
-            EfficientPhi3Model,
-            EfficientPhi3ForSequenceClassification,
-            EfficientPhi3ForTokenClassification,
-            EfficientPhi3ForCausalLM,
-        ),
-    ),
-    "gemma2": (
-        EfficientGemma2Config,
-        (
-            EfficientGemma2Model,
-            EfficientGemma2ForSequenceClassification,
-            EfficientGemma2ForTokenClassification,
-            EfficientGemma2ForCausalLM,
-        ),
-    ),
-    "gemma3_text": (
-        EfficientGemma3TextConfig,
-        (
-            EfficientGemma3TextModel,
-            EfficientGemma3TextForSequenceClassification,
-            EfficientGemma3ForCausalLM,
-        ),
-    ),
-    "cohere2": (
-        EfficientCohere2Config,
-        (
-            EfficientCohere2Model,
-            EfficientCohere2ForCausalLM,
-        ),
-    ),
+    model_type: (CONFIG_CLASSES[model_type], tuple(globals()[name] for name in names))
+    for model_type, names in MODEL_CLASS_NAMES.items()
 }
 
 
@@ -745,3 +534,17 @@ def register_auto_classes(model_type: str | None = None) -> None:
             auto_name = auto_class_name(cls)
             if auto_name is not None:
                 getattr(transformers, auto_name).register(config_class, cls, exist_ok=True)
+
+
+def register() -> None:
+    """Register every attention kind with transformers' attention and mask interfaces and every
+    efficient class with the Auto classes, now. Idempotent; call it again after registering a new kind."""
+    register_with_transformers()
+    register_auto_classes()
+
+
+def register_all() -> None:
+    """Deprecated name of :func:`register`."""
+    warnings.warn("hf_efficient.integrations.register_all is deprecated; use register()", DeprecationWarning,
+                  stacklevel=2)
+    register()

@@ -74,7 +74,8 @@ CONFIG_MODULE = "configuration_hf_efficient"
 MODELING_MODULE = "modeling_hf_efficient"
 # The integration modules remote code needs (not patch/configs/architectures: a loaded checkpoint
 # already knows its classes).
-_INTEGRATION_FILES = ("plan.py", "surgery.py", "attention_interface.py", "cache.py", "export.py", "models.py")
+_INTEGRATION_FILES = ("plan.py", "configurations.py", "surgery.py", "attention_interface.py", "cache.py", "export.py",
+                      "models.py")
 # Optional compiled kernels are not shipped as remote code: the copies call the PyTorch path that
 # the kernel dispatcher itself falls back to. "hf_efficient_kernels.<module>.<name>" -> name in the same file.
 _KERNEL_FALLBACKS = {
@@ -174,7 +175,7 @@ def write_remote_code(model, save_directory: str | Path) -> dict[str, str]:
         "",
         *_import_line([base_config]),
         "",
-        "from .models import EfficientConfigMixin",
+        "from .configurations import EfficientConfigMixin",
         "",
         "",
         f"class {config_name}(EfficientConfigMixin, {base_config.__name__}):",

@@ -5,8 +5,9 @@ The classes themselves are declared one by one in :mod:`.architectures` (``Effic
 transformers class, so a patched model can be pickled, deep-copied, sent to a spawned process and
 found by a reader under the name it reports.
 
-* :class:`EfficientConfigMixin`: ``model_type = "efficient-<type>"``, so the Auto classes and a
-  saved ``config.json`` route to the efficient model classes; ``push_to_hub`` with a model card.
+* :class:`~.configurations.EfficientConfigMixin` (in :mod:`.configurations`, which stays free of model
+  code): ``model_type = "efficient-<type>"``, so the Auto classes and a saved ``config.json`` route to
+  the efficient model classes; ``push_to_hub`` with a model card.
 * :class:`EfficientModelMixin`: applies ``config.hf_efficient`` at the end of ``__init__`` (so
   ``from_pretrained`` loads the weights, learnable feature maps included, into patched layers);
   ``generate()`` decodes from a :class:`~.cache.LinearAttentionCache` and refuses caches that would
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from ..attention.feature_maps import FeatureMap
@@ -29,25 +30,7 @@ from .export import push_to_hub, write_remote_code
 from .plan import CONFIG_KEY, plan_from_record
 from .surgery import apply_plan, attention_modules, shares_kwargs_with_cache
 
-__all__ = ["EfficientConfigMixin", "EfficientModelMixin", "reset_feature_map"]
-
-
-class EfficientConfigMixin:
-    """Mixed in front of a transformers config class. The subclass sets ``model_type``."""
-
-    hf_efficient_base_class: type
-    base_model_type: str
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        base = next(b for b in cls.__mro__[1:]
-                    if issubclass(b, PretrainedConfig) and not issubclass(b, EfficientConfigMixin))
-        cls.hf_efficient_base_class = base
-        cls.base_model_type = base.model_type
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload this config with an hf_efficient model card (see ``export.push_to_hub``)."""
-        return push_to_hub(self, repo_id, **kwargs)
+__all__ = ["EfficientModelMixin", "reset_feature_map"]
 
 
 def reset_feature_map(fmap: torch.nn.Module) -> None:

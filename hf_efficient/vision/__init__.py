@@ -1,17 +1,13 @@
 """Vision: attention sampling for megapixel images and the megaNIST generator."""
 
-from .attention_sampling import (
-    AttentionSamplingConfig,
-    AttentionSamplingForImageClassification,
-    AttentionSamplingImageProcessor,
-    AttentionSamplingOutput,
-)
-from .megamnist import make_megamnist
+import lazy_loader
 
-__all__ = [
-    "AttentionSamplingConfig",
-    "AttentionSamplingForImageClassification",
-    "AttentionSamplingImageProcessor",
-    "AttentionSamplingOutput",
-    "make_megamnist",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=["attention_sampling"],
+    submod_attrs={
+        "attention_sampling": ["AttentionSamplingConfig", "AttentionSamplingForImageClassification",
+                               "AttentionSamplingImageProcessor", "AttentionSamplingOutput"],
+        "megamnist": ["make_megamnist"],
+    },
+)

@@ -9,7 +9,7 @@ import hf_efficient.integrations as integrations
 
 FOLDER = Path(integrations.__file__).parent
 # Each module may import only modules before it.
-CHAIN = ["plan", "surgery", "attention_interface", "cache", "export", "models", "architectures", "patch", "configs",
+CHAIN = ["plan", "configurations", "surgery", "attention_interface", "cache", "export", "models", "architectures", "patch", "configs",
          "__init__"]
 
 

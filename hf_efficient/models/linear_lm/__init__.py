@@ -1,16 +1,15 @@
 """The ``linear-lm`` family: causal LMs with linear attention and O(1)-per-token generation.
 
-Importing this package registers ``model_type="linear-lm"`` with ``AutoConfig`` and
-``AutoModelForCausalLM`` (``import hf_efficient`` does it).
+``model_type="linear-lm"`` is registered with ``AutoConfig``, ``AutoModel`` and ``AutoModelForCausalLM``
+by :mod:`hf_efficient.registration` (``import hf_efficient`` does it).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import lazy_loader
 
-from .configuration_linear_lm import LinearLMConfig
-from .modeling_linear_lm import LinearLMForCausalLM, LinearLMModel, LinearLMPreTrainedModel
-
-__all__ = ["LinearLMConfig", "LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
-
-AutoConfig.register(LinearLMConfig.model_type, LinearLMConfig, exist_ok=True)
-AutoModel.register(LinearLMConfig, LinearLMModel, exist_ok=True)
-AutoModelForCausalLM.register(LinearLMConfig, LinearLMForCausalLM, exist_ok=True)
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "configuration_linear_lm": ["LinearLMConfig"],
+        "modeling_linear_lm": ["LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"],
+    },
+)

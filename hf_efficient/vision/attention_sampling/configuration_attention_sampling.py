@@ -195,3 +195,7 @@ class AttentionSamplingConfig(PreTrainedConfig):
                 f"region's {self.region_map_size[0]}x{self.region_map_size[1]} middle view; lower num_patches or "
                 "region_downsample, enlarge region_size, or sample with replacement"
             )
+
+
+# save_pretrained copies this file next to the weights and names it in the config's auto_map
+AttentionSamplingConfig.register_for_auto_class("AutoConfig")

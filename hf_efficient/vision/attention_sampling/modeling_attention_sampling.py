@@ -373,3 +373,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             entropy_penalty=penalty,
             **extra,
         )
+
+
+# save_pretrained copies this file next to the weights and names it in the config's auto_map
+AttentionSamplingForImageClassification.register_for_auto_class("AutoModelForImageClassification")

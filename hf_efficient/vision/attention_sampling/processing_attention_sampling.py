@@ -180,3 +180,7 @@ def _pad_stack(images: list[torch.Tensor]) -> torch.Tensor:
     for i, t in enumerate(images):
         out[i, :, : t.shape[-2], : t.shape[-1]] = t
     return out
+
+
+# save_pretrained copies this file next to the weights and names it in the config's auto_map
+AttentionSamplingImageProcessor.register_for_auto_class("AutoImageProcessor")
