@@ -25,6 +25,7 @@ __getattr__, __dir__, _lazy_all = lazy_loader.attach(
                                "register_attention_kind"],
         "attention.feature_maps": ["FEATURE_MAPS", "EluFeatureMap", "FavorFeatureMap", "FeatureMap",
                                    "HedgehogFeatureMap", "ReluFeatureMap", "get_feature_map"],
+        "attention.local": ["LocalAttentionParams", "LocalState", "local_attention", "local_attention_reference"],
         "attention.linear": ["LinearAttentionParams", "LinearAttentionState", "linear_attention",
                              "linear_attention_reference", "linear_attention_step"],
         "attention.clustered": ["ClusteredAttentionParams", "ImprovedClusteredAttentionParams",
@@ -68,6 +69,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         linear_attention,
         linear_attention_reference,
         linear_attention_step,
+    )
+    from .attention.local import (  # noqa: F401
+        LocalAttentionParams,
+        LocalState,
+        local_attention,
+        local_attention_reference,
     )
     from .attention.registry import (  # noqa: F401
         AttentionKind,

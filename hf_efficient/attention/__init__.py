@@ -26,6 +26,7 @@ from .linear import (
     linear_attention_reference,
     linear_attention_step,
 )
+from .local import LocalAttentionParams, LocalState, local_attention, local_attention_reference
 from .registry import AttentionKind, attention_kind_names, get_attention_kind, register_attention_kind
 from .window_linear import (
     WindowLinearParams,
@@ -49,6 +50,8 @@ __all__ = [
     "HedgehogFeatureMap",
     "LinearAttentionParams",
     "LinearAttentionState",
+    "LocalAttentionParams",
+    "LocalState",
     "ReluFeatureMap",
     "attention_kind_names",
     "get_attention_kind",
@@ -56,6 +59,8 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",
+    "local_attention",
+    "local_attention_reference",
     "register_attention_kind",
     "WindowLinearParams",
     "WindowLinearState",

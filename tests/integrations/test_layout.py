@@ -9,8 +9,8 @@ import hf_efficient.integrations as integrations
 
 FOLDER = Path(integrations.__file__).parent
 # Each module may import only modules before it.
-CHAIN = ["plan", "configurations", "surgery", "attention_interface", "cache", "export", "models", "architectures", "patch", "configs",
-         "__init__"]
+CHAIN = ["plan", "configurations", "surgery", "attention_interface", "cache", "export", "models", "architectures",
+         "patch", "configs", "__init__"]
 
 
 def _tree(name: str) -> ast.Module:
