@@ -204,6 +204,7 @@ class LocalAttentionParams:
 
 def _forward(q, k, v, params: LocalAttentionParams, *, causal=False, key_padding_mask=None, query_padding_mask=None,
              scale=None, module=None):
+    check_qkv(q, k, v, _NAME)
     n_q, n_k = q.shape[2], k.shape[2]
     if n_q < n_k:  # the queries are the last n_q positions (decoding without a recurrent cache)
         if not causal and n_q > 1:

@@ -38,6 +38,7 @@ class AttentionKind:
         forward: the function described in the module docstring.
         supports_causal: whether ``causal=True`` is implemented.
         supports_recurrent: whether the kind decodes with a constant-size state (linear kinds).
+        supports_bidirectional: whether ``causal=False`` is implemented (encoders).
         description: one line for ``--help`` texts and tables.
     """
 
@@ -47,6 +48,7 @@ class AttentionKind:
     supports_causal: bool
     supports_recurrent: bool = False
     description: str = ""
+    supports_bidirectional: bool = True
 
     def make_params(self, **kwargs: Any):
         """Build validated parameters; unknown names give an error listing the accepted ones."""

@@ -325,5 +325,6 @@ register_attention_kind(
         supports_causal=True,
         supports_recurrent=True,
         description="causal sliding-window softmax + linear attention beyond the window; O(1) decoding",
+        supports_bidirectional=False,
     )
 )
