@@ -25,19 +25,6 @@ from .configuration_linear_lm import LinearLMConfig
 __all__ = ["LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
 
 
-class LinearLMRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on ``(batch, heads, seq, d)`` with cos/sin ``(batch, 1, seq, d)``."""
     half = x.shape[-1] // 2
@@ -104,9 +91,9 @@ class LinearLMMLP(nn.Module):
 class LinearLMDecoderLayer(nn.Module):
     def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = LinearLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = LinearLMAttention(config, layer_idx)
-        self.post_attention_layernorm = LinearLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LinearLMMLP(config)
 
     def forward(self, x, rotary, padding_mask, cache_layer):
@@ -131,7 +118,7 @@ class LinearLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, LinearLMRMSNorm):
+        elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
 
 
@@ -142,7 +129,7 @@ class LinearLMModel(LinearLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList([LinearLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LinearLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
