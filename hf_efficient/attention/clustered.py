@@ -23,6 +23,11 @@ centres chosen among a sequence's real queries by their rank alone, so a sequenc
 depend on the other sequences of the batch or on its padding. With ``seed=None`` fresh planes are
 drawn from torch's global generator on each call (reproducible only under ``torch.manual_seed``).
 
+Non-finite input is confined as softmax attention confines it: a query with a NaN or inf entry gets a
+NaN row and takes no part in hashing, clustering or any centroid; a key with one is left out of the
+centroids' attention and gives NaN exactly to the rows whose score with it is not -inf. No queries give
+an empty output; no keys (``n_k = 0``) is an error (pad keys with ``key_padding_mask`` instead).
+
 Limits: a sequence with at most ``clusters`` real queries puts each query in its own cluster, which
 is exact softmax attention; ``topk >= n_keys`` is exact softmax attention too. Only the non-causal
 form exists. :func:`clustered_attention_reference` is a loop-per-cluster definition the fast
@@ -103,10 +108,10 @@ def _mean(q, assign, clusters):
     return dispatch.cluster_mean(q, assign, clusters) if dispatch else _centroids(q, assign, clusters)
 
 
-def _broadcast(cout, assign, query_mask):
+def _broadcast(cout, assign):
     dispatch = _kernel_dispatch()
-    # padded queries have assign -1: the kernel gives them zeros, as the query mask does here
-    return dispatch.cluster_broadcast(cout, assign) if dispatch else _per_query(cout, assign, query_mask)
+    # padded (and non-finite) queries have assign -1: both paths give them zeros
+    return dispatch.cluster_broadcast(cout, assign) if dispatch else _per_query(cout, assign, assign >= 0)
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -116,13 +121,12 @@ def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
 
 
-def _cluster(q, clusters, bits, iterations, seed, query_mask):
-    """Cluster assignment ``(b, h, n_q)`` int64 in ``[0, C)``, -1 for padded queries."""
+def _cluster(q, clusters, bits, iterations, seed, valid):
+    """Cluster assignment ``(b, h, n_q)`` int64 in ``[0, C)``, -1 where ``valid`` ``(b, h, n_q)`` is False."""
     b, h, n, d = q.shape
     w, z = draw_hyperplanes(d, bits, seed, q.device)
-    valid = query_mask if query_mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
-    codes = hash_queries(q.detach(), query_mask, w, z)  # (b, h, n, bits)
-    valid_bh = valid[:, None, :].expand(b, h, n).reshape(b * h, n)
+    codes = hash_queries(q.detach(), valid, w, z)  # (b, h, n, bits)
+    valid_bh = valid.reshape(b * h, n)
     # kernels/dispatch.py runs the compiled popcount k-means when it can (same result), else hamming_kmeans
     dispatch = _kernel_dispatch()
     kmeans = dispatch.hamming_kmeans if dispatch else hamming_kmeans
@@ -156,13 +160,68 @@ def _centroid_attention(cent, k, v, key_mask, scale):
     return probs, torch.matmul(probs, v)
 
 
+@dataclass
+class _Prepared:
+    """Inputs ready for the clustered computation (see :func:`_prepare`)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_mask: torch.Tensor | None  # (batch', n_k) bool or None
+    scale: float
+    clusters: int
+    assign: torch.Tensor  # (batch', heads', n_q) int64, -1 = padded or non-finite query
+    nan_rows: torch.Tensor | None  # (b, h, n_q) bool: rows softmax attention would make NaN
+    shape: tuple[int, int]  # (b, h) of the caller: heads were folded into the batch when shape != q.shape[:2]
+
+    def finish(self, out: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output ``(b, h, n_q, e)`` in ``dtype`` with the NaN rows set, and the assignment ``(b, h, n_q)``."""
+        b, h = self.shape
+        out = out.reshape(b, h, *out.shape[2:])
+        assign = self.assign.reshape(b, h, -1)
+        if self.nan_rows is not None:
+            out = torch.where(self.nan_rows[..., None], float("nan"), out)
+        return out.to(dtype), assign
+
+
+def _spoiled_by_keys(q, k, bad_k, valid_q, block: int = 1 << 22):
+    """Queries ``(b, h, n_q)`` for which some non-finite real key has a score other than -inf: softmax gives
+    them a NaN row (a +inf or NaN score); a -inf score is a zero weight and spoils nothing. Only the few
+    non-finite keys are scored, in blocks of about ``block`` numbers."""
+    spoiled = torch.zeros(valid_q.shape, dtype=torch.int32, device=q.device)
+    where = bad_k.nonzero()  # (nb, 3): batch, head, key
+    n_q, d = q.shape[2], q.shape[3]
+    step = max(1, block // max(1, n_q * d))
+    for start in range(0, where.shape[0], step):
+        bi, hi, ki = where[start : start + step].unbind(1)
+        scores = torch.matmul(q[bi, hi], k[bi, hi, ki][..., None])[..., 0]  # (chunk, n_q)
+        hit = (scores != float("-inf")).to(torch.int32)
+        spoiled.index_put_((bi, hi), hit, accumulate=True)
+    return (spoiled > 0) & valid_q
+
+
 def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask, scale, seed,
-             topk=None):
+             topk=None) -> _Prepared:
+    """Validate, cast to the accumulation dtype, confine non-finite values and cluster the queries.
+
+    Non-finite values are confined as softmax attention confines them: a query with a NaN or inf entry
+    gets a NaN row and takes no part in hashing, k-means or any centroid; a key with a NaN or inf entry
+    is left out of every centroid's attention (its score for a finite query is never finite) and makes
+    NaN exactly the rows whose score with it is not -inf (softmax's NaN rows); a -inf score is a zero
+    weight. A sequence left with only such keys gives NaN for all its real queries, as softmax does.
+    Per-head key masks are needed then: the heads are folded into the batch for that call.
+    """
     check_qkv(q, k, v, name)
     _check_knobs(name, clusters, bits, iterations, seed, topk)
     _check_scale(scale, name)
-    b, _, n_q, d = q.shape
-    key_mask = check_padding_mask(key_padding_mask, b, k.shape[2], name, "key_padding_mask")
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    if n_k == 0 and n_q > 0:
+        raise ValueError(
+            f"{name}: k and v have no keys (k {tuple(k.shape)}, v {tuple(v.shape)}) for {n_q} queries; "
+            "attention needs at least one key (mask keys with key_padding_mask instead)"
+        )
+    key_mask = check_padding_mask(key_padding_mask, b, n_k, name, "key_padding_mask")
     query_mask = check_padding_mask(query_padding_mask, b, n_q, name, "query_padding_mask")
     if key_mask is not None:
         key_mask = key_mask.to(q.device)
@@ -170,17 +229,53 @@ def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_
         query_mask = query_mask.to(q.device)
     scale = d**-0.5 if scale is None else float(scale)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32  # accumulate in fp32 under fp16/bf16
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if n_q == 0:  # nothing to cluster: clusters = 0 tells the caller to return an empty output
+        return _Prepared(q, k, v, key_mask, scale, 0, torch.zeros(b, h, 0, dtype=torch.long, device=q.device),
+                         None, (b, h))
+
+    real_q = torch.ones(b, h, n_q, dtype=torch.bool, device=q.device)
+    if query_mask is not None:
+        real_q = real_q & query_mask[:, None, :]
+    finite_q = torch.isfinite(q).all(dim=-1)
+    valid_q = real_q & finite_q
+    bad_q = real_q & ~finite_q
+    real_k = torch.ones(b, h, n_k, dtype=torch.bool, device=q.device)
+    if key_mask is not None:
+        real_k = real_k & key_mask[:, None, :]
+    finite_k = torch.isfinite(k).all(dim=-1)
+    bad_k = real_k & ~finite_k
+    nan_rows = None
+    if bool(bad_q.any()):
+        nan_rows = bad_q
+    # zeroed, padded ones too: no NaN reaches a centroid, a masked score (NaN + finfo.min) or a gradient
+    if not bool(finite_q.all()):
+        q = torch.where(finite_q[..., None], q, 0.0)
+    if not bool(finite_k.all()):
+        k_raw, k = k, torch.where(finite_k[..., None], k, 0.0)
+    if bool(bad_k.any()):
+        spoiled = _spoiled_by_keys(q, k_raw, bad_k, valid_q)
+        good_k = real_k & ~bad_k
+        # no finite key left: every score is -inf or NaN, a NaN row in softmax
+        spoiled = spoiled | (valid_q & ~good_k.any(dim=-1, keepdim=True))
+        nan_rows = spoiled if nan_rows is None else nan_rows | spoiled
+        # one sequence per (batch, head), each with its own key mask
+        q, k, v = (x.reshape(b * h, 1, *x.shape[2:]) for x in (q, k, v))
+        key_mask = good_k.reshape(b * h, n_k)
+        valid_q = valid_q.reshape(b * h, 1, n_q)
     c = min(clusters, n_q)  # more clusters than queries: every query is its own cluster
-    assign = _cluster(q, c, bits, iterations, seed, query_mask)
-    return q.to(dt), k.to(dt), v.to(dt), key_mask, query_mask, scale, c, assign
+    assign = _cluster(q, c, bits, iterations, seed, valid_q)
+    return _Prepared(q, k, v, key_mask, scale, c, assign, nan_rows, (b, h))
 
 
 def _per_query(cout, assign, query_mask):
-    """Give each query its cluster's row: ``(b, h, C, e)`` -> ``(b, h, n_q, e)``; padded queries get zeros."""
+    """Give each query its cluster's row: ``(b, h, C, e)`` -> ``(b, h, n_q, e)``; queries outside
+    ``query_mask`` (``(b, n_q)`` or ``(b, h, n_q)``) get zeros."""
     idx = assign.clamp(min=0)[..., None].expand(*assign.shape, cout.shape[-1])
     out = cout.gather(2, idx)
-    if query_mask is not None:
-        out = out * query_mask[:, None, :, None].to(out.dtype)
+    if query_mask is not None:  # (b, n_q) or (b, h, n_q)
+        keep = query_mask[:, None, :] if query_mask.dim() == 2 else query_mask
+        out = out * keep[..., None].to(out.dtype)
     return out
 
 
@@ -217,10 +312,14 @@ def clustered_attention(
     Returns:
         ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
     """
-    q32, k32, v32, key_mask, query_mask, scale, c, assign = _prepare(
+    p = _prepare(
         "clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask,
         scale, seed,
     )
+    q32, k32, v32, key_mask, scale, c, assign = p.q, p.k, p.v, p.key_mask, p.scale, p.clusters, p.assign
+    if c == 0:  # no queries
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        return (out, assign) if return_clusters else out
     cent = _mean(q32, assign, c)
     # only the centroids' outputs are needed: the fused SDPA kernel never stores the C x n_k weights
     mask = None
@@ -232,7 +331,7 @@ def clustered_attention(
     cout = torch.nn.functional.scaled_dot_product_attention(cent, k32, v32, attn_mask=mask, scale=scale)
     if key_mask is not None:
         cout = torch.where(key_mask.any(dim=1)[:, None, None, None], cout, 0.0)
-    out = _broadcast(cout, assign, query_mask).to(q.dtype)
+    out, assign = p.finish(_broadcast(cout, assign), q.dtype)
     return (out, assign) if return_clusters else out
 
 
@@ -259,10 +358,16 @@ def improved_clustered_attention(
     Returns:
         ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
     """
-    q32, k32, v32, key_mask, query_mask, scale, c, assign = _prepare(
+    # topk=None would silently mean plain clustered attention in the shared checks: refuse it here
+    _check_int(topk, "improved_clustered_attention", "topk", 1)
+    p = _prepare(
         "improved_clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask,
         query_padding_mask, scale, seed, topk=topk,
     )
+    q32, k32, v32, key_mask, scale, c, assign = p.q, p.k, p.v, p.key_mask, p.scale, p.clusters, p.assign
+    if c == 0:  # no queries
+        out = q.new_zeros(*q.shape[:3], v.shape[-1])
+        return (out, assign) if return_clusters else out
     b, h, n_q, d = q32.shape
     n_k, e = k32.shape[2], v32.shape[-1]
     t = min(topk, n_k)
@@ -298,8 +403,8 @@ def improved_clustered_attention(
                 key_ok = None
             exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
     # mass and rest ride together through one per-query gather
-    per_query = _broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign, query_mask)
-    out = (per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:]).to(q.dtype)
+    per_query = _broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)
+    out, assign = p.finish(per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:], q.dtype)
     return (out, assign) if return_clusters else out
 
 
@@ -377,32 +482,52 @@ def clustered_attention_reference(
     w, z = draw_hyperplanes(d, bits, seed)
     out = q.new_zeros(b, h, n_q, v.shape[-1])
     for bi in range(b):
-        qi = query_mask[bi].nonzero().flatten() if query_mask is not None else torch.arange(n_q)
-        ki = key_mask[bi].nonzero().flatten() if key_mask is not None else torch.arange(k.shape[2])
-        if len(qi) == 0 or len(ki) == 0:
-            continue
+        real_q = query_mask[bi] if query_mask is not None else torch.ones(n_q, dtype=torch.bool)
+        real_k = key_mask[bi] if key_mask is not None else torch.ones(k.shape[2], dtype=torch.bool)
         for hi in range(h):
-            qs, ks, vs = q[bi, hi, qi], k[bi, hi, ki], v[bi, hi, ki]
-            dt = torch.float64 if qs.dtype == torch.float64 else torch.float32
-            proj = qs.to(dt) @ w.to(dt)
-            p64 = proj.double()
-            mean = p64.mean(0)
-            std = (p64 - mean).square().mean(0).sqrt()
-            codes = pack_bits(proj > (mean + std * z.double()).to(proj.dtype))
-            assign = hamming_kmeans_reference(codes, bits, min(clusters, n_q), iterations)
-            for c in assign.unique():
-                members = (assign == c).nonzero().flatten()
-                centroid = qs[members].mean(0)
-                a = torch.softmax(centroid @ ks.T * scale, dim=-1)
-                if topk is None:
-                    out[bi, hi, qi[members]] = a @ vs
-                    continue
-                top = a.topk(min(topk, len(ki))).indices
-                mass = a[top].sum()
-                rest = a @ vs - a[top] @ vs[top]
-                for m in members:
-                    p = torch.softmax(qs[m] @ ks[top].T * scale, dim=-1)
-                    out[bi, hi, qi[m]] = mass * (p @ vs[top]) + rest
+            # non-finite values, as softmax confines them: a non-finite query gets a NaN row; a non-finite
+            # key is left out, and a query whose score with it is not -inf gets a NaN row
+            finite_q = torch.isfinite(q[bi, hi]).all(-1)
+            finite_k = torch.isfinite(k[bi, hi]).all(-1)
+            nan_rows = real_q & ~finite_q
+            bad_k = real_k & ~finite_k
+            qi = (real_q & finite_q).nonzero().flatten()
+            ki = (real_k & finite_k).nonzero().flatten()
+            if bad_k.any():
+                bad_scores = q[bi, hi][qi] @ k[bi, hi][bad_k].T
+                spoiled = (bad_scores != float("-inf")).any(-1) | (len(ki) == 0)
+                nan_rows[qi[spoiled]] = True
+            if len(qi) > 0 and len(ki) > 0:
+                out[bi, hi] = _reference_sequence(q[bi, hi], k[bi, hi], v[bi, hi], qi, ki, w, z, bits, clusters,
+                                                  iterations, scale, topk)
+            out[bi, hi][nan_rows] = float("nan")
+    return out
+
+
+def _reference_sequence(q, k, v, qi, ki, w, z, bits, clusters, iterations, scale, topk):
+    """One sequence and head of :func:`clustered_attention_reference`: rows ``qi`` attend over keys ``ki``."""
+    out = q.new_zeros(q.shape[0], v.shape[-1])
+    qs, ks, vs = q[qi], k[ki], v[ki]
+    dt = torch.float64 if qs.dtype == torch.float64 else torch.float32
+    proj = qs.to(dt) @ w.to(dt)
+    p64 = proj.double()
+    mean = p64.mean(0)
+    std = (p64 - mean).square().mean(0).sqrt()
+    codes = pack_bits(proj > (mean + std * z.double()).to(proj.dtype))
+    assign = hamming_kmeans_reference(codes, bits, min(clusters, len(qi)), iterations)
+    for c in assign.unique():
+        members = (assign == c).nonzero().flatten()
+        centroid = qs[members].mean(0)
+        a = torch.softmax(centroid @ ks.T * scale, dim=-1)
+        if topk is None:
+            out[qi[members]] = a @ vs
+            continue
+        top = a.topk(min(topk, len(ki))).indices
+        mass = a[top].sum()
+        rest = a @ vs - a[top] @ vs[top]
+        for m in members:
+            p = torch.softmax(qs[m] @ ks[top].T * scale, dim=-1)
+            out[qi[m]] = mass * (p @ vs[top]) + rest
     return out
 
 
@@ -436,6 +561,7 @@ class ImprovedClusteredAttentionParams(ClusteredAttentionParams):
     topk: int = 32
 
     def __post_init__(self) -> None:
+        _check_int(self.topk, type(self).__name__, "topk", 1)  # None is not "no top-k" here: refuse it
         _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed, self.topk)
 
 

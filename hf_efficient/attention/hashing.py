@@ -66,8 +66,9 @@ def hash_queries(
 
     Args:
         q: ``(batch, heads, n, d)``.
-        valid: ``(batch, n)`` bool, True = real query, or None (all real). Padded queries take no
-            part in the per-sequence statistics; their bits are meaningless.
+        valid: ``(batch, n)`` or ``(batch, heads, n)`` bool, True = real query, or None (all real).
+            Other queries (padded, or non-finite ones) take no part in the per-sequence statistics;
+            their bits are meaningless.
         w: ``(d, bits)`` plane normals; z: ``(bits,)`` offsets in units of the data's spread.
 
     Returns:
@@ -83,7 +84,8 @@ def hash_queries(
         centred = q - mean_q
         count = q.shape[2]
     else:
-        m = valid[:, None, :, None]
+        m = valid[:, None, :, None] if valid.dim() == 2 else valid[..., None]
+        q = torch.where(m, q, 0)  # a left-out row never reaches the statistics, even a non-finite one
         count = m.sum(dim=2, keepdim=True).clamp(min=1)
         mean_q = torch.where(m, q, 0).sum(dim=2, keepdim=True) / count
         centred = torch.where(m, q - mean_q, 0)

@@ -110,6 +110,8 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
                   valid_in.size(1) == bits_in.size(1),
               "hamming_kmeans: valid must be a bool (sequences, n) tensor");
   TORCH_CHECK(clusters >= 1 && iterations >= 0, "hamming_kmeans: clusters >= 1 and iterations >= 0");
+  // nearest() packs the centre index into 32 bits
+  TORCH_CHECK(clusters <= std::numeric_limits<int32_t>::max(), "hamming_kmeans: clusters must be < 2^31");
   const auto bits = bits_in.contiguous();
   const auto valid = valid_in.contiguous();
   const int64_t S = bits.size(0), n = bits.size(1), nb = bits.size(2), W = (nb + 63) / 64;
@@ -165,10 +167,14 @@ void check_assign(const at::Tensor& x, const at::Tensor& assign, const char* nam
 }
 
 // Per-sequence member counts of each cluster.
+// Every index that comes from data is checked before it addresses memory.
 void counts(const int64_t* a, int64_t n, int64_t C, std::vector<int64_t>& cnt) {
   cnt.assign(C, 0);
-  for (int64_t i = 0; i < n; ++i)
-    if (a[i] >= 0) cnt[a[i]] += 1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (a[i] < 0) continue;
+    TORCH_CHECK(a[i] < C, "clustered: assignment ", a[i], " out of range for ", C, " clusters");
+    cnt[a[i]] += 1;
+  }
 }
 
 // out[b, h, c] = sum (or mean) of x[b, h, i] over the queries i with assign == c (zero when empty).
@@ -260,8 +266,11 @@ struct Sequence {
   std::vector<int64_t> start, order;  // queries of cluster c: order[start[c] .. start[c + 1])
   void build(const int64_t* a, int64_t n, int64_t C) {
     start.assign(C + 1, 0);
-    for (int64_t i = 0; i < n; ++i)
-      if (a[i] >= 0) start[a[i] + 1] += 1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (a[i] < 0) continue;
+      TORCH_CHECK(a[i] < C, "clustered_topk: assignment ", a[i], " out of range for ", C, " clusters");
+      start[a[i] + 1] += 1;
+    }
     for (int64_t c = 0; c < C; ++c) start[c + 1] += start[c];
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     order.resize(start[C]);
@@ -313,9 +322,12 @@ void gemm(int64_t M, int64_t K, int64_t N, const T* A, int64_t rsa, int64_t csa,
 
 // exp(x) for x <= 0 by 2^(x log2 e): round to the nearest integer n, a degree-7 Taylor polynomial of
 // 2^f on |f| <= 1/2 (relative error about 1e-8, below float rounding) and n added to the exponent
-// bits. Branch-free so that the loop over the keys vectorises.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+// bits. Branch-free so that the loop over the keys vectorises. x is clamped to [-87, 0] first, so the
+// float-to-int conversion and the exponent addition cannot overflow whatever x is (a pad lane may pass
+// a large positive x; its weight is zeroed by the caller); NaN stays NaN, as in std::exp.
+inline float exp_nonpositive(float x_in) {
+  float x = x_in > -87.0f ? x_in : -87.0f;  // NaN -> -87 here, restored below
+  x = x < 0.0f ? x : 0.0f;
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const float f = (t - n) * 0.693147180559945309f;  // e^f, |f| <= ln 2 / 2
@@ -331,7 +343,7 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(n) * (1 << 23);
   std::memcpy(&p, &bits, sizeof(p));
-  return p;
+  return x_in == x_in ? p : x_in;
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
@@ -577,7 +589,10 @@ struct TopSet {  // the t largest (value, index) pairs seen, as a binary min-hea
   explicit TopSet(int64_t t_) : t(t_) { heap.reserve(t_); }
   void clear() { heap.clear(); }
   static bool greater(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) { return a.first > b.first; }
+  // NaN counts as -inf: the comparisons stay a strict weak order, and every key is taken while fewer
+  // than t are held, so the heap always ends with exactly t entries (given at least t keys).
   void offer(T value, int64_t index) {
+    if (value != value) value = -std::numeric_limits<T>::infinity();
     if (static_cast<int64_t>(heap.size()) < t) {
       heap.emplace_back(value, index);
       std::push_heap(heap.begin(), heap.end(), greater);
@@ -678,7 +693,8 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           const T shift = ok[j] ? T(0) : T(1);
           for (int64_t c = 0; c < C; ++c) {
             const T value = row[c] - shift;
-            if (value > thr[c]) {
+            // thr stays -inf until the heap is full; until then every key enters, even a -inf or NaN one
+            if (value > thr[c] || static_cast<int64_t>(best[c].heap.size()) < t) {
               best[c].offer(value, j);
               if (static_cast<int64_t>(best[c].heap.size()) == t) thr[c] = best[c].heap.front().first;
             }
@@ -687,6 +703,8 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
         for (int64_t c = 0; c < C; ++c) {
           T m = 0;
           int64_t* tc = ptop + (bh * C + c) * t;
+          TORCH_CHECK(static_cast<int64_t>(best[c].heap.size()) == t, "centroid_topk: internal error, ",
+                      best[c].heap.size(), " of ", t, " top keys");
           for (int64_t j = 0; j < t; ++j) {
             const int64_t key = best[c].heap[j].second;
             tc[j] = key;

@@ -95,6 +95,8 @@ def _vote_kernel(BITS, VALID, ASSIGN, VOTES, COUNT, n, n_bits, c,
     real = tl.load(VALID + seq * n + rows, mask=row_ok, other=0) != 0
     member = row_ok & real
     a = tl.load(ASSIGN + seq * n + rows, mask=member, other=0)
+    member = member & (a >= 0) & (a < c)  # never address outside the vote table, whatever ASSIGN holds
+    a = tl.where(member, a, 0)
     tl.atomic_add(COUNT + seq * c + a, tl.full((BLOCK_N,), 1.0, dtype=tl.float32), mask=member)
     for b0 in range(0, n_bits, BLOCK_B):
         bcol = b0 + rb
@@ -171,7 +173,8 @@ def _cluster_sum_kernel(X, ASSIGN, SUMS, COUNT, n, d, c,
     rd = tl.arange(0, BLOCK_D)
     row_ok = rows < n
     a = tl.load(ASSIGN + bh * n + rows, mask=row_ok, other=-1)
-    member = row_ok & (a >= 0)
+    # the host checks the range; out-of-range rows are still never addressed here
+    member = row_ok & (a >= 0) & (a < c)
     a = tl.where(member, a, 0)
     tl.atomic_add(COUNT + bh * c + a, tl.full((BLOCK_N,), 1.0, dtype=tl.float32), mask=member)
     for d0 in range(0, d, BLOCK_D):
@@ -189,7 +192,8 @@ def _cluster_gather_kernel(Y, ASSIGN, COUNT, OUT, n, e, c,
     re = tl.arange(0, BLOCK_E)
     row_ok = rows < n
     a = tl.load(ASSIGN + bh * n + rows, mask=row_ok, other=-1)
-    member = row_ok & (a >= 0)
+    # the host checks the range; out-of-range rows are still never addressed here
+    member = row_ok & (a >= 0) & (a < c)
     a = tl.where(member, a, 0)
     if DIVIDE:
         size = tl.load(COUNT + bh * c + a, mask=member, other=1.0)
@@ -290,9 +294,12 @@ def _topk_rows(TOP, KEYOK, ASSIGN, pid, bh, batch, n_k, c, t,
     a = tl.load(ASSIGN + pid)
     rt = tl.arange(0, BLOCK_T)
     a = tl.zeros((BLOCK_T,), dtype=tl.int64) + a  # as a block: the interpreter rejects scalar-made masks
-    slot = (rt < t) & (a >= 0)
-    a = tl.maximum(a, 0)
+    slot = (rt < t) & (a >= 0) & (a < c)
+    a = tl.where(slot, a, 0)
     idx = tl.load(TOP + (bh * c + a) * t + rt, mask=slot, other=0)
+    # the host checks the range; an out-of-range key index is still never addressed here
+    slot = slot & (idx >= 0) & (idx < n_k)
+    idx = tl.where(slot, idx, 0)
     ok = slot
     if HAS_MASK:
         ok = ok & (tl.load(KEYOK + batch * n_k + idx, mask=slot, other=0) != 0)

@@ -359,3 +359,93 @@ def test_improved_inference_path_equals_reference(ops, monkeypatch):
         monkeypatch.setenv(dispatch.ENV_VAR, "reference")
         ref = improved_clustered_attention(q, k, v, clusters=9, topk=7, seed=0, key_padding_mask=km)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- memory safety on any data
+def _sprinkle(x: torch.Tensor, g: torch.Generator, values=(float("nan"), float("inf"), float("-inf"))) -> torch.Tensor:
+    x = x.clone()
+    flat = x.view(-1)
+    where = torch.randperm(flat.numel(), generator=g)[: max(1, flat.numel() // 7)]
+    for i, pos in enumerate(where.tolist()):
+        flat[pos] = values[i % len(values)]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("which", ["cent", "k", "both", "huge"])
+def test_centroid_topk_non_finite_keeps_t_distinct_keys(ops, dtype, which):
+    """NaN / inf scores never enter the top-t heap on their own: every centroid still gets t distinct keys
+    in range (an earlier version read and wrote past the heap), and finite rows keep their exact values."""
+    g = _gen(21)
+    b, h, c, nk, d, e, t = 2, 2, 6, 23, 8, 5, 4
+    cent, k = torch.randn(b, h, c, d, generator=g), torch.randn(b, h, nk, d, generator=g)
+    v = torch.randn(b, h, nk, e, generator=g)
+    if which in ("cent", "both"):
+        cent[0, 0, 1] = _sprinkle(cent[0, 0, 1], g)
+        cent[1, 1, 4, 0] = float("nan")
+    if which in ("k", "both"):
+        k[0, 1] = _sprinkle(k[0, 1], g)
+    if which == "huge":  # finite, but the scores overflow to +-inf
+        cent = cent * 1e30
+        k = k * 1e30
+    key_mask = torch.rand(b, nk, generator=g) < 0.7
+    key_mask[:, :t] = True
+    for mask in (None, key_mask):
+        xs = [x.to(dtype) for x in (cent, k, v)]
+        top, mass, rest = ops.centroid_topk_op(*xs, mask, 0.3, t)
+        assert top.shape == (b, h, c, t)
+        assert int(top.min()) >= 0 and int(top.max()) < nk
+        assert (top.sort(-1).values.diff(dim=-1) > 0).all(), "a key was picked twice"
+        x64 = [x.double() for x in xs]
+        _, mass_r, rest_r = centroid_formula(*x64, mask, 0.3, t)
+        scores = torch.einsum("bhcd,bhnd->bhcn", x64[0], x64[1]) * 0.3
+        real = torch.ones(b, nk, dtype=torch.bool) if mask is None else mask
+        finite = (torch.isfinite(scores) | ~real[:, None, None, :]).all(-1)  # rows the formula defines
+        assert finite.any() and (which == "huge" or not finite.all())
+        if which == "huge" and dtype != torch.float64:
+            continue  # the scores overflow in float32: only the indices are checked above
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(mass.double()[finite], mass_r[finite], atol=tol, rtol=tol)
+        torch.testing.assert_close(rest.double()[finite], rest_r[finite], atol=tol, rtol=tol)
+
+
+def test_topk_products_extreme_scores_stay_exact(ops):
+    """Scores of -1e30 next to zero-padded lanes: the fast exponential clamps its argument, so a padded
+    key (weight 0) never overflows the exponent bits; values match the float64 formula."""
+    q, k, v, assign, top, key_mask = _topk_inputs(masked=True)
+    q = (q * 1e15).float()
+    k = (k * 1e15).float()
+    v = v.float()
+    out, _ = ops.clustered_topk_op(q, k, v, assign, top, key_mask, 0.5)
+    want = topk_formula(q.double(), k.double(), v.double(), assign, top, key_mask, 0.5)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_indices_from_data_are_checked(ops):
+    """Out-of-range cluster ids or key indices raise instead of addressing memory outside the tensors."""
+    x = torch.randn(1, 2, 5, 3)
+    y = torch.randn(1, 2, 3, 4)
+    bad = torch.zeros(1, 2, 5, dtype=torch.long)
+    bad[0, 1, 2] = 3  # 3 clusters: ids 0..2
+    for divide in (False, True):
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops.cluster_gather_op(y, bad, divide)
+    for mean in (False, True):
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops.cluster_sum_op(x, bad, 3, mean)
+    q, k, v, assign, top, key_mask = _topk_inputs()
+    c, nk = top.shape[2], k.shape[2]
+    for bad_top in (nk, -1):
+        t2 = top.clone()
+        t2[0, 0, 0, 0] = bad_top
+        a2 = assign.clone()
+        a2[0, 0] = 0  # make sure cluster 0 is used
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops.clustered_topk_op(q, k, v, a2, t2, None, 0.3)
+    a2 = assign.clone()
+    a2[1, 1, 3] = c
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.clustered_topk_op(q, k, v, a2, top, None, 0.3)
+    w = torch.rand(*q.shape[:3], top.shape[3])
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.clustered_topk_backward_op(q, k, v, a2, top, w, torch.randn(*q.shape[:3], v.shape[3]), 0.3)
