@@ -42,6 +42,7 @@ from .scores import (
     autograd_logit_gradient_norm,
     check_logits_labels,
     cross_entropy_gradient_norm,
+    cross_entropy_losses_tail_accurate,
     default_tau_threshold,
     importance_resample,
     per_sample_losses,
@@ -356,6 +357,8 @@ class ImportanceSamplingTrainer(Trainer):
     def _scores_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
         logits = logits.detach()
         if self.args.score == "loss":
+            if self.per_sample_loss is None and kind != "regression":
+                return cross_entropy_losses_tail_accurate(logits, labels, kind)
             return self._per_sample(logits, labels, kind)[0].detach()
         if self.per_sample_loss is not None:
             return autograd_logit_gradient_norm(logits, labels, self.per_sample_loss)
