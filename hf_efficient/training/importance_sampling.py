@@ -9,7 +9,8 @@ Importance Sampling" (ICML 2018):
 2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly, score them with one
    forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
    the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
-   unbiased; ``tau`` is updated from the presample's scores.
+   unbiased; a row drawn ``c`` times is trained once with weight ``c / (B p_i)`` (the same
+   gradient, less work); ``tau`` is updated from the presample's scores.
 
 The default score is the paper's upper bound on the per-sample gradient norm: the norm of the
 loss gradient w.r.t. the logits, ``||softmax(z) - onehot(y)||`` for cross-entropy.
@@ -45,6 +46,7 @@ from .scores import (
     cross_entropy_losses_tail_accurate,
     default_tau_threshold,
     importance_resample,
+    merge_duplicates,
     per_sample_losses,
     tau_from_scores,
     weighted_loss,
@@ -157,7 +159,7 @@ class ImportanceSamplingState:
     active_steps: int = 0  # of which importance-sampled
     logged_steps: int = 0  # micro-steps at the last log
     logged_active_steps: int = 0
-    last_presample: int = 0  # B and the trained batch size of the latest step
+    last_presample: int = 0  # B and the number of distinct rows trained at the latest step
     last_trained: int = 0
 
 
@@ -181,8 +183,9 @@ class ImportanceSamplingCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """``scores (n,)``: of the presample (``n = B``) when ``is_active``, else of the uniform
-        trained batch; ``indices (m,)`` / ``weights (m,)``: the resampled rows of the presample and
-        their unbiasing weights (``None`` when uniform); ``tau``: the smoothed estimate."""
+        trained batch; ``indices (m,)`` / ``weights (m,)``: the ``m`` draws (with repeats) from the
+        presample and their unbiasing weights ``1 / (B p)`` (``None`` when uniform; repeated rows are
+        then trained once with their weights summed); ``tau``: the smoothed estimate."""
 
 
 class ImportanceSamplingTrainer(Trainer):
@@ -495,8 +498,10 @@ class ImportanceSamplingTrainer(Trainer):
         presample = self._draw_presample(presample_size)
         scores = self.score_samples(model, presample)
         self._update_tau(scores)
-        index, weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
-        index = index.to(scores.device)
+        draws, draw_weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
+        draws = draws.to(scores.device)
+        # Rows drawn several times are trained once with their weights summed: the same gradient.
+        index, weights = merge_duplicates(draws, draw_weights)
         batch = self._rows(presample, index)
         labels = batch["labels"]
         outputs = model(**self._model_inputs(model, batch))
@@ -508,8 +513,8 @@ class ImportanceSamplingTrainer(Trainer):
         expected_items = self._items(presample["labels"], kind).sum() * (trained_size / presample_size)
         loss = weighted_loss(losses, weights.to(losses.device), expected_items.clamp(min=1e-12))
         self.loss_is_scaled_for_ga = False
-        self.is_state.last_presample, self.is_state.last_trained = presample_size, trained_size
-        self._notify_scores(scores=scores, is_active=True, tau=self.is_state.tau, indices=index, weights=weights)
+        self.is_state.last_presample, self.is_state.last_trained = presample_size, int(index.shape[0])
+        self._notify_scores(scores=scores, is_active=True, tau=self.is_state.tau, indices=draws, weights=draw_weights)
         return loss, outputs
 
     # ---- logging ----------------------------------------------------------------------------------

@@ -64,14 +64,14 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, kind: str) -
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed loss and number of target items.
 
-    Returns ``(losses (batch,), items (batch,))`` in float32: cross-entropy summed over the
+    Returns ``(losses (batch,), items (batch,))`` in float32 (float64 for float64 logits): cross-entropy summed over the
     sample's target tokens (``-100`` ignored) or, for ``regression``, the squared error summed over
     the outputs (one item per sample, as ``MSELoss`` on ``(batch, 1)`` outputs).
     """
     check_logits_labels(logits, labels, kind)
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     if kind == "regression":
-        diff = logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).float()
+        diff = logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).to(logits.dtype)
         losses = diff.pow(2).sum(dim=1)
         return losses, torch.full_like(losses, float(diff.shape[1]))
     z, y = _align(logits, labels, kind)
@@ -196,6 +196,24 @@ def importance_resample(
     indices = indices.to(scores.device)
     weights = 1.0 / (n * p[indices])
     return indices, weights, p
+
+
+def merge_duplicates(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge repeated draws: ``(unique indices (m,), summed weights (m,))`` with ``m <= num_samples``.
+
+    Sampling with replacement from a concentrated distribution repeats rows; a row drawn ``c`` times
+    with weight ``w`` contributes ``c w L`` to the weighted loss, so training it once with weight
+    ``c w = c / (B p)`` gives the same gradient for a fraction of the forward and backward work
+    (exactly the same for models whose rows do not interact, i.e. without batch normalisation).
+    """
+    if indices.shape != weights.shape or indices.dim() != 1:
+        raise ValueError(
+            f"indices and weights must be 1-D of one length, got {tuple(indices.shape)} and {tuple(weights.shape)}"
+        )
+    unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    merged = torch.zeros(unique.shape[0], dtype=weights.dtype, device=weights.device)
+    merged.index_add_(0, inverse.to(weights.device), weights)
+    return unique, merged
 
 
 def weighted_loss(losses: torch.Tensor, weights: torch.Tensor, expected_items: torch.Tensor | float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from hf_efficient.training.scores import (
     cross_entropy_losses_tail_accurate,
     default_tau_threshold,
     importance_resample,
+    merge_duplicates,
     per_sample_losses,
     tau_from_scores,
     weighted_loss,
@@ -185,3 +186,26 @@ def test_token_scores_are_accurate_for_well_fit_tokens():
     want_loss = (want_loss_tokens * mask).reshape(2, 4).sum(1)
     got_loss = cross_entropy_losses_tail_accurate(z, labels, "token_classification")
     torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-4, atol=0.0)
+
+
+def test_merged_duplicates_give_the_duplicated_batch_gradient():
+    """Training each distinct row once with summed weights equals the explicit duplicated batch."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (12,), generator=g)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scores = torch.tensor([50.0, 30.0] + [0.1] * 10, dtype=torch.float64)  # concentrated: many repeats
+    draws, weights, _ = importance_resample(scores, 16, generator=g)
+    unique, merged = merge_duplicates(draws, weights)
+    assert unique.numel() < draws.numel()
+    assert sorted(unique.tolist()) == sorted(set(draws.tolist()))
+    # Reference: every draw as its own row, duplicates and all.
+    dup_loss = weighted_loss(F.cross_entropy(x[draws] @ w, y[draws], reduction="none"), weights, 16.0)
+    (dup_grad,) = torch.autograd.grad(dup_loss, w)
+    loss = weighted_loss(F.cross_entropy(x[unique] @ w, y[unique], reduction="none"), merged, 16.0)
+    (grad,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(grad, dup_grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(loss, dup_loss, rtol=1e-13, atol=0.0)
+    for i, wi in zip(unique.tolist(), merged.tolist()):
+        assert wi == pytest.approx(float((draws == i).sum()) / (12 * float(scores[i] / scores.sum())))
+    with pytest.raises(ValueError, match="1-D of one length"):
+        merge_duplicates(draws, weights[:3])

@@ -345,3 +345,47 @@ def test_regression_and_custom_loss_scores(tmp_path):
     )
     batch = custom.data_collator(data[:6])
     torch.testing.assert_close(custom.score_samples(model, batch), builtin.score_samples(model, batch))
+
+
+def test_repeated_draws_are_trained_once_with_the_duplicated_batch_gradient(tmp_path):
+    """An active step trains each distinct drawn row once; its gradient equals the explicit
+    computation over every draw (duplicates included) with weights 1 / (B p)."""
+    data = make_classification_data(32, seed=5)
+    b = 8
+    model = _model(seed=2).double()
+    rec = Recorder()
+    args = _args(tmp_path, per_device_train_batch_size=b, presample=2.0)
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data, callbacks=[rec])
+    fixed = trainer.data_collator(data[:16])
+    fixed["x"] = fixed["x"].double()
+    trainer._draw_presample = lambda size: {k: v[:size] for k, v in fixed.items()}
+    trained = []
+    original_rows = trainer._rows
+
+    def rows(inputs, index):
+        trained.append(index.clone())
+        return original_rows(inputs, index)
+
+    trainer._rows = rows
+    real_scores = trainer._scores_from_logits
+
+    def concentrated(logits, labels, kind):  # a few rows hold most of the mass: repeats are certain
+        s = real_scores(logits, labels, kind)
+        return s * torch.tensor([40.0, 20.0, 10.0] + [0.05] * (s.numel() - 3), dtype=s.dtype)
+
+    trainer._scores_from_logits = concentrated
+    model.train()
+    trainer.is_state.tau = 1e9
+    model.zero_grad()
+    trainer.compute_loss(model, {"labels": torch.zeros(1)}).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    event = rec.events[-1]
+    draws, weights = event["indices"], event["weights"]
+    assert draws.numel() == b and trained[-1].numel() < b  # duplicates existed and were merged
+    assert trained[-1].tolist() == sorted(set(draws.tolist()))
+    model.zero_grad()
+    logits = model(fixed["x"][draws]).logits
+    ref = (weights * F.cross_entropy(logits, fixed["labels"][draws], reduction="none")).sum() / b
+    ref.backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
