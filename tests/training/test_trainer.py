@@ -389,3 +389,77 @@ def test_repeated_draws_are_trained_once_with_the_duplicated_batch_gradient(tmp_
     ref.backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
+
+
+def _exact_is_expectation(trainer, model, subsets, b, monkeypatch):
+    """Exact expectation of the trainer's importance-sampled gradient: every presample in `subsets`
+    (equally likely) and every ordered b-tuple of draws, weighted by the product of their p."""
+    import itertools
+
+    import hf_efficient.training.importance_sampling as module
+
+    state = {}
+
+    def enumerated_resample(scores, num_samples, generator=None):
+        p = scores.detach().double() / scores.double().sum()
+        state["p"] = p
+        idx = torch.tensor(state["draws"])
+        return idx, 1.0 / (p.numel() * p[idx]), p
+
+    monkeypatch.setattr(module, "importance_resample", enumerated_resample)
+    expectation = None
+    for subset in subsets:
+        presample = trainer.data_collator([trainer.train_dataset[i] for i in subset])
+        presample = {k: (v.double() if v.is_floating_point() else v) for k, v in presample.items()}
+        trainer._draw_presample = lambda size, presample=presample: presample
+        for draws in itertools.product(range(len(subset)), repeat=b):
+            state["draws"] = list(draws)
+            trainer.is_state.tau = 1e9
+            model.zero_grad()
+            trainer.compute_loss(model, {"labels": torch.zeros(1)}).backward()
+            prob = float(torch.prod(state["p"][list(draws)])) / len(subsets)
+            grad = torch.cat([p.grad.flatten() for p in model.parameters()]) * prob
+            expectation = grad if expectation is None else expectation + grad
+    return expectation
+
+
+def test_exact_expectation_of_the_importance_sampled_gradient_is_the_full_gradient(tmp_path, monkeypatch):
+    """Enumerable: 6 examples, presamples of B = 4 (all 15 subsets, as a uniform draw without
+    replacement gives), b = 2 draws with replacement (16 ordered pairs each). The exact expectation
+    of the weighted gradient equals the full-set mean gradient, to float64 rounding."""
+    import itertools
+
+    data = make_classification_data(6, seed=8)
+    model = _model(seed=3).double()
+    with torch.no_grad():
+        model.fc2.weight.mul_(6.0)  # confident on some rows, wrong on others: very unequal scores
+    args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0)
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
+    model.train()
+    subsets = list(itertools.combinations(range(6), 4))
+    expectation = _exact_is_expectation(trainer, model, subsets, 2, monkeypatch)
+    model.zero_grad()
+    full = trainer.data_collator(data)
+    F.cross_entropy(model(full["x"].double()).logits, full["labels"]).backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
+    # The sampler is not uniform: the check has teeth (uniform weights would give another mean).
+    scores = trainer.score_samples(model, {"x": full["x"].double(), "labels": full["labels"]})
+    assert float(scores.max() / scores.min()) > 2.0
+
+
+def test_exact_expectation_for_a_token_task_is_the_presample_token_mean(tmp_path, monkeypatch):
+    """Causal LM: given the presample, the exact expectation over the draws is the token-mean
+    gradient of the presample (the trainer divides by its expected number of target tokens)."""
+    data = make_lm_data(4, seed=9)
+    model = _model(TinyForCausalLM, seed=4).double()
+    args = _args(tmp_path, per_device_train_batch_size=3, presample=4 / 3)
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
+    model.train()
+    expectation = _exact_is_expectation(trainer, model, [range(4)], 3, monkeypatch)
+    model.zero_grad()
+    full = trainer.data_collator(data)
+    logits = model(full["input_ids"]).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, 11), full["labels"][:, 1:].reshape(-1)).backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
