@@ -4,8 +4,8 @@ The algorithm of Katharopoulos & Fleuret, "Not All Samples Are Created Equal: De
 Importance Sampling" (ICML 2018):
 
 1. while the smoothed variance-reduction estimate ``tau`` is at most ``tau_th``, train on the
-   uniform batch the dataloader gives and update ``tau`` from that batch's scores (free: they come
-   from the training forward pass);
+   uniform batch the dataloader gives and update ``tau`` from the scores of the last ``B`` uniformly
+   drawn samples, this batch's included (free: they come from the training forward passes);
 2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly, score them with one
    forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
    the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
@@ -81,8 +81,8 @@ class ImportanceSamplingConfig(TrainingArguments):
     tau_threshold: float | None = field(
         default=None,
         metadata={
-            "help": "importance sampling is on while the smoothed tau exceeds this; None = (B + 3b) / (3b), "
-            "or 2.0 with constant_time. float('inf') never turns it on."
+            "help": "importance sampling is on while the smoothed tau exceeds this; None = (B + (1 + c) b) / "
+            "((1 + c) b) with c = backward_cost, or 2.0 with constant_time. float('inf') never turns it on."
         },
     )
     tau_smoothing: float = field(
@@ -96,7 +96,10 @@ class ImportanceSamplingConfig(TrainingArguments):
         },
     )
     backward_cost: float = field(
-        default=2.0, metadata={"help": "cost of a backward pass in forward passes (speedup estimate, constant time)."}
+        default=2.0,
+        metadata={
+            "help": "cost of a backward pass in forward passes (default threshold, speedup estimate, constant time)."
+        },
     )
     constant_time_ratio: float = field(
         default=0.5, metadata={"help": "constant time: share of the saved backward budget spent on scoring."}
@@ -132,6 +135,17 @@ class ImportanceSamplingConfig(TrainingArguments):
             raise ValueError(f"loss_kind must be None or one of {', '.join(LOSS_KINDS)}, got {self.loss_kind!r}")
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1 or None, got {self.score_batch_size!r}")
+        # tau = sqrt(n) ||g|| <= sqrt(n) for n scores: a threshold at or above sqrt(B) would leave
+        # importance sampling off for ever without saying so (the paper's (B + 3b) / (3b) does for b = 1).
+        ceiling = math.sqrt(self.presample_size)
+        threshold = self.resolved_tau_threshold
+        if math.isfinite(threshold) and threshold >= ceiling:
+            raise ValueError(
+                f"tau_threshold {threshold:.4g} can never be reached: tau is estimated from B = {self.presample_size} "
+                f"scores and never exceeds sqrt(B) = {ceiling:.4g} (per_device_train_batch_size="
+                f"{self.per_device_train_batch_size}, presample={self.presample}, backward_cost={self.backward_cost}); "
+                "pass a lower tau_threshold, a larger presample, or tau_threshold=float('inf') to keep it off"
+            )
 
     @property
     def presample_size(self) -> int:
@@ -140,13 +154,13 @@ class ImportanceSamplingConfig(TrainingArguments):
 
     @property
     def resolved_tau_threshold(self) -> float:
-        """The threshold in use: the user's, else eq. 29 of the paper (2.0 for constant time, as in
-        the reference code)."""
+        """The threshold in use: the user's, else eq. 29 of the paper with this ``backward_cost``
+        (2.0 for constant time, as in the reference code)."""
         if self.tau_threshold is not None:
             return float(self.tau_threshold)
         if self.constant_time:
             return 2.0
-        return default_tau_threshold(self.presample_size, self.per_device_train_batch_size)
+        return default_tau_threshold(self.presample_size, self.per_device_train_batch_size, self.backward_cost)
 
 
 @dataclass
@@ -161,6 +175,9 @@ class ImportanceSamplingState:
     logged_active_steps: int = 0
     last_presample: int = 0  # B and the number of distinct rows trained at the latest step
     last_trained: int = 0
+    # The latest B scores of uniformly drawn samples (the last presample, then the uniform batches
+    # since): tau is estimated from B scores in both phases, so a batch of one can switch on.
+    recent_scores: list[float] = field(default_factory=list)
 
 
 class ImportanceSamplingCallback(TrainerCallback):
@@ -418,9 +435,15 @@ class ImportanceSamplingTrainer(Trainer):
             for k, v in inputs.items()
         }
 
-    def _update_tau(self, scores: torch.Tensor) -> None:
+    def _update_tau(self, scores: torch.Tensor, presample: bool) -> None:
+        """Update tau from the latest ``B = args.presample_size`` uniformly drawn scores: a presample's
+        own, or the uniform batches' pooled over the last steps (tau from ``b`` scores alone would be
+        biased low, and exactly 1 for ``b = 1``)."""
         state, m = self.is_state, self.args.tau_smoothing
-        state.last_tau = tau_from_scores(scores)
+        window = self.args.presample_size
+        latest = scores.detach().double().flatten().tolist()
+        state.recent_scores = latest[-window:] if presample else (state.recent_scores + latest)[-window:]
+        state.last_tau = tau_from_scores(torch.tensor(state.recent_scores, dtype=torch.float64))
         state.tau = m * state.tau + (1.0 - m) * state.last_tau
 
     def _notify_scores(self, **payload: Any) -> None:
@@ -488,7 +511,7 @@ class ImportanceSamplingTrainer(Trainer):
             if self.args.score == "gradient_norm"
             else self._scores_from_logits(logits, labels, kind)
         )
-        self._update_tau(scores)
+        self._update_tau(scores, presample=False)
         self.is_state.last_presample, self.is_state.last_trained = 0, labels.shape[0]
         self._notify_scores(scores=scores, is_active=False, tau=self.is_state.tau)
         return loss, outputs
@@ -497,7 +520,7 @@ class ImportanceSamplingTrainer(Trainer):
         presample_size, trained_size = self._step_sizes()
         presample = self._draw_presample(presample_size)
         scores = self.score_samples(model, presample)
-        self._update_tau(scores)
+        self._update_tau(scores, presample=True)
         draws, draw_weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
         draws = draws.to(scores.device)
         # Rows drawn several times are trained once with their weights summed: the same gradient.

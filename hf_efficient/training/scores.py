@@ -168,10 +168,17 @@ def tau_from_scores(scores: torch.Tensor) -> float:
     return 1.0 / math.sqrt(max(1.0 - ratio, 1e-12))
 
 
-def default_tau_threshold(presample_size: int, batch_size: int) -> float:
-    """``(B + 3b) / (3b)``: the variance reduction that pays for scoring ``B`` samples with forward
-    passes when a backward costs two forwards (Katharopoulos & Fleuret 2018, eq. 29)."""
-    return (presample_size + 3.0 * batch_size) / (3.0 * batch_size)
+def default_tau_threshold(presample_size: int, batch_size: int, backward_cost: float = 2.0) -> float:
+    """``(B + (1 + c) b) / ((1 + c) b)``: the variance reduction that pays for scoring ``B`` samples
+    with forward passes when a backward costs ``c`` forwards (``c = 2``: ``(B + 3b) / (3b)``,
+    Katharopoulos & Fleuret 2018, eq. 29)."""
+    for name, value in (("presample_size", presample_size), ("batch_size", batch_size)):
+        if not value >= 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if not (math.isfinite(backward_cost) and backward_cost > 0):
+        raise ValueError(f"backward_cost must be a finite number > 0, got {backward_cost!r}")
+    step = (1.0 + backward_cost) * batch_size
+    return (presample_size + step) / step
 
 
 def importance_resample(

@@ -107,6 +107,13 @@ def test_tau_identities():
 def test_default_threshold_is_eq29():
     assert default_tau_threshold(96, 32) == pytest.approx(2.0)
     assert default_tau_threshold(32, 32) == pytest.approx(4.0 / 3.0)
+    # A cheaper backward (c = 1) makes scoring relatively dearer: a step costs (B + 2b) / (2b).
+    assert default_tau_threshold(96, 32, backward_cost=1.0) == pytest.approx(160 / 64)
+    assert default_tau_threshold(10, 5, backward_cost=4.0) == pytest.approx(35 / 25)
+    with pytest.raises(ValueError, match="backward_cost"):
+        default_tau_threshold(96, 32, backward_cost=float("nan"))
+    with pytest.raises(ValueError, match="batch_size"):
+        default_tau_threshold(96, 0)
 
 
 def test_resample_weights_and_unbiasedness():

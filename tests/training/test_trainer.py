@@ -168,6 +168,7 @@ def test_switch_turns_on_and_off_as_specified(tmp_path):
     trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data, callbacks=[rec])
     th = args.resolved_tau_threshold
     assert th == pytest.approx((8 + 12) / 12)
+
     # Make the scores peaked (so tau grows) for 8 steps, then uniform (so tau decays).
     original = trainer._scores_from_logits
 
@@ -181,11 +182,13 @@ def test_switch_turns_on_and_off_as_specified(tmp_path):
 
     trainer._scores_from_logits = scripted
     trainer.train()
-    # Recompute the EMA and the decision independently from the recorded raw scores.
-    tau, expected_active = 0.0, []
+    # Recompute the EMA and the decision independently from the recorded raw scores: tau comes from
+    # the last B = 8 uniformly drawn scores (a presample's, or the uniform batches' pooled).
+    tau, expected_active, window = 0.0, [], []
     for event in rec.events:
         expected_active.append(tau > th)
-        tau = 0.5 * tau + 0.5 * tau_from_scores(event["scores"])
+        window = event["scores"].tolist() if event["is_active"] else (window + event["scores"].tolist())[-8:]
+        tau = 0.5 * tau + 0.5 * tau_from_scores(torch.tensor(window))
         assert event["tau"] == pytest.approx(tau)
     assert [e["is_active"] for e in rec.events] == expected_active
     assert expected_active[0] is False and any(expected_active) and expected_active[-1] is False
@@ -463,3 +466,46 @@ def test_exact_expectation_for_a_token_task_is_the_presample_token_mean(tmp_path
     F.cross_entropy(logits[:, :-1].reshape(-1, 11), full["labels"][:, 1:].reshape(-1)).backward()
     exact = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_size_one_switches_on(tmp_path):
+    """b = 1: tau pools the last B scores, so peaked scores switch importance sampling on (tau from
+    one score alone is always 1); the rows then come from presamples of B = 8. tau never exceeds
+    sqrt(B), so a threshold at or above it is refused (the paper's default (B + 3) / 3 always is)."""
+    with pytest.raises(ValueError, match=r"tau_threshold .* can never be reached"):
+        _args(tmp_path, per_device_train_batch_size=1, presample=8.0)
+    with pytest.raises(ValueError, match=r"tau_threshold .* can never be reached"):
+        _args(tmp_path, per_device_train_batch_size=4, presample=1.0, tau_threshold=2.5)
+    assert _args(tmp_path, per_device_train_batch_size=4, presample=2.0, backward_cost=1.0).resolved_tau_threshold == (
+        pytest.approx((8 + 8) / 8)
+    )
+    data = make_classification_data(40, seed=6)
+    rec = Recorder()
+    args = _args(
+        tmp_path, per_device_train_batch_size=1, presample=8.0, max_steps=30, tau_smoothing=0.5, tau_threshold=2.0
+    )
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data, callbacks=[rec])
+    original = trainer._scores_from_logits
+
+    def peaked(logits, labels, kind):  # one sample in eight matters
+        real = original(logits, labels, kind)
+        out = torch.full_like(real, 1e-3)
+        if real.numel() > 1:
+            out[0] = 1.0
+        elif trainer.is_state.steps % 8 == 0:
+            out[0] = 1.0
+        return out
+
+    trainer._scores_from_logits = peaked
+    trainer.train()
+    assert trainer.is_state.active_steps > 0
+    first = next(i for i, e in enumerate(rec.events) if e["is_active"])
+    assert all(not e["is_active"] for e in rec.events[:first]) and first >= 8
+    assert rec.events[first]["scores"].shape == (8,) and rec.events[first]["indices"].shape == (1,)
+    # Independent check of the first switch: tau from the 8 pooled scores of the uniform steps.
+    tau = 0.0
+    for i, e in enumerate(rec.events[:first]):
+        pooled = torch.cat([x["scores"] for x in rec.events[max(0, i - 7) : i + 1]])
+        tau = 0.5 * tau + 0.5 * tau_from_scores(pooled)
+        assert e["tau"] == pytest.approx(tau)
+    assert tau > 2.0
