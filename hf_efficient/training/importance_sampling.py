@@ -22,6 +22,7 @@ classification, token classification and causal LM, squared error for regression
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -302,12 +303,30 @@ class ImportanceSamplingTrainer(Trainer):
         return self.accelerator.unwrap_model(model)
 
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        # Labels only feed the model's own loss, which we do not use; encoder-decoders need them to
-        # build decoder inputs.
-        config = getattr(self._unwrapped(model), "config", None)
-        if getattr(config, "is_encoder_decoder", False):
+        # Labels only feed the model's own loss, which we do not use, so they are dropped to save its
+        # computation; encoder-decoders need them to build decoder inputs, and a forward that
+        # requires them (no default) gets them.
+        unwrapped = self._unwrapped(model)
+        config = getattr(unwrapped, "config", None)
+        if getattr(config, "is_encoder_decoder", False) or self._forward_requires_labels(unwrapped):
             return inputs
         return {k: v for k, v in inputs.items() if k != "labels"}
+
+    @staticmethod
+    def _forward_requires_labels(model: nn.Module) -> bool:
+        try:
+            parameter = inspect.signature(model.forward).parameters.get("labels")
+        except (TypeError, ValueError):  # a forward without an inspectable signature
+            return False
+        return (
+            parameter is not None
+            and parameter.default is inspect.Parameter.empty
+            and parameter.kind
+            not in (
+                inspect.Parameter.VAR_POSITIONAL,
+                inspect.Parameter.VAR_KEYWORD,
+            )
+        )
 
     @staticmethod
     def _logits(outputs: Any) -> torch.Tensor:

@@ -17,6 +17,7 @@ from hf_efficient.training import (
     ImportanceSamplingCallback,
     ImportanceSamplingConfig,
     ImportanceSamplingTrainer,
+    cross_entropy_gradient_norm,
     tau_from_scores,
 )
 
@@ -509,3 +510,27 @@ def test_batch_size_one_switches_on(tmp_path):
         tau = 0.5 * tau + 0.5 * tau_from_scores(pooled)
         assert e["tau"] == pytest.approx(tau)
     assert tau > 2.0
+
+
+def test_model_whose_forward_requires_labels(tmp_path):
+    """Labels reach a forward that requires them: uniform training equals the stock Trainer bit for
+    bit, and importance-sampled steps (scoring and training) run on the same model."""
+    data = make_classification_data(48)
+    kw = dict(per_device_train_batch_size=4, max_steps=4)
+    stock_model, ours_model = _model(_tiny.TinyLabelsRequiredClassifier), _model(_tiny.TinyLabelsRequiredClassifier)
+    Trainer(model=stock_model, args=_args(tmp_path / "a", TrainingArguments, **kw), train_dataset=data).train()
+    ours = ImportanceSamplingTrainer(
+        model=ours_model, args=_args(tmp_path / "b", tau_threshold=float("inf"), **kw), train_dataset=data
+    )
+    ours.train()
+    for name, value in _params(stock_model).items():
+        assert torch.equal(value, ours_model.state_dict()[name]), name
+    model = _model(_tiny.TinyLabelsRequiredClassifier)
+    trainer = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path / "c", tau_threshold=1.0001, tau_smoothing=0.0, **kw), train_dataset=data
+    )
+    trainer.train()
+    assert trainer.is_state.active_steps == 3
+    batch = trainer.data_collator(data[:5])
+    want = cross_entropy_gradient_norm(model(batch["x"], batch["labels"]).logits, batch["labels"], "classification")
+    torch.testing.assert_close(trainer.score_samples(model, batch), want)
