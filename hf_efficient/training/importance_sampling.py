@@ -4,12 +4,13 @@ The algorithm of Katharopoulos & Fleuret, "Not All Samples Are Created Equal: De
 Importance Sampling" (ICML 2018):
 
 1. while the smoothed variance-reduction estimate ``tau`` is at most ``tau_th``, train on the
-   uniform batch the dataloader gives and update ``tau`` from that batch's scores (free: they come
-   from the training forward pass);
+   uniform batch the dataloader gives and update ``tau`` from the scores of the last ``B`` uniformly
+   drawn samples, this batch's included (free: they come from the training forward passes);
 2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly, score them with one
    forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
    the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
-   unbiased; ``tau`` is updated from the presample's scores.
+   unbiased; a row drawn ``c`` times is trained once with weight ``c / (B p_i)`` (the same
+   gradient, less work); ``tau`` is updated from the presample's scores.
 
 The default score is the paper's upper bound on the per-sample gradient norm: the norm of the
 loss gradient w.r.t. the logits, ``||softmax(z) - onehot(y)||`` for cross-entropy.
@@ -21,6 +22,7 @@ classification, token classification and causal LM, squared error for regression
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -42,8 +44,10 @@ from .scores import (
     autograd_logit_gradient_norm,
     check_logits_labels,
     cross_entropy_gradient_norm,
+    cross_entropy_losses_tail_accurate,
     default_tau_threshold,
     importance_resample,
+    merge_duplicates,
     per_sample_losses,
     tau_from_scores,
     weighted_loss,
@@ -78,8 +82,8 @@ class ImportanceSamplingConfig(TrainingArguments):
     tau_threshold: float | None = field(
         default=None,
         metadata={
-            "help": "importance sampling is on while the smoothed tau exceeds this; None = (B + 3b) / (3b), "
-            "or 2.0 with constant_time. float('inf') never turns it on."
+            "help": "importance sampling is on while the smoothed tau exceeds this; None = (B + (1 + c) b) / "
+            "((1 + c) b) with c = backward_cost, or 2.0 with constant_time. float('inf') never turns it on."
         },
     )
     tau_smoothing: float = field(
@@ -93,7 +97,10 @@ class ImportanceSamplingConfig(TrainingArguments):
         },
     )
     backward_cost: float = field(
-        default=2.0, metadata={"help": "cost of a backward pass in forward passes (speedup estimate, constant time)."}
+        default=2.0,
+        metadata={
+            "help": "cost of a backward pass in forward passes (default threshold, speedup estimate, constant time)."
+        },
     )
     constant_time_ratio: float = field(
         default=0.5, metadata={"help": "constant time: share of the saved backward budget spent on scoring."}
@@ -129,6 +136,17 @@ class ImportanceSamplingConfig(TrainingArguments):
             raise ValueError(f"loss_kind must be None or one of {', '.join(LOSS_KINDS)}, got {self.loss_kind!r}")
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1 or None, got {self.score_batch_size!r}")
+        # tau = sqrt(n) ||g|| <= sqrt(n) for n scores: a threshold at or above sqrt(B) would leave
+        # importance sampling off for ever without saying so (the paper's (B + 3b) / (3b) does for b = 1).
+        ceiling = math.sqrt(self.presample_size)
+        threshold = self.resolved_tau_threshold
+        if math.isfinite(threshold) and threshold >= ceiling:
+            raise ValueError(
+                f"tau_threshold {threshold:.4g} can never be reached: tau is estimated from B = {self.presample_size} "
+                f"scores and never exceeds sqrt(B) = {ceiling:.4g} (per_device_train_batch_size="
+                f"{self.per_device_train_batch_size}, presample={self.presample}, backward_cost={self.backward_cost}); "
+                "pass a lower tau_threshold, a larger presample, or tau_threshold=float('inf') to keep it off"
+            )
 
     @property
     def presample_size(self) -> int:
@@ -137,13 +155,13 @@ class ImportanceSamplingConfig(TrainingArguments):
 
     @property
     def resolved_tau_threshold(self) -> float:
-        """The threshold in use: the user's, else eq. 29 of the paper (2.0 for constant time, as in
-        the reference code)."""
+        """The threshold in use: the user's, else eq. 29 of the paper with this ``backward_cost``
+        (2.0 for constant time, as in the reference code)."""
         if self.tau_threshold is not None:
             return float(self.tau_threshold)
         if self.constant_time:
             return 2.0
-        return default_tau_threshold(self.presample_size, self.per_device_train_batch_size)
+        return default_tau_threshold(self.presample_size, self.per_device_train_batch_size, self.backward_cost)
 
 
 @dataclass
@@ -156,8 +174,11 @@ class ImportanceSamplingState:
     active_steps: int = 0  # of which importance-sampled
     logged_steps: int = 0  # micro-steps at the last log
     logged_active_steps: int = 0
-    last_presample: int = 0  # B and the trained batch size of the latest step
+    last_presample: int = 0  # B and the number of distinct rows trained at the latest step
     last_trained: int = 0
+    # The latest B scores of uniformly drawn samples (the last presample, then the uniform batches
+    # since): tau is estimated from B scores in both phases, so a batch of one can switch on.
+    recent_scores: list[float] = field(default_factory=list)
 
 
 class ImportanceSamplingCallback(TrainerCallback):
@@ -180,8 +201,9 @@ class ImportanceSamplingCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """``scores (n,)``: of the presample (``n = B``) when ``is_active``, else of the uniform
-        trained batch; ``indices (m,)`` / ``weights (m,)``: the resampled rows of the presample and
-        their unbiasing weights (``None`` when uniform); ``tau``: the smoothed estimate."""
+        trained batch; ``indices (m,)`` / ``weights (m,)``: the ``m`` draws (with repeats) from the
+        presample and their unbiasing weights ``1 / (B p)`` (``None`` when uniform; repeated rows are
+        then trained once with their weights summed); ``tau``: the smoothed estimate."""
 
 
 class ImportanceSamplingTrainer(Trainer):
@@ -281,12 +303,30 @@ class ImportanceSamplingTrainer(Trainer):
         return self.accelerator.unwrap_model(model)
 
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        # Labels only feed the model's own loss, which we do not use; encoder-decoders need them to
-        # build decoder inputs.
-        config = getattr(self._unwrapped(model), "config", None)
-        if getattr(config, "is_encoder_decoder", False):
+        # Labels only feed the model's own loss, which we do not use, so they are dropped to save its
+        # computation; encoder-decoders need them to build decoder inputs, and a forward that
+        # requires them (no default) gets them.
+        unwrapped = self._unwrapped(model)
+        config = getattr(unwrapped, "config", None)
+        if getattr(config, "is_encoder_decoder", False) or self._forward_requires_labels(unwrapped):
             return inputs
         return {k: v for k, v in inputs.items() if k != "labels"}
+
+    @staticmethod
+    def _forward_requires_labels(model: nn.Module) -> bool:
+        try:
+            parameter = inspect.signature(model.forward).parameters.get("labels")
+        except (TypeError, ValueError):  # a forward without an inspectable signature
+            return False
+        return (
+            parameter is not None
+            and parameter.default is inspect.Parameter.empty
+            and parameter.kind
+            not in (
+                inspect.Parameter.VAR_POSITIONAL,
+                inspect.Parameter.VAR_KEYWORD,
+            )
+        )
 
     @staticmethod
     def _logits(outputs: Any) -> torch.Tensor:
@@ -356,6 +396,8 @@ class ImportanceSamplingTrainer(Trainer):
     def _scores_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
         logits = logits.detach()
         if self.args.score == "loss":
+            if self.per_sample_loss is None and kind != "regression":
+                return cross_entropy_losses_tail_accurate(logits, labels, kind)
             return self._per_sample(logits, labels, kind)[0].detach()
         if self.per_sample_loss is not None:
             return autograd_logit_gradient_norm(logits, labels, self.per_sample_loss)
@@ -412,9 +454,15 @@ class ImportanceSamplingTrainer(Trainer):
             for k, v in inputs.items()
         }
 
-    def _update_tau(self, scores: torch.Tensor) -> None:
+    def _update_tau(self, scores: torch.Tensor, presample: bool) -> None:
+        """Update tau from the latest ``B = args.presample_size`` uniformly drawn scores: a presample's
+        own, or the uniform batches' pooled over the last steps (tau from ``b`` scores alone would be
+        biased low, and exactly 1 for ``b = 1``)."""
         state, m = self.is_state, self.args.tau_smoothing
-        state.last_tau = tau_from_scores(scores)
+        window = self.args.presample_size
+        latest = scores.detach().double().flatten().tolist()
+        state.recent_scores = latest[-window:] if presample else (state.recent_scores + latest)[-window:]
+        state.last_tau = tau_from_scores(torch.tensor(state.recent_scores, dtype=torch.float64))
         state.tau = m * state.tau + (1.0 - m) * state.last_tau
 
     def _notify_scores(self, **payload: Any) -> None:
@@ -482,7 +530,7 @@ class ImportanceSamplingTrainer(Trainer):
             if self.args.score == "gradient_norm"
             else self._scores_from_logits(logits, labels, kind)
         )
-        self._update_tau(scores)
+        self._update_tau(scores, presample=False)
         self.is_state.last_presample, self.is_state.last_trained = 0, labels.shape[0]
         self._notify_scores(scores=scores, is_active=False, tau=self.is_state.tau)
         return loss, outputs
@@ -491,9 +539,11 @@ class ImportanceSamplingTrainer(Trainer):
         presample_size, trained_size = self._step_sizes()
         presample = self._draw_presample(presample_size)
         scores = self.score_samples(model, presample)
-        self._update_tau(scores)
-        index, weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
-        index = index.to(scores.device)
+        self._update_tau(scores, presample=True)
+        draws, draw_weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
+        draws = draws.to(scores.device)
+        # Rows drawn several times are trained once with their weights summed: the same gradient.
+        index, weights = merge_duplicates(draws, draw_weights)
         batch = self._rows(presample, index)
         labels = batch["labels"]
         outputs = model(**self._model_inputs(model, batch))
@@ -505,8 +555,8 @@ class ImportanceSamplingTrainer(Trainer):
         expected_items = self._items(presample["labels"], kind).sum() * (trained_size / presample_size)
         loss = weighted_loss(losses, weights.to(losses.device), expected_items.clamp(min=1e-12))
         self.loss_is_scaled_for_ga = False
-        self.is_state.last_presample, self.is_state.last_trained = presample_size, trained_size
-        self._notify_scores(scores=scores, is_active=True, tau=self.is_state.tau, indices=index, weights=weights)
+        self.is_state.last_presample, self.is_state.last_trained = presample_size, int(index.shape[0])
+        self._notify_scores(scores=scores, is_active=True, tau=self.is_state.tau, indices=draws, weights=draw_weights)
         return loss, outputs
 
     # ---- logging ----------------------------------------------------------------------------------

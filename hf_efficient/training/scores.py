@@ -64,14 +64,14 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, kind: str) -
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample summed loss and number of target items.
 
-    Returns ``(losses (batch,), items (batch,))`` in float32: cross-entropy summed over the
+    Returns ``(losses (batch,), items (batch,))`` in float32 (float64 for float64 logits): cross-entropy summed over the
     sample's target tokens (``-100`` ignored) or, for ``regression``, the squared error summed over
     the outputs (one item per sample, as ``MSELoss`` on ``(batch, 1)`` outputs).
     """
     check_logits_labels(logits, labels, kind)
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     if kind == "regression":
-        diff = logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).float()
+        diff = logits.reshape(logits.shape[0], -1) - labels.reshape(labels.shape[0], -1).to(logits.dtype)
         losses = diff.pow(2).sum(dim=1)
         return losses, torch.full_like(losses, float(diff.shape[1]))
     z, y = _align(logits, labels, kind)
@@ -83,23 +83,55 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> 
 
 
 def cross_entropy_gradient_norm(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Closed-form norm of the per-sample loss gradient w.r.t. the logits, ``(batch,)``.
+    """Closed-form norm of the per-sample loss gradient w.r.t. the logits, ``(batch,)``, in float32.
 
     For one target, ``d CE / d z = softmax(z) - onehot(y)``; a sample's summed token loss has the
     stacked per-token gradients, whose norm is the root of the summed squared token norms.
-    ``||p - e_y||^2 = ||p||^2 - 2 p_y + 1`` avoids materialising the one-hot tensor.
+
+    Computed without cancellation: the label's entry ``p_y - 1`` equals ``-sum_{j != y} p_j``, a sum
+    of small positive terms, and the norm ``s * sqrt(1 + sum_j (p_j / s)^2)`` (``s`` that sum, ``j``
+    over the other classes) never squares a tiny number. The expansion ``||p||^2 - 2 p_y + 1`` would
+    round every sample with a loss below about 1e-4 to exactly 0 in float32, so that it could never
+    be drawn again. Accurate to float32's relative precision while ``p_j`` stays a normal float32
+    (margins up to about 85).
     """
     check_logits_labels(logits, labels, kind)
     if kind == "regression":
         raise ValueError("the closed form is for cross-entropy; regression scores use autograd")
     z, y = _align(logits.float(), labels, kind)
     valid = y != IGNORE_INDEX
-    p = torch.softmax(z, dim=-1)
-    p_y = p.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    sq = (p.pow(2).sum(dim=-1) - 2.0 * p_y + 1.0).clamp(min=0.0) * valid
-    if sq.dim() == 2:
-        sq = sq.sum(dim=1)
-    return sq.sqrt()
+    others = torch.softmax(z, dim=-1)  # p, with the label's entry zeroed below (in place: p is ours)
+    others.scatter_(-1, y.clamp(min=0).unsqueeze(-1), 0.0)
+    s = others.sum(dim=-1)  # 1 - p_y, without forming 1 - p_y
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    ratio_sq = (others / safe.unsqueeze(-1)).pow(2).sum(dim=-1)
+    norms = (s * torch.sqrt(1.0 + ratio_sq)) * valid
+    if norms.dim() == 2:
+        # Root of the summed squared token norms, scaled by the largest so tiny norms do not underflow.
+        top = norms.amax(dim=1, keepdim=True)
+        safe_top = torch.where(top > 0, top, torch.ones_like(top))
+        norms = top.squeeze(1) * (norms / safe_top).pow(2).sum(dim=1).sqrt()
+    return norms
+
+
+def cross_entropy_losses_tail_accurate(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample summed cross-entropy ``(batch,)`` in float32, accurate for tiny losses.
+
+    ``-log p_y = softplus(logsumexp_{j != y} z_j - z_y)``: for a well-fit sample the argument is very
+    negative and softplus returns ``exp(.)`` to full relative precision, where ``F.cross_entropy``
+    rounds every loss below about 6e-8 to exactly 0 in float32. Used for the ``loss`` score; the
+    training loss keeps ``F.cross_entropy`` (its gradient has no such cancellation).
+    """
+    check_logits_labels(logits, labels, kind)
+    if kind == "regression":
+        raise ValueError("cross-entropy losses need class labels; regression uses per_sample_losses")
+    z, y = _align(logits.float(), labels, kind)
+    valid = y != IGNORE_INDEX
+    index = y.clamp(min=0).unsqueeze(-1)
+    z_y = z.gather(-1, index).squeeze(-1)
+    rest = z.scatter(-1, index, float("-inf")).logsumexp(dim=-1)
+    token = torch.where(valid, F.softplus(rest - z_y), torch.zeros_like(z_y))
+    return token.sum(dim=1) if token.dim() == 2 else token
 
 
 def autograd_logit_gradient_norm(logits: torch.Tensor, labels: torch.Tensor, loss_fn: PerSampleLoss) -> torch.Tensor:
@@ -136,10 +168,17 @@ def tau_from_scores(scores: torch.Tensor) -> float:
     return 1.0 / math.sqrt(max(1.0 - ratio, 1e-12))
 
 
-def default_tau_threshold(presample_size: int, batch_size: int) -> float:
-    """``(B + 3b) / (3b)``: the variance reduction that pays for scoring ``B`` samples with forward
-    passes when a backward costs two forwards (Katharopoulos & Fleuret 2018, eq. 29)."""
-    return (presample_size + 3.0 * batch_size) / (3.0 * batch_size)
+def default_tau_threshold(presample_size: int, batch_size: int, backward_cost: float = 2.0) -> float:
+    """``(B + (1 + c) b) / ((1 + c) b)``: the variance reduction that pays for scoring ``B`` samples
+    with forward passes when a backward costs ``c`` forwards (``c = 2``: ``(B + 3b) / (3b)``,
+    Katharopoulos & Fleuret 2018, eq. 29)."""
+    for name, value in (("presample_size", presample_size), ("batch_size", batch_size)):
+        if not value >= 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if not (math.isfinite(backward_cost) and backward_cost > 0):
+        raise ValueError(f"backward_cost must be a finite number > 0, got {backward_cost!r}")
+    step = (1.0 + backward_cost) * batch_size
+    return (presample_size + step) / step
 
 
 def importance_resample(
@@ -164,6 +203,24 @@ def importance_resample(
     indices = indices.to(scores.device)
     weights = 1.0 / (n * p[indices])
     return indices, weights, p
+
+
+def merge_duplicates(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge repeated draws: ``(unique indices (m,), summed weights (m,))`` with ``m <= num_samples``.
+
+    Sampling with replacement from a concentrated distribution repeats rows; a row drawn ``c`` times
+    with weight ``w`` contributes ``c w L`` to the weighted loss, so training it once with weight
+    ``c w = c / (B p)`` gives the same gradient for a fraction of the forward and backward work
+    (exactly the same for models whose rows do not interact, i.e. without batch normalisation).
+    """
+    if indices.shape != weights.shape or indices.dim() != 1:
+        raise ValueError(
+            f"indices and weights must be 1-D of one length, got {tuple(indices.shape)} and {tuple(weights.shape)}"
+        )
+    unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    merged = torch.zeros(unique.shape[0], dtype=weights.dtype, device=weights.device)
+    merged.index_add_(0, inverse.to(weights.device), weights)
+    return unique, merged
 
 
 def weighted_loss(losses: torch.Tensor, weights: torch.Tensor, expected_items: torch.Tensor | float) -> torch.Tensor:

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from hf_efficient.training.scores import (
     autograd_logit_gradient_norm,
     cross_entropy_gradient_norm,
+    cross_entropy_losses_tail_accurate,
     default_tau_threshold,
     importance_resample,
+    merge_duplicates,
     per_sample_losses,
     tau_from_scores,
     weighted_loss,
@@ -105,6 +107,13 @@ def test_tau_identities():
 def test_default_threshold_is_eq29():
     assert default_tau_threshold(96, 32) == pytest.approx(2.0)
     assert default_tau_threshold(32, 32) == pytest.approx(4.0 / 3.0)
+    # A cheaper backward (c = 1) makes scoring relatively dearer: a step costs (B + 2b) / (2b).
+    assert default_tau_threshold(96, 32, backward_cost=1.0) == pytest.approx(160 / 64)
+    assert default_tau_threshold(10, 5, backward_cost=4.0) == pytest.approx(35 / 25)
+    with pytest.raises(ValueError, match="backward_cost"):
+        default_tau_threshold(96, 32, backward_cost=float("nan"))
+    with pytest.raises(ValueError, match="batch_size"):
+        default_tau_threshold(96, 0)
 
 
 def test_resample_weights_and_unbiasedness():
@@ -123,3 +132,87 @@ def test_resample_weights_and_unbiasedness():
     torch.testing.assert_close(weighted_loss(losses, w[:4], 4.0), (w[:4].float() * losses).sum() / 4)
     with pytest.raises(ValueError, match="num_samples"):
         importance_resample(scores, 0)
+
+
+def _margin_logits(margins: torch.Tensor, classes: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose label leads every other class by about ``margin`` (with some spread)."""
+    g = torch.Generator().manual_seed(6)
+    n = margins.numel()
+    z = torch.randn(n, classes, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    z[torch.arange(n), labels] = z.max(dim=1).values + margins.double()
+    return z.to(dtype), labels
+
+
+def _float64_reference(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient norm and loss in float64 from the textbook formulas (one-hot materialised)."""
+    z = z.double()
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    grad = p - F.one_hot(labels, z.shape[-1]).double()
+    # In float64 1 - p_y itself cancels beyond margin ~36: take the label's entry from the others.
+    others = p.scatter(-1, labels.unsqueeze(-1), 0.0)
+    grad[torch.arange(z.shape[0]), labels] = -others.sum(-1)
+    loss = torch.log1p(
+        torch.exp(
+            z.scatter(-1, labels.unsqueeze(-1), float("-inf")).logsumexp(-1)
+            - z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        )
+    )
+    return grad.norm(dim=-1), loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("classes", [2, 10, 1000])
+def test_scores_are_accurate_for_well_fit_samples(dtype, classes):
+    """Margins up to 50: scores as small as 1e-22 keep float32's relative precision, never 0."""
+    margins = torch.cat([torch.linspace(-5.0, 50.0, 56), torch.tensor([20.0, 35.0, 49.5])])
+    z, labels = _margin_logits(margins, classes, dtype)
+    want_norm, want_loss = _float64_reference(z, labels)  # the same (rounded) logits, in float64
+    got = cross_entropy_gradient_norm(z, labels, "classification")
+    assert got.dtype == torch.float32
+    assert (got > 0).all()
+    rel = ((got.double() - want_norm) / want_norm).abs()
+    assert rel.max() < 1e-3, float(rel.max())
+    loss = cross_entropy_losses_tail_accurate(z, labels, "classification")
+    rel = ((loss.double() - want_loss) / want_loss).abs()
+    assert (loss > 0).all() and rel.max() < 1e-3, float(rel.max())
+
+
+def test_token_scores_are_accurate_for_well_fit_tokens():
+    """Token tasks: the root of summed squares of per-token norms near 1e-20 does not underflow."""
+    margins = torch.tensor([45.0, 46.0, 47.0, 48.0, 30.0, 49.0, 50.0, 44.0])
+    z, labels = _margin_logits(margins, 7, torch.float32)
+    z, labels = z.reshape(2, 4, 7), labels.reshape(2, 4)
+    labels[1, 3] = -100
+    want_tokens, want_loss_tokens = _float64_reference(z.reshape(8, 7), labels.reshape(8).clamp(min=0))
+    mask = (labels.reshape(8) != -100).double()
+    want = (want_tokens.pow(2) * mask).reshape(2, 4).sum(1).sqrt()
+    got = cross_entropy_gradient_norm(z, labels, "token_classification")
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.0)
+    want_loss = (want_loss_tokens * mask).reshape(2, 4).sum(1)
+    got_loss = cross_entropy_losses_tail_accurate(z, labels, "token_classification")
+    torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-4, atol=0.0)
+
+
+def test_merged_duplicates_give_the_duplicated_batch_gradient():
+    """Training each distinct row once with summed weights equals the explicit duplicated batch."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (12,), generator=g)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scores = torch.tensor([50.0, 30.0] + [0.1] * 10, dtype=torch.float64)  # concentrated: many repeats
+    draws, weights, _ = importance_resample(scores, 16, generator=g)
+    unique, merged = merge_duplicates(draws, weights)
+    assert unique.numel() < draws.numel()
+    assert sorted(unique.tolist()) == sorted(set(draws.tolist()))
+    # Reference: every draw as its own row, duplicates and all.
+    dup_loss = weighted_loss(F.cross_entropy(x[draws] @ w, y[draws], reduction="none"), weights, 16.0)
+    (dup_grad,) = torch.autograd.grad(dup_loss, w)
+    loss = weighted_loss(F.cross_entropy(x[unique] @ w, y[unique], reduction="none"), merged, 16.0)
+    (grad,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(grad, dup_grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(loss, dup_loss, rtol=1e-13, atol=0.0)
+    for i, wi in zip(unique.tolist(), merged.tolist()):
+        assert wi == pytest.approx(float((draws == i).sum()) / (12 * float(scores[i] / scores.sum())))
+    with pytest.raises(ValueError, match="1-D of one length"):
+        merge_duplicates(draws, weights[:3])

@@ -17,6 +17,7 @@ from hf_efficient.training import (
     ImportanceSamplingCallback,
     ImportanceSamplingConfig,
     ImportanceSamplingTrainer,
+    cross_entropy_gradient_norm,
     tau_from_scores,
 )
 
@@ -168,6 +169,7 @@ def test_switch_turns_on_and_off_as_specified(tmp_path):
     trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data, callbacks=[rec])
     th = args.resolved_tau_threshold
     assert th == pytest.approx((8 + 12) / 12)
+
     # Make the scores peaked (so tau grows) for 8 steps, then uniform (so tau decays).
     original = trainer._scores_from_logits
 
@@ -181,11 +183,13 @@ def test_switch_turns_on_and_off_as_specified(tmp_path):
 
     trainer._scores_from_logits = scripted
     trainer.train()
-    # Recompute the EMA and the decision independently from the recorded raw scores.
-    tau, expected_active = 0.0, []
+    # Recompute the EMA and the decision independently from the recorded raw scores: tau comes from
+    # the last B = 8 uniformly drawn scores (a presample's, or the uniform batches' pooled).
+    tau, expected_active, window = 0.0, [], []
     for event in rec.events:
         expected_active.append(tau > th)
-        tau = 0.5 * tau + 0.5 * tau_from_scores(event["scores"])
+        window = event["scores"].tolist() if event["is_active"] else (window + event["scores"].tolist())[-8:]
+        tau = 0.5 * tau + 0.5 * tau_from_scores(torch.tensor(window))
         assert event["tau"] == pytest.approx(tau)
     assert [e["is_active"] for e in rec.events] == expected_active
     assert expected_active[0] is False and any(expected_active) and expected_active[-1] is False
@@ -345,3 +349,188 @@ def test_regression_and_custom_loss_scores(tmp_path):
     )
     batch = custom.data_collator(data[:6])
     torch.testing.assert_close(custom.score_samples(model, batch), builtin.score_samples(model, batch))
+
+
+def test_repeated_draws_are_trained_once_with_the_duplicated_batch_gradient(tmp_path):
+    """An active step trains each distinct drawn row once; its gradient equals the explicit
+    computation over every draw (duplicates included) with weights 1 / (B p)."""
+    data = make_classification_data(32, seed=5)
+    b = 8
+    model = _model(seed=2).double()
+    rec = Recorder()
+    args = _args(tmp_path, per_device_train_batch_size=b, presample=2.0)
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data, callbacks=[rec])
+    fixed = trainer.data_collator(data[:16])
+    fixed["x"] = fixed["x"].double()
+    trainer._draw_presample = lambda size: {k: v[:size] for k, v in fixed.items()}
+    trained = []
+    original_rows = trainer._rows
+
+    def rows(inputs, index):
+        trained.append(index.clone())
+        return original_rows(inputs, index)
+
+    trainer._rows = rows
+    real_scores = trainer._scores_from_logits
+
+    def concentrated(logits, labels, kind):  # a few rows hold most of the mass: repeats are certain
+        s = real_scores(logits, labels, kind)
+        return s * torch.tensor([40.0, 20.0, 10.0] + [0.05] * (s.numel() - 3), dtype=s.dtype)
+
+    trainer._scores_from_logits = concentrated
+    model.train()
+    trainer.is_state.tau = 1e9
+    model.zero_grad()
+    trainer.compute_loss(model, {"labels": torch.zeros(1)}).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    event = rec.events[-1]
+    draws, weights = event["indices"], event["weights"]
+    assert draws.numel() == b and trained[-1].numel() < b  # duplicates existed and were merged
+    assert trained[-1].tolist() == sorted(set(draws.tolist()))
+    model.zero_grad()
+    logits = model(fixed["x"][draws]).logits
+    ref = (weights * F.cross_entropy(logits, fixed["labels"][draws], reduction="none")).sum() / b
+    ref.backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
+
+
+def _exact_is_expectation(trainer, model, subsets, b, monkeypatch):
+    """Exact expectation of the trainer's importance-sampled gradient: every presample in `subsets`
+    (equally likely) and every ordered b-tuple of draws, weighted by the product of their p."""
+    import itertools
+
+    import hf_efficient.training.importance_sampling as module
+
+    state = {}
+
+    def enumerated_resample(scores, num_samples, generator=None):
+        p = scores.detach().double() / scores.double().sum()
+        state["p"] = p
+        idx = torch.tensor(state["draws"])
+        return idx, 1.0 / (p.numel() * p[idx]), p
+
+    monkeypatch.setattr(module, "importance_resample", enumerated_resample)
+    expectation = None
+    for subset in subsets:
+        presample = trainer.data_collator([trainer.train_dataset[i] for i in subset])
+        presample = {k: (v.double() if v.is_floating_point() else v) for k, v in presample.items()}
+        trainer._draw_presample = lambda size, presample=presample: presample
+        for draws in itertools.product(range(len(subset)), repeat=b):
+            state["draws"] = list(draws)
+            trainer.is_state.tau = 1e9
+            model.zero_grad()
+            trainer.compute_loss(model, {"labels": torch.zeros(1)}).backward()
+            prob = float(torch.prod(state["p"][list(draws)])) / len(subsets)
+            grad = torch.cat([p.grad.flatten() for p in model.parameters()]) * prob
+            expectation = grad if expectation is None else expectation + grad
+    return expectation
+
+
+def test_exact_expectation_of_the_importance_sampled_gradient_is_the_full_gradient(tmp_path, monkeypatch):
+    """Enumerable: 6 examples, presamples of B = 4 (all 15 subsets, as a uniform draw without
+    replacement gives), b = 2 draws with replacement (16 ordered pairs each). The exact expectation
+    of the weighted gradient equals the full-set mean gradient, to float64 rounding."""
+    import itertools
+
+    data = make_classification_data(6, seed=8)
+    model = _model(seed=3).double()
+    with torch.no_grad():
+        model.fc2.weight.mul_(6.0)  # confident on some rows, wrong on others: very unequal scores
+    args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0)
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
+    model.train()
+    subsets = list(itertools.combinations(range(6), 4))
+    expectation = _exact_is_expectation(trainer, model, subsets, 2, monkeypatch)
+    model.zero_grad()
+    full = trainer.data_collator(data)
+    F.cross_entropy(model(full["x"].double()).logits, full["labels"]).backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
+    # The sampler is not uniform: the check has teeth (uniform weights would give another mean).
+    scores = trainer.score_samples(model, {"x": full["x"].double(), "labels": full["labels"]})
+    assert float(scores.max() / scores.min()) > 2.0
+
+
+def test_exact_expectation_for_a_token_task_is_the_presample_token_mean(tmp_path, monkeypatch):
+    """Causal LM: given the presample, the exact expectation over the draws is the token-mean
+    gradient of the presample (the trainer divides by its expected number of target tokens)."""
+    data = make_lm_data(4, seed=9)
+    model = _model(TinyForCausalLM, seed=4).double()
+    args = _args(tmp_path, per_device_train_batch_size=3, presample=4 / 3)
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
+    model.train()
+    expectation = _exact_is_expectation(trainer, model, [range(4)], 3, monkeypatch)
+    model.zero_grad()
+    full = trainer.data_collator(data)
+    logits = model(full["input_ids"]).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, 11), full["labels"][:, 1:].reshape(-1)).backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_size_one_switches_on(tmp_path):
+    """b = 1: tau pools the last B scores, so peaked scores switch importance sampling on (tau from
+    one score alone is always 1); the rows then come from presamples of B = 8. tau never exceeds
+    sqrt(B), so a threshold at or above it is refused (the paper's default (B + 3) / 3 always is)."""
+    with pytest.raises(ValueError, match=r"tau_threshold .* can never be reached"):
+        _args(tmp_path, per_device_train_batch_size=1, presample=8.0)
+    with pytest.raises(ValueError, match=r"tau_threshold .* can never be reached"):
+        _args(tmp_path, per_device_train_batch_size=4, presample=1.0, tau_threshold=2.5)
+    assert _args(tmp_path, per_device_train_batch_size=4, presample=2.0, backward_cost=1.0).resolved_tau_threshold == (
+        pytest.approx((8 + 8) / 8)
+    )
+    data = make_classification_data(40, seed=6)
+    rec = Recorder()
+    args = _args(
+        tmp_path, per_device_train_batch_size=1, presample=8.0, max_steps=30, tau_smoothing=0.5, tau_threshold=2.0
+    )
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data, callbacks=[rec])
+    original = trainer._scores_from_logits
+
+    def peaked(logits, labels, kind):  # one sample in eight matters
+        real = original(logits, labels, kind)
+        out = torch.full_like(real, 1e-3)
+        if real.numel() > 1:
+            out[0] = 1.0
+        elif trainer.is_state.steps % 8 == 0:
+            out[0] = 1.0
+        return out
+
+    trainer._scores_from_logits = peaked
+    trainer.train()
+    assert trainer.is_state.active_steps > 0
+    first = next(i for i, e in enumerate(rec.events) if e["is_active"])
+    assert all(not e["is_active"] for e in rec.events[:first]) and first >= 8
+    assert rec.events[first]["scores"].shape == (8,) and rec.events[first]["indices"].shape == (1,)
+    # Independent check of the first switch: tau from the 8 pooled scores of the uniform steps.
+    tau = 0.0
+    for i, e in enumerate(rec.events[:first]):
+        pooled = torch.cat([x["scores"] for x in rec.events[max(0, i - 7) : i + 1]])
+        tau = 0.5 * tau + 0.5 * tau_from_scores(pooled)
+        assert e["tau"] == pytest.approx(tau)
+    assert tau > 2.0
+
+
+def test_model_whose_forward_requires_labels(tmp_path):
+    """Labels reach a forward that requires them: uniform training equals the stock Trainer bit for
+    bit, and importance-sampled steps (scoring and training) run on the same model."""
+    data = make_classification_data(48)
+    kw = dict(per_device_train_batch_size=4, max_steps=4)
+    stock_model, ours_model = _model(_tiny.TinyLabelsRequiredClassifier), _model(_tiny.TinyLabelsRequiredClassifier)
+    Trainer(model=stock_model, args=_args(tmp_path / "a", TrainingArguments, **kw), train_dataset=data).train()
+    ours = ImportanceSamplingTrainer(
+        model=ours_model, args=_args(tmp_path / "b", tau_threshold=float("inf"), **kw), train_dataset=data
+    )
+    ours.train()
+    for name, value in _params(stock_model).items():
+        assert torch.equal(value, ours_model.state_dict()[name]), name
+    model = _model(_tiny.TinyLabelsRequiredClassifier)
+    trainer = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path / "c", tau_threshold=1.0001, tau_smoothing=0.0, **kw), train_dataset=data
+    )
+    trainer.train()
+    assert trainer.is_state.active_steps == 3
+    batch = trainer.data_collator(data[:5])
+    want = cross_entropy_gradient_norm(model(batch["x"], batch["labels"]).logits, batch["labels"], "classification")
+    torch.testing.assert_close(trainer.score_samples(model, batch), want)

@@ -44,6 +44,13 @@ class TinyKwargsClassifier(TinyClassifier):
         return super().forward(x, labels)
 
 
+class TinyLabelsRequiredClassifier(TinyClassifier):
+    """A forward that cannot run without ``labels`` (it always returns its loss)."""
+
+    def forward(self, x, labels):
+        return super().forward(x, labels)
+
+
 class TinyForCausalLM(PreTrainedModel):
     """Bag-of-previous-token language model: ``input_ids (batch, seq) -> logits (batch, seq, vocab)``."""
 
