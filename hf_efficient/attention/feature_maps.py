@@ -60,7 +60,9 @@ class FavorFeatureMap(FeatureMap):
     """Positive orthogonal random features (FAVOR+): E[phi(q).phi(k)] = exp(q.k / sqrt(d)).
 
     phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m) with x' = x / d^(1/4) and W of orthogonal Gaussian
-    blocks. The exponent is bounded by |w|^2 / 2 (about d/2), finite in float32 for d <= 128.
+    blocks. The exponent is bounded above by |w|^2 / 2 (about d/2), but not below: inputs of large norm
+    give features that underflow. ``linear_attention`` therefore works from :meth:`log_features` with
+    shifts that cancel between numerator and normaliser.
 
     Args:
         head_dim: d, the size of q and k.
@@ -97,13 +99,23 @@ class FavorFeatureMap(FeatureMap):
     def feature_dim(self, head_dim: int) -> int:
         return self.num_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def log_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The exponent ``W x' - |x'|^2 / 2`` ``(..., m)`` of the features, before any stabilising shift.
+
+        Linear attention works from these: exponentiating them directly underflows to zero for inputs of
+        large norm (``|x| ~ 48`` at d = 64 gives exponents near -144), so it subtracts shifts first
+        (see ``hf_efficient.attention.linear``).
+        """
         if x.shape[-1] != self.head_dim:
             raise ValueError(f"favor feature map was built for dim {self.head_dim}, got inputs of dim {x.shape[-1]}")
         dtype = _compute_dtype(x)
         x = x.to(dtype) * self.head_dim**-0.25
         proj = x @ self.projection.to(device=x.device, dtype=dtype).T
-        return torch.exp(proj - 0.5 * x.pow(2).sum(-1, keepdim=True)) * self.num_features**-0.5
+        return proj - 0.5 * x.pow(2).sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unshifted features ``exp(log_features(x)) / sqrt(m)``; zero where the exponent underflows."""
+        return torch.exp(self.log_features(x)) * self.num_features**-0.5
 
 
 class HedgehogFeatureMap(FeatureMap):

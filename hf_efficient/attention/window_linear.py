@@ -60,12 +60,12 @@ class WindowLinearState(NamedTuple):
 
     def map(self, fn) -> WindowLinearState:
         """Apply ``fn`` to every tensor (batch selection, device moves)."""
-        linear = LinearAttentionState(fn(self.linear.kv), fn(self.linear.k_sum)) if self.linear is not None else None
+        linear = self.linear.map(fn) if self.linear is not None else None
         return WindowLinearState(linear, fn(self.keys), fn(self.values), fn(self.mask))
 
     def nbytes(self) -> int:
-        tensors = [self.keys, self.values, self.mask] + (list(self.linear) if self.linear is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        linear = self.linear.nbytes() if self.linear is not None else 0
+        return linear + sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.mask))
 
 
 def _check_window(window, name: str) -> int:

@@ -42,7 +42,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from ..attention.linear import LinearAttentionState, linear_attention, linear_attention_step
+from ..attention.linear import fold_favor_scale, linear_attention, linear_attention_step
 from ..attention.window_linear import window_linear_attention
 from .attention_interface import CACHE_KWARG
 from .plan import CONFIG_KEY, plan_from_record
@@ -228,20 +228,19 @@ class LinearStateLayer(RecurrentStateLayer):
         return out
 
     def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
-        if params.feature_map == "favor" and scale is not None:
-            q = q * (scale * q.shape[-1] ** 0.5)  # as the linear kind's own forward does
+        q = fold_favor_scale(q, params.feature_map, scale)  # as the linear kind's own forward does
         return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
                            chunk_size=params.chunk_size)
 
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.state is not None:
-            self.state = LinearAttentionState(fn(self.state.kv), fn(self.state.k_sum))
+            self.state = self.state.map(fn)
 
     def _state_tensor(self) -> torch.Tensor:
         return self.state.kv
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state) if self.state is not None else 0
+        return self.state.nbytes() if self.state is not None else 0
 
 
 class WindowLinearStateLayer(RecurrentStateLayer):

@@ -11,6 +11,7 @@ from hf_efficient import (
     HedgehogFeatureMap,
     LinearAttentionState,
     linear_attention,
+    linear_attention_reference,
     linear_attention_step,
 )
 
@@ -225,3 +226,133 @@ def test_clear_errors():
         linear_attention(q, torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4), causal=True)
     with _err("eps"):
         linear_attention(q, q, q, eps=0)
+
+
+# --------------------------------------------------------------------------- favor at large norms
+def _favor_estimator(fmap, q, k, v, causal, mask=None):
+    """The FAVOR+ random-feature estimator written out in float64 from its exponents, without any eps:
+    w_ij = sum_r exp(a_ir + b_jr) (a, b = W x / d^(1/4) - |x|^2 / (2 sqrt(d))), out = softmax_j(log w_ij) v."""
+    d = q.shape[-1]
+    w = fmap.projection.double()
+    qd, kd = q.double() * d**-0.25, k.double() * d**-0.25
+    a = qd @ w.T - 0.5 * qd.pow(2).sum(-1, keepdim=True)
+    b = kd @ w.T - 0.5 * kd.pow(2).sum(-1, keepdim=True)
+    logw = torch.logsumexp(a[..., :, None, :] + b[..., None, :, :], dim=-1)
+    n_q, n_k = logw.shape[-2:]
+    if mask is not None:
+        logw = logw.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if causal:
+        logw = logw.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(logw, dim=-1) @ v.double()
+
+
+def _of_norm(norm, *shape, seed, dtype=torch.float32):
+    x = rand(*shape, dtype=torch.float64, seed=seed)
+    return (x / x.norm(dim=-1, keepdim=True) * norm).to(dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("norm_q, norm_k", [(48.0, 30.0), (64.0, 64.0), (1.0, 48.0)])
+def test_favor_large_norms_match_float64_estimator(causal, norm_q, norm_k):
+    d, n = 64, 37
+    fmap = FavorFeatureMap(d, seed=1)
+    q, k = _of_norm(norm_q, 2, 2, n, d, seed=1), _of_norm(norm_k, 2, 2, n, d, seed=2)
+    v = rand(2, 2, n, d, dtype=torch.float32, seed=3)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, :6] = False
+    ref = _favor_estimator(fmap, q, k, v, causal, mask)
+    out = linear_attention(q, k, v, causal=causal, feature_map=fmap, key_padding_mask=mask, chunk_size=8)
+    rows_with_keys = mask[:, None, :, None].cumsum(2).bool().expand_as(ref) if causal else torch.ones_like(ref).bool()
+    assert out[rows_with_keys].abs().max() > 0.1  # the unshifted features gave all-zero rows here
+    torch.testing.assert_close(out.double()[rows_with_keys], ref[rows_with_keys], rtol=1e-4, atol=1e-4)
+    # float64 inputs: equal to the eps-free estimator up to eps (the normaliser's largest term is 1)
+    out64 = linear_attention(q.double(), k.double(), v.double(), causal=causal, feature_map=fmap,
+                             key_padding_mask=mask, chunk_size=5)
+    torch.testing.assert_close(out64[rows_with_keys], ref[rows_with_keys], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        linear_attention_reference(q.double(), k.double(), v.double(), causal=causal, feature_map=fmap,
+                                   key_padding_mask=mask),
+        out64, rtol=1e-9, atol=1e-9)
+
+
+def test_favor_recurrent_chunked_and_handoff_agree_at_large_norms():
+    d, n = 64, 29
+    fmap = FavorFeatureMap(d, seed=2)
+    # norms that grow along the sequence: the per-feature shifts of the state must be raised as keys arrive
+    q = _of_norm(48.0, 1, 2, n, d, seed=4, dtype=torch.float64)
+    k = _of_norm(1.0, 1, 2, n, d, seed=5, dtype=torch.float64) * torch.linspace(1, 60, n, dtype=torch.float64)[:, None]
+    v = rand(1, 2, n, 8, seed=6)
+    full = linear_attention(q, k, v, causal=True, feature_map=fmap, chunk_size=4)
+    torch.testing.assert_close(full, _favor_estimator(fmap, q, k, v, True), rtol=1e-5, atol=1e-5)
+    state, outs = None, []
+    for t in range(n):
+        state, o = linear_attention_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], feature_map=fmap)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=2), full, rtol=1e-10, atol=1e-10)
+    pre, st = linear_attention(q[:, :, :11], k[:, :, :11], v[:, :, :11], causal=True, feature_map=fmap,
+                               return_state=True, chunk_size=3)
+    assert st.key_shift is not None and st.key_shift.shape == (1, 2, d)
+    st2, mid = linear_attention_step(st, q[:, :, 11:14], k[:, :, 11:14], v[:, :, 11:14], feature_map=fmap)
+    tail = linear_attention(q[:, :, 14:], k[:, :, 14:], v[:, :, 14:], causal=True, feature_map=fmap,
+                            initial_state=st2, chunk_size=6)
+    torch.testing.assert_close(torch.cat([pre, mid, tail], dim=2), full, rtol=1e-10, atol=1e-10)
+
+
+def test_favor_gradcheck_with_shifts():
+    fmap = FavorFeatureMap(4, seed=0)
+    q, k = (3 * rand(1, 1, 6, 4, seed=s) for s in (1, 2))
+    v = rand(1, 1, 6, 2, seed=3)
+    for causal in (False, True):
+        args = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        fn = lambda q, k, v: linear_attention(q, k, v, causal=causal, feature_map=fmap, chunk_size=4)  # noqa: B023,E731
+        assert torch.autograd.gradcheck(fn, args, atol=1e-5)
+
+
+def test_favor_named_map_is_stabilised_and_scale_is_folded_once():
+    from hf_efficient.attention.linear import fold_favor_scale
+
+    q = _of_norm(48.0, 1, 1, 9, 64, seed=7)
+    out = linear_attention(q, q, rand(1, 1, 9, 4, dtype=torch.float32, seed=8), feature_map="favor")
+    assert (out.abs().amax(-1) > 0).all()
+    x = torch.ones(1, 1, 2, 4)
+    torch.testing.assert_close(fold_favor_scale(x, "favor", 0.25), x * 0.5)
+    assert fold_favor_scale(x, "elu", 0.25) is x and fold_favor_scale(x, "favor", None) is x
+
+
+# --------------------------------------------------------------------------- states and empty inputs
+def test_state_of_another_size_is_refused():
+    q = rand(2, 3, 4, 5, seed=1)
+    state, _ = linear_attention_step(None, q, q, q)
+    for bad in (q[:1], q[:, :2], rand(2, 3, 4, 6, seed=2)):
+        with _err("state.kv has shape"):
+            linear_attention_step(state, bad, bad, bad)
+        with _err("initial_state.kv has shape"):
+            linear_attention(bad, bad, bad, causal=True, initial_state=state)
+    with _err("value dim"):
+        linear_attention_step(state, q, q, rand(2, 3, 4, 2, seed=3))
+    with _err("LinearAttentionState"):
+        linear_attention_step((state.kv, state.k_sum), q, q, q)
+    with _err("k_sum has shape"):
+        linear_attention_step(state._replace(k_sum=state.k_sum[:1]), q, q, q)
+    favor_state, _ = linear_attention_step(None, q, q, q, feature_map=FavorFeatureMap(5))
+    with _err("built with the favor feature map"):
+        linear_attention_step(favor_state, q, q, q)
+
+
+def test_empty_sequences():
+    q = rand(2, 3, 0, 5, seed=1)
+    for causal in (False, True):
+        for fmap in ("elu", FavorFeatureMap(5)):
+            out = linear_attention(q, q, q, causal=causal, feature_map=fmap)
+            assert out.shape == (2, 3, 0, 5)
+    # queries but no keys: nothing to attend to, zero output
+    out = linear_attention(rand(2, 3, 4, 5, seed=2), q, q)
+    assert out.shape == (2, 3, 4, 5) and (out == 0).all()
+    x = rand(2, 3, 7, 5, seed=3)
+    out, st = linear_attention(x, x, x, causal=True, return_state=True)
+    out0, st0 = linear_attention(q, q, q, causal=True, return_state=True, initial_state=st)
+    assert out0.shape == (2, 3, 0, 5) and torch.equal(st0.kv, st.kv)
+    st1, out1 = linear_attention_step(st, q, q, q)
+    assert out1.shape == (2, 3, 0, 5) and torch.equal(st1.kv, st.kv) and torch.equal(st1.k_sum, st.k_sum)
+    st2, _ = linear_attention_step(None, q, q, q)
+    assert st2.kv.shape == (2, 3, 5, 5) and (st2.kv == 0).all()
