@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import hf_efficient
-from hf_efficient.attention import get_attention_kind
+from hf_efficient.attention import attention_kind_names, get_attention_kind
+from hf_efficient.cli import positive_int
 
 B, H, D = 1, 8, 64
 
@@ -156,10 +157,11 @@ def peak_memory(impl, n, causal, backward) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N = 512, 1024; 3 repeats; no memory subprocesses")
-    parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to sweep")
-    parser.add_argument("--kinds", nargs="+", default=["linear"], help="registered kinds to compare with SDPA")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="sequence lengths to sweep")
+    parser.add_argument("--kinds", nargs="+", default=["linear"], choices=attention_kind_names(), metavar="KIND",
+                        help=f"registered kinds to compare with SDPA ({', '.join(attention_kind_names())})")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--masking", choices=["both", "causal", "full"], default="both",
                         help="causal attention, full (non-causal) attention, or both (default)")

@@ -36,6 +36,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_efficient import LinearAttentionCache, LinearLMConfig, LinearLMForCausalLM
 from hf_efficient.benchmarking import machine_info
+from hf_efficient.cli import non_negative_int, positive_int
 
 
 def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):
@@ -97,19 +98,22 @@ def decode(model, cache, steps: int, batch: int = 1) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and contexts (seconds)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=1408)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=20, help="decode steps per timing")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    parser.add_argument("--window", type=int, default=64, help="also time window-linear with this window (0: no)")
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=None)
+    parser.add_argument("--layers", type=positive_int, default=6)
+    parser.add_argument("--width", type=positive_int, default=512)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--intermediate", type=positive_int, default=1408)
+    parser.add_argument("--vocab", type=positive_int, default=8192)
+    parser.add_argument("--steps", type=positive_int, default=20, help="decode steps per timing")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together")
+    parser.add_argument("--window", type=non_negative_int, default=64,
+                        help="also time window-linear with this window (0: no)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_generate.json"))
     args = parser.parse_args(argv)
+    if args.width % args.heads:
+        parser.error(f"--width ({args.width}) must be a multiple of --heads ({args.heads})")
     if args.quick:
         args.layers, args.width, args.heads, args.intermediate, args.vocab = 2, 128, 4, 256, 1024
         args.steps, args.repeats = 4, 3

@@ -28,19 +28,26 @@ def test_unknown_kind_names_the_accepted_ones(capsys):
 
 
 def test_parameter_of_another_kind_is_refused(capsys):
-    assert main(["convert", "--attention", "linear", "--topk", "8", "--out", "unused"]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--attention", "linear", "--topk", "8", "--out", "unused"])
+    assert exit_info.value.code == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--topk is not a parameter of 'linear'" in err and "--feature-map" in err
 
 
 def test_invalid_parameter_value_is_refused(capsys):
-    assert main(["convert", "--attention", "linear", "--feature-map", "nope", "--out", "unused"]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--attention", "linear", "--feature-map", "nope", "--out", "unused"])
+    assert exit_info.value.code == EXIT_USAGE
     assert "unknown feature map 'nope'" in capsys.readouterr().err
 
 
 def test_missing_model_folder(tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
