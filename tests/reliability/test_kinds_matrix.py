@@ -30,8 +30,6 @@ KNOWN: dict[tuple[str, str], str] = {
     ("test_an_empty_sequence_gives_an_empty_output_or_a_clear_error", "[window-linear-causal]"): "reshape error",
     ("test_a_scale_that_is_not_a_positive_finite_number_is_refused", "[linear-"): "scale not validated",
     ("test_a_scale_that_is_not_a_positive_finite_number_is_refused", "[window-linear-"): "scale not validated",
-    ("test_a_non_finite_query_spoils_at_most_its_own_row", "[clustered-"): "one query's NaN reaches its cluster",
-    ("test_a_non_finite_query_spoils_at_most_its_own_row", "[improved-clustered-"): "as for clustered",
 }
 
 
