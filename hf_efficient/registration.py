@@ -27,7 +27,7 @@ from typing import Any
 
 import wrapt
 
-__all__ = ["AUTO_HEAD_MAPPINGS", "DeferredClass", "register"]
+__all__ = ["AUTO_HEAD_MAPPINGS", "BASE_CONFIG_MODULES", "DeferredClass", "register"]
 
 # Auto class name -> name of transformers' mapping (in modeling_auto) of model_type -> class name.
 AUTO_HEAD_MAPPINGS: dict[str, str] = {
@@ -133,9 +133,19 @@ def _register_processors(image_processing_auto) -> None:
     )
 
 
+# The transformers modules of the base configs of ``integrations.configurations``. A config class's
+# decorator loads the Auto modules *while that class is being defined* (``from transformers import
+# LlamaConfig`` first thing), so the configs step fails until that module has finished: its own
+# post-import hook then runs the step again.
+BASE_CONFIG_MODULES = tuple(
+    f"transformers.models.{name}.configuration_{name}"
+    for name in ("bert", "roberta", "distilbert", "electra", "modernbert", "vit", "gpt2", "gpt_neox", "llama",
+                 "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "cohere2")
+)
 _CONFIGURATION_AUTO = "transformers.models.auto.configuration_auto"
 _MODELING_AUTO = "transformers.models.auto.modeling_auto"
 _IMAGE_PROCESSING_AUTO = "transformers.models.auto.image_processing_auto"
+_WATCHED = (_CONFIGURATION_AUTO, _MODELING_AUTO, _IMAGE_PROCESSING_AUTO, *BASE_CONFIG_MODULES)
 _done: set[str] = set()
 _busy = False
 
@@ -157,7 +167,8 @@ def _sync(_module=None) -> None:
     Loading a transformers config class can itself import ``modeling_auto`` (its docstring decorator
     reads the Auto mappings), which fires another hook inside this one: that inner call returns at
     once and this call finishes the job. When a step cannot run yet because transformers is halfway
-    through importing an Auto module, a later hook (that module's own) runs it.
+    through importing an Auto module or a base config module (``from transformers import LlamaConfig``
+    loads the Auto modules while ``LlamaConfig`` is being defined), that module's own hook runs it again.
     """
     global _busy
     if _busy:
@@ -172,9 +183,8 @@ def _sync(_module=None) -> None:
             try:
                 step(module)
             except (ImportError, AttributeError) as exc:
-                if any(_loaded(name, _module) is None and name in sys.modules
-                       for name in (_CONFIGURATION_AUTO, _MODELING_AUTO, _IMAGE_PROCESSING_AUTO)):
-                    continue  # an Auto module is still being imported: its own hook retries
+                if any(_loaded(name, _module) is None and name in sys.modules for name in _WATCHED):
+                    continue  # a watched module is still being imported: its own hook retries
                 _warn(step, exc)
             except Exception as exc:  # a hook must never break the user's import of transformers
                 _warn(step, exc)
@@ -196,5 +206,5 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    for name in (_CONFIGURATION_AUTO, _MODELING_AUTO, _IMAGE_PROCESSING_AUTO):
+    for name in _WATCHED:
         wrapt.register_post_import_hook(_sync, name)

@@ -34,6 +34,10 @@ def test_import_loads_neither_torch_nor_the_model_stack():
     "from transformers import AutoModel, AutoConfig\nimport hf_efficient",
     # a modeling module that imports the Auto classes halfway through its own import
     "import hf_efficient\nfrom transformers import Gemma3ForCausalLM\nfrom transformers import AutoModel, AutoConfig",
+    # a base config first: its class decorator loads the Auto modules before the class exists
+    "import hf_efficient\nfrom transformers import LlamaConfig\nfrom transformers import AutoModel, AutoConfig",
+    "import torch\nimport hf_efficient\nfrom transformers import BertConfig, BertModel\n"
+    "from transformers import AutoModel, AutoConfig",
 ])
 def test_auto_classes_build_the_package_classes_whatever_the_import_order(order):
     out = _run(order + "\n" + textwrap.dedent("""
@@ -117,3 +121,11 @@ def test_deferred_names_match_the_declared_classes():
         assert real.__name__ == deferred.__name__ and real.config_class is config_class
         if real.__name__.startswith("Efficient"):
             assert auto_class_name(real) == auto
+
+
+def test_watched_base_config_modules_are_those_of_the_efficient_configs():
+    from hf_efficient.integrations.configurations import CONFIG_CLASSES
+    from hf_efficient.registration import BASE_CONFIG_MODULES
+
+    bases = {c.hf_efficient_base_class.__module__ for c in CONFIG_CLASSES.values()}
+    assert sorted(BASE_CONFIG_MODULES) == sorted(bases)

@@ -3,7 +3,8 @@
 Every architecture ``patch_model`` accepts has a config class ``Efficient<Config>`` here, with
 ``model_type = "efficient-<type>"``; its model classes are declared in :mod:`.architectures`.
 This module imports only transformers' configuration classes (no model code), so the Auto
-registration of :mod:`hf_efficient.registration` can load it while transformers is still importing.
+registration of :mod:`hf_efficient.registration` can load it while transformers is still importing
+(once the base config modules it names in ``BASE_CONFIG_MODULES`` have finished).
 """
 
 from __future__ import annotations
