@@ -18,10 +18,11 @@ Both are differentiable in q, k and v (gradients reach the member queries throug
 mean; the hashing and clustering are discrete). Padded queries take no part in clustering and get a
 zero output; padded keys get exactly zero weight. A sequence whose keys are all padded gets zeros.
 
-Randomness: with ``seed`` the hyperplanes are the same on every call, and k-means starts from
-centres chosen among a sequence's real queries by their rank alone, so a sequence's result does not
-depend on the other sequences of the batch or on its padding. With ``seed=None`` fresh planes are
-drawn from torch's global generator on each call (reproducible only under ``torch.manual_seed``).
+Randomness: with ``seed`` the hyperplanes are the same on every call, and k-means starts
+farthest-first from a sequence's own real queries (re-seeding empty centres, see :mod:`.hashing`),
+so a sequence's result does not depend on the other sequences of the batch or on its padding. With
+``seed=None`` fresh planes are drawn from torch's global generator on each call (reproducible only
+under ``torch.manual_seed``).
 
 Non-finite input is confined as softmax attention confines it: a query with a NaN or inf entry gets a
 NaN row and takes no part in hashing, clustering or any centroid; a key with one is left out of the

@@ -11,6 +11,11 @@ Used by clustered attention (:mod:`hf_efficient.attention.clustered`) to group s
 * Codes are packed into int64 words (:func:`pack_bits`); the Hamming distance of two codes is the
   popcount of their xor (:func:`hamming_distance`, a byte lookup table since torch has no popcount).
 * k-means: Lloyd's algorithm in Hamming space; a centre is the bitwise majority of its members.
+  Start: farthest-first traversal (the first real query, then repeatedly the query farthest from every
+  centre chosen so far), so that a run of duplicate queries takes one centre and distinct queries get
+  the others. An empty centre (a duplicate centre ends up empty too: ties go to the lowest index) is
+  re-seeded at each update with the query farthest from its own centre, the j-th empty centre taking
+  the j-th farthest query; a query at distance 0 is never taken. Ties go to the lowest rank everywhere.
 
 The fast k-means (:func:`hamming_kmeans`) computes the same Hamming distances as
 ``(bits - s_a . s_b) / 2`` with ``s = 2 * bit - 1``, one matrix product per round: torch's
@@ -28,10 +33,12 @@ __all__ = [
     "hamming_distance",
     "hamming_kmeans",
     "hamming_kmeans_reference",
+    "farthest_first_centres",
     "hash_queries",
     "initial_centre_ranks",
     "pack_bits",
     "popcount64",
+    "reseed_empty_centres",
     "unpack_bits",
 ]
 
@@ -129,10 +136,10 @@ def hamming_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def initial_centre_ranks(n_real: torch.Tensor, clusters: int) -> torch.Tensor:
-    """Ranks (among a sequence's real queries) of the initial centres: midpoints of ``clusters`` equal slices.
+    """Ranks (among a sequence's real queries) of ``clusters`` evenly spread queries: midpoints of equal slices.
 
-    Depends only on the number of real queries, so neither padding nor the other sequences of a
-    batch move the start of k-means. ``n_real``: ``(s,)`` int64 -> ``(s, clusters)``.
+    Depends only on the number of real queries. (The k-means starts farthest-first instead, see
+    :func:`farthest_first_centres`.) ``n_real``: ``(s,)`` int64 -> ``(s, clusters)``.
     """
     i = torch.arange(clusters, device=n_real.device)
     return ((2 * i + 1)[None, :] * n_real[:, None]) // (2 * clusters)
@@ -155,7 +162,7 @@ def _fast_dtype(device: torch.device, n_bits: int) -> torch.dtype:
 
 @torch.no_grad()
 def hamming_kmeans(bits: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
-    """Lloyd's k-means in Hamming space for many sequences at once.
+    """Lloyd's k-means in Hamming space for many sequences at once (start and re-seeding: module docstring).
 
     Args:
         bits: bool ``(s, n, n_bits)`` hash codes of s sequences (batch x heads flattened).
@@ -183,33 +190,72 @@ def _lloyd(bits, valid, n_real, clusters, iterations):
     dt = _fast_dtype(bits.device, bits.shape[-1])
     # +-1 per bit, plus zero columns up to a multiple of 64 (faster GEMMs; zeros add nothing)
     signs = torch.nn.functional.pad(bits.to(dt) * 2 - 1, (0, (-bits.shape[-1]) % 64))  # (s, n, b')
-    real_first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-    start = real_first.gather(1, initial_centre_ranks(n_real, clusters))  # (s, C) query positions
-    centres = signs.gather(1, start[..., None].expand(-1, -1, signs.shape[-1]))
+    centres = farthest_first_centres(signs, valid, clusters)
     members = torch.where(valid[..., None], signs, 0).float().reshape(-1, signs.shape[-1])
     weight = valid.float().reshape(-1)
     offset = torch.arange(s, device=bits.device)[:, None] * clusters  # flat (sequence, cluster) index
-    assign = _nearest(signs, centres)
+    assign, agree = _nearest(signs, centres)
     for _ in range(iterations):
         flat = (assign + offset).reshape(-1)
         votes = members.new_zeros(s * clusters, members.shape[-1]).index_add_(0, flat, members)
         count = weight.new_zeros(s * clusters).index_add_(0, flat, weight)
         votes, count = votes.reshape(centres.shape), count.reshape(s, clusters)
-        # majority bit of the members (a tie gives 0); an empty cluster keeps its centre
+        # majority bit of the members (a tie gives 0); an empty cluster is re-seeded
         majority = torch.where(votes > 0, 1.0, -1.0).to(dt)
         centres = torch.where(count[..., None] > 0, majority, centres)
-        new = _nearest(signs, centres)
+        centres = reseed_empty_centres(signs, valid, agree, count == 0, centres, bits.shape[-1])
+        new, agree = _nearest(signs, centres)
         if torch.equal(new[valid], assign[valid]):
             break
         assign = new
     return assign
 
 
-def _nearest(signs: torch.Tensor, centres: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
+def farthest_first_centres(signs: torch.Tensor, valid: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Farthest-first start of the k-means: ``(s, C, b)`` centres taken among the real queries.
+
+    ``signs``: ``(s, n, b)`` +-1 codes (zero columns allowed), ``valid``: bool ``(s, n)``, each row with
+    more than ``clusters`` real queries. Centre 0 is the first real query; centre c the real query with
+    the fewest agreeing bits with its closest earlier centre (the farthest in Hamming distance), the
+    first one on ties. One product per centre, about the cost of one assignment round.
+    """
+    s, n, _ = signs.shape
+    rows = torch.arange(s, device=signs.device)
+    pick = valid.to(torch.int8).argmax(dim=1)  # the first real query
+    centres = [signs[rows, pick]]
+    closest = torch.matmul(signs, centres[0][..., None])[..., 0].float()  # agreement with the closest centre
+    for _ in range(1, clusters):
+        pick = torch.where(valid, closest, float("inf")).argmin(dim=1)  # the first on ties
+        centres.append(signs[rows, pick])
+        closest = torch.maximum(closest, torch.matmul(signs, centres[-1][..., None])[..., 0].float())
+    return torch.stack(centres, dim=1)
+
+
+def reseed_empty_centres(signs: torch.Tensor, valid: torch.Tensor, agree: torch.Tensor, empty: torch.Tensor,
+                         centres: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Move each empty centre onto a query far from its own centre.
+
+    ``agree``: ``(s, n)`` agreement of each query with the centre it was assigned to (``n_bits`` - 2 x
+    distance); ``empty``: bool ``(s, C)``. The j-th empty centre of a sequence (in index order) takes the
+    j-th farthest real query (lowest rank first on ties) unless that query is at distance 0.
+    """
+    if not bool(empty.any()):
+        return centres
+    c = centres.shape[1]
+    order = torch.argsort(torch.where(valid, agree.float(), float("inf")), dim=1, stable=True)[:, :c]
+    slot = (empty.long().cumsum(dim=1) - 1).clamp(min=0)  # rank of each empty centre among the empty ones
+    pick = order.gather(1, slot)  # (s, C) query positions
+    far = torch.where(valid, agree.float(), float(n_bits)).gather(1, pick) < n_bits  # distance > 0
+    chosen = signs.gather(1, pick[..., None].expand(-1, -1, signs.shape[-1])).to(centres.dtype)
+    return torch.where((empty & far)[..., None], chosen, centres)
+
+
+def _nearest(signs: torch.Tensor, centres: torch.Tensor, block: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest centre in Hamming distance (the first one on ties): the most agreeing signs.
 
-    signs ``(s, n, b)``, centres ``(s, C, b)`` -> int64 ``(s, n)``. Works on blocks of queries whose
-    ``(s, rows, C)`` agreement matrix (about ``block`` numbers) stays in cache.
+    signs ``(s, n, b)``, centres ``(s, C, b)`` -> int64 ``(s, n)`` and the agreement with that centre,
+    float32 ``(s, n)``. Works on blocks of queries whose ``(s, rows, C)`` agreement matrix (about
+    ``block`` numbers) stays in cache.
     """
     s, n, n_bits = signs.shape
     c = centres.shape[1]
@@ -222,34 +268,49 @@ def _nearest(signs: torch.Tensor, centres: torch.Tensor, block: int = 1 << 18) -
     rows = max(1, block // (s * c))
     centres_t = centres.transpose(1, 2)
     out = torch.empty(s, n, dtype=torch.long, device=signs.device)
+    best = torch.empty(s, n, dtype=torch.float32, device=signs.device)
     for start in range(0, n, rows):  # blocks of queries, not single queries
         agree = torch.matmul(signs[:, start : start + rows], centres_t).float()
         if packed:
             key = agree.mul_(m).add_(reverse).amax(dim=-1)
             out[:, start : start + rows] = (m - 1) - torch.remainder(key, m).long()
+            best[:, start : start + rows] = torch.div(key, m, rounding_mode="floor")
         else:
-            out[:, start : start + rows] = agree.argmax(dim=-1)
-    return out
+            top = agree.max(dim=-1)
+            out[:, start : start + rows] = top.indices
+            best[:, start : start + rows] = top.values
+    return out, best
 
 
 def hamming_kmeans_reference(codes: torch.Tensor, n_bits: int, clusters: int, iterations: int) -> torch.Tensor:
     """Lloyd's k-means on the packed codes of one sequence's real queries, loops and popcounts.
 
-    ``codes``: int64 ``(n, W)`` -> int64 ``(n,)`` clusters. Same initialisation, tie rules and
+    ``codes``: int64 ``(n, W)`` -> int64 ``(n,)`` clusters. Same start, re-seeding, tie rules and
     stopping as :func:`hamming_kmeans`.
     """
     n = codes.shape[0]
     if n <= clusters:
         return torch.arange(n)
-    start = initial_centre_ranks(torch.tensor([n]), clusters)[0]
-    centres = codes[start].clone()
-    assign = hamming_distance(codes[:, None, :], centres[None, :, :]).argmin(dim=1)
+    chosen = [0]  # farthest-first: the first query, then the one farthest from all chosen so far
+    far = hamming_distance(codes, codes[0][None])
+    for _ in range(1, clusters):
+        chosen.append(int(far.argmax()))  # the first on ties
+        far = torch.minimum(far, hamming_distance(codes, codes[chosen[-1]][None]))
+    centres = codes[chosen].clone()
+    best, assign = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
     for _ in range(iterations):
+        empty = []
         for c in range(clusters):
             member_bits = unpack_bits(codes[assign == c], n_bits)
             if len(member_bits):
                 centres[c] = pack_bits(member_bits.double().mean(dim=0) > 0.5)
-        new = hamming_distance(codes[:, None, :], centres[None, :, :]).argmin(dim=1)
+            else:
+                empty.append(c)
+        farthest = sorted(range(n), key=lambda i: -int(best[i]))  # stable: the lowest rank first on ties
+        for c, i in zip(empty, farthest):
+            if best[i] > 0:
+                centres[c] = codes[i]
+        best, new = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
         if torch.equal(new, assign):
             break
         assign = new

@@ -41,20 +41,49 @@ inline int64_t popcount(uint64_t x) { return static_cast<int64_t>(__builtin_popc
 
 // --------------------------------------------------------------------------- Hamming k-means
 // Same algorithm, start and tie rules as hf_efficient.attention.hashing.hamming_kmeans:
-// * start: the real queries of ranks ((2 i + 1) n_real) / (2 C), i < C;
+// * start: farthest-first: the first real query, then repeatedly the one farthest from its closest
+//   chosen centre (the lowest rank on ties);
 // * assign: the centre with the fewest differing bits, the lowest index on ties;
-// * update: bit b of a centre is 1 when more than half of its members have it (a tie gives 0); an empty
-//   cluster keeps its centre; stop after `iterations` updates or at a fixed point.
+// * update: bit b of a centre is 1 when more than half of its members have it (a tie gives 0); the j-th
+//   empty cluster takes the code of the j-th farthest query from its own centre (lowest rank first on
+//   ties) unless that distance is 0; stop after `iterations` updates or at a fixed point.
 struct KMeans {
   int64_t C, W;
   std::vector<uint64_t> centres;  // word-major: centres[w * C + c], so the inner loop runs over centres
   std::vector<int64_t> dist;
   std::vector<int32_t> ones;  // (C, 64 W) members with the bit set
   std::vector<int64_t> count;
+  std::vector<int64_t> best;   // (n) distance of each query to its assigned centre
+  std::vector<int64_t> order;  // (n) queries by decreasing distance, for re-seeding
 
   KMeans(int64_t C_, int64_t W_) : C(C_), W(W_), centres(C_ * W_), dist(C_), ones(C_ * 64 * W_), count(C_) {}
 
-  int64_t nearest(const uint64_t* x) {
+  static int64_t distance(const uint64_t* x, const uint64_t* y, int64_t W) {
+    int64_t d = 0;
+    for (int64_t w = 0; w < W; ++w) d += popcount(x[w] ^ y[w]);
+    return d;
+  }
+
+  void set_centre(int64_t c, const uint64_t* x) {
+    for (int64_t w = 0; w < W; ++w) centres[w * C + c] = x[w];
+  }
+
+  // farthest-first start on the n codes (n > C)
+  void start(const uint64_t* codes, int64_t n) {
+    std::vector<int64_t> far(n);
+    set_centre(0, codes);
+    for (int64_t i = 0; i < n; ++i) far[i] = distance(codes + i * W, codes, W);
+    for (int64_t c = 1; c < C; ++c) {
+      int64_t pick = 0;
+      for (int64_t i = 1; i < n; ++i)
+        if (far[i] > far[pick]) pick = i;  // strictly: the first on ties
+      const uint64_t* x = codes + pick * W;
+      set_centre(c, x);
+      for (int64_t i = 0; i < n; ++i) far[i] = std::min(far[i], distance(codes + i * W, x, W));
+    }
+  }
+
+  int64_t nearest(const uint64_t* x, int64_t* best_dist) {
     const uint64_t* c0 = centres.data();
     int64_t* d = dist.data();
     for (int64_t c = 0; c < C; ++c) d[c] = popcount(x[0] ^ c0[c]);
@@ -65,14 +94,16 @@ struct KMeans {
     // (distance, index) packed in one integer: its minimum is the first nearest centre
     uint64_t best = std::numeric_limits<uint64_t>::max();
     for (int64_t c = 0; c < C; ++c) best = std::min(best, (static_cast<uint64_t>(d[c]) << 32) | static_cast<uint64_t>(c));
+    *best_dist = static_cast<int64_t>(best >> 32);
     return static_cast<int64_t>(best & 0xffffffffu);
   }
 
   // returns whether any assignment changed
   bool assign_all(const uint64_t* codes, int64_t n, int64_t* assign) {
     bool changed = false;
+    best.resize(n);
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t a = nearest(codes + i * W);
+      const int64_t a = nearest(codes + i * W, &best[i]);
       changed |= a != assign[i];
       assign[i] = a;
     }
@@ -91,14 +122,28 @@ struct KMeans {
         for (int b = 0; b < 64; ++b) o[w * 64 + b] += static_cast<int32_t>((x >> b) & 1u);
       }
     }
+    int64_t empty = 0;
     for (int64_t c = 0; c < C; ++c) {
-      if (count[c] == 0) continue;
+      if (count[c] == 0) {
+        ++empty;
+        continue;
+      }
       const int32_t* o = ones.data() + c * nb;
       for (int64_t w = 0; w < W; ++w) {
         uint64_t word = 0;
         for (int b = 0; b < 64; ++b) word |= static_cast<uint64_t>(2 * static_cast<int64_t>(o[w * 64 + b]) > count[c]) << b;
         centres[w * C + c] = word;
       }
+    }
+    if (empty == 0) return;
+    order.resize(n);
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return best[x] > best[y]; });
+    int64_t j = 0;  // empty clusters seen so far; n > C, so order[j] exists
+    for (int64_t c = 0; c < C; ++c) {
+      if (count[c] != 0) continue;
+      const int64_t i = order[j++];
+      if (best[i] > 0) set_centre(c, codes + i * W);
     }
   }
 };
@@ -142,10 +187,7 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
         uint64_t* cw = codes.data() + r * W;
         for (int64_t b = 0; b < nb; ++b) cw[b >> 6] |= static_cast<uint64_t>(x[b]) << (b & 63);
       }
-      for (int64_t c = 0; c < clusters; ++c) {
-        const int64_t r = ((2 * c + 1) * nr) / (2 * clusters);
-        for (int64_t w = 0; w < W; ++w) km.centres[w * clusters + c] = codes[r * W + w];
-      }
+      km.start(codes.data(), nr);
       assign.assign(nr, -1);
       km.assign_all(codes.data(), nr, assign.data());
       for (int64_t it = 0; it < iterations; ++it) {

@@ -7,6 +7,12 @@ name hashes the source, the torch version and the CPU (the build uses ``-march=n
 shared between machines must not mix them). Any failure (no compiler, no ninja, a broken toolchain)
 is remembered and reported by :func:`build_error` (:func:`clustered_build_error`); callers then use
 the PyTorch reference.
+
+``HF_EFFICIENT_SANITIZE=1`` builds instead with AddressSanitizer and UndefinedBehaviorSanitizer
+(``-fsanitize=address,undefined``, any report aborts) into separate folders, for testing: the Python
+process must then load the ASan runtime first, e.g.
+``LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/kernels``.
+There is no fallback build in that mode, so a failed sanitizer build shows up as a missing kernel.
 """
 
 from __future__ import annotations
@@ -40,6 +46,17 @@ _FLAG_SETS = (
     (["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
     (["-O3", "-fopenmp"], ["-fopenmp"]),
 )
+SANITIZE_ENV = "HF_EFFICIENT_SANITIZE"
+_SANITIZE = "-fsanitize=address,undefined"
+# One set, no fallback: a sanitizer build that silently became a plain one would check nothing.
+_SANITIZE_FLAG_SETS = (
+    (["-O1", "-g", "-march=native", "-fopenmp", _SANITIZE, "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"],
+     ["-fopenmp", _SANITIZE]),
+)
+
+
+def _flag_sets() -> tuple[tuple[list[str], list[str]], ...]:
+    return _SANITIZE_FLAG_SETS if os.environ.get(SANITIZE_ENV) == "1" else _FLAG_SETS
 
 
 def _cpu_signature() -> str:
@@ -61,6 +78,8 @@ def _build_dir(flags: list[str], source: Path = _SOURCE) -> tuple[str, Path]:
     for part in (source.read_bytes(), torch.__version__.encode(), _cpu_signature().encode(), " ".join(flags).encode()):
         h.update(part)
     tag = h.hexdigest()[:16]
+    if _SANITIZE in flags:  # a folder of its own (the hash differs too), easy to tell apart
+        tag = f"asan_{tag}"
     path = cache_dir() / "kernels" / f"{source.stem}_{tag}"
     path.mkdir(parents=True, exist_ok=True)
     return f"hf_efficient_{source.stem}_{tag}", path
@@ -74,7 +93,7 @@ def _compile(source: Path, namespace: str) -> tuple[Any, str | None]:
         from torch.utils import cpp_extension
     except Exception as exc:  # a torch build without the extension tools
         return None, f"torch.utils.cpp_extension unavailable: {exc}"
-    for cflags, ldflags in _FLAG_SETS:
+    for cflags, ldflags in _flag_sets():
         name, path = _build_dir(cflags, source)
         verbose = bool(os.environ.get("HF_EFFICIENT_KERNELS_VERBOSE"))
         # Quiet: a failed build is reported by build_error(), and the reference still runs.

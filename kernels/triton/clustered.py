@@ -53,7 +53,7 @@ def _check_range(index: torch.Tensor, low: int, high: int, name: str, label: str
 
 # --------------------------------------------------------------------------- Hamming k-means
 @triton.jit
-def _assign_kernel(BITS, CENT, OUT, n, n_bits, c,
+def _assign_kernel(BITS, CENT, OUT, BEST, n, n_bits, c,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
     # Nearest centre = the one that agrees on most bits: agreement = signs . centre with +-1 entries.
     seq = tl.program_id(0).to(tl.int64)
@@ -82,6 +82,7 @@ def _assign_kernel(BITS, CENT, OUT, n, n_bits, c,
         best = tl.where(better, top, best)
         best_idx = tl.where(better, first.to(tl.int64), best_idx)
     tl.store(OUT + seq * n + rows, best_idx, mask=row_ok)
+    tl.store(BEST + seq * n + rows, best, mask=row_ok)  # agreement with that centre, for re-seeding
 
 
 @triton.jit
@@ -105,40 +106,41 @@ def _vote_kernel(BITS, VALID, ASSIGN, VOTES, COUNT, n, n_bits, c,
         tl.atomic_add(VOTES + (seq * c + a[:, None]) * n_bits + bcol[None, :], x.to(tl.float32) * 2.0 - 1.0, mask=m)
 
 
-def _nearest(bits_u8: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+def _nearest(bits_u8: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre ``(s, n)`` int64 and the agreement with it ``(s, n)`` float32."""
     s, n, n_bits = bits_u8.shape
     c = centres.shape[1]
     out = torch.empty(s, n, dtype=torch.long, device=bits_u8.device)
+    best = torch.empty(s, n, dtype=torch.float32, device=bits_u8.device)
     block_n, block_c, block_b = 32, 16, min(64, _pow2(n_bits))
     if out.numel() == 0:
-        return out
-    _assign_kernel[(s, triton.cdiv(n, block_n))](bits_u8, centres, out, n, n_bits, c,
+        return out, best
+    _assign_kernel[(s, triton.cdiv(n, block_n))](bits_u8, centres, out, best, n, n_bits, c,
                                                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_B=block_b)
-    return out
+    return out, best
 
 
 def _lloyd(bits: torch.Tensor, valid: torch.Tensor, n_real: torch.Tensor, clusters: int, iterations: int):
-    from hf_efficient.attention.hashing import initial_centre_ranks
+    from hf_efficient.attention.hashing import farthest_first_centres, reseed_empty_centres
 
     s, n, n_bits = bits.shape
     bits_u8 = bits.contiguous().view(torch.uint8)
     valid_u8 = valid.contiguous().view(torch.uint8)
-    # the same start as the reference: the real queries at the midpoints of C equal slices
-    real_first = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-    start = real_first.gather(1, initial_centre_ranks(n_real, clusters))
-    signs_start = bits.gather(1, start[..., None].expand(-1, -1, n_bits))
-    centres = (signs_start.float() * 2 - 1).contiguous()  # (s, C, n_bits), +-1
-    assign = _nearest(bits_u8, centres)
+    # the same start and re-seeding as the reference (shared PyTorch code on +-1 signs)
+    signs = bits.float() * 2 - 1  # (s, n, n_bits)
+    centres = farthest_first_centres(signs, valid, clusters).contiguous()  # (s, C, n_bits), +-1
+    assign, agree = _nearest(bits_u8, centres)
     block_n, block_b = 32, min(64, _pow2(n_bits))
     for _ in range(iterations):
         votes = torch.zeros(s, clusters, n_bits, dtype=torch.float32, device=bits.device)
         count = torch.zeros(s, clusters, dtype=torch.float32, device=bits.device)
         _vote_kernel[(s, triton.cdiv(n, block_n))](bits_u8, valid_u8, assign, votes, count, n, n_bits, clusters,
                                                    BLOCK_N=block_n, BLOCK_B=block_b)
-        # majority bit (a tie gives 0, i.e. -1); an empty cluster keeps its centre
+        # majority bit (a tie gives 0, i.e. -1); an empty cluster is re-seeded
         majority = torch.where(votes > 0, 1.0, -1.0)
-        centres = torch.where(count[..., None] > 0, majority, centres).contiguous()
-        new = _nearest(bits_u8, centres)
+        centres = torch.where(count[..., None] > 0, majority, centres)
+        centres = reseed_empty_centres(signs, valid, agree, count == 0, centres, n_bits).contiguous()
+        new, agree = _nearest(bits_u8, centres)
         if torch.equal(new[valid], assign[valid]):
             break
         assign = new

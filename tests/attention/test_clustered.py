@@ -82,6 +82,55 @@ def test_fast_kmeans_equals_popcount_reference(n_bits):
         assert (fast[s][~valid[s]] == -1).all()
 
 
+@pytest.mark.parametrize("n_bits", [63, 100])
+def test_kmeans_reseeds_empty_centres_equal_to_reference(n_bits):
+    """Many duplicates and more clusters than groups: centres go empty and are re-seeded; the fast path and
+    the popcount loop stay identical."""
+    g = torch.Generator().manual_seed(5)
+    proto = torch.rand(4, n_bits, generator=g) > 0.5
+    pick = torch.randint(0, 4, (3, 90), generator=g)
+    pick[0, :60] = 0  # a long run of one code
+    bits = proto[pick] ^ (torch.rand(3, 90, n_bits, generator=g) < 0.05)
+    bits[0, :60] = proto[0]
+    valid = torch.ones(3, 90, dtype=torch.bool)
+    valid[2, 70:] = False
+    for iterations in (0, 1, 3, 10):
+        fast = hamming_kmeans(bits, valid, clusters=12, iterations=iterations)
+        for s in range(3):
+            ref = hamming_kmeans_reference(pack_bits(bits[s][valid[s]]), n_bits, 12, iterations)
+            assert torch.equal(fast[s][valid[s]], ref), (iterations, s)
+
+
+def test_kmeans_duplicates_take_one_cluster():
+    """60 identical queries and 40 distinct ones with 10 clusters: all 10 clusters are used (a start at
+    evenly spread ranks put 6 centres on the duplicates and used 5)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 100, 16, generator=g)
+    q[0, 0, :60] = q[0, 0, 0]
+    k, v = torch.randn(1, 1, 100, 16, generator=g), torch.randn(1, 1, 100, 16, generator=g)
+    _, assign = clustered_attention(q, k, v, clusters=10, seed=0, return_clusters=True)
+    assert assign[0, 0, :60].unique().numel() == 1
+    assert assign.unique().numel() == 10
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_well_separated_groups_get_their_own_clusters(seed):
+    """8 tight, well separated groups of queries and 8 clusters: every group is one cluster, so the output is
+    close to softmax attention (evenly spread starting ranks left groups merged: 0.28-0.43 relative error)."""
+    g = torch.Generator().manual_seed(seed)
+    d, groups, per = 16, 8, 16
+    centres = torch.randn(groups, d, generator=g) * 3
+    member = torch.arange(groups).repeat_interleave(per)[torch.randperm(groups * per, generator=g)]
+    q = (centres[member] + 0.05 * torch.randn(groups * per, d, generator=g))[None, None]
+    k, v = torch.randn(1, 1, 64, d, generator=g), torch.randn(1, 1, 64, d, generator=g)
+    out, assign = clustered_attention(q, k, v, clusters=groups, seed=seed, return_clusters=True)
+    for c in range(groups):  # one cluster per group, one group per cluster
+        assert assign[0, 0, member == c].unique().numel() == 1
+    assert assign.unique().numel() == groups
+    want = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, -1) @ v
+    assert float((out - want).norm() / want.norm()) < 0.1
+
+
 # --------------------------------------------------------------------------- fast path vs references
 @pytest.mark.parametrize("kind", ["clustered", "improved"])
 @pytest.mark.parametrize("clusters,topk", [(1, 1), (3, 4), (7, 9), (100, 2)])

@@ -449,3 +449,17 @@ def test_indices_from_data_are_checked(ops):
     w = torch.rand(*q.shape[:3], top.shape[3])
     with pytest.raises(RuntimeError, match="out of range"):
         ops.clustered_topk_backward_op(q, k, v, a2, top, w, torch.randn(*q.shape[:3], v.shape[3]), 0.3)
+
+
+def test_sanitizer_build_is_separate(monkeypatch):
+    """HF_EFFICIENT_SANITIZE=1 selects the ASan/UBSan flags, with no plain fallback, in a folder of its own."""
+    monkeypatch.delenv(loader.SANITIZE_ENV, raising=False)
+    plain = loader._flag_sets()
+    assert all("-fsanitize=address,undefined" not in cflags for cflags, _ in plain)
+    monkeypatch.setenv(loader.SANITIZE_ENV, "1")
+    sanitized = loader._flag_sets()
+    assert len(sanitized) == 1 and "-fsanitize=address,undefined" in sanitized[0][0]
+    assert "-fsanitize=address,undefined" in sanitized[0][1]
+    plain_dir = loader._build_dir(plain[0][0], loader._CLUSTERED_SOURCE)[1]
+    asan_dir = loader._build_dir(sanitized[0][0], loader._CLUSTERED_SOURCE)[1]
+    assert plain_dir != asan_dir and "asan" in asan_dir.name
