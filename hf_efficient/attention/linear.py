@@ -353,6 +353,17 @@ def _check_eps(eps: float, name: str) -> None:
         raise ValueError(f"{name}: eps must be a finite positive number, got {eps!r}")
 
 
+def check_scale(scale, name: str) -> float | None:
+    """A softmax scale must be a finite positive number (or None for the default); NaN, inf, 0 and
+    negative values would give NaN or reversed attention silently."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name}: scale must be a finite positive number or None (the default d ** -0.5), "
+                         f"got {scale!r}")
+    return float(scale)
+
+
 def _check_chunk(chunk_size, name: str) -> None:
     if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
@@ -557,6 +568,7 @@ def fold_favor_scale(q: torch.Tensor, feature_map: str, scale: float | None) -> 
 
     q: ``(batch, heads, seq, d)``; returned unchanged for every other feature map or when scale is None.
     """
+    scale = check_scale(scale, "fold_favor_scale")
     if feature_map == "favor" and scale is not None:
         return q * (scale * q.shape[-1] ** 0.5)
     return q
