@@ -132,8 +132,21 @@ def causal_linear_chunked(
         before.append(acc)
         acc = acc + kv[:, :, i]
     scores = torch.matmul(q, k.transpose(-1, -2)).tril_()  # (b, h, nc, c, c), causal inside the chunk
-    y = torch.matmul(scores, vc).add_(torch.matmul(q, torch.stack(before, dim=2)))
+    y = _masked_product(scores, vc).add_(torch.matmul(q, torch.stack(before, dim=2)))
     return y.reshape(b, h, nc * c, e)[:, :, :n], acc
+
+
+def _masked_product(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``scores @ v`` for lower-triangular scores ``(..., c, c)`` and v ``(..., c, e)``, where a non-finite
+    value spoils only the rows that see it: a plain product would multiply it by the zeros above the
+    diagonal (0 * nan = nan) and spoil the earlier rows of its chunk too."""
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(scores, v)
+    y = torch.matmul(scores, v.masked_fill(~finite, 0.0))
+    # row i, column f sees a non-finite value if some j <= i of its chunk holds one (with nonzero weight)
+    seen = torch.matmul((scores != 0).to(v.dtype), (~finite).to(v.dtype)) > 0
+    return y.masked_fill(seen, float("nan"))
 
 
 def causal_linear_recurrent(
@@ -273,7 +286,7 @@ def _favor_causal_chunked(a, b, v, eps, chunk_size, initial=None, initial_shift=
         acc = acc + kv[:, :, i]
         prev = chunk_shift[:, :, i]
     scores = torch.matmul(qf, kf.transpose(-1, -2)).tril_()
-    y = torch.matmul(scores, vc).add_(torch.matmul(qf, torch.stack(before, dim=2)))
+    y = _masked_product(scores, vc).add_(torch.matmul(qf, torch.stack(before, dim=2)))
     y = y.reshape(bsz, h, nc * c, e)[:, :, :n]
     eps_scaled = eps * torch.exp(row_shift - t_c.reshape(bsz, h, nc * c))[:, :, :n, None]
     return y[..., :-1] / (y[..., -1:] + eps_scaled), acc, prev
