@@ -23,7 +23,14 @@ from typing import NamedTuple
 import torch
 
 from ._checks import check_padding_mask, check_qkv
-from .feature_maps import FEATURE_MAPS, FavorFeatureMap, resolve_feature_maps
+from .feature_maps import (
+    FEATURE_MAPS,
+    EluFeatureMap,
+    FavorFeatureMap,
+    ReluFeatureMap,
+    _compute_dtype,
+    resolve_feature_maps,
+)
 from .registry import AttentionKind, register_attention_kind
 
 __all__ = [
@@ -205,6 +212,14 @@ def causal_linear_normalized_reference(
 # the result only through eps). A NaN key exponent is left out of the shifts, so it spoils only the rows
 # that see the key; a NaN query spoils only its own row.
 _NEG_INF = float("-inf")
+
+
+def _fused_name(q_map, k_map) -> str | None:
+    """``"elu"`` / ``"relu"`` when both maps are that built-in map (which kernels can apply themselves)."""
+    for cls, name in ((EluFeatureMap, "elu"), (ReluFeatureMap, "relu")):
+        if type(q_map) is cls and type(k_map) is cls:
+            return name
+    return None
 
 
 def _is_favor(q_map, k_map) -> bool:
@@ -459,6 +474,15 @@ def linear_attention(
         out = out.to(q.dtype)
         return (out, LinearAttentionState.unpack(state, shift)) if return_state else out
 
+    fused = _fused_name(q_map, k_map)
+    if causal and mask is None and fused is not None and n_k > 0:
+        # elu/relu without padding: the feature map runs inside the causal kernel (kernels/dispatch.py)
+        from hf_efficient_kernels.dispatch import causal_linear_feature_map
+
+        init, _ = _state_in(initial_state, q, q.shape[-1], d_v, False, _compute_dtype(q), name, "initial_state")
+        out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size)
+        out = out.to(q.dtype)
+        return (out, LinearAttentionState.unpack(state)) if return_state else out
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
     if not causal:
         v1 = _with_ones(vf)

@@ -208,10 +208,7 @@ def test_non_causal_bad_query_and_key(implementation):
 
 
 @pytest.mark.parametrize("path", ["chunked", "recurrent"])
-def test_bad_value_spoils_only_rows_that_see_it(path, implementation, request):
-    if implementation == "kernel" and path == "chunked":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the compiled kernel multiplies the masked zeros "
-                                              "of its chunk by the value"))
+def test_bad_value_spoils_only_rows_that_see_it(path, implementation):
     q, k, v = rand(1, 1, 13, 4, seed=1), rand(1, 1, 13, 4, seed=2), rand(1, 1, 13, 3, seed=3)
     fn = CAUSAL_PATHS[path]
     clean = fn(q, k, v)
