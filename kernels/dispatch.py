@@ -24,7 +24,9 @@ __all__ = [
     "ENV_VAR",
     "IMPLEMENTATIONS",
     "available",
+    "FUSED_FEATURE_MAPS",
     "causal_linear",
+    "causal_linear_feature_map",
     "causal_linear_normalized",
     "centroid_topk",
     "cluster_broadcast",
@@ -37,6 +39,7 @@ __all__ = [
 
 ENV_VAR = "HF_EFFICIENT_KERNELS"
 IMPLEMENTATIONS = ("auto", "reference", "kernel")
+DEFAULT_CHUNK = 64  # tokens per block inside the CPU kernel (its speed knob; the result does not depend on it)
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -191,6 +194,54 @@ def causal_linear_normalized(
     from hf_efficient.attention.linear import causal_linear_normalized_reference
 
     return causal_linear_normalized_reference(phi_q, phi_k, v, eps, initial, chunk_size)
+
+
+FUSED_FEATURE_MAPS = ("elu", "relu")
+
+
+def causal_linear_feature_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal normalised linear attention with a built-in feature map (``elu``: elu(x) + 1, or ``relu``).
+
+    On the CPU kernel the map is applied to each chunk inside the kernel (no full-size phi(q), phi(k) in
+    the forward; the backward recomputes them); elsewhere the features are computed in PyTorch (float32,
+    float64 stays float64) and go through :func:`causal_linear_normalized`.
+
+    Args:
+        q, k: ``(batch, heads, n, d)`` raw queries and keys; v: ``(batch, heads, n, d_v)``.
+        feature_map: one of :data:`FUSED_FEATURE_MAPS`.
+        eps, initial, chunk_size, implementation: as in :func:`causal_linear_normalized`; initial is the
+            packed ``(batch, heads, d, d_v + 1)`` state.
+
+    Returns:
+        out ``(batch, heads, n, d_v)`` in float32 (float64 for float64 inputs) and the final packed state.
+    """
+    if feature_map not in FUSED_FEATURE_MAPS:
+        raise ValueError(f"causal_linear_feature_map: feature_map must be one of {FUSED_FEATURE_MAPS}, "
+                         f"got {feature_map!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"causal_linear_feature_map: eps must be a positive number, got {eps!r}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    if initial is not None:
+        initial = initial.to(acc)
+    _check(q, k, v, initial, extra_cols=1, name="causal_linear_feature_map")
+    if q.device.type == "cpu" and select_implementation(q, implementation) == "kernel":
+        from .ops import FUSED_FEATURES, causal_linear_fused_op
+
+        out, state, _ = causal_linear_fused_op(q, k, v, initial, float(eps), DEFAULT_CHUNK, FUSED_FEATURES[feature_map])
+        return out, state
+    phi = (lambda x: torch.nn.functional.elu(x) + 1.0) if feature_map == "elu" else torch.relu
+    return causal_linear_normalized(phi(q), phi(k), v, eps, initial, chunk_size, implementation=implementation)
 
 
 def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear") -> None:

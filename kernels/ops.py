@@ -18,7 +18,10 @@ import torch
 from .cpu import build_error, load_extension
 
 __all__ = [
+    "FUSED_FEATURES",
     "causal_linear_backward_op",
+    "causal_linear_fused_backward_op",
+    "causal_linear_fused_op",
     "centroid_topk_op",
     "cluster_gather_op",
     "cluster_sum_op",
@@ -225,6 +228,93 @@ def _backward_normalized(ctx, grad_out, grad_state, _grad_den):
 
 
 causal_linear_normalized_op.register_autograd(_backward_normalized, setup_context=_setup_normalized)
+
+
+# --------------------------------------------------------------------------- built-in feature map fused in
+FUSED_FEATURES = {"elu": 1, "relu": 2}
+
+
+@torch.library.custom_op("hf_efficient::causal_linear_fused", mutates_args=())
+def causal_linear_fused_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    chunk: int = DEFAULT_CHUNK,
+    feature: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`causal_linear_normalized_op` on ``phi(q)``, ``phi(k)`` with phi applied inside the kernel.
+
+    ``feature``: 1 = elu(x) + 1, 2 = relu(x) (:data:`FUSED_FEATURES`). The features are computed on each
+    chunk as it is loaded, so no ``(batch, heads, n, d)`` feature tensor is built, and the backward
+    recomputes them. CPU only.
+
+    Args:
+        q, k: ``(batch, heads, n, d)`` raw queries and keys; v: ``(batch, heads, n, d_v)``.
+        initial: optional packed ``(batch, heads, d, d_v + 1)`` state.
+
+    Returns:
+        out ``(batch, heads, n, d_v)``, the packed state ``(batch, heads, d, d_v + 1)`` and the
+        denominators ``(batch, heads, n)`` (float32, float64 for float64 inputs; no gradient).
+    """
+    out, state, den = _cpu_module().causal_linear_fused_forward(q, k, v, initial, eps, chunk, feature)
+    return out, state, den
+
+
+@causal_linear_fused_op.register_fake
+def _(q, k, v, initial=None, eps=1e-6, chunk=DEFAULT_CHUNK, feature=1):
+    b, h, n, m = q.shape
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return torch.empty_like(v), v.new_empty(b, h, m, v.shape[-1] + 1), v.new_empty(b, h, n, dtype=acc)
+
+
+@torch.library.custom_op("hf_efficient::causal_linear_fused_backward", mutates_args=())
+def causal_linear_fused_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial: torch.Tensor | None,
+    out: torch.Tensor,
+    den: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_state: torch.Tensor | None,
+    eps: float = 1e-6,
+    chunk: int = DEFAULT_CHUNK,
+    feature: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`causal_linear_fused_op` w.r.t. the raw q, k, v and initial (always returned)."""
+    dq, dk, dv, dinit = _cpu_module().causal_linear_fused_backward(
+        q, k, v, initial, out, den, grad_out, grad_state, eps, chunk, feature
+    )
+    return dq, dk, dv, dinit
+
+
+@causal_linear_fused_backward_op.register_fake
+def _(q, k, v, initial, out, den, grad_out, grad_state, eps=1e-6, chunk=DEFAULT_CHUNK, feature=1):
+    b, h, _, m = q.shape
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), v.new_empty(b, h, m, v.shape[-1] + 1)
+
+
+def _setup_fused(ctx, inputs, output):
+    q, k, v, initial, eps, chunk, feature = inputs
+    out, _, den = output
+    ctx.save_for_backward(q, k, v, initial, out, den)
+    ctx.eps, ctx.chunk, ctx.feature, ctx.has_initial = eps, chunk, feature, initial is not None
+    ctx.mark_non_differentiable(den)
+
+
+def _backward_fused(ctx, grad_out, grad_state, _grad_den):
+    q, k, v, initial, out, den = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dinit = causal_linear_fused_backward_op(
+        q, k, v, initial, out, den, grad_out, grad_state, ctx.eps, ctx.chunk, ctx.feature
+    )
+    return dq, dk, dv, (dinit if ctx.has_initial else None), None, None, None
+
+
+causal_linear_fused_op.register_autograd(_backward_fused, setup_context=_setup_fused)
 
 
 # --------------------------------------------------------------------------- clustered attention

@@ -23,7 +23,14 @@ from typing import NamedTuple
 import torch
 
 from ._checks import check_padding_mask, check_qkv
-from .feature_maps import FEATURE_MAPS, FavorFeatureMap, resolve_feature_maps
+from .feature_maps import (
+    FEATURE_MAPS,
+    EluFeatureMap,
+    FavorFeatureMap,
+    ReluFeatureMap,
+    _compute_dtype,
+    resolve_feature_maps,
+)
 from .registry import AttentionKind, register_attention_kind
 
 __all__ = [
@@ -132,8 +139,21 @@ def causal_linear_chunked(
         before.append(acc)
         acc = acc + kv[:, :, i]
     scores = torch.matmul(q, k.transpose(-1, -2)).tril_()  # (b, h, nc, c, c), causal inside the chunk
-    y = torch.matmul(scores, vc).add_(torch.matmul(q, torch.stack(before, dim=2)))
+    y = _masked_product(scores, vc).add_(torch.matmul(q, torch.stack(before, dim=2)))
     return y.reshape(b, h, nc * c, e)[:, :, :n], acc
+
+
+def _masked_product(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``scores @ v`` for lower-triangular scores ``(..., c, c)`` and v ``(..., c, e)``, where a non-finite
+    value spoils only the rows that see it: a plain product would multiply it by the zeros above the
+    diagonal (0 * nan = nan) and spoil the earlier rows of its chunk too."""
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(scores, v)
+    y = torch.matmul(scores, v.masked_fill(~finite, 0.0))
+    # row i, column f sees a non-finite value if some j <= i of its chunk holds one (with nonzero weight)
+    seen = torch.matmul((scores != 0).to(v.dtype), (~finite).to(v.dtype)) > 0
+    return y.masked_fill(seen, float("nan"))
 
 
 def causal_linear_recurrent(
@@ -192,6 +212,14 @@ def causal_linear_normalized_reference(
 # the result only through eps). A NaN key exponent is left out of the shifts, so it spoils only the rows
 # that see the key; a NaN query spoils only its own row.
 _NEG_INF = float("-inf")
+
+
+def _fused_name(q_map, k_map) -> str | None:
+    """``"elu"`` / ``"relu"`` when both maps are that built-in map (which kernels can apply themselves)."""
+    for cls, name in ((EluFeatureMap, "elu"), (ReluFeatureMap, "relu")):
+        if type(q_map) is cls and type(k_map) is cls:
+            return name
+    return None
 
 
 def _is_favor(q_map, k_map) -> bool:
@@ -273,7 +301,7 @@ def _favor_causal_chunked(a, b, v, eps, chunk_size, initial=None, initial_shift=
         acc = acc + kv[:, :, i]
         prev = chunk_shift[:, :, i]
     scores = torch.matmul(qf, kf.transpose(-1, -2)).tril_()
-    y = torch.matmul(scores, vc).add_(torch.matmul(qf, torch.stack(before, dim=2)))
+    y = _masked_product(scores, vc).add_(torch.matmul(qf, torch.stack(before, dim=2)))
     y = y.reshape(bsz, h, nc * c, e)[:, :, :n]
     eps_scaled = eps * torch.exp(row_shift - t_c.reshape(bsz, h, nc * c))[:, :, :n, None]
     return y[..., :-1] / (y[..., -1:] + eps_scaled), acc, prev
@@ -351,6 +379,17 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
 def _check_eps(eps: float, name: str) -> None:
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"{name}: eps must be a finite positive number, got {eps!r}")
+
+
+def check_scale(scale, name: str) -> float | None:
+    """A softmax scale must be a finite positive number (or None for the default); NaN, inf, 0 and
+    negative values would give NaN or reversed attention silently."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name}: scale must be a finite positive number or None (the default d ** -0.5), "
+                         f"got {scale!r}")
+    return float(scale)
 
 
 def _check_chunk(chunk_size, name: str) -> None:
@@ -435,6 +474,15 @@ def linear_attention(
         out = out.to(q.dtype)
         return (out, LinearAttentionState.unpack(state, shift)) if return_state else out
 
+    fused = _fused_name(q_map, k_map)
+    if causal and mask is None and fused is not None and n_k > 0:
+        # elu/relu without padding: the feature map runs inside the causal kernel (kernels/dispatch.py)
+        from hf_efficient_kernels.dispatch import causal_linear_feature_map
+
+        init, _ = _state_in(initial_state, q, q.shape[-1], d_v, False, _compute_dtype(q), name, "initial_state")
+        out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size)
+        out = out.to(q.dtype)
+        return (out, LinearAttentionState.unpack(state)) if return_state else out
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
     if not causal:
         v1 = _with_ones(vf)
@@ -557,6 +605,7 @@ def fold_favor_scale(q: torch.Tensor, feature_map: str, scale: float | None) -> 
 
     q: ``(batch, heads, seq, d)``; returned unchanged for every other feature map or when scale is None.
     """
+    scale = check_scale(scale, "fold_favor_scale")
     if feature_map == "favor" and scale is not None:
         return q * (scale * q.shape[-1] ** 0.5)
     return q

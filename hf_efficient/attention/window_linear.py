@@ -31,7 +31,14 @@ from ._checks import check_padding_mask, check_qkv
 from .feature_maps import FEATURE_MAPS, _compute_dtype, resolve_feature_maps
 
 # causal_linear_chunked: what remote code (shipped without compiled kernels) runs instead of the dispatcher.
-from .linear import LinearAttentionState, _check_eps, _with_ones, causal_linear_chunked  # noqa: F401
+from .linear import (  # noqa: F401
+    LinearAttentionState,
+    _check_eps,
+    _check_state,
+    _with_ones,
+    causal_linear_chunked,
+    check_scale,
+)
 from .registry import AttentionKind, register_attention_kind
 
 __all__ = [
@@ -50,18 +57,20 @@ class WindowLinearState(NamedTuple):
 
     linear: :class:`LinearAttentionState` of every key that has left the window (None before any has).
     keys: ``(batch, heads, r, d)``, values: ``(batch, heads, r, d_v)``: the ``r <= window - 1`` most
-    recent keys/values; mask: ``(batch, r)`` bool, False for padding. Size bounded by the window.
+    recent keys/values; mask: ``(batch, r)`` bool, False for padding; window: the window the state
+    was built with (a state continues only with the same window). Size bounded by the window.
     """
 
     linear: LinearAttentionState | None
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
+    window: int | None = None
 
     def map(self, fn) -> WindowLinearState:
         """Apply ``fn`` to every tensor (batch selection, device moves)."""
         linear = self.linear.map(fn) if self.linear is not None else None
-        return WindowLinearState(linear, fn(self.keys), fn(self.values), fn(self.mask))
+        return WindowLinearState(linear, fn(self.keys), fn(self.values), fn(self.mask), self.window)
 
     def nbytes(self) -> int:
         linear = self.linear.nbytes() if self.linear is not None else 0
@@ -148,24 +157,30 @@ def window_linear_attention(
         raise ValueError(f"{_NAME}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     _check_window(window, _NAME)
     _check_eps(eps, _NAME)
+    scale = check_scale(scale, _NAME)
+    if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"{_NAME}: chunk_size must be a positive int, got {chunk_size!r}")
     b, h, t, d = q.shape
     mask = check_padding_mask(key_padding_mask, b, t, _NAME, "key_padding_mask")
     if mask is None:
         mask = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = d**-0.5 if scale is None else scale
     dtype = _compute_dtype(q)
     qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
     init = None
     if state is not None:
-        if state.keys.shape[:2] != (b, h) or state.keys.shape[-1] != d or state.values.shape[-1] != v.shape[-1]:
-            raise ValueError(f"{_NAME}: the state holds keys {tuple(state.keys.shape)} and values "
-                             f"{tuple(state.values.shape)}, which do not fit q {tuple(q.shape)}, v {tuple(v.shape)}")
+        _check_window_state(state, q, v, window)
+        if t == 0:
+            return (q.new_zeros(b, h, 0, v.shape[-1]), state) if return_state else q.new_zeros(b, h, 0, v.shape[-1])
         kf = torch.cat([state.keys.to(dtype), kf], dim=2)
         vf = torch.cat([state.values.to(dtype), vf], dim=2)
         mask = torch.cat([state.mask, mask], dim=1)
         init = state.linear.packed().to(dtype) if state.linear is not None else None
     n = kf.shape[2]
     front = n - t  # buffered keys precede the new queries
+    if t == 0:  # an empty sequence and no state: nothing seen, nothing to carry
+        out = q.new_zeros(b, h, 0, v.shape[-1])
+        return (out, WindowLinearState(None, k, v, mask, window)) if return_state else out
     if t == 1:  # decoding: one query against <= w keys and the state, no blocking or padding
         return _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_state)
 
@@ -195,8 +210,32 @@ def window_linear_attention(
         packed = add if packed is None else packed + add
     linear = LinearAttentionState.unpack(packed) if packed is not None else None
     keep = slice(leaving, n)
-    new_state = WindowLinearState(linear, kf[:, :, keep].to(k.dtype), vf[:, :, keep].to(v.dtype), mask[:, keep])
+    new_state = WindowLinearState(linear, kf[:, :, keep].to(k.dtype), vf[:, :, keep].to(v.dtype), mask[:, keep], window)
     return out, new_state
+
+
+def _check_window_state(state, q: torch.Tensor, v: torch.Tensor, window: int) -> None:
+    """The state must come from this batch/heads/sizes and this window: otherwise keys would be missing from
+    the softmax band (a smaller window) or counted twice (a larger one)."""
+    if not isinstance(state, WindowLinearState):
+        raise TypeError(f"{_NAME}: state must be a WindowLinearState or None, got {type(state).__name__}")
+    b, h, _, d = q.shape
+    if state.window is not None and state.window != window:
+        raise ValueError(f"{_NAME}: the state was built with window={state.window}, not window={window}; "
+                         "continue it with the window it was built with")
+    r = state.keys.shape[2] if state.keys.dim() == 4 else -1
+    if (state.keys.dim() != 4 or state.keys.shape[:2] != (b, h) or state.keys.shape[-1] != d
+            or tuple(state.values.shape) != (b, h, r, v.shape[-1]) or tuple(state.mask.shape) != (b, r)):
+        raise ValueError(f"{_NAME}: the state holds keys {tuple(state.keys.shape)}, values "
+                         f"{tuple(state.values.shape)} and mask {tuple(state.mask.shape)}, which do not fit "
+                         f"q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if r > window - 1:
+        raise ValueError(f"{_NAME}: the state buffers {r} keys, more than window - 1 = {window - 1}; it was built "
+                         "with a larger window")
+    if state.mask.dtype != torch.bool:
+        raise TypeError(f"{_NAME}: state.mask must be bool, got {state.mask.dtype}")
+    if state.linear is not None:
+        _check_state(state.linear, b, h, state.linear.kv.shape[2], v.shape[-1], q.device, _NAME, "state.linear")
 
 
 def _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_state):
@@ -221,7 +260,7 @@ def _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_sta
         packed = add if packed is None else packed + add
     linear = LinearAttentionState.unpack(packed) if packed is not None else None
     keep = slice(max(0, n - (window - 1)), n)
-    state = WindowLinearState(linear, kf[:, :, keep].to(q.dtype), vf[:, :, keep].to(q.dtype), mask[:, keep])
+    state = WindowLinearState(linear, kf[:, :, keep].to(q.dtype), vf[:, :, keep].to(q.dtype), mask[:, keep], window)
     return out, state
 
 
@@ -245,7 +284,8 @@ def window_linear_weights(
         raise ValueError(f"window_linear_weights: q and k must have the same shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}")
     mask = check_padding_mask(key_padding_mask, b, n, "window_linear_weights", "key_padding_mask")
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = check_scale(scale, "window_linear_weights")
+    scale = d**-0.5 if scale is None else scale
     dtype = _compute_dtype(q)
     i = torch.arange(n, device=q.device)
     near = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)

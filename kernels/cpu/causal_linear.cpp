@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -166,6 +167,105 @@ struct Buffer {
   }
 };
 
+// ---------------------------------------------------------------------------------------------------------
+// Built-in feature maps applied to the chunk buffers as they are loaded (the fused path): phi(q), phi(k)
+// never exist at full size, and the backward recomputes them. 1 = elu(x) + 1, 2 = relu(x); 0 = the inputs
+// are features already. Both maps have phi'(x) as a function of phi(x): elu + 1 gives min(phi, 1) (phi > 1
+// exactly when x > 0, and phi = exp(x) = phi'(x) below), relu gives [phi > 0].
+enum Feature : int64_t { kGiven = 0, kElu = 1, kRelu = 2 };
+
+using VF = Vec<float>::type;
+typedef int32_t VI __attribute__((vector_size(kVecBytes), aligned(4)));
+
+inline VF splat(float x) { return VF{} + x; }
+
+// exp(x) for float lanes: exp(r) * 2^n with x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial
+// (relative error ~1e-7). Inputs below -87 give exp(-87) ~ 1.6e-38 instead of a denormal. x <= 0 here.
+inline VF vexp_nonpositive(VF x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const VF t = x * splat(1.44269504088896341f);
+  const VI n = __builtin_convertvector(t - splat(0.5f), VI);  // round to nearest for t <= 0
+  const VF nf = __builtin_convertvector(n, VF);
+  const VF r = (x - nf * splat(0.693145751953125f)) - nf * splat(1.428606765330187e-6f);
+  VF p = splat(1.0f / 720);
+  p = p * r + splat(1.0f / 120);
+  p = p * r + splat(1.0f / 24);
+  p = p * r + splat(1.0f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const VI bits = (n + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+inline T phi_scalar(T x, int64_t feature) {
+  if (x != x) return x;  // NaN stays NaN
+  if (feature == kElu) return x > T(0) ? x + T(1) : std::exp(x);
+  return x > T(0) ? x : T(0);
+}
+
+template <typename T>
+inline T dphi_scalar(T phi, int64_t feature) {
+  if (feature == kElu) return phi > T(1) ? T(1) : phi;
+  return phi > T(0) ? T(1) : T(0);
+}
+
+// x[0, len) = phi(x[0, len)).
+template <typename T>
+void apply_phi(T* x, int64_t len, int64_t feature) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = Vec<float>::W;
+    const VF zero{}, one = splat(1.0f);
+    for (; i + W <= len; i += W) {
+      VF v = *reinterpret_cast<const VF*>(x + i);
+      VF y;
+      if (feature == kElu)
+        y = v > zero ? v + one : vexp_nonpositive(v < zero ? v : zero);
+      else
+        y = v > zero ? v : zero;
+      y = v != v ? v : y;
+      *reinterpret_cast<VF*>(x + i) = y;
+    }
+  }
+  for (; i < len; ++i) x[i] = phi_scalar(x[i], feature);
+}
+
+// g[0, len) *= phi'(x) given phi[0, len) = phi(x).
+template <typename T>
+void apply_dphi(T* g, const T* phi, int64_t len, int64_t feature) {
+  for (int64_t i = 0; i < len; ++i) g[i] *= dphi_scalar(phi[i], feature);
+}
+
+// True when x[0, len) holds no NaN or inf (x * 0 is NaN exactly for those).
+template <typename T>
+bool all_finite(const T* x, int64_t len) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V acc{};
+  int64_t i = 0;
+  for (; i + W <= len; i += W) acc += *reinterpret_cast<const V*>(x + i) * T(0);
+  T total = 0;
+  for (int w = 0; w < W; ++w) total += acc[w];
+  for (; i < len; ++i) total += x[i] * T(0);
+  return total == T(0);
+}
+
+// Yt(f, i) += sum_{j <= i} Vt(f, j) At(j, i), skipping the zeros above the diagonal instead of multiplying
+// them: used when a value is NaN or inf, which would otherwise spoil the rows before it (0 * inf = NaN).
+template <typename T>
+void upper_product_exact(int64_t e, int64_t C, int64_t L, const T* Vt, const T* At, T* Yt) {
+  for (int64_t f = 0; f < e; ++f)
+    for (int64_t i = 0; i < L; ++i) {
+      T acc = 0;
+      for (int64_t j = 0; j <= i; ++j) acc += Vt[f * C + j] * At[j * C + i];
+      Yt[f * C + i] += acc;
+    }
+}
+
 // The normalised variant: v comes without the normaliser column (width d = e - 1); the kernel appends a
 // column of ones while loading, and divides by it while storing: out = num / (den + eps). The backward
 // turns grad_out into the gradient of (num, den) on the fly, so no (n, e) tensor is ever built.
@@ -214,7 +314,7 @@ void load_g(const In* gy, int64_t t0, int64_t L, int64_t e, T* Gt, int64_t C, co
 
 template <typename In, typename T>
 void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, In* state, int64_t n,
-                  int64_t m, int64_t e, int64_t C, const Norm<In>& nrm) {
+                  int64_t m, int64_t e, int64_t C, const Norm<In>& nrm, int64_t feature) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
   Buffer<T> bQt(m * C), bK(C * mp), bVt(e * C), bA(C * C), bYt(e * C), bSt(e * mp);
@@ -227,6 +327,10 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
     const int64_t L = std::min(C, n - t0);
     load_t(q, t0, L, m, Qt, C);
     load_rows(k, t0, L, m, Kc, C, mp);
+    if (feature != kGiven) {  // only the real tokens and features: the zero padding must stay zero
+      for (int64_t f = 0; f < m; ++f) apply_phi(Qt + f * C, L, feature);
+      for (int64_t i = 0; i < L; ++i) apply_phi(Kc + i * mp, m, feature);
+    }
     load_v(v, t0, L, e, Vt, C, nrm.on);
     // Yt = St Qt: the state of every earlier chunk read by this chunk's queries.
     std::fill(Yt, Yt + e * C, T(0));
@@ -236,7 +340,10 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
     gemm_acc<T>(C, C, m, Kc, mp, 1, Qt, C, At, C, KRange::kFull, blk);
     mask_square(At, C, /*keep_upper=*/true);
     // Yt += Vt At.
-    gemm_acc<T>(e, C, C, Vt, C, 1, At, C, Yt, C, KRange::kUpTo, Vec<T>::W);
+    if (all_finite(Vt, e * C))
+      gemm_acc<T>(e, C, C, Vt, C, 1, At, C, Yt, C, KRange::kUpTo, Vec<T>::W);
+    else
+      upper_product_exact(e, C, L, Vt, At, Yt);
     // St += Vt K: this chunk's keys join the state.
     gemm_acc<T>(e, mp, L, Vt, C, 1, Kc, mp, St, mp, KRange::kFull, blk);
     if (nrm.on) {
@@ -258,7 +365,8 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
 
 template <typename In, typename T>
 void backward_head(const In* q, const In* k, const In* v, const In* init, const In* gy, const In* gs, In* dq,
-                   In* dk, In* dv, In* dinit, int64_t n, int64_t m, int64_t e, int64_t C, const Norm<In>& nrm) {
+                   In* dk, In* dv, In* dinit, int64_t n, int64_t m, int64_t e, int64_t C, const Norm<In>& nrm,
+                   int64_t feature) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
   const int64_t W = Vec<T>::W;
@@ -275,6 +383,8 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
   for (int64_t t0 = 0; t0 < n; t0 += C) {
     const int64_t L = std::min(C, n - t0);
     load_rows(k, t0, L, m, Kc, C, mp);
+    if (feature != kGiven)
+      for (int64_t i = 0; i < L; ++i) apply_phi(Kc + i * mp, m, feature);
     load_v(v, t0, L, e, Vt, C, nrm.on);
     load_g(gy, t0, L, e, Gt, C, nrm);
     // X(j, i) = v_j . g_i for i >= j.
@@ -286,7 +396,7 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
     gemm_acc<T>(m, C, e, St, 1, mp, Gt, C, Out, C, KRange::kFull, blk);
     gemm_acc<T>(m, C, C, Kc, 1, mp, X, C, Out, C, KRange::kUpTo, W);
     gemm_acc<T>(e, mp, L, Vt, C, 1, Kc, mp, St, mp, KRange::kFull, blk);
-    store_t(Out, t0, L, m, dq, C);
+    store_t(Out, t0, L, m, dq, C);  // the gradient of phi(q); pass 2 applies phi'(q) when it has phi(q)
   }
 
   // Pass 2, backward in time: R = dS_final + sum_{i >= j} q_i g_i^T, carried as Rt = R^T (e x mp).
@@ -299,8 +409,23 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
   for (int64_t t0 = last; t0 >= 0; t0 -= C) {
     const int64_t L = std::min(C, n - t0);
     load_t(q, t0, L, m, Qt, C);
-    load_rows(q, t0, L, m, Qc, C, mp);
     load_t(k, t0, L, m, Kt, C);
+    if (feature != kGiven) {
+      for (int64_t f = 0; f < m; ++f) {
+        apply_phi(Qt + f * C, L, feature);
+        apply_phi(Kt + f * C, L, feature);
+      }
+      std::fill(Qc, Qc + C * mp, T(0));  // Qc = Qt^T
+      for (int64_t f = 0; f < m; ++f)
+        for (int64_t i = 0; i < L; ++i) Qc[i * mp + f] = Qt[f * C + i];
+      for (int64_t i = 0; i < L; ++i) {  // dq of pass 1 was the gradient of phi(q)
+        In* row = dq + (t0 + i) * m;
+        for (int64_t f = 0; f < m; ++f)
+          row[f] = static_cast<In>(static_cast<T>(row[f]) * dphi_scalar(Qt[f * C + i], feature));
+      }
+    } else {
+      load_rows(q, t0, L, m, Qc, C, mp);
+    }
     load_v(v, t0, L, e, Vt, C, nrm.on);
     load_g(gy, t0, L, e, Gt, C, nrm);
     // X(i, j) = g_i . v_j and Y(i, j) = q_i . k_j, both kept for i >= j.
@@ -314,6 +439,8 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
     std::fill(Out, Out + m * C, T(0));
     gemm_acc<T>(m, C, e, Rt, 1, mp, Vt, C, Out, C, KRange::kFull, blk);
     gemm_acc<T>(m, C, C, Qt, C, 1, X, C, Out, C, KRange::kFrom, W);
+    if (feature != kGiven)
+      for (int64_t f = 0; f < m; ++f) apply_dphi(Out + f * C, Kt + f * C, L, feature);
     store_t(Out, t0, L, m, dk, C);
     // dVt = R^T Kt + Gt Y.
     std::fill(Out2, Out2 + e * C, T(0));
@@ -350,8 +477,9 @@ namespace {
 
 // e: columns of the unnormalised product (v's width, plus one when normalising).
 std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
-                                     int64_t chunk, bool normalize, double eps) {
+                                     int64_t chunk, bool normalize, double eps, int64_t feature = kGiven) {
   check_inputs(q, k, v);
+  TORCH_CHECK(feature == kGiven || feature == kElu || feature == kRelu, "causal_linear: unknown feature map ", feature);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
@@ -381,7 +509,7 @@ std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, c
         nrm.eps = eps;
         nrm.den_out = normalize ? pden + bh * n : nullptr;
         forward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * w, pi ? pi + bh * m * e : nullptr,
-                            py + bh * n * w, ps + bh * m * e, n, m, e, C, nrm);
+                            py + bh * n * w, ps + bh * m * e, n, m, e, C, nrm, feature);
       }
     });
   });
@@ -391,8 +519,10 @@ std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, c
 
 std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
                                       at::Tensor grad_y, const std::optional<at::Tensor>& grad_state, int64_t chunk,
-                                      bool normalize, const at::Tensor& out, const at::Tensor& den, double eps) {
+                                      bool normalize, const at::Tensor& out, const at::Tensor& den, double eps,
+                                      int64_t feature = kGiven) {
   check_inputs(q, k, v);
+  TORCH_CHECK(feature == kGiven || feature == kElu || feature == kRelu, "causal_linear: unknown feature map ", feature);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
@@ -440,7 +570,7 @@ std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, 
         nrm.out = normalize ? pout + bh * n * w : nullptr;
         backward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * w, pi ? pi + bh * m * e : nullptr,
                              pg + bh * n * w, pgs ? pgs + bh * m * e : nullptr, pdq + bh * n * m,
-                             pdk + bh * n * m, pdv + bh * n * w, pdi + bh * m * e, n, m, e, C, nrm);
+                             pdk + bh * n * m, pdv + bh * n * w, pdi + bh * m * e, n, m, e, C, nrm, feature);
       }
     });
   });
@@ -475,6 +605,23 @@ std::vector<at::Tensor> causal_linear_normalized_backward(const at::Tensor& q, c
   return backward_impl(q, k, v, initial, grad_out, grad_state, chunk, true, out, den, eps);
 }
 
+// The normalised variant with a built-in feature map applied inside: q and k are the raw queries and keys.
+std::vector<at::Tensor> causal_linear_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& initial, double eps, int64_t chunk,
+                                                    int64_t feature) {
+  TORCH_CHECK(feature != kGiven, "causal_linear_fused: feature must be 1 (elu + 1) or 2 (relu)");
+  return forward_impl(q, k, v, initial, chunk, true, eps, feature);
+}
+
+std::vector<at::Tensor> causal_linear_fused_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& initial, const at::Tensor& out,
+                                                     const at::Tensor& den, const at::Tensor& grad_out,
+                                                     const std::optional<at::Tensor>& grad_state, double eps,
+                                                     int64_t chunk, int64_t feature) {
+  TORCH_CHECK(feature != kGiven, "causal_linear_fused: feature must be 1 (elu + 1) or 2 (relu)");
+  return backward_impl(q, k, v, initial, grad_out, grad_state, chunk, true, out, den, eps, feature);
+}
+
 // Raw ops; kernels/ops.py wraps them as hf_efficient::* custom ops with fake kernels and autograd.
 TORCH_LIBRARY(hf_efficient_cpu, lib) {
   lib.def("causal_linear_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, int chunk) -> Tensor[]",
@@ -491,5 +638,13 @@ TORCH_LIBRARY(hf_efficient_cpu, lib) {
       "causal_linear_normalized_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor out, Tensor den, "
       "Tensor grad_out, Tensor? grad_state, float eps, int chunk) -> Tensor[]",
       &causal_linear_normalized_backward);
+  lib.def(
+      "causal_linear_fused_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, float eps, int chunk, int feature) "
+      "-> Tensor[]",
+      &causal_linear_fused_forward);
+  lib.def(
+      "causal_linear_fused_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor out, Tensor den, "
+      "Tensor grad_out, Tensor? grad_state, float eps, int chunk, int feature) -> Tensor[]",
+      &causal_linear_fused_backward);
   lib.def("vector_bytes() -> int", [] { return static_cast<int64_t>(kVecBytes); });
 }

@@ -133,3 +133,50 @@ def test_registry_kind_and_errors():
     _, state = window_linear_attention(q, k, v, window=3, return_state=True)
     with pytest.raises(ValueError, match="do not fit"):
         window_linear_attention(q[:1], k[:1], v[:1], window=3, state=state)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -0.5, True, "0.5"])
+def test_bad_scale_is_refused(scale):
+    q, k, v = qkv(n=6)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        window_linear_attention(q, k, v, window=2, scale=scale)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        window_linear_weights(q, k, window=2, scale=scale)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        get_attention_kind("linear").forward(q, k, v, get_attention_kind("linear").make_params(feature_map="favor"),
+                                             causal=True, scale=scale)
+
+
+def test_state_of_another_window_or_size_is_refused():
+    q, k, v = qkv(n=12)
+    _, state = window_linear_attention(q, k, v, window=8, return_state=True)
+    assert state.window == 8
+    with pytest.raises(ValueError, match="built with window=8, not window=4"):
+        window_linear_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], window=4, state=state)
+    with pytest.raises(ValueError, match="built with window=8, not window=4"):
+        window_linear_attention(q, k, v, window=4, state=state)
+    # a state without its window recorded: the buffer size still gives a larger window away
+    with pytest.raises(ValueError, match="more than window - 1 = 3"):
+        window_linear_attention(q, k, v, window=4, state=state._replace(window=None))
+    with pytest.raises(ValueError, match="do not fit"):
+        window_linear_attention(q, k, v[..., :2], window=8, state=state)
+    with pytest.raises(ValueError, match="state.linear.kv has shape"):
+        bad = state._replace(linear=state.linear._replace(kv=state.linear.kv[..., :2]))
+        window_linear_attention(q, k, v, window=8, state=bad)
+    with pytest.raises(TypeError, match="WindowLinearState"):
+        window_linear_attention(q, k, v, window=8, state=tuple(state))
+
+
+def test_empty_sequence():
+    q, k, v = qkv(n=0)
+    out, state = window_linear_attention(q, k, v, window=3, return_state=True)
+    assert out.shape == (2, 3, 0, 5) and state.keys.shape == (2, 3, 0, 4)
+    q1, k1, v1 = qkv(n=9, seed=1)
+    full = window_linear_attention(q1, k1, v1, window=3)
+    # an empty call in the middle of a sequence changes nothing
+    out_a, st = window_linear_attention(q1[:, :, :5], k1[:, :, :5], v1[:, :, :5], window=3, state=state,
+                                        return_state=True)
+    empty, st = window_linear_attention(q, k, v, window=3, state=st, return_state=True)
+    assert empty.shape == (2, 3, 0, 5)
+    out_b = window_linear_attention(q1[:, :, 5:], k1[:, :, 5:], v1[:, :, 5:], window=3, state=st)
+    torch.testing.assert_close(torch.cat([out_a, out_b], dim=2), full)

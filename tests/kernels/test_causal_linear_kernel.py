@@ -278,3 +278,91 @@ def test_normalized_opcheck_and_reference_path(kernel_ops):
         kernels.causal_linear_normalized(q, k, v, eps=0.0)
     with pytest.raises(ValueError, match="initial must be"):
         kernels.causal_linear_normalized(q, k, v, initial=torch.zeros(2, 2, 6, 5))
+
+
+# --------------------------------------------------------------------------- feature map fused into the kernel
+def _phi(name):
+    # written out, independent of torch.nn.functional
+    return {"elu": lambda x: torch.where(x > 0, x + 1.0, torch.exp(x)), "relu": lambda x: x.clamp_min(0.0)}[name]
+
+
+def raw_inputs(b, h, n, d, e, dtype=torch.float32, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (scale * torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, h, n, e, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("feature", ["elu", "relu"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 5, 4, 3), (2, 1, 130, 7, 9), (1, 2, 257, 64, 64),
+                                   (1, 1, 100, 33, 1)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_fused_feature_map_forward_matches_quadratic(kernel_ops, feature, shape, dtype, tol):
+    from hf_efficient_kernels.ops import FUSED_FEATURES, causal_linear_fused_op
+
+    b, h, n, d, e = shape
+    q, k, v = raw_inputs(b, h, n, d, e, dtype=dtype)
+    init = torch.rand(b, h, d, e + 1, dtype=torch.float64).to(dtype)
+    phi = _phi(feature)
+    for initial in (None, init):
+        out, state, _ = causal_linear_fused_op(q, k, v, initial, 1e-3, 64, FUSED_FEATURES[feature])
+        ref, state_ref = quadratic_normalized(phi(q.double()), phi(k.double()), v, initial, 1e-3)
+        assert (out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30) < tol
+        assert (state.double() - state_ref).abs().max() / state_ref.abs().max().clamp_min(1e-30) < tol
+
+
+@pytest.mark.parametrize("feature", ["elu", "relu"])
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_fused_feature_map_gradcheck_float64(kernel_ops, feature, with_initial):
+    from hf_efficient_kernels.ops import FUSED_FEATURES, causal_linear_fused_op
+
+    q, k, v = raw_inputs(2, 1, 37, 5, 3, dtype=torch.float64, scale=1.0)
+    init = torch.rand(2, 1, 5, 4, dtype=torch.float64) if with_initial else None
+    args = tuple(t.requires_grad_() if t is not None else None for t in (q, k, v, init))
+    fn = lambda *a: causal_linear_fused_op(*a, 1e-2, 16, FUSED_FEATURES[feature])[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_fused_linear_attention_values_and_gradients(kernel_ops, dtype, tol, monkeypatch):
+    """The user-facing call (which takes the fused path) against the PyTorch path and a float64 reference."""
+    import hf_efficient
+
+    q, k, v = raw_inputs(2, 2, 150, 16, 8, dtype=dtype, scale=1.0)
+    gy = torch.randn(v.shape, dtype=torch.float64)
+
+    def grads(tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        out = hf_efficient.linear_attention(*tensors, causal=True)
+        return out, torch.autograd.grad((out.double() * gy).sum(), tensors)
+
+    out, ours = grads((q, k, v))
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")  # PyTorch features and products in float64
+    ref_out, ref = grads((q.double(), k.double(), v.double()))
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    for name, a, b in zip("qkv", ours, ref):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < tol, f"d{name}: relative error {err:.2e}"
+
+
+def test_fused_feature_map_extremes_and_opcheck(kernel_ops):
+    from hf_efficient_kernels.ops import causal_linear_fused_backward_op, causal_linear_fused_op
+
+    # the vectorised exp over its whole range: far below underflow, around 0, positive
+    x = torch.linspace(-120, 20, 2003, dtype=torch.float64).reshape(1, 1, -1, 1)
+    v = torch.ones_like(x)
+    _, state, den = causal_linear_fused_op(x.float(), x.float(), v.float(), None, 1e-6, 64, 1)
+    ref = torch.where(x > 0, x + 1, torch.exp(x)).squeeze()
+    assert ((state[0, 0, 0, 0].double() - ref.sum()) / ref.sum()).abs() < 1e-6
+    assert ((den.double().squeeze() - ref * ref.cumsum(0)).abs() / (ref * ref.cumsum(0)).clamp_min(1e-30)
+            )[x.squeeze() > -87].max() < 1e-5
+    q, k, vv = raw_inputs(2, 2, 40, 6, 5)
+    init = torch.rand(2, 2, 6, 6)
+    torch.library.opcheck(causal_linear_fused_op, (q, k, vv, None, 1e-6, 64, 1))
+    torch.library.opcheck(causal_linear_fused_op, (q.requires_grad_(), k, vv.requires_grad_(), init, 1e-6, 64, 2))
+    out, _, den = causal_linear_fused_op(q.detach(), k, vv.detach(), None, 1e-6, 64, 1)
+    torch.library.opcheck(causal_linear_fused_backward_op,
+                          (q.detach(), k, vv.detach(), None, out, den, torch.randn_like(out), None, 1e-6, 64, 1))
+    with pytest.raises(RuntimeError, match="feature"):
+        causal_linear_fused_op(q.detach(), k, vv.detach(), None, 1e-6, 64, 7)

@@ -1,0 +1,170 @@
+"""What a user calls: ``hf_efficient.linear_attention(q, k, v, causal=True)`` end to end, feature map included.
+
+Compares, in one process, one thread, interleaved (A B C ... A B C ...), after a warm-up, median of
+--repeats (with the min-max spread):
+
+* ``linear_attention``: the user-facing call with the default elu + 1 feature map (on the CPU kernel
+  the map is applied inside the kernel);
+* ``features_then_kernel``: the features computed by PyTorch, then the compiled normalised kernel (the
+  path before the map was fused: what fusing saves);
+* ``chunk_loop``: a plain PyTorch causal linear attention, 128-token chunks, elu + 1 features, the
+  normaliser carried beside the state: what one writes without this package;
+* ``matmul``: a square fp32 ``torch.matmul``, this machine's reachable FLOP/s in the same run.
+
+Shapes: batch 1, 8 heads, head dim 64 (features m = 64, values d_v = 64 plus the normaliser: e = 65).
+FLOP counts as in ``bench_kernels.py``: ``useful`` = 4 n m e per head (the recurrent form; the
+conservative count), ``chunked`` = what a 64-token chunked form executes. With --backward also
+forward+backward (counted as 3x the forward FLOPs).
+
+    python scripts/bench_linear_end_to_end.py --quick       # seconds
+    python scripts/bench_linear_end_to_end.py               # N = 16384, about a minute
+
+Writes ``results/bench_linear_end_to_end.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import hf_efficient
+import hf_efficient_kernels as kernels
+from hf_efficient.benchmarking import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+B, H, D = 1, 8, 64
+
+
+def elu1(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+def chunk_loop(q, k, v, chunk: int = 128, eps: float = 1e-6) -> torch.Tensor:
+    """Plain PyTorch causal linear attention: masked scores inside a chunk, a carried (m, d_v) state and
+    (m,) normaliser across chunks."""
+    fq, fk = elu1(q), elu1(k)
+    b, h, n, m = fq.shape
+    state = q.new_zeros(b, h, m, v.shape[-1])
+    norm = q.new_zeros(b, h, m)
+    mask = torch.ones(chunk, chunk, dtype=torch.bool).tril()
+    outs = []
+    for t0 in range(0, n, chunk):
+        qc, kc, vc = fq[:, :, t0:t0 + chunk], fk[:, :, t0:t0 + chunk], v[:, :, t0:t0 + chunk]
+        c = qc.shape[2]
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask[:c, :c], 0.0)
+        num = scores @ vc + qc @ state
+        den = scores.sum(-1) + (qc @ norm.unsqueeze(-1)).squeeze(-1)
+        outs.append(num / (den.unsqueeze(-1) + eps))
+        state = state + kc.transpose(-1, -2) @ vc
+        norm = norm + kc.sum(2)
+    return torch.cat(outs, dim=2)
+
+
+def flops(n: int, bh: int, m: int = D, e: int = D + 1, chunk: int = 64) -> dict[str, float]:
+    useful = 4.0 * n * m * e * bh
+    chunked = (n / chunk) * (4.0 * chunk * m * e + 2.0 * chunk * chunk * (m + e)) * bh
+    return {"useful": useful, "chunked": chunked}
+
+
+def time_interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    times = {name: [] for name in cases}
+    for r in range(warmup + repeats):
+        for name, (setup, run) in cases.items():
+            x = setup()
+            t = time.perf_counter()
+            run(x)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": len(ts)}
+            for name, ts in times.items()}
+
+
+def make_cases(n: int, backward: bool, matmul_size: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
+
+    def plain():
+        return q, k, v
+
+    def with_grad():
+        return tuple(t.detach().requires_grad_() for t in (q, k, v))
+
+    fns = {
+        "linear_attention": lambda x: hf_efficient.linear_attention(*x, causal=True),
+        "features_then_kernel": lambda x: kernels.causal_linear_normalized(elu1(x[0]), elu1(x[1]), x[2],
+                                                                            implementation="kernel")[0],
+        "chunk_loop": lambda x: chunk_loop(*x),
+    }
+    if not backward:
+        cases = {name: (plain, torch.no_grad()(fn)) for name, fn in fns.items()}
+    else:
+        def fwd_bwd(fn):
+            def go(x):
+                fn(x).sum().backward()
+            return go
+        cases = {name: (with_grad, fwd_bwd(fn)) for name, fn in fns.items()}
+    cases["matmul"] = (lambda: (a, b), lambda x: torch.matmul(*x))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized run (seconds)")
+    parser.add_argument("--n", type=int, default=None, help="sequence length (default 16384, quick 2048)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5, quick 3)")
+    parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench_linear_end_to_end.json"))
+    args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.n is not None and args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    n = args.n or (2048 if args.quick else 16384)
+    repeats = args.repeats or (3 if args.quick else 5)
+    report = kernels.available()
+    if not report["cpu"]:
+        raise SystemExit(f"the CPU kernel is not available here: {report['cpu_error']}")
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    size = 512 if args.quick else 1024
+    fl = flops(n, B * H)
+    results = {"torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(), "n": n,
+               "batch": B, "heads": H, "head_dim": D, "repeats": repeats, "matmul_size": size, "flops_forward": fl,
+               "phases": {}}
+    phases = [("forward", False, 1.0)] + ([("forward_backward", True, 3.0)] if args.backward else [])
+    for phase, backward, mult in phases:
+        timed = time_interleaved(make_cases(n, backward, size), repeats)
+        mm = 2.0 * size**3 / timed.pop("matmul")["median_s"] / 1e9
+        loop = timed["chunk_loop"]["median_s"]
+        for r in timed.values():
+            r["speedup_over_chunk_loop"] = loop / r["median_s"]
+            for count, value in fl.items():
+                r[f"gflops_{count}"] = mult * value / r["median_s"] / 1e9
+                r[f"fraction_of_matmul_{count}"] = r[f"gflops_{count}"] / mm
+        results["phases"][phase] = {"matmul_gflops": mm, "cases": timed}
+
+    print(f"B={B} H={H} N={n} D={D} causal, elu+1, {results['threads']} thread, {results['cpu']}, "
+          f"torch {results['torch']}, median of {repeats} (min-max)")
+    for phase, r in results["phases"].items():
+        print(f"\n{phase}: torch.matmul fp32 {r['matmul_gflops']:.1f} GFLOP/s")
+        print(f"{'case':>22} {'ms (min-max)':>22} {'x chunk loop':>13} {'of matmul (useful/chunked)':>28}")
+        for name, x in r["cases"].items():
+            spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"
+            frac = f"{x['fraction_of_matmul_useful']:.0%} / {x['fraction_of_matmul_chunked']:.0%}"
+            print(f"{name:>22} {spread:>22} {x['speedup_over_chunk_loop']:>12.2f}x {frac:>28}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
