@@ -217,11 +217,14 @@ def extract_patches(
     top_left: torch.Tensor,
     patch_size: tuple[int, int],
     image_sizes: torch.Tensor | None = None,
+    pixel_scale: torch.Tensor | None = None,
+    pixel_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gather patches from high-resolution images in one indexing operation (no loop over patches).
 
     Pixels outside an image's valid area (beyond its border or in batch padding) read as zero; the
-    full image is never copied or padded, so memory is ``O(batch * n * channels * ph * pw)``.
+    full image is never copied, padded or converted, so memory is ``O(batch * n * channels * ph * pw)``
+    whatever the image's dtype (integer images are converted patch by patch).
 
     Args:
         images: ``(batch, channels, H, W)``.
@@ -229,9 +232,12 @@ def extract_patches(
         patch_size: ``(ph, pw)``.
         image_sizes: optional ``(batch, 2)`` long valid ``(height, width)`` of each image
             (top-left aligned); defaults to the full ``(H, W)``.
+        pixel_scale, pixel_offset: optional ``(batch, channels)``: the patches become
+            ``pixel_scale * x + pixel_offset`` (rescaling and normalisation of raw pixels) before the
+            pixels outside the image are set to zero.
 
     Returns:
-        ``(batch, n, channels, ph, pw)``.
+        ``(batch, n, channels, ph, pw)``, floating point (float32 for integer images).
     """
     b, _, h, w = images.shape
     ph, pw = patch_size
@@ -244,6 +250,10 @@ def extract_patches(
     batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
     # advanced indices on dims 0, 2, 3 broadcast to (b, n, ph, pw); the channel slice goes last
     patches = images[batch_idx, :, rows.clamp(0, h - 1)[..., :, None], cols.clamp(0, w - 1)[..., None, :]]
+    if not patches.is_floating_point():
+        patches = patches.float()
+    if pixel_scale is not None:  # (b, n, ph, pw, C) * (b, 1, 1, 1, C)
+        patches = patches * pixel_scale[:, None, None, None, :] + pixel_offset[:, None, None, None, :]
     valid = (valid_r[..., :, None] & valid_c[..., None, :]).unsqueeze(-1)
     patches = patches * valid.to(patches.dtype)
     return patches.permute(0, 1, 4, 2, 3)
