@@ -26,7 +26,7 @@ _NAME = "AttentionSamplingImageProcessor"
 _PIL_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
               "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _LAYOUTS = ("channels_first", "channels_last", "none")
-_STRIP_ELEMENTS = 1 << 23  # elements of one float strip of the low-resolution reduction (32 MiB)
+_STRIP_ELEMENTS = 1 << 20  # elements of one float strip of the low-resolution reduction (4 MiB)
 _UINT16_FACTOR = 255.0 / 65535.0  # 16-bit full scale maps where 8-bit full scale does
 
 
