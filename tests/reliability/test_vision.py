@@ -324,3 +324,45 @@ def test_numpy_tensors_and_bad_return_tensors():
 def test_megamnist_arguments_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_megamnist(2, **kwargs)
+
+
+# --- TIFF files (optional: tifffile) ------------------------------------------------------------
+
+def test_tiff_files_read_by_layout_memory_mapped_and_refused_when_not_one_image(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    data = np.random.default_rng(10).integers(0, 256, (40, 24, 3)).astype(np.uint8)
+    plain, tiled, planar, stack = (tmp_path / f"{n}.tif" for n in ("plain", "tiled", "planar", "stack"))
+    tifffile.imwrite(plain, data, photometric="rgb")
+    tifffile.imwrite(tiled, data, photometric="rgb", tile=(16, 16), compression="zlib")
+    tifffile.imwrite(planar, data.transpose(2, 0, 1), photometric="rgb", planarconfig="separate")
+    expected = torch.from_numpy(data).permute(2, 0, 1)
+    proc = AttentionSamplingImageProcessor(low_res_scale=0.25)
+    reference = proc(data)
+    for path in (plain, str(tiled), planar):
+        enc = proc(path)
+        assert torch.equal(enc["pixel_values"][0], expected), path
+        torch.testing.assert_close(enc["low_res_pixel_values"], reference["low_res_pixel_values"])
+    assert isinstance(tifffile.memmap(plain, mode="r"), np.memmap)  # the uncompressed file is the lazy case
+    tifffile.imwrite(stack, np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="axes"):
+        proc(stack)
+
+
+def test_pyramidal_tiff_low_res_view_comes_from_a_pyramid_level(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    data = np.random.default_rng(11).integers(0, 256, (64, 64)).astype(np.uint16) * 200
+    levels = [np.full((32, 32), 1000, np.uint16), np.full((16, 16), 3000, np.uint16)]  # marked, not downsamples
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(data, subifds=2)
+        for level in levels:
+            tif.write(level, subfiletype=1)
+    proc = AttentionSamplingImageProcessor(do_normalize=False)
+    enc = proc(path, size={"height": 16, "width": 16})  # the 16 x 16 level fits exactly
+    assert torch.equal(enc["pixel_values"][0, 0].to(torch.int64), torch.from_numpy(data.astype(np.int64)))
+    torch.testing.assert_close(enc["low_res_pixel_values"][0, 0], torch.full((16, 16), 3000 / 65535))
+    enc = proc(path, size={"height": 20, "width": 20})  # needs the 32 x 32 level, area-reduced
+    torch.testing.assert_close(enc["low_res_pixel_values"][0, 0], torch.full((20, 20), 1000 / 65535))
+    enc = proc(path, size={"height": 40, "width": 40})  # only level 0 is large enough
+    expected = F.interpolate(torch.from_numpy(data.astype(np.float64))[None, None] / 65535, size=(40, 40), mode="area")
+    torch.testing.assert_close(enc["low_res_pixel_values"][0, 0], expected[0, 0].float())

@@ -10,6 +10,7 @@ float copy is ever made.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
@@ -80,35 +81,92 @@ def _pil_to_array(image: Any, index: int, do_convert_rgb: bool) -> np.ndarray:
     return array
 
 
-def _as_tensor(image: Any, index: int, do_convert_rgb: bool) -> tuple[torch.Tensor, bool]:
+_TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8")
+
+
+class _Pyramid:
+    """The smaller levels of a pyramidal TIFF, read only when the low-resolution view asks for one."""
+
+    def __init__(self, path: str, shapes: list[tuple[int, int]], channels_first: bool) -> None:
+        self.path, self.shapes, self.channels_first = path, shapes, channels_first
+
+    def level_for(self, height: int, width: int) -> torch.Tensor | None:
+        """The smallest level at least ``height x width`` as ``(C, h, w)``, or None if level 0 is the smallest."""
+        import tifffile
+
+        fits = [k for k, (h, w) in enumerate(self.shapes) if k > 0 and h >= height and w >= width]
+        if not fits:
+            return None
+        level = torch.from_numpy(np.ascontiguousarray(tifffile.imread(self.path, level=fits[-1])))
+        if level.dim() == 2:
+            return level[None]
+        return level if self.channels_first else level.permute(2, 0, 1)
+
+
+def _read_tiff(path: str, index: int) -> tuple[np.ndarray, str, _Pyramid | None]:
+    """A TIFF file -> (level 0, its axes, the pyramid or None), memory-mapped when stored uncompressed.
+
+    Memory-mapped pixels are read from disk only where something looks at them: the sampled patches
+    (and, without a pyramid level to read it from, the low-resolution view's one pass).
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes = series.axes
+        levels = series.levels
+        shapes = [(lvl.shape[axes.index("Y")], lvl.shape[axes.index("X")]) for lvl in levels]
+    if axes not in ("YX", "YXS", "SYX"):
+        raise ValueError(
+            f"{_NAME}: image {index} is the TIFF {path!r} with axes {axes!r}; accepted: one 2-d image, grey or "
+            "with samples (axes YX, YXS or SYX)"
+        )
+    try:
+        data = tifffile.memmap(path, mode="r")
+    except ValueError:  # compressed or tiled: read level 0 into memory
+        data = tifffile.imread(path)
+    pyramid = _Pyramid(path, shapes, axes == "SYX") if len(shapes) > 1 else None
+    return data, axes, pyramid
+
+
+def _as_tensor(image: Any, index: int, do_convert_rgb: bool) -> tuple[torch.Tensor, str | None, _Pyramid | None]:
     """One image (PIL, numpy, torch or a path) -> a tensor sharing memory with it where possible.
 
-    The flag is True for decoded images (PIL, files), whose layout is always ``(H, W[, C])``.
+    Also returns the layout of decoded images (PIL, files: ``"channels_last"``, ``"channels_first"``
+    or ``"none"``; None for arrays, whose layout is inferred) and a TIFF file's pyramid. TIFF files
+    are read with ``tifffile`` when it is installed (memory-mapped where stored uncompressed).
     """
     if isinstance(image, str | os.PathLike):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise ValueError(f"{_NAME}: image {index} is the path {path!r}, which is not a file")
+        if path.lower().endswith(_TIFF_SUFFIXES) and importlib.util.find_spec("tifffile") is not None:
+            data, axes, pyramid = _read_tiff(path, index)
+            tensor, _, _ = _as_tensor(data, index, do_convert_rgb)
+            layout = {"YX": "none", "YXS": "channels_last", "SYX": "channels_first"}[axes]
+            return tensor, layout, pyramid
         from PIL import Image
 
-        if not os.path.isfile(image):
-            raise ValueError(f"{_NAME}: image {index} is the path {os.fspath(image)!r}, which is not a file")
-        with Image.open(image) as opened:
+        with Image.open(path) as opened:
             opened.load()
             return _as_tensor(opened, index, do_convert_rgb)
     if hasattr(image, "convert") and hasattr(image, "mode") and hasattr(image, "size"):  # PIL, without importing it
-        return _as_tensor(_pil_to_array(image, index, do_convert_rgb), index, do_convert_rgb)[0], True
+        array = _pil_to_array(image, index, do_convert_rgb)
+        return _as_tensor(array, index, do_convert_rgb)[0], "channels_last" if array.ndim == 3 else "none", None
     if isinstance(image, np.ndarray):
         if image.dtype.byteorder not in ("=", "|") and image.dtype.itemsize > 1:
             image = image.astype(image.dtype.newbyteorder("="))
         with warnings.catch_warnings():  # read-only arrays (e.g. from PIL): we never write to them
             warnings.simplefilter("ignore")
             try:
-                return torch.from_numpy(image), False
+                return torch.from_numpy(image), None, None
             except TypeError as error:
                 raise TypeError(
                     f"{_NAME}: image {index} is a numpy array of dtype {image.dtype}; accepted: uint8, uint16, "
                     "bool, other integers with values in [0, 255], or floating point"
                 ) from error
     if isinstance(image, torch.Tensor):
-        return image.detach().cpu(), False
+        return image.detach().cpu(), None, None
     raise TypeError(
         f"{_NAME}: image {index} has type {type(image).__name__}; accepted: PIL.Image, numpy array, torch tensor "
         "of shape (H, W), (H, W, C) or (C, H, W), or a path to an image file"
@@ -211,6 +269,11 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
     images become colours, 1-bit becomes 0/255, alpha is composited on white; unknown modes are
     refused), numpy arrays and torch tensors of shape ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``
     (uint8, uint16, bool, floats, or other integers in ``[0, 255]``), or paths to image files.
+    TIFF files are read with ``tifffile`` when it is installed (``pip install hf-efficient[vision]``):
+    uncompressed ones are memory-mapped, so only the pixels the model samples (and the low-resolution
+    view's one pass) are read from disk; a pyramidal TIFF's smallest level at least as large as the
+    view is read instead of level 0 for the view. Lazy reading holds for one image per call; images
+    of a batch are copied into one padded tensor.
 
     Args:
         size: ``{"height": h, "width": w}``, the low-resolution view's size (the default, 128 x 128).
@@ -370,11 +433,11 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         elif not isinstance(images, Sequence) or len(images) == 0:
             raise ValueError(f"{_NAME}: expected an image or a non-empty list of images, got {type(images).__name__}")
 
-        full, factors = [], []
+        full, factors, pyramids = [], [], []
         for i, raw in enumerate(images):
-            tensor, decoded = _as_tensor(raw, i, do_convert_rgb)
+            tensor, decoded_layout, pyramid = _as_tensor(raw, i, do_convert_rgb)
             tensor, factor = _canonical_dtype(tensor, i)
-            image = _to_chw(tensor, i, ("channels_last" if tensor.dim() == 3 else "none") if decoded else layout)
+            image = _to_chw(tensor, i, decoded_layout or layout)
             if do_convert_rgb and image.shape[0] == 1:
                 image = image.expand(3, -1, -1)
             if image.shape[1] < 1 or image.shape[2] < 1:
@@ -385,6 +448,7 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
                 )
             full.append(image)
             factors.append(factor)
+            pyramids.append(pyramid)
         channels = {t.shape[0] for t in full}
         if len(channels) != 1:
             raise ValueError(
@@ -402,7 +466,11 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         for k, image in enumerate(full):
             h, w = image.shape[-2:]
             low_hw = self._low_res_shape(h, w, size, scale, low_size, do_resize)
-            view_k = _area_reduce(image, *low_hw).double()
+            level = pyramids[k].level_for(*low_hw) if pyramids[k] is not None else None
+            if level is not None and do_convert_rgb and level.shape[0] == 1:
+                level = level.expand(3, -1, -1)
+            # a pyramid level of the TIFF stands in for the full image: level 0 is never read whole
+            view_k = _area_reduce(level if level is not None else image, *low_hw).double()
             low.append((view_k * pixel_scale[k, :, None, None] + pixel_offset[k, :, None, None]).float())
         low_res = _pad_stack(low)
         if low_size is None and scale is None and do_resize:
