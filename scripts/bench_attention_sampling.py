@@ -30,8 +30,9 @@ with the image. Writes ``results/bench_attention_sampling.json`` and a log-log P
 time and the model step (forward + backward, batch 1), sizes interleaved, one thread, median of
 ``--repeats``; and, in a fresh subprocess per size, the peak resident memory beyond the loaded image
 (``VmHWM`` during processor + step minus ``VmRSS`` once the image is loaded, the model built and the
-code warmed on a small image), compared with the image's own uint8 size. Writes
-``results/bench_attention_sampling_pipeline.json``.
+code warmed on a small image), compared with the image's own uint8 size. ``--tiff-side 32768`` adds
+one run on an uncompressed pyramidal RGB TIFF of that side written to a temporary folder (tifffile).
+Writes ``results/bench_attention_sampling_pipeline.json``.
 """
 
 from __future__ import annotations
@@ -300,7 +301,65 @@ def pipeline_child(side: int) -> None:
     print(json.dumps({"beyond_image_mib": growth, "image_mib": image.nbytes / 2**20, "peak_mib": peak / 1024}))
 
 
-def run_pipeline(sizes: list[int], repeats: int, output: Path) -> None:
+def write_pyramidal_tiff(path: Path, side: int, smallest: int = 256) -> None:
+    """An uncompressed RGB TIFF of ``side x side`` in strips of 64 rows, with halving levels down to ``smallest``.
+
+    Level 0 is written in bands of 1,024 rows, so writing it never holds the image in memory.
+    """
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(side)
+    levels = max(0, (side // smallest).bit_length() - 1)
+
+    def bands():
+        for row in range(0, side, 1024):
+            yield rng.integers(0, 256, (min(1024, side - row), side, 3), dtype=np.uint8)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(bands(), shape=(side, side, 3), dtype=np.uint8, photometric="rgb", subifds=levels,
+                  rowsperstrip=64)
+        for k in range(1, levels + 1):
+            level = side >> k
+            tif.write(rng.integers(0, 256, (level, level, 3), dtype=np.uint8), photometric="rgb", subfiletype=1)
+
+
+def tiff_child(path: str) -> None:
+    """Fresh process: build, warm up, then processor on the TIFF path + one step; memory beyond the start."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    _, processor, step = _pipeline_parts()
+    step(processor(_rgb(256)))
+    _release_freed_memory()
+    loaded = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    t0 = time.process_time()
+    inputs = processor(path)
+    cpu = time.process_time() - t0
+    t0 = time.perf_counter()
+    step(inputs)
+    wall = time.perf_counter() - t0
+    growth = (peak_rss_kib() - loaded) / 1024 if reset and loaded is not None else None
+    print(json.dumps({"beyond_start_mib": growth, "processor_cpu_seconds": cpu, "step_seconds": wall}))
+
+
+def run_tiff(side: int) -> dict:
+    """Processor + step on a pyramidal TIFF of ``side`` on disk (written to a temporary folder, then deleted)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"rgb_{side}.tif"
+        write_pyramidal_tiff(path, side)
+        cmd = [sys.executable, __file__, "--tiff-child", str(path)]
+        row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        row.update(side=side, file_mib=path.stat().st_size / 2**20)
+    print(f"TIFF {side}x{side} RGB on disk ({row['file_mib']:.0f} MiB, uncompressed, pyramid): processor CPU "
+          f"{row['processor_cpu_seconds']:.3f} s, step {row['step_seconds']:.4f} s, peak memory beyond the start "
+          f"{_fmt(row['beyond_start_mib'], '.1f')} MiB (one run)")
+    return row
+
+
+def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     _, processor, step = _pipeline_parts()
@@ -341,6 +400,7 @@ def run_pipeline(sizes: list[int], repeats: int, output: Path) -> None:
         print(f"{side:>6} {row['processor_cpu_seconds']:>10.3f} {row['step_seconds']:>8.4f} "
               f"{row['step_over_smallest']:>7.2f} {row['image_mib']:>9.1f} {_fmt(row['beyond_image_mib'], '>10.1f')} "
               f"{_fmt(row['beyond_over_image'], '>7.2f')}", flush=True)
+    tiff = run_tiff(tiff_side) if tiff_side else None
     by_side = {r["side"]: r for r in rows}
     targets = {}
     if 512 in by_side and 8192 in by_side:
@@ -358,8 +418,11 @@ def run_pipeline(sizes: list[int], repeats: int, output: Path) -> None:
             print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     result = {
         "rows": rows,
+        "tiff": tiff,
         "targets": targets,
         "definitions": {
+            "tiff": "one run in a fresh process on an uncompressed pyramidal RGB TIFF on disk: processor CPU, step, "
+            "peak resident memory beyond the process before the call (memory-mapped pages touched included)",
             "processor_cpu_seconds": "median CPU time (process_time) of AttentionSamplingImageProcessor() on one "
             "uint8 (side, side, 3) array, sizes interleaved",
             "step_seconds": "median wall time of one forward + backward (batch 1) of "
@@ -389,11 +452,17 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true",
                         help="the default processor + model on RGB images of 512, 4096, 8192 (see above)")
     parser.add_argument("--pipeline-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tiff-side", type=int, default=None,
+                        help="with --pipeline: also a pyramidal TIFF of this side on disk (needs tifffile)")
+    parser.add_argument("--tiff-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.child:
         child(args.child[0], int(args.child[1]), args.low_res)
+        return
+    if args.tiff_child:
+        tiff_child(args.tiff_child)
         return
     if args.pipeline_child:
         pipeline_child(args.pipeline_child)
@@ -401,7 +470,7 @@ def main() -> None:
     if args.pipeline:
         sizes = [512, 2048] if args.quick else [512, 4096, 8192]
         output = args.output.with_name("bench_attention_sampling_pipeline.json")
-        run_pipeline(sizes, args.repeats, output)
+        run_pipeline(sizes, args.repeats, output, args.tiff_side)
         return
     if args.quick:
         args.sizes = [512, 1024]
