@@ -366,3 +366,28 @@ def test_pyramidal_tiff_low_res_view_comes_from_a_pyramid_level(tmp_path):
     enc = proc(path, size={"height": 40, "width": 40})  # only level 0 is large enough
     expected = F.interpolate(torch.from_numpy(data.astype(np.float64))[None, None] / 65535, size=(40, 40), mode="area")
     torch.testing.assert_close(enc["low_res_pixel_values"][0, 0], expected[0, 0].float())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: torch.tensor(0.3).expand(64, 48),  # stride 0
+        lambda x: x.t().contiguous().t(),  # non-contiguous
+        lambda x: x.half(),
+        lambda x: x.bfloat16(),
+        lambda x: x.double(),
+        lambda x: torch.stack([x, x, x])[:, ::1, ::1].transpose(1, 2).transpose(1, 2),
+    ],
+)
+def test_strided_and_low_precision_images_match_a_contiguous_float32_copy(make):
+    image = make(torch.rand(64, 48))
+    proc = AttentionSamplingImageProcessor(low_res_scale=0.25)
+    enc, ref = proc(image), proc(image.float().contiguous())
+    assert enc["pixel_values"].dtype == torch.float32
+    assert torch.equal(enc["pixel_values"], ref["pixel_values"])
+    torch.testing.assert_close(enc["low_res_pixel_values"], ref["low_res_pixel_values"], rtol=0, atol=1e-6)
+    # and the contiguous copy agrees with area interpolation of the normalised image
+    x = (image.double().contiguous() / 255 - 0.5) / 0.5
+    x = x[None] if x.dim() == 2 else x
+    expected = F.interpolate(x[None], scale_factor=0.25, mode="area")[0].float()
+    torch.testing.assert_close(ref["low_res_pixel_values"][0], expected, rtol=0, atol=1e-5)
