@@ -391,3 +391,16 @@ def test_strided_and_low_precision_images_match_a_contiguous_float32_copy(make):
     x = x[None] if x.dim() == 2 else x
     expected = F.interpolate(x[None], scale_factor=0.25, mode="area")[0].float()
     torch.testing.assert_close(ref["low_res_pixel_values"][0], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["sample_with_replacement", "sample_without_replacement"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_samplers_refuse_non_probabilities_naming_the_row(sampler, bad):
+    from hf_efficient.vision.attention_sampling import sampling
+
+    attention = torch.full((3, 8), 1 / 8)
+    attention[2, 5] = bad
+    with pytest.raises(ValueError, match="row 2 of attention holds NaN, inf or negative"):
+        getattr(sampling, sampler)(attention, 2)
+    with pytest.raises(ValueError, match="positive int"):
+        getattr(sampling, sampler)(torch.full((3, 8), 1 / 8), True)

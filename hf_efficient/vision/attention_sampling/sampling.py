@@ -84,8 +84,14 @@ def attention_distribution(
 def _check_sampling_args(attention: torch.Tensor, n: int, name: str) -> None:
     if attention.dim() != 2:
         raise ValueError(f"{name}: attention must be (batch, K), got shape {tuple(attention.shape)}")
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name}: the number of samples must be a positive int, got {n!r}")
+    bad = ~(torch.isfinite(attention) & (attention >= 0)).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: row {int(bad.nonzero()[0, 0])} of attention holds NaN, inf or negative values; accepted: "
+            "probabilities (check the inputs of the attention network for non-finite pixels)"
+        )
 
 
 def sample_with_replacement(
