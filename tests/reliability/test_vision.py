@@ -404,3 +404,43 @@ def test_samplers_refuse_non_probabilities_naming_the_row(sampler, bad):
         getattr(sampling, sampler)(attention, 2)
     with pytest.raises(ValueError, match="positive int"):
         getattr(sampling, sampler)(torch.full((3, 8), 1 / 8), True)
+
+
+def test_tiled_compressed_pyramidal_tiff_is_read_tile_by_tile_with_the_same_patches(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    import pickle
+
+    rng = np.random.default_rng(12)
+    data = rng.integers(0, 256, (70, 90, 3)).astype(np.uint8)
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(data, photometric="rgb", tile=(16, 16), compression="zlib", subifds=1)
+        tif.write(data[::2, ::2].copy(), photometric="rgb", tile=(16, 16), compression="zlib", subfiletype=1)
+    other = rng.integers(0, 256, (40, 100, 3)).astype(np.uint8)  # an in-memory image in the same batch
+    proc = AttentionSamplingImageProcessor(size={"height": 16, "width": 16})
+    enc = proc([path, other])
+    assert enc["pixel_values"].shape == (2, 3, 70, 100) and enc["pixel_values"].stride() == (0, 0, 0, 0)
+    reader = enc["pixel_readers"][0]
+    assert type(reader).__name__ == "TiledTiffReader"
+    # windows across tile borders and beyond the image, against slicing the array
+    padded = np.zeros((90, 110, 3), np.uint8)
+    padded[10:80, 10:100] = data
+    for top, left in [(-10, -10), (5, 7), (60, 80), (15, 31)]:
+        expected = padded[top + 10 : top + 30, left + 10 : left + 30]
+        assert np.array_equal(reader.read_window(top, left, 20, 20), expected)
+        assert np.array_equal(pickle.loads(pickle.dumps(reader)).read_window(top, left, 20, 20), expected)
+    # the model reads the same patches as from the images in memory
+    reference = torch.zeros(2, 3, 70, 100, dtype=torch.uint8)
+    reference[0, :, :, :90] = torch.from_numpy(data).permute(2, 0, 1)
+    reference[1, :, :40] = torch.from_numpy(other).permute(2, 0, 1)
+    in_memory = {k: v for k, v in enc.items() if k != "pixel_readers"}
+    in_memory["pixel_values"] = reference
+    for extra in ({}, dict(region_size=16, num_regions=2, region_downsample=4)):
+        model = tiny_model(channels=3, **extra)
+        torch.manual_seed(4)
+        lazy = model(**enc, return_patches=True)
+        torch.manual_seed(4)
+        eager = model(**in_memory, return_patches=True)
+        assert torch.equal(lazy.patch_top_left, eager.patch_top_left)
+        assert torch.equal(lazy.patches, eager.patches)
+        torch.testing.assert_close(lazy.logits, eager.logits)

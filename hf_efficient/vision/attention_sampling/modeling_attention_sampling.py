@@ -284,7 +284,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         image_sizes: torch.Tensor,
         regions: torch.Tensor,
         region_top_left: torch.Tensor,
-        affine: dict[str, torch.Tensor | None],
+        affine: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Second level: attention inside each drawn region, then its patches.
 
@@ -293,7 +293,8 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             image_sizes: ``(batch, 2)`` valid sizes.
             regions: ``(batch, R, C, rh, rw)`` the drawn full-resolution regions (zeros outside the image).
             region_top_left: ``(batch, R, 2)`` their positions in the full image.
-            affine: ``pixel_scale`` / ``pixel_offset`` ``(batch, C)`` or None (see :func:`extract_patches`).
+            affine: ``pixel_scale`` / ``pixel_offset`` ``(batch, C)`` and ``pixel_readers``, each possibly
+                None (see :func:`extract_patches`).
 
         Returns:
             ``patch_top_left`` ``(batch, R * n, 2)``, ``patches`` ``(batch, R * n, C, ph, pw)``,
@@ -340,6 +341,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         return_patches: bool = False,
         pixel_scale: torch.Tensor | None = None,
         pixel_offset: torch.Tensor | None = None,
+        pixel_readers: list | None = None,
         **kwargs,
     ) -> AttentionSamplingOutput:
         """Classify a batch (see the class docstring for the inputs).
@@ -347,7 +349,8 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         ``pixel_values`` may be raw (uint8/uint16/float, as the processor returns them) with
         ``pixel_scale`` and ``pixel_offset`` ``(batch, C)``: only the sampled patches are rescaled and
         normalised (``pixel_scale * x + pixel_offset``). Float ``pixel_values`` without them are read
-        as already normalised.
+        as already normalised. With ``pixel_readers`` (one per image, from the processor for tiled
+        TIFF files), patches are read through them and ``pixel_values`` only gives shape and dtype.
         """
         b = pixel_values.shape[0]
         device = pixel_values.device
@@ -357,7 +360,9 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             low_res_sizes = torch.tensor([low_res_pixel_values.shape[-2:]], device=device).expand(b, 2)
         self._check_inputs(pixel_values, low_res_pixel_values, image_sizes, low_res_sizes, pixel_scale, pixel_offset)
         cfg = self.config
-        affine = {"pixel_scale": pixel_scale, "pixel_offset": pixel_offset}
+        if pixel_readers is not None and len(pixel_readers) != b:
+            raise ValueError(f"{type(self).__name__}: pixel_readers has {len(pixel_readers)} entries for {b} images")
+        affine = {"pixel_scale": pixel_scale, "pixel_offset": pixel_offset, "pixel_readers": pixel_readers}
 
         # 1. attention over the positions of the low-resolution map
         scores = self.attention_network(low_res_pixel_values)[:, 0]  # (b, h, w)

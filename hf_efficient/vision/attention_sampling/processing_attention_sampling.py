@@ -103,11 +103,84 @@ class _Pyramid:
         return level if self.channels_first else level.permute(2, 0, 1)
 
 
-def _read_tiff(path: str, index: int) -> tuple[np.ndarray, str, _Pyramid | None]:
-    """A TIFF file -> (level 0, its axes, the pyramid or None), memory-mapped when stored uncompressed.
+class TiledTiffReader:
+    """Reads windows of level 0 of a tiled TIFF, decoding only the tiles a window overlaps.
 
-    Memory-mapped pixels are read from disk only where something looks at them: the sampled patches
-    (and, without a pyramid level to read it from, the low-resolution view's one pass).
+    The model calls :meth:`read_window` for the sampled patches (and regions); nothing else of level
+    0 is ever read. The file is opened on first use and not pickled, so readers cross process
+    boundaries (data-loader workers) as their path.
+
+    Attributes:
+        shape: ``(channels, height, width)`` of level 0; ``dtype``: its numpy dtype.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, int, int], dtype: np.dtype, expand_to: int | None = None) -> None:
+        self.path, self.shape, self.dtype, self.expand_to = path, shape, np.dtype(dtype), expand_to
+        self._tif = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tif": None}
+
+    def _page(self):
+        import tifffile
+
+        if self._tif is None:
+            self._tif = tifffile.TiffFile(self.path)
+        return self._tif, self._tif.series[0].levels[0].keyframe
+
+    def read_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """``(height, width, C)`` pixels at ``(top, left)`` of level 0; zeros where the window leaves the image."""
+        tif, page = self._page()
+        c, h, w = self.shape
+        out = np.zeros((height, width, c), dtype=self.dtype)
+        r0, r1, c0, c1 = max(top, 0), min(top + height, h), max(left, 0), min(left + width, w)
+        if r0 < r1 and c0 < c1:
+            th, tw = page.tilelength, page.tilewidth
+            across = -(-w // tw)
+            for ty in range(r0 // th, (r1 - 1) // th + 1):
+                for tx in range(c0 // tw, (c1 - 1) // tw + 1):
+                    index = ty * across + tx
+                    tif.filehandle.seek(page.dataoffsets[index])
+                    raw = tif.filehandle.read(page.databytecounts[index])
+                    tile = page.decode(raw, index, jpegtables=page.jpegtables)[0].reshape(th, tw, c)
+                    # the part of this tile inside the window, in image coordinates
+                    y0, y1 = max(r0, ty * th), min(r1, (ty + 1) * th)
+                    x0, x1 = max(c0, tx * tw), min(c1, (tx + 1) * tw)
+                    out[y0 - top : y1 - top, x0 - left : x1 - left] = tile[y0 - ty * th : y1 - ty * th,
+                                                                           x0 - tx * tw : x1 - tx * tw]
+        if self.expand_to is not None and c == 1:
+            out = np.repeat(out, self.expand_to, axis=-1)
+        return out
+
+    def read_all(self) -> np.ndarray:
+        """All of level 0 as ``(H, W)`` or ``(H, W, C)`` (only when no pyramid level can stand in for it)."""
+        import tifffile
+
+        return tifffile.imread(self.path)
+
+
+class _TensorReader:
+    """:meth:`TiledTiffReader.read_window` over an in-memory ``(C, H, W)`` image, for batches mixing both."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image = image
+
+    def read_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        c, h, w = self.image.shape
+        out = torch.zeros((c, height, width), dtype=self.image.dtype)
+        r0, r1, c0, c1 = max(top, 0), min(top + height, h), max(left, 0), min(left + width, w)
+        if r0 < r1 and c0 < c1:
+            out[:, r0 - top : r1 - top, c0 - left : c1 - left] = self.image[:, r0:r1, c0:c1]
+        return out.permute(1, 2, 0).numpy()
+
+
+def _read_tiff(path: str, index: int) -> tuple[np.ndarray | TiledTiffReader, str, _Pyramid | None]:
+    """A TIFF file -> (level 0, its axes, the pyramid or None).
+
+    Level 0 is memory-mapped when stored uncompressed, so its pixels are read from disk only where
+    something looks at them; a tiled (e.g. compressed) level 0 of a pyramidal file becomes a
+    :class:`TiledTiffReader`, which decodes only the tiles the sampled patches overlap. Other files
+    are read whole.
     """
     import tifffile
 
@@ -116,25 +189,34 @@ def _read_tiff(path: str, index: int) -> tuple[np.ndarray, str, _Pyramid | None]
         axes = series.axes
         levels = series.levels
         shapes = [(lvl.shape[axes.index("Y")], lvl.shape[axes.index("X")]) for lvl in levels]
+        page = levels[0].keyframe
+        tiled_contiguous = page.is_tiled and (page.planarconfig == 1 or page.samplesperpixel == 1)
+        shape, dtype = series.shape, series.dtype
     if axes not in ("YX", "YXS", "SYX"):
         raise ValueError(
             f"{_NAME}: image {index} is the TIFF {path!r} with axes {axes!r}; accepted: one 2-d image, grey or "
             "with samples (axes YX, YXS or SYX)"
         )
-    try:
-        data = tifffile.memmap(path, mode="r")
-    except ValueError:  # compressed or tiled: read level 0 into memory
-        data = tifffile.imread(path)
     pyramid = _Pyramid(path, shapes, axes == "SYX") if len(shapes) > 1 else None
-    return data, axes, pyramid
+    try:
+        return tifffile.memmap(path, mode="r"), axes, pyramid
+    except ValueError:  # compressed or tiled
+        pass
+    if pyramid is not None and tiled_contiguous and axes in ("YX", "YXS") and dtype in (np.uint8, np.uint16):
+        channels = shape[2] if axes == "YXS" else 1
+        return TiledTiffReader(path, (channels, shape[0], shape[1]), dtype), axes, pyramid
+    return tifffile.imread(path), axes, pyramid
 
 
-def _as_tensor(image: Any, index: int, do_convert_rgb: bool) -> tuple[torch.Tensor, str | None, _Pyramid | None]:
+def _as_tensor(
+    image: Any, index: int, do_convert_rgb: bool
+) -> tuple[torch.Tensor, str | None, tuple[_Pyramid | None, TiledTiffReader | None] | None]:
     """One image (PIL, numpy, torch or a path) -> a tensor sharing memory with it where possible.
 
     Also returns the layout of decoded images (PIL, files: ``"channels_last"``, ``"channels_first"``
-    or ``"none"``; None for arrays, whose layout is inferred) and a TIFF file's pyramid. TIFF files
-    are read with ``tifffile`` when it is installed (memory-mapped where stored uncompressed).
+    or ``"none"``; None for arrays, whose layout is inferred) and, for TIFF files, their pyramid and
+    tile reader. TIFF files are read with ``tifffile`` when it is installed (see :func:`_read_tiff`);
+    a tile-read image comes back as a zero-stride stand-in tensor of its shape and dtype.
     """
     if isinstance(image, str | os.PathLike):
         path = os.fspath(image)
@@ -142,9 +224,13 @@ def _as_tensor(image: Any, index: int, do_convert_rgb: bool) -> tuple[torch.Tens
             raise ValueError(f"{_NAME}: image {index} is the path {path!r}, which is not a file")
         if path.lower().endswith(_TIFF_SUFFIXES) and importlib.util.find_spec("tifffile") is not None:
             data, axes, pyramid = _read_tiff(path, index)
+            if isinstance(data, TiledTiffReader):  # a stand-in of the right shape and dtype, no memory
+                c, h, w = data.shape
+                stand_in = torch.zeros((), dtype=torch.from_numpy(np.zeros(0, data.dtype)).dtype).expand(c, h, w)
+                return stand_in, "channels_first", (pyramid, data)
             tensor, _, _ = _as_tensor(data, index, do_convert_rgb)
             layout = {"YX": "none", "YXS": "channels_last", "SYX": "channels_first"}[axes]
-            return tensor, layout, pyramid
+            return tensor, layout, (pyramid, None) if pyramid is not None else None
         from PIL import Image
 
         with Image.open(path) as opened:
@@ -272,8 +358,11 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
     TIFF files are read with ``tifffile`` when it is installed (``pip install hf-efficient[vision]``):
     uncompressed ones are memory-mapped, so only the pixels the model samples (and the low-resolution
     view's one pass) are read from disk; a pyramidal TIFF's smallest level at least as large as the
-    view is read instead of level 0 for the view. Lazy reading holds for one image per call; images
-    of a batch are copied into one padded tensor.
+    view is read instead of level 0 for the view. A tiled (e.g. compressed) pyramidal TIFF is never
+    read whole: the batch then carries ``pixel_readers`` (one per image; in-memory images of the same
+    batch are wrapped too) and a zero-stride stand-in ``pixel_values`` of the batch's shape, and the
+    model decodes only the tiles its sampled patches overlap. Memory-mapped images stay lazy for one
+    image per call; several are copied into one padded tensor.
 
     Args:
         size: ``{"height": h, "width": w}``, the low-resolution view's size (the default, 128 x 128).
@@ -298,11 +387,13 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         ``pixel_scale`` and ``pixel_offset`` ``(batch, channels)`` float32: normalised pixels are
         ``pixel_values * pixel_scale + pixel_offset``,
         ``low_res_pixel_values`` ``(batch, channels, h_max, w_max)`` float32, normalised, zero padding,
-        ``image_sizes`` ``(batch, 2)`` and ``low_res_sizes`` ``(batch, 2)`` long valid ``(height, width)``.
+        ``image_sizes`` ``(batch, 2)`` and ``low_res_sizes`` ``(batch, 2)`` long valid ``(height, width)``,
+        ``pixel_readers`` (only for tiled TIFF files, see above): a list with one reader per image.
     """
 
     model_input_names = [
-        "pixel_values", "low_res_pixel_values", "image_sizes", "low_res_sizes", "pixel_scale", "pixel_offset"
+        "pixel_values", "low_res_pixel_values", "image_sizes", "low_res_sizes", "pixel_scale", "pixel_offset",
+        "pixel_readers",
     ]
 
     def __init__(
@@ -466,7 +557,11 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         for k, image in enumerate(full):
             h, w = image.shape[-2:]
             low_hw = self._low_res_shape(h, w, size, scale, low_size, do_resize)
-            level = pyramids[k].level_for(*low_hw) if pyramids[k] is not None else None
+            pyramid, reader = pyramids[k] if pyramids[k] is not None else (None, None)
+            level = pyramid.level_for(*low_hw) if pyramid is not None else None
+            if level is None and reader is not None:  # no smaller level will do: level 0 is read whole
+                level = _to_chw(_canonical_dtype(torch.from_numpy(reader.read_all()), k)[0], k,
+                                "channels_last" if reader.shape[0] > 1 else "none")
             if level is not None and do_convert_rgb and level.shape[0] == 1:
                 level = level.expand(3, -1, -1)
             # a pyramid level of the TIFF stands in for the full image: level 0 is never read whole
@@ -478,15 +573,31 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
             padded = low_res.new_zeros(low_res.shape[0], c, size["height"], size["width"])
             padded[:, :, : low_res.shape[-2], : low_res.shape[-1]] = low_res
             low_res = padded
+        readers = [p[1] if p is not None else None for p in pyramids]
+        if any(r is not None for r in readers):
+            # tile-read images: pixel_values is a zero-stride stand-in of the batch's shape, and the model
+            # reads the sampled patches of every image through pixel_readers
+            for k, reader in enumerate(readers):
+                if reader is None:
+                    readers[k] = _TensorReader(full[k])
+                elif do_convert_rgb:
+                    reader.expand_to = c
+            h_max, w_max = max(t.shape[-2] for t in full), max(t.shape[-1] for t in full)
+            dtype = _pad_stack([t[:, :1, :1] for t in full]).dtype
+            pixel_values = torch.zeros((), dtype=dtype).expand(len(full), c, h_max, w_max)
+        else:
+            readers, pixel_values = None, _pad_stack(full)
         data = {
-            "pixel_values": _pad_stack(full),
+            "pixel_values": pixel_values,
             "pixel_scale": pixel_scale.float(),
             "pixel_offset": pixel_offset.float().contiguous(),
             "low_res_pixel_values": low_res,
             "image_sizes": torch.tensor([t.shape[-2:] for t in full], dtype=torch.long),
             "low_res_sizes": torch.tensor([t.shape[-2:] for t in low], dtype=torch.long),
         }
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if readers is not None:
+            data["pixel_readers"] = readers
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["pixel_readers"])
 
 
 def _layout(value: Any) -> str | None:

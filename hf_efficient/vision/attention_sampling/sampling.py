@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 SamplingMode = Literal["with_replacement", "without_replacement"]
@@ -225,6 +226,7 @@ def extract_patches(
     image_sizes: torch.Tensor | None = None,
     pixel_scale: torch.Tensor | None = None,
     pixel_offset: torch.Tensor | None = None,
+    pixel_readers: list | None = None,
 ) -> torch.Tensor:
     """Gather patches from high-resolution images in one indexing operation (no loop over patches).
 
@@ -241,6 +243,9 @@ def extract_patches(
         pixel_scale, pixel_offset: optional ``(batch, channels)``: the patches become
             ``pixel_scale * x + pixel_offset`` (rescaling and normalisation of raw pixels) before the
             pixels outside the image are set to zero.
+        pixel_readers: optional, one object per image with ``read_window(top, left, height, width)``
+            returning ``(height, width, channels)`` pixels (zeros outside the image): patches are read
+            through them (e.g. from tiles of a file) and ``images`` only gives the shape and dtype.
 
     Returns:
         ``(batch, n, channels, ph, pw)``, floating point (float32 for integer images).
@@ -253,9 +258,15 @@ def extract_patches(
     cols = top_left[..., 1, None] + torch.arange(pw, device=images.device)  # (b, n, pw)
     valid_r = (rows >= 0) & (rows < image_sizes[:, None, None, 0])
     valid_c = (cols >= 0) & (cols < image_sizes[:, None, None, 1])
-    batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
-    # advanced indices on dims 0, 2, 3 broadcast to (b, n, ph, pw); the channel slice goes last
-    patches = images[batch_idx, :, rows.clamp(0, h - 1)[..., :, None], cols.clamp(0, w - 1)[..., None, :]]
+    if pixel_readers is not None:
+        corners = top_left.tolist()
+        windows = [[reader.read_window(t, left, ph, pw) for t, left in corners[i]] for i, reader in
+                   enumerate(pixel_readers)]
+        patches = torch.from_numpy(np.stack([np.stack(w) for w in windows])).to(images.device)  # (b, n, ph, pw, C)
+    else:
+        batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
+        # advanced indices on dims 0, 2, 3 broadcast to (b, n, ph, pw); the channel slice goes last
+        patches = images[batch_idx, :, rows.clamp(0, h - 1)[..., :, None], cols.clamp(0, w - 1)[..., None, :]]
     if not patches.is_floating_point():
         patches = patches.float()
     if pixel_scale is not None:  # (b, n, ph, pw, C) * (b, 1, 1, 1, C)
