@@ -21,6 +21,18 @@ runs one forward + backward:
   handed back to the system (``malloc_trim``), so that it counts the step's working memory only.
 Attention sampling reads a fixed-size low-resolution view (``--low-res``), so its cost does not grow
 with the image. Writes ``results/bench_attention_sampling.json`` and a log-log PNG beside it.
+
+    python scripts/bench_attention_sampling.py --pipeline           # 512, 4096, 8192 RGB, defaults
+    python scripts/bench_attention_sampling.py --pipeline --quick   # 512, 2048
+
+``--pipeline`` measures the path a user gets with the defaults (``AttentionSamplingImageProcessor()``,
+``AttentionSamplingConfig(num_channels=3)``) on a uint8 RGB ``(H, W, 3)`` array: the processor's CPU
+time and the model step (forward + backward, batch 1), sizes interleaved, one thread, median of
+``--repeats``; and, in a fresh subprocess per size, the peak resident memory beyond the loaded image
+(``VmHWM`` during processor + step minus ``VmRSS`` once the image is loaded, the model built and the
+code warmed on a small image), compared with the image's own uint8 size. ``--tiff-side 32768`` adds
+one run on an uncompressed pyramidal RGB TIFF of that side written to a temporary folder (tifffile).
+Writes ``results/bench_attention_sampling_pipeline.json``.
 """
 
 from __future__ import annotations
@@ -252,6 +264,183 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+# --- the default pipeline at megapixel sizes: processor CPU, model step, memory beyond the image ---
+
+def _pipeline_parts():
+    config = AttentionSamplingConfig(num_channels=3)
+    model = AttentionSamplingForImageClassification(config).train()
+    processor = AttentionSamplingImageProcessor()
+    labels = torch.tensor([3])
+
+    def step(inputs) -> None:
+        model.zero_grad(set_to_none=True)
+        model(**inputs, labels=labels).loss.backward()
+
+    return model, processor, step
+
+
+def _rgb(side: int):
+    import numpy as np
+
+    return np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def pipeline_child(side: int) -> None:
+    """Fresh process: build, warm up on a small image, load the image, then processor + one step."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    _, processor, step = _pipeline_parts()
+    step(processor(_rgb(256)))  # pages in the code paths, so the measure below is the image's cost
+    image = _rgb(side)
+    _release_freed_memory()
+    loaded = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    step(processor(image))
+    peak = peak_rss_kib()
+    growth = (peak - loaded) / 1024 if reset and loaded is not None else None
+    print(json.dumps({"beyond_image_mib": growth, "image_mib": image.nbytes / 2**20, "peak_mib": peak / 1024}))
+
+
+def write_pyramidal_tiff(path: Path, side: int, smallest: int = 256) -> None:
+    """An uncompressed RGB TIFF of ``side x side`` in strips of 64 rows, with halving levels down to ``smallest``.
+
+    Level 0 is written in bands of 1,024 rows, so writing it never holds the image in memory.
+    """
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(side)
+    levels = max(0, (side // smallest).bit_length() - 1)
+
+    def bands():
+        for row in range(0, side, 1024):
+            yield rng.integers(0, 256, (min(1024, side - row), side, 3), dtype=np.uint8)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(bands(), shape=(side, side, 3), dtype=np.uint8, photometric="rgb", subifds=levels,
+                  rowsperstrip=64)
+        for k in range(1, levels + 1):
+            level = side >> k
+            tif.write(rng.integers(0, 256, (level, level, 3), dtype=np.uint8), photometric="rgb", subfiletype=1)
+
+
+def tiff_child(path: str) -> None:
+    """Fresh process: build, warm up, then processor on the TIFF path + one step; memory beyond the start."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    _, processor, step = _pipeline_parts()
+    step(processor(_rgb(256)))
+    _release_freed_memory()
+    loaded = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    t0 = time.process_time()
+    inputs = processor(path)
+    cpu = time.process_time() - t0
+    t0 = time.perf_counter()
+    step(inputs)
+    wall = time.perf_counter() - t0
+    growth = (peak_rss_kib() - loaded) / 1024 if reset and loaded is not None else None
+    print(json.dumps({"beyond_start_mib": growth, "processor_cpu_seconds": cpu, "step_seconds": wall}))
+
+
+def run_tiff(side: int) -> dict:
+    """Processor + step on a pyramidal TIFF of ``side`` on disk (written to a temporary folder, then deleted)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"rgb_{side}.tif"
+        write_pyramidal_tiff(path, side)
+        cmd = [sys.executable, __file__, "--tiff-child", str(path)]
+        row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        row.update(side=side, file_mib=path.stat().st_size / 2**20)
+    print(f"TIFF {side}x{side} RGB on disk ({row['file_mib']:.0f} MiB, uncompressed, pyramid): processor CPU "
+          f"{row['processor_cpu_seconds']:.3f} s, step {row['step_seconds']:.4f} s, peak memory beyond the start "
+          f"{_fmt(row['beyond_start_mib'], '.1f')} MiB (one run)")
+    return row
+
+
+def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | None = None) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    _, processor, step = _pipeline_parts()
+    images = {side: _rgb(side) for side in sizes}
+    for side in sizes:  # warm-up
+        step(processor(images[side]))
+    cpu: dict[int, list[float]] = {side: [] for side in sizes}
+    wall: dict[int, list[float]] = {side: [] for side in sizes}
+    for _ in range(repeats):
+        for side in sizes:  # interleaved: 512, 4096, 8192, 512, ...
+            t0 = time.process_time()
+            inputs = processor(images[side])
+            cpu[side].append(time.process_time() - t0)
+            t0 = time.perf_counter()
+            step(inputs)
+            wall[side].append(time.perf_counter() - t0)
+            del inputs
+    del images
+    gc.collect()
+    rows = []
+    print(f"{'side':>6} {'proc CPU s':>10} {'step s':>8} {'step x':>7} {'image MiB':>9} {'beyond MiB':>10} "
+          f"{'x image':>7}")
+    base = statistics.median(wall[sizes[0]])
+    for side in sizes:
+        cmd = [sys.executable, __file__, "--pipeline-child", str(side)]
+        memory = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        row = {
+            "side": side,
+            "processor_cpu_seconds": statistics.median(cpu[side]),
+            "processor_cpu_seconds_min_max": [min(cpu[side]), max(cpu[side])],
+            "step_seconds": statistics.median(wall[side]),
+            "step_seconds_min_max": [min(wall[side]), max(wall[side])],
+            "step_over_smallest": statistics.median(wall[side]) / base,
+            **memory,
+            "beyond_over_image": _ratio(memory["beyond_image_mib"], memory["image_mib"]),
+        }
+        rows.append(row)
+        print(f"{side:>6} {row['processor_cpu_seconds']:>10.3f} {row['step_seconds']:>8.4f} "
+              f"{row['step_over_smallest']:>7.2f} {row['image_mib']:>9.1f} {_fmt(row['beyond_image_mib'], '>10.1f')} "
+              f"{_fmt(row['beyond_over_image'], '>7.2f')}", flush=True)
+    tiff = run_tiff(tiff_side) if tiff_side else None
+    by_side = {r["side"]: r for r in rows}
+    targets = {}
+    if 512 in by_side and 8192 in by_side:
+        big = by_side[8192]
+        targets = {
+            "step_8192_over_512": big["step_seconds"] / by_side[512]["step_seconds"],
+            "step_8192_over_512_met (<= 1.5)": big["step_seconds"] / by_side[512]["step_seconds"] <= 1.5,
+            "processor_cpu_8192": big["processor_cpu_seconds"],
+            "processor_cpu_8192_met (<= 0.5 s)": big["processor_cpu_seconds"] <= 0.5,
+            "beyond_image_over_image_8192": big["beyond_over_image"],
+            "beyond_image_over_image_8192_met (<= 1.5)": big["beyond_over_image"] is not None
+            and big["beyond_over_image"] <= 1.5,
+        }
+        for k, v in targets.items():
+            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    result = {
+        "rows": rows,
+        "tiff": tiff,
+        "targets": targets,
+        "definitions": {
+            "tiff": "one run in a fresh process on an uncompressed pyramidal RGB TIFF on disk: processor CPU, step, "
+            "peak resident memory beyond the process before the call (memory-mapped pages touched included)",
+            "processor_cpu_seconds": "median CPU time (process_time) of AttentionSamplingImageProcessor() on one "
+            "uint8 (side, side, 3) array, sizes interleaved",
+            "step_seconds": "median wall time of one forward + backward (batch 1) of "
+            "AttentionSamplingConfig(num_channels=3) defaults, sizes interleaved",
+            "beyond_image_mib": "fresh process: peak resident memory during processor + step minus the resident "
+            "memory with the image loaded, the model built and the code warmed on a 256x256 image",
+            "image_mib": "the uint8 image's own size",
+        },
+        "settings": {"repeats": repeats, "sizes": sizes, "processor": "defaults", "model": "defaults, 3 channels"},
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="canvas 512 and 1024 only")
@@ -260,9 +449,28 @@ def main() -> None:
     parser.add_argument("--low-res", type=int, default=128, help="side of the fixed low-resolution view")
     parser.add_argument("--output", type=Path, default=Path("results/bench_attention_sampling.json"))
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "CANVAS"), help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", action="store_true",
+                        help="the default processor + model on RGB images of 512, 4096, 8192 (see above)")
+    parser.add_argument("--pipeline-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tiff-side", type=int, default=None,
+                        help="with --pipeline: also a pyramidal TIFF of this side on disk (needs tifffile)")
+    parser.add_argument("--tiff-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.child:
         child(args.child[0], int(args.child[1]), args.low_res)
+        return
+    if args.tiff_child:
+        tiff_child(args.tiff_child)
+        return
+    if args.pipeline_child:
+        pipeline_child(args.pipeline_child)
+        return
+    if args.pipeline:
+        sizes = [512, 2048] if args.quick else [512, 4096, 8192]
+        output = args.output.with_name("bench_attention_sampling_pipeline.json")
+        run_pipeline(sizes, args.repeats, output, args.tiff_side)
         return
     if args.quick:
         args.sizes = [512, 1024]

@@ -97,19 +97,33 @@ def make_megamnist(
         raise ValueError(f"make_megamnist: canvas_size must be an int in [256, 4096], got {canvas_size!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"make_megamnist: num_samples must be a positive int, got {num_samples!r}")
+    for name, value in (("num_digits", num_digits), ("num_target", num_target)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"make_megamnist: {name} must be an int, got {value!r}")
     others = num_digits - num_target
     if num_target < 1 or others < 0 or num_target <= others:
         raise ValueError(
             "make_megamnist: need 1 <= num_target and num_target > num_digits - num_target (the label must "
             f"be the majority class), got num_digits={num_digits}, num_target={num_target}"
         )
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"make_megamnist: test_fraction must be in (0, 1), got {test_fraction!r}")
+    if not isinstance(test_fraction, int | float) or isinstance(test_fraction, bool) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"make_megamnist: test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"make_megamnist: seed must be an int >= 0, got {seed!r}")
     if num_noise_lines is None:
         num_noise_lines = int(round(10 * (canvas_size / 256) ** 2))
+    if not isinstance(num_noise_lines, int) or isinstance(num_noise_lines, bool) or num_noise_lines < 0:
+        raise ValueError(f"make_megamnist: num_noise_lines must be an int >= 0, got {num_noise_lines!r}")
 
     digits, digit_labels = _digit_pools(test_fraction)[split]
     by_class = [np.flatnonzero(digit_labels == k) for k in range(10)]
+    missing = [k for k in range(10) if len(by_class[k]) == 0]
+    if missing:
+        raise ValueError(
+            f"make_megamnist: test_fraction={test_fraction!r} leaves the {split} pool with {len(digit_labels)} of the "
+            f"5,000 digits and no digit of class(es) {missing}; use a test_fraction that leaves every class in both "
+            "pools (e.g. 0.05 ... 0.95)"
+        )
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
 
     images = np.zeros((num_samples, canvas_size, canvas_size), dtype=np.uint8)

@@ -33,10 +33,15 @@ def test_processor_views_normalisation_and_padding():
     assert enc["low_res_pixel_values"].shape == (2, 1, 10, 16)
     assert enc["image_sizes"].tolist() == [[40, 48], [24, 64]]
     assert enc["low_res_sizes"].tolist() == [[10, 12], [6, 16]]
-    expected_a = (torch.from_numpy(a).float() / 255 - 0.5) / 0.25
-    torch.testing.assert_close(enc["pixel_values"][0, 0, :, :48], expected_a)
+    expected_a = (torch.from_numpy(a).double() / 255 - 0.5) / 0.25
+    # full resolution stays raw uint8; the normalisation comes as a per-channel affine map
+    assert enc["pixel_values"].dtype == torch.uint8
+    assert torch.equal(enc["pixel_values"][0, 0, :, :48], torch.from_numpy(a))
+    normalised = enc["pixel_values"][0, 0, :, :48].double() * enc["pixel_scale"][0, 0] + enc["pixel_offset"][0, 0]
+    torch.testing.assert_close(normalised, expected_a, rtol=1e-6, atol=1e-6)
     assert bool((enc["pixel_values"][0, 0, :, 48:] == 0).all())  # padding
     assert bool((enc["pixel_values"][1, 0, 24:] == 0).all())
+    expected_a = expected_a.float()
     # the low-resolution view is the 4x4 block average of the normalised image
     torch.testing.assert_close(enc["low_res_pixel_values"][0, 0, :, :12], F.avg_pool2d(expected_a[None], 4)[0])
 
@@ -48,7 +53,9 @@ def test_processor_channels_last_rgb_and_fixed_low_res_size():
     assert enc["pixel_values"].shape == (1, 3, 30, 20)
     assert enc["low_res_pixel_values"].shape == (1, 3, 6, 5)
     expected = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor([0.1, 0.2, 0.3])[:, None, None])
-    torch.testing.assert_close(enc["pixel_values"][0], expected / 0.5)
+    assert torch.equal(enc["pixel_values"][0], torch.from_numpy(image).permute(2, 0, 1))
+    scale, offset = enc["pixel_scale"][0, :, None, None], enc["pixel_offset"][0, :, None, None]
+    torch.testing.assert_close(enc["pixel_values"][0] * scale + offset, expected / 0.5)
 
 
 def test_processor_save_load_round_trip(tmp_path):
@@ -70,6 +77,8 @@ def test_processor_errors():
     with pytest.raises(ValueError, match="low_res_size"):
         AttentionSamplingImageProcessor(low_res_size={"height": 0, "width": 4})
     with pytest.raises(TypeError, match="accepted"):
+        AttentionSamplingImageProcessor()([object()])
+    with pytest.raises(ValueError, match="not a file"):
         AttentionSamplingImageProcessor()(["not an image"])
     with pytest.raises(ValueError, match="channel count"):
         AttentionSamplingImageProcessor()([np.zeros((8, 8, 3)), np.zeros((8, 8))])

@@ -169,7 +169,8 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
 
     Inputs are the outputs of :class:`AttentionSamplingImageProcessor`:
     ``pixel_values`` ``(batch, C, H, W)``, ``low_res_pixel_values`` ``(batch, C, h, w)``, and for
-    batches of differently sized images ``image_sizes`` / ``low_res_sizes`` ``(batch, 2)``.
+    batches of differently sized images ``image_sizes`` / ``low_res_sizes`` ``(batch, 2)``; raw
+    (integer) ``pixel_values`` come with ``pixel_scale`` / ``pixel_offset`` ``(batch, C)``.
     Sampling draws from torch's global generator: seed it (``torch.manual_seed``) for repeatable outputs.
     """
 
@@ -208,11 +209,34 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         low_res_pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor,
         low_res_sizes: torch.Tensor,
+        pixel_scale: torch.Tensor | None,
+        pixel_offset: torch.Tensor | None,
     ) -> None:
         name = type(self).__name__
         if low_res_pixel_values is None:
             raise ValueError(
                 f"{name}: low_res_pixel_values is required; make the inputs with AttentionSamplingImageProcessor"
+            )
+        if (pixel_scale is None) != (pixel_offset is None):
+            raise ValueError(f"{name}: pass pixel_scale and pixel_offset together (both from the image processor)")
+        if pixel_scale is None and not pixel_values.is_floating_point():
+            raise ValueError(
+                f"{name}: pixel_values of dtype {pixel_values.dtype} are raw pixels and need pixel_scale and "
+                "pixel_offset (the processor returns them); float pixel_values without them are read as normalised"
+            )
+        b, c = pixel_values.shape[0], self.config.num_channels
+        for label, t in (("pixel_scale", pixel_scale), ("pixel_offset", pixel_offset)):
+            if t is not None and (tuple(t.shape) != (b, c) or not bool(torch.isfinite(t).all())):
+                raise ValueError(f"{name}: {label} must be finite, of shape ({b}, {c}); got shape {tuple(t.shape)}")
+        if not low_res_pixel_values.is_floating_point():
+            raise ValueError(
+                f"{name}: low_res_pixel_values must be floating point (normalised), got {low_res_pixel_values.dtype}"
+            )
+        bad = ~torch.isfinite(low_res_pixel_values).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name}: low_res_pixel_values of image {int(bad.nonzero()[0, 0])} hold NaN or inf; accepted: "
+                "finite pixel values"
             )
         for label, t in (("pixel_values", pixel_values), ("low_res_pixel_values", low_res_pixel_values)):
             if t.dim() != 4 or t.shape[1] != self.config.num_channels:
@@ -240,6 +264,15 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
                     f"({rh}, {rw}); use larger images or a smaller config.region_size"
                 )
 
+    def _check_finite(self, patches: torch.Tensor, what: str) -> None:
+        """Refuse a sampled ``(batch, n, C, ph, pw)`` read holding NaN or inf (only the sampled pixels are read)."""
+        bad = ~torch.isfinite(patches.detach()).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{type(self).__name__}: a sampled {what} of image {int(bad.nonzero()[0, 0])} holds NaN or inf pixel "
+                "values; accepted: finite pixel values"
+            )
+
     def _draw(self, attention: torch.Tensor, n: int) -> torch.Tensor:
         if self.config.sampling == "with_replacement":
             return sample_with_replacement(attention, n)
@@ -251,6 +284,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         image_sizes: torch.Tensor,
         regions: torch.Tensor,
         region_top_left: torch.Tensor,
+        affine: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Second level: attention inside each drawn region, then its patches.
 
@@ -259,6 +293,8 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
             image_sizes: ``(batch, 2)`` valid sizes.
             regions: ``(batch, R, C, rh, rw)`` the drawn full-resolution regions (zeros outside the image).
             region_top_left: ``(batch, R, 2)`` their positions in the full image.
+            affine: ``pixel_scale`` / ``pixel_offset`` ``(batch, C)`` and ``pixel_readers``, each possibly
+                None (see :func:`extract_patches`).
 
         Returns:
             ``patch_top_left`` ``(batch, R * n, 2)``, ``patches`` ``(batch, R * n, C, ph, pw)``,
@@ -286,7 +322,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         cell = torch.tensor([[cell_h, cell_w]], device=scores.device).expand(b * r, 2)
         local = patch_top_left(positions, mw, cell, (cfg.patch_size[0], cfg.patch_size[1]))  # (b*R, n, 2)
         top_left = (local.view(b, r, n, 2) + region_top_left[:, :, None, :]).view(b, r * n, 2)
-        patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes)
+        patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes, **affine)
         weights = expectation_weights(attention.gather(1, positions), cfg.sampling).view(b, r, n)
         extra = {
             "region_attention_maps": attention.view(b, r, mh, mw),
@@ -303,16 +339,30 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         low_res_sizes: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_patches: bool = False,
+        pixel_scale: torch.Tensor | None = None,
+        pixel_offset: torch.Tensor | None = None,
+        pixel_readers: list | None = None,
         **kwargs,
     ) -> AttentionSamplingOutput:
+        """Classify a batch (see the class docstring for the inputs).
+
+        ``pixel_values`` may be raw (uint8/uint16/float, as the processor returns them) with
+        ``pixel_scale`` and ``pixel_offset`` ``(batch, C)``: only the sampled patches are rescaled and
+        normalised (``pixel_scale * x + pixel_offset``). Float ``pixel_values`` without them are read
+        as already normalised. With ``pixel_readers`` (one per image, from the processor for tiled
+        TIFF files), patches are read through them and ``pixel_values`` only gives shape and dtype.
+        """
         b = pixel_values.shape[0]
         device = pixel_values.device
         if image_sizes is None:
             image_sizes = torch.tensor([pixel_values.shape[-2:]], device=device).expand(b, 2)
         if low_res_sizes is None and low_res_pixel_values is not None:
             low_res_sizes = torch.tensor([low_res_pixel_values.shape[-2:]], device=device).expand(b, 2)
-        self._check_inputs(pixel_values, low_res_pixel_values, image_sizes, low_res_sizes)
+        self._check_inputs(pixel_values, low_res_pixel_values, image_sizes, low_res_sizes, pixel_scale, pixel_offset)
         cfg = self.config
+        if pixel_readers is not None and len(pixel_readers) != b:
+            raise ValueError(f"{type(self).__name__}: pixel_readers has {len(pixel_readers)} entries for {b} images")
+        affine = {"pixel_scale": pixel_scale, "pixel_offset": pixel_offset, "pixel_readers": pixel_readers}
 
         # 1. attention over the positions of the low-resolution map
         scores = self.attention_network(low_res_pixel_values)[:, 0]  # (b, h, w)
@@ -335,9 +385,10 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         if cfg.multiscale:
             region_size = (cfg.region_size[0], cfg.region_size[1])
             region_top_left = patch_top_left(positions, w, cell, region_size)
-            regions = extract_patches(pixel_values, region_top_left, region_size, image_sizes)
+            regions = extract_patches(pixel_values, region_top_left, region_size, image_sizes, **affine)
+            self._check_finite(regions, "region")
             top_left, patches, position_weights, extra = self._nested_patches(
-                pixel_values, image_sizes, regions, region_top_left
+                pixel_values, image_sizes, regions, region_top_left, affine
             )
             weights = nested_expectation_weights(first_weights, position_weights)
             extra.update(region_top_left=region_top_left, region_weights=first_weights.detach())
@@ -345,8 +396,9 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
                 extra.pop("region_pixel_values")
         else:
             top_left = patch_top_left(positions, w, cell, (cfg.patch_size[0], cfg.patch_size[1]))
-            patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes)
+            patches = extract_patches(pixel_values, top_left, tuple(cfg.patch_size), image_sizes, **affine)
             weights = first_weights
+        self._check_finite(patches, "patch")
 
         # 4. features and the unbiased expectation (gradients reach the attention through the weights)
         n = patches.shape[1]

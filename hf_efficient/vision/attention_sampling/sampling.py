@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 SamplingMode = Literal["with_replacement", "without_replacement"]
@@ -84,8 +85,14 @@ def attention_distribution(
 def _check_sampling_args(attention: torch.Tensor, n: int, name: str) -> None:
     if attention.dim() != 2:
         raise ValueError(f"{name}: attention must be (batch, K), got shape {tuple(attention.shape)}")
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"{name}: the number of samples must be a positive int, got {n!r}")
+    bad = ~(torch.isfinite(attention) & (attention >= 0)).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: row {int(bad.nonzero()[0, 0])} of attention holds NaN, inf or negative values; accepted: "
+            "probabilities (check the inputs of the attention network for non-finite pixels)"
+        )
 
 
 def sample_with_replacement(
@@ -217,11 +224,15 @@ def extract_patches(
     top_left: torch.Tensor,
     patch_size: tuple[int, int],
     image_sizes: torch.Tensor | None = None,
+    pixel_scale: torch.Tensor | None = None,
+    pixel_offset: torch.Tensor | None = None,
+    pixel_readers: list | None = None,
 ) -> torch.Tensor:
     """Gather patches from high-resolution images in one indexing operation (no loop over patches).
 
     Pixels outside an image's valid area (beyond its border or in batch padding) read as zero; the
-    full image is never copied or padded, so memory is ``O(batch * n * channels * ph * pw)``.
+    full image is never copied, padded or converted, so memory is ``O(batch * n * channels * ph * pw)``
+    whatever the image's dtype (integer images are converted patch by patch).
 
     Args:
         images: ``(batch, channels, H, W)``.
@@ -229,9 +240,15 @@ def extract_patches(
         patch_size: ``(ph, pw)``.
         image_sizes: optional ``(batch, 2)`` long valid ``(height, width)`` of each image
             (top-left aligned); defaults to the full ``(H, W)``.
+        pixel_scale, pixel_offset: optional ``(batch, channels)``: the patches become
+            ``pixel_scale * x + pixel_offset`` (rescaling and normalisation of raw pixels) before the
+            pixels outside the image are set to zero.
+        pixel_readers: optional, one object per image with ``read_window(top, left, height, width)``
+            returning ``(height, width, channels)`` pixels (zeros outside the image): patches are read
+            through them (e.g. from tiles of a file) and ``images`` only gives the shape and dtype.
 
     Returns:
-        ``(batch, n, channels, ph, pw)``.
+        ``(batch, n, channels, ph, pw)``, floating point (float32 for integer images).
     """
     b, _, h, w = images.shape
     ph, pw = patch_size
@@ -241,9 +258,19 @@ def extract_patches(
     cols = top_left[..., 1, None] + torch.arange(pw, device=images.device)  # (b, n, pw)
     valid_r = (rows >= 0) & (rows < image_sizes[:, None, None, 0])
     valid_c = (cols >= 0) & (cols < image_sizes[:, None, None, 1])
-    batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
-    # advanced indices on dims 0, 2, 3 broadcast to (b, n, ph, pw); the channel slice goes last
-    patches = images[batch_idx, :, rows.clamp(0, h - 1)[..., :, None], cols.clamp(0, w - 1)[..., None, :]]
+    if pixel_readers is not None:
+        corners = top_left.tolist()
+        windows = [[reader.read_window(t, left, ph, pw) for t, left in corners[i]] for i, reader in
+                   enumerate(pixel_readers)]
+        patches = torch.from_numpy(np.stack([np.stack(w) for w in windows])).to(images.device)  # (b, n, ph, pw, C)
+    else:
+        batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
+        # advanced indices on dims 0, 2, 3 broadcast to (b, n, ph, pw); the channel slice goes last
+        patches = images[batch_idx, :, rows.clamp(0, h - 1)[..., :, None], cols.clamp(0, w - 1)[..., None, :]]
+    if not patches.is_floating_point():
+        patches = patches.float()
+    if pixel_scale is not None:  # (b, n, ph, pw, C) * (b, 1, 1, 1, C)
+        patches = patches * pixel_scale[:, None, None, None, :] + pixel_offset[:, None, None, None, :]
     valid = (valid_r[..., :, None] & valid_c[..., None, :]).unsqueeze(-1)
     patches = patches * valid.to(patches.dtype)
     return patches.permute(0, 1, 4, 2, 3)
