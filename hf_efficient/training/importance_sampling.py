@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import has_length
 
 from .scores import (
     IGNORE_INDEX,
@@ -57,11 +57,12 @@ __all__ = [
     "ImportanceSamplingCallback",
     "ImportanceSamplingConfig",
     "ImportanceSamplingState",
+    "ImportanceSamplingStateCallback",
     "ImportanceSamplingTrainer",
 ]
 
 STATE_NAME = "importance_sampling_state_{rank}.json"
-RNG_NAME = "importance_sampling_rng_{rank}.safetensors"
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -180,6 +181,17 @@ class ImportanceSamplingState:
     # since): tau is estimated from B scores in both phases, so a batch of one can switch on.
     recent_scores: list[float] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImportanceSamplingState:
+        """Rebuild from :func:`dataclasses.asdict` output; a dict with unknown keys is refused."""
+        if not isinstance(values, dict):
+            raise TypeError(f"importance-sampling state must be a dict, got {type(values).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown importance-sampling state fields {unknown}; accepted: {sorted(known)}")
+        return cls(**{k: (list(v) if k == "recent_scores" else v) for k, v in values.items()})
+
 
 class ImportanceSamplingCallback(TrainerCallback):
     """A :class:`~transformers.TrainerCallback` that also sees the per-sample scores of every step.
@@ -230,12 +242,38 @@ class ImportanceSamplingTrainer(Trainer):
         if per_sample_loss is not None and not callable(per_sample_loss):
             raise TypeError(f"per_sample_loss must be callable, got {type(per_sample_loss).__name__}")
         self.per_sample_loss = per_sample_loss
-        self.is_state = ImportanceSamplingState()
+        # The state lives in a stateful callback: checkpoints carry it in trainer_state.json.
+        self.add_callback(ImportanceSamplingStateCallback())
         # Our own generator: the presample and the resampling never disturb the global RNG streams
-        # (dropout, the dataloader's shuffling), and its state can be checkpointed exactly.
-        self.is_generator = torch.Generator().manual_seed(int(self.args.seed) + 1_000_003 * self.args.process_index)
+        # (dropout, the dataloader's shuffling). It is re-seeded at every step from (seed, process,
+        # step), so a resumed run draws exactly what an uninterrupted one would.
+        self.is_generator = torch.Generator()
         self._presample_dataset: Any = None
         self._presample_collator: Any = None
+
+    @property
+    def _state_callback(self) -> ImportanceSamplingStateCallback:
+        # Looked up each time: a resume with restore_callback_states_from_checkpoint replaces it.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ImportanceSamplingStateCallback):
+                return callback
+        raise RuntimeError("the ImportanceSamplingStateCallback was removed from the trainer; add it back")
+
+    @property
+    def is_state(self) -> ImportanceSamplingState:
+        """The importance-sampling state (tau, counters), checkpointed with the trainer state."""
+        return self._state_callback.is_state
+
+    @is_state.setter
+    def is_state(self, value: ImportanceSamplingState) -> None:
+        self._state_callback.is_state = value
+
+    def _seed_generator(self) -> None:
+        """Seed ``is_generator`` from the run's seed, this process and the micro-step count."""
+        x = (int(self.args.seed) * 0x9E3779B97F4A7C15) & _MASK64
+        x ^= (int(self.args.process_index) + 1) * 0xBF58476D1CE4E5B9 & _MASK64
+        x ^= (int(self.is_state.steps) * 0x94D049BB133111EB) & _MASK64
+        self.is_generator.manual_seed(x & ((1 << 63) - 1))
 
     # ---- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self):  # noqa: D102 - the stock loader paces epochs; presamples come from here
@@ -537,6 +575,7 @@ class ImportanceSamplingTrainer(Trainer):
 
     def _importance_loss(self, model: nn.Module) -> tuple[torch.Tensor, Any]:
         presample_size, trained_size = self._step_sizes()
+        self._seed_generator()
         presample = self._draw_presample(presample_size)
         scores = self.score_samples(model, presample)
         self._update_tau(scores, presample=True)
@@ -588,32 +627,52 @@ class ImportanceSamplingTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.save_importance_state(folder)
-
     def save_importance_state(self, folder: str) -> None:
-        """Write tau's state (JSON) and the sampler's generator state (safetensors), one pair per process."""
+        """Write the importance-sampling state as JSON, one file per process (checkpoints carry it in
+        ``trainer_state.json`` already; this is for saving it elsewhere)."""
         os.makedirs(folder, exist_ok=True)
         rank = self.args.process_index
         with open(os.path.join(folder, STATE_NAME.format(rank=rank)), "w", encoding="utf-8") as fh:
             json.dump(asdict(self.is_state), fh, indent=2)
-        save_file({"generator": self.is_generator.get_state()}, os.path.join(folder, RNG_NAME.format(rank=rank)))
 
     def load_importance_state(self, folder: str) -> bool:
         """Restore what :meth:`save_importance_state` wrote; ``False`` when the folder has none."""
-        rank = self.args.process_index
-        state_file = os.path.join(folder, STATE_NAME.format(rank=rank))
-        rng_file = os.path.join(folder, RNG_NAME.format(rank=rank))
-        if not (os.path.isfile(state_file) and os.path.isfile(rng_file)):
+        state_file = os.path.join(folder, STATE_NAME.format(rank=self.args.process_index))
+        if not os.path.isfile(state_file):
             return False
         with open(state_file, encoding="utf-8") as fh:
-            self.is_state = ImportanceSamplingState(**json.load(fh))
-        self.is_generator.set_state(load_file(rng_file)["generator"])
+            self.is_state = ImportanceSamplingState.from_dict(json.load(fh))
         return True
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is not None:
-            self.load_importance_state(checkpoint)
+
+class ImportanceSamplingStateCallback(TrainerCallback, ExportableState):
+    """Holds the :class:`ImportanceSamplingState` of an :class:`ImportanceSamplingTrainer` (which adds
+    it) as a stateful callback: every checkpoint's ``trainer_state.json`` carries it, and resuming
+    restores it at the start of training, whatever ``restore_callback_states_from_checkpoint`` says
+    (the sampler's random draws derive from the step count it holds, so the run continues exactly).
+
+    With several processes the checkpoint holds the first process's state, which every process resumes.
+    """
+
+    def __init__(self) -> None:
+        self.is_state = ImportanceSamplingState()
+
+    def state(self) -> dict[str, Any]:  # noqa: D102 - ExportableState
+        return {"args": {}, "attributes": {"saved": asdict(self.is_state)}}
+
+    @property
+    def saved(self) -> dict[str, Any]:
+        """The state as a JSON-ready dict; setting it restores the state."""
+        return asdict(self.is_state)
+
+    @saved.setter
+    def saved(self, value: dict[str, Any]) -> None:
+        self.is_state = ImportanceSamplingState.from_dict(value)
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Restore from the trainer state (the checkpoint's on a resume, our own otherwise)."""
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(stored, list):
+            stored = stored[0] if stored else None
+        if stored and "saved" in stored.get("attributes", {}):
+            self.saved = stored["attributes"]["saved"]
