@@ -6,7 +6,8 @@ Importance Sampling" (ICML 2018):
 1. while the smoothed variance-reduction estimate ``tau`` is at most ``tau_th``, train on the
    uniform batch the dataloader gives and update ``tau`` from the scores of the last ``B`` uniformly
    drawn samples, this batch's included (free: they come from the training forward passes);
-2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly, score them with one
+2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly (the dataloader's
+   batch and ``B - b`` more drawn from the training set), score them with one
    forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
    the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
    unbiased; a row drawn ``c`` times is trained once with weight ``c / (B p_i)`` (the same
@@ -326,15 +327,55 @@ class ImportanceSamplingTrainer(Trainer):
             return self._constant_time_sizes(self.is_state.tau)
         return self.args.presample_size, self.args.per_device_train_batch_size
 
-    def _draw_presample(self, size: int) -> dict[str, Any]:
-        """``size`` distinct examples drawn uniformly from the training set, collated and on device."""
+    def _presample_indices(self, population: int, count: int) -> list[int]:
+        """``count`` distinct indices drawn uniformly from ``range(population)``.
+
+        The distinct values of i.i.d. uniform draws, taken until ``count`` are seen, form a uniform
+        random subset; for ``count`` much smaller than ``population`` this costs O(count), where a
+        permutation of a large training set would cost O(population) at every step.
+        """
+        if 4 * count > population:
+            return torch.randperm(population, generator=self.is_generator)[:count].tolist()
+        chosen: dict[int, None] = {}  # insertion-ordered set
+        while len(chosen) < count:
+            for i in torch.randint(population, (count - len(chosen),), generator=self.is_generator).tolist():
+                chosen.setdefault(i)
+        return list(chosen)[:count]
+
+    def _gather(self, indices: list[int]) -> dict[str, Any]:
+        """Examples ``indices`` of the training set, collated in one call and on device."""
         if self._presample_dataset is None:
             self.get_train_dataloader()
         dataset = self._presample_dataset
-        indices = torch.randperm(len(dataset), generator=self.is_generator)[:size].tolist()
         getitems = getattr(dataset, "__getitems__", None)
         examples = getitems(indices) if getitems is not None else [dataset[i] for i in indices]
         return self._prepare_inputs(self._presample_collator(examples))
+
+    def _draw_presample(self, size: int, loader_batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A presample of about ``size`` uniformly drawn examples, collated and on device.
+
+        The dataloader's batch for this step (itself a uniform draw) is the first part, so that no
+        fetched batch is thrown away and an epoch still means one pass over the data; the rest,
+        ``size - b`` examples, are drawn from the whole training set. Every row is marginally uniform,
+        which is all the unbiasedness of the importance-sampled loss needs. When the two parts cannot
+        be stacked (a collator that pads each batch to its own length) the whole presample is drawn
+        from the training set instead.
+        """
+        dataset_size = len(self._presample_dataset) if self._presample_dataset is not None else None
+        if dataset_size is None:
+            self.get_train_dataloader()
+            dataset_size = len(self._presample_dataset)
+        if loader_batch is None:
+            return self._gather(self._presample_indices(dataset_size, size))
+        n = loader_batch["labels"].shape[0]
+        extra = size - self.args.per_device_train_batch_size
+        if extra <= 0:
+            return self._rows(loader_batch, torch.arange(min(size, n), device=loader_batch["labels"].device))
+        drawn = self._gather(self._presample_indices(dataset_size, extra))
+        stacked = _stack_batches(loader_batch, drawn)
+        if stacked is None:
+            return self._gather(self._presample_indices(dataset_size, size))
+        return stacked
 
     # ---- model and loss helpers -------------------------------------------------------------------
     def _unwrapped(self, model: nn.Module) -> nn.Module:
@@ -533,7 +574,7 @@ class ImportanceSamplingTrainer(Trainer):
         state.steps += 1
         if self.is_active:
             state.active_steps += 1
-            loss, outputs = self._importance_loss(model)
+            loss, outputs = self._importance_loss(model, inputs)
         else:
             loss, outputs = self._uniform_loss(model, inputs, labels, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
@@ -573,10 +614,11 @@ class ImportanceSamplingTrainer(Trainer):
         self._notify_scores(scores=scores, is_active=False, tau=self.is_state.tau)
         return loss, outputs
 
-    def _importance_loss(self, model: nn.Module) -> tuple[torch.Tensor, Any]:
+    def _importance_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         presample_size, trained_size = self._step_sizes()
         self._seed_generator()
-        presample = self._draw_presample(presample_size)
+        presample = self._draw_presample(presample_size, inputs)
+        presample_size = int(presample["labels"].shape[0])  # the last loader batch of an epoch may be short
         scores = self.score_samples(model, presample)
         self._update_tau(scores, presample=True)
         draws, draw_weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
@@ -591,7 +633,8 @@ class ImportanceSamplingTrainer(Trainer):
         losses, _ = self._per_sample(logits, labels, kind)
         # A uniform batch of `trained_size` holds this many target items on average; estimating it from
         # the whole presample keeps the weighted loss an unbiased estimate of the usual mean.
-        expected_items = self._items(presample["labels"], kind).sum() * (trained_size / presample_size)
+        items = self._items(presample["labels"], kind).sum().to(losses.dtype)
+        expected_items = items * (trained_size / presample_size)
         loss = weighted_loss(losses, weights.to(losses.device), expected_items.clamp(min=1e-12))
         self.loss_is_scaled_for_ga = False
         self.is_state.last_presample, self.is_state.last_trained = presample_size, int(index.shape[0])
@@ -643,6 +686,30 @@ class ImportanceSamplingTrainer(Trainer):
         with open(state_file, encoding="utf-8") as fh:
             self.is_state = ImportanceSamplingState.from_dict(json.load(fh))
         return True
+
+
+def _stack_batches(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
+    """Rows of ``first`` then ``second`` (two collated batches), or ``None`` when they differ in keys,
+    in a tensor's trailing shape or dtype, or in a non-tensor value."""
+    if first.keys() != second.keys():
+        return None
+    n, m = first["labels"].shape[0], second["labels"].shape[0]
+    out: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape[:1] == (n,) and b.shape[:1] == (m,):
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                return None
+            out[key] = torch.cat([a, b.to(a.device)])
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b.to(a.device))):
+                return None
+            out[key] = a
+        else:
+            if a != b:
+                return None
+            out[key] = a
+    return out
 
 
 class ImportanceSamplingStateCallback(TrainerCallback, ExportableState):
