@@ -23,6 +23,7 @@ classification, token classification and causal LM, squared error for regression
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -219,6 +220,17 @@ class ImportanceSamplingCallback(TrainerCallback):
         then trained once with their weights summed); ``tau``: the smoothed estimate."""
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_requires_labels(model_type: type) -> bool:
+    """Whether ``model_type.forward`` has a ``labels`` parameter without a default."""
+    try:
+        parameter = inspect.signature(model_type.forward).parameters.get("labels")
+    except (TypeError, ValueError):  # a forward without an inspectable signature
+        return False
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return parameter is not None and parameter.default is inspect.Parameter.empty and parameter.kind not in variadic
+
+
 class ImportanceSamplingTrainer(Trainer):
     """:class:`transformers.Trainer` that trains with importance sampling (see the module docstring).
 
@@ -379,7 +391,13 @@ class ImportanceSamplingTrainer(Trainer):
 
     # ---- model and loss helpers -------------------------------------------------------------------
     def _unwrapped(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        # accelerate's unwrap_model costs about a millisecond a call; a step makes several.
+        cached = self.__dict__.get("_unwrap_cache")
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        unwrapped = self.accelerator.unwrap_model(model)
+        self.__dict__["_unwrap_cache"] = (model, unwrapped)
+        return unwrapped
 
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         # Labels only feed the model's own loss, which we do not use, so they are dropped to save its
@@ -393,19 +411,7 @@ class ImportanceSamplingTrainer(Trainer):
 
     @staticmethod
     def _forward_requires_labels(model: nn.Module) -> bool:
-        try:
-            parameter = inspect.signature(model.forward).parameters.get("labels")
-        except (TypeError, ValueError):  # a forward without an inspectable signature
-            return False
-        return (
-            parameter is not None
-            and parameter.default is inspect.Parameter.empty
-            and parameter.kind
-            not in (
-                inspect.Parameter.VAR_POSITIONAL,
-                inspect.Parameter.VAR_KEYWORD,
-            )
-        )
+        return _forward_requires_labels(type(model))
 
     @staticmethod
     def _logits(outputs: Any) -> torch.Tensor:
@@ -516,7 +522,11 @@ class ImportanceSamplingTrainer(Trainer):
             chunk = self.args.score_batch_size or n
             scores = []
             for start in range(0, n, chunk):
-                part = self._rows(inputs, torch.arange(start, min(start + chunk, n), device=labels.device))
+                part = (
+                    inputs
+                    if chunk >= n
+                    else self._rows(inputs, torch.arange(start, min(start + chunk, n), device=labels.device))
+                )
                 logits = self._logits(unwrapped(**self._model_inputs(model, part)))
                 kind = self._loss_kind(model, logits, part["labels"])
                 scores.append(self._scores_from_logits(logits, part["labels"], kind).float())
