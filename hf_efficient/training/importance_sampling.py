@@ -6,7 +6,8 @@ Importance Sampling" (ICML 2018):
 1. while the smoothed variance-reduction estimate ``tau`` is at most ``tau_th``, train on the
    uniform batch the dataloader gives and update ``tau`` from the scores of the last ``B`` uniformly
    drawn samples, this batch's included (free: they come from the training forward passes);
-2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly, score them with one
+2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly (the dataloader's
+   batch and ``B - b`` more drawn from the training set), score them with one
    forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
    the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
    unbiased; a row drawn ``c`` times is trained once with weight ``c / (B p_i)`` (the same
@@ -22,6 +23,7 @@ classification, token classification and causal LM, squared error for regression
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -31,10 +33,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import has_length
 
 from .scores import (
     IGNORE_INDEX,
@@ -57,11 +59,12 @@ __all__ = [
     "ImportanceSamplingCallback",
     "ImportanceSamplingConfig",
     "ImportanceSamplingState",
+    "ImportanceSamplingStateCallback",
     "ImportanceSamplingTrainer",
 ]
 
 STATE_NAME = "importance_sampling_state_{rank}.json"
-RNG_NAME = "importance_sampling_rng_{rank}.safetensors"
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -180,6 +183,17 @@ class ImportanceSamplingState:
     # since): tau is estimated from B scores in both phases, so a batch of one can switch on.
     recent_scores: list[float] = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImportanceSamplingState:
+        """Rebuild from :func:`dataclasses.asdict` output; a dict with unknown keys is refused."""
+        if not isinstance(values, dict):
+            raise TypeError(f"importance-sampling state must be a dict, got {type(values).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown importance-sampling state fields {unknown}; accepted: {sorted(known)}")
+        return cls(**{k: (list(v) if k == "recent_scores" else v) for k, v in values.items()})
+
 
 class ImportanceSamplingCallback(TrainerCallback):
     """A :class:`~transformers.TrainerCallback` that also sees the per-sample scores of every step.
@@ -206,6 +220,17 @@ class ImportanceSamplingCallback(TrainerCallback):
         then trained once with their weights summed); ``tau``: the smoothed estimate."""
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_requires_labels(model_type: type) -> bool:
+    """Whether ``model_type.forward`` has a ``labels`` parameter without a default."""
+    try:
+        parameter = inspect.signature(model_type.forward).parameters.get("labels")
+    except (TypeError, ValueError):  # a forward without an inspectable signature
+        return False
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return parameter is not None and parameter.default is inspect.Parameter.empty and parameter.kind not in variadic
+
+
 class ImportanceSamplingTrainer(Trainer):
     """:class:`transformers.Trainer` that trains with importance sampling (see the module docstring).
 
@@ -230,12 +255,38 @@ class ImportanceSamplingTrainer(Trainer):
         if per_sample_loss is not None and not callable(per_sample_loss):
             raise TypeError(f"per_sample_loss must be callable, got {type(per_sample_loss).__name__}")
         self.per_sample_loss = per_sample_loss
-        self.is_state = ImportanceSamplingState()
+        # The state lives in a stateful callback: checkpoints carry it in trainer_state.json.
+        self.add_callback(ImportanceSamplingStateCallback())
         # Our own generator: the presample and the resampling never disturb the global RNG streams
-        # (dropout, the dataloader's shuffling), and its state can be checkpointed exactly.
-        self.is_generator = torch.Generator().manual_seed(int(self.args.seed) + 1_000_003 * self.args.process_index)
+        # (dropout, the dataloader's shuffling). It is re-seeded at every step from (seed, process,
+        # step), so a resumed run draws exactly what an uninterrupted one would.
+        self.is_generator = torch.Generator()
         self._presample_dataset: Any = None
         self._presample_collator: Any = None
+
+    @property
+    def _state_callback(self) -> ImportanceSamplingStateCallback:
+        # Looked up each time: a resume with restore_callback_states_from_checkpoint replaces it.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ImportanceSamplingStateCallback):
+                return callback
+        raise RuntimeError("the ImportanceSamplingStateCallback was removed from the trainer; add it back")
+
+    @property
+    def is_state(self) -> ImportanceSamplingState:
+        """The importance-sampling state (tau, counters), checkpointed with the trainer state."""
+        return self._state_callback.is_state
+
+    @is_state.setter
+    def is_state(self, value: ImportanceSamplingState) -> None:
+        self._state_callback.is_state = value
+
+    def _seed_generator(self) -> None:
+        """Seed ``is_generator`` from the run's seed, this process and the micro-step count."""
+        x = (int(self.args.seed) * 0x9E3779B97F4A7C15) & _MASK64
+        x ^= (int(self.args.process_index) + 1) * 0xBF58476D1CE4E5B9 & _MASK64
+        x ^= (int(self.is_state.steps) * 0x94D049BB133111EB) & _MASK64
+        self.is_generator.manual_seed(x & ((1 << 63) - 1))
 
     # ---- data -----------------------------------------------------------------------------------
     def get_train_dataloader(self):  # noqa: D102 - the stock loader paces epochs; presamples come from here
@@ -288,19 +339,65 @@ class ImportanceSamplingTrainer(Trainer):
             return self._constant_time_sizes(self.is_state.tau)
         return self.args.presample_size, self.args.per_device_train_batch_size
 
-    def _draw_presample(self, size: int) -> dict[str, Any]:
-        """``size`` distinct examples drawn uniformly from the training set, collated and on device."""
+    def _presample_indices(self, population: int, count: int) -> list[int]:
+        """``count`` distinct indices drawn uniformly from ``range(population)``.
+
+        The distinct values of i.i.d. uniform draws, taken until ``count`` are seen, form a uniform
+        random subset; for ``count`` much smaller than ``population`` this costs O(count), where a
+        permutation of a large training set would cost O(population) at every step.
+        """
+        if 4 * count > population:
+            return torch.randperm(population, generator=self.is_generator)[:count].tolist()
+        chosen: dict[int, None] = {}  # insertion-ordered set
+        while len(chosen) < count:
+            for i in torch.randint(population, (count - len(chosen),), generator=self.is_generator).tolist():
+                chosen.setdefault(i)
+        return list(chosen)[:count]
+
+    def _gather(self, indices: list[int]) -> dict[str, Any]:
+        """Examples ``indices`` of the training set, collated in one call and on device."""
         if self._presample_dataset is None:
             self.get_train_dataloader()
         dataset = self._presample_dataset
-        indices = torch.randperm(len(dataset), generator=self.is_generator)[:size].tolist()
         getitems = getattr(dataset, "__getitems__", None)
         examples = getitems(indices) if getitems is not None else [dataset[i] for i in indices]
         return self._prepare_inputs(self._presample_collator(examples))
 
+    def _draw_presample(self, size: int, loader_batch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A presample of about ``size`` uniformly drawn examples, collated and on device.
+
+        The dataloader's batch for this step (itself a uniform draw) is the first part, so that no
+        fetched batch is thrown away and an epoch still means one pass over the data; the rest,
+        ``size - b`` examples, are drawn from the whole training set. Every row is marginally uniform,
+        which is all the unbiasedness of the importance-sampled loss needs. When the two parts cannot
+        be stacked (a collator that pads each batch to its own length) the whole presample is drawn
+        from the training set instead.
+        """
+        dataset_size = len(self._presample_dataset) if self._presample_dataset is not None else None
+        if dataset_size is None:
+            self.get_train_dataloader()
+            dataset_size = len(self._presample_dataset)
+        if loader_batch is None:
+            return self._gather(self._presample_indices(dataset_size, size))
+        n = loader_batch["labels"].shape[0]
+        extra = size - self.args.per_device_train_batch_size
+        if extra <= 0:
+            return self._rows(loader_batch, torch.arange(min(size, n), device=loader_batch["labels"].device))
+        drawn = self._gather(self._presample_indices(dataset_size, extra))
+        stacked = _stack_batches(loader_batch, drawn)
+        if stacked is None:
+            return self._gather(self._presample_indices(dataset_size, size))
+        return stacked
+
     # ---- model and loss helpers -------------------------------------------------------------------
     def _unwrapped(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        # accelerate's unwrap_model costs about a millisecond a call; a step makes several.
+        cached = self.__dict__.get("_unwrap_cache")
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        unwrapped = self.accelerator.unwrap_model(model)
+        self.__dict__["_unwrap_cache"] = (model, unwrapped)
+        return unwrapped
 
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         # Labels only feed the model's own loss, which we do not use, so they are dropped to save its
@@ -314,19 +411,7 @@ class ImportanceSamplingTrainer(Trainer):
 
     @staticmethod
     def _forward_requires_labels(model: nn.Module) -> bool:
-        try:
-            parameter = inspect.signature(model.forward).parameters.get("labels")
-        except (TypeError, ValueError):  # a forward without an inspectable signature
-            return False
-        return (
-            parameter is not None
-            and parameter.default is inspect.Parameter.empty
-            and parameter.kind
-            not in (
-                inspect.Parameter.VAR_POSITIONAL,
-                inspect.Parameter.VAR_KEYWORD,
-            )
-        )
+        return _forward_requires_labels(type(model))
 
     @staticmethod
     def _logits(outputs: Any) -> torch.Tensor:
@@ -437,7 +522,11 @@ class ImportanceSamplingTrainer(Trainer):
             chunk = self.args.score_batch_size or n
             scores = []
             for start in range(0, n, chunk):
-                part = self._rows(inputs, torch.arange(start, min(start + chunk, n), device=labels.device))
+                part = (
+                    inputs
+                    if chunk >= n
+                    else self._rows(inputs, torch.arange(start, min(start + chunk, n), device=labels.device))
+                )
                 logits = self._logits(unwrapped(**self._model_inputs(model, part)))
                 kind = self._loss_kind(model, logits, part["labels"])
                 scores.append(self._scores_from_logits(logits, part["labels"], kind).float())
@@ -495,7 +584,7 @@ class ImportanceSamplingTrainer(Trainer):
         state.steps += 1
         if self.is_active:
             state.active_steps += 1
-            loss, outputs = self._importance_loss(model)
+            loss, outputs = self._importance_loss(model, inputs)
         else:
             loss, outputs = self._uniform_loss(model, inputs, labels, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
@@ -535,9 +624,11 @@ class ImportanceSamplingTrainer(Trainer):
         self._notify_scores(scores=scores, is_active=False, tau=self.is_state.tau)
         return loss, outputs
 
-    def _importance_loss(self, model: nn.Module) -> tuple[torch.Tensor, Any]:
+    def _importance_loss(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         presample_size, trained_size = self._step_sizes()
-        presample = self._draw_presample(presample_size)
+        self._seed_generator()
+        presample = self._draw_presample(presample_size, inputs)
+        presample_size = int(presample["labels"].shape[0])  # the last loader batch of an epoch may be short
         scores = self.score_samples(model, presample)
         self._update_tau(scores, presample=True)
         draws, draw_weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
@@ -552,7 +643,8 @@ class ImportanceSamplingTrainer(Trainer):
         losses, _ = self._per_sample(logits, labels, kind)
         # A uniform batch of `trained_size` holds this many target items on average; estimating it from
         # the whole presample keeps the weighted loss an unbiased estimate of the usual mean.
-        expected_items = self._items(presample["labels"], kind).sum() * (trained_size / presample_size)
+        items = self._items(presample["labels"], kind).sum().to(losses.dtype)
+        expected_items = items * (trained_size / presample_size)
         loss = weighted_loss(losses, weights.to(losses.device), expected_items.clamp(min=1e-12))
         self.loss_is_scaled_for_ga = False
         self.is_state.last_presample, self.is_state.last_trained = presample_size, int(index.shape[0])
@@ -588,32 +680,76 @@ class ImportanceSamplingTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        self.save_importance_state(folder)
-
     def save_importance_state(self, folder: str) -> None:
-        """Write tau's state (JSON) and the sampler's generator state (safetensors), one pair per process."""
+        """Write the importance-sampling state as JSON, one file per process (checkpoints carry it in
+        ``trainer_state.json`` already; this is for saving it elsewhere)."""
         os.makedirs(folder, exist_ok=True)
         rank = self.args.process_index
         with open(os.path.join(folder, STATE_NAME.format(rank=rank)), "w", encoding="utf-8") as fh:
             json.dump(asdict(self.is_state), fh, indent=2)
-        save_file({"generator": self.is_generator.get_state()}, os.path.join(folder, RNG_NAME.format(rank=rank)))
 
     def load_importance_state(self, folder: str) -> bool:
         """Restore what :meth:`save_importance_state` wrote; ``False`` when the folder has none."""
-        rank = self.args.process_index
-        state_file = os.path.join(folder, STATE_NAME.format(rank=rank))
-        rng_file = os.path.join(folder, RNG_NAME.format(rank=rank))
-        if not (os.path.isfile(state_file) and os.path.isfile(rng_file)):
+        state_file = os.path.join(folder, STATE_NAME.format(rank=self.args.process_index))
+        if not os.path.isfile(state_file):
             return False
         with open(state_file, encoding="utf-8") as fh:
-            self.is_state = ImportanceSamplingState(**json.load(fh))
-        self.is_generator.set_state(load_file(rng_file)["generator"])
+            self.is_state = ImportanceSamplingState.from_dict(json.load(fh))
         return True
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is not None:
-            self.load_importance_state(checkpoint)
+
+def _stack_batches(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any] | None:
+    """Rows of ``first`` then ``second`` (two collated batches), or ``None`` when they differ in keys,
+    in a tensor's trailing shape or dtype, or in a non-tensor value."""
+    if first.keys() != second.keys():
+        return None
+    n, m = first["labels"].shape[0], second["labels"].shape[0]
+    out: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second[key]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape[:1] == (n,) and b.shape[:1] == (m,):
+            if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                return None
+            out[key] = torch.cat([a, b.to(a.device)])
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b.to(a.device))):
+                return None
+            out[key] = a
+        else:
+            if a != b:
+                return None
+            out[key] = a
+    return out
+
+
+class ImportanceSamplingStateCallback(TrainerCallback, ExportableState):
+    """Holds the :class:`ImportanceSamplingState` of an :class:`ImportanceSamplingTrainer` (which adds
+    it) as a stateful callback: every checkpoint's ``trainer_state.json`` carries it, and resuming
+    restores it at the start of training, whatever ``restore_callback_states_from_checkpoint`` says
+    (the sampler's random draws derive from the step count it holds, so the run continues exactly).
+
+    With several processes the checkpoint holds the first process's state, which every process resumes.
+    """
+
+    def __init__(self) -> None:
+        self.is_state = ImportanceSamplingState()
+
+    def state(self) -> dict[str, Any]:  # noqa: D102 - ExportableState
+        return {"args": {}, "attributes": {"saved": asdict(self.is_state)}}
+
+    @property
+    def saved(self) -> dict[str, Any]:
+        """The state as a JSON-ready dict; setting it restores the state."""
+        return asdict(self.is_state)
+
+    @saved.setter
+    def saved(self, value: dict[str, Any]) -> None:
+        self.is_state = ImportanceSamplingState.from_dict(value)
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Restore from the trainer state (the checkpoint's on a resume, our own otherwise)."""
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(stored, list):
+            stored = stored[0] if stored else None
+        if stored and "saved" in stored.get("attributes", {}):
+            self.saved = stored["attributes"]["saved"]

@@ -92,13 +92,16 @@ def test_accepts_loss_kwargs_model_is_not_over_scaled(tmp_path):
         assert torch.equal(value, ours_model.state_dict()[name]), name
 
 
-def _mc_gradients(trainer, model, draws):
-    """Gradients of the trainer's importance-sampled loss over `draws` independent resamplings."""
+def _mc_gradients(trainer, model, data, b, draws):
+    """Gradients of the trainer's importance-sampled loss over `draws` independent steps, each given
+    a uniformly drawn loader batch of `b` examples, as the dataloader would."""
+    g = torch.Generator().manual_seed(11)
     grads = []
     for _ in range(draws):
         trainer.is_state.tau = 1e9  # force importance sampling on
         model.zero_grad()
-        loss = trainer.compute_loss(model, {"labels": torch.zeros(1)})
+        loader_batch = trainer.data_collator([data[i] for i in torch.randperm(len(data), generator=g)[:b].tolist()])
+        loss = trainer.compute_loss(model, loader_batch)
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     return torch.stack(grads)
@@ -106,8 +109,8 @@ def _mc_gradients(trainer, model, draws):
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
 def test_weighted_resampled_gradient_is_unbiased(tmp_path, task):
-    """With a training set of exactly B examples the presample is the whole set, so the weighted
-    resampled gradient must average to the exact mean gradient over it."""
+    """Presamples of the loader batch plus uniform draws: the weighted resampled gradient averages
+    to the exact mean gradient over the training set (a statistical check of the whole step)."""
     b, presample = 3, 4.0
     if task == "classification":
         data, model = make_classification_data(12, seed=3), _model(TinyClassifier, seed=1)
@@ -117,7 +120,7 @@ def test_weighted_resampled_gradient_is_unbiased(tmp_path, task):
         model=model, args=_args(tmp_path, per_device_train_batch_size=b, presample=presample), train_dataset=data
     )
     model.train()
-    grads = _mc_gradients(trainer, model, 600)
+    grads = _mc_gradients(trainer, model, data, b, 600)
     # Reference: the usual mean loss over all 12 examples (token mean for the LM), one backward.
     model.zero_grad()
     batch = trainer.data_collator(data)
@@ -132,31 +135,6 @@ def test_weighted_resampled_gradient_is_unbiased(tmp_path, task):
     assert stderr.max() > 0  # the estimator is random
     z = (mean - exact).abs() / (stderr + 1e-7)
     assert z.max() < 5.0, float(z.max())
-    # Importance sampling reduces the variance relative to uniform sampling of b from the same B.
-    uniform = _uniform_gradient_variance(model, trainer, data, b, task)
-    assert grads.var(0).sum() < uniform
-
-
-def _uniform_gradient_variance(model, trainer, data, b, task):
-    """Exact variance (trace) of the uniform with-replacement b-sample gradient estimator."""
-    per = []
-    batch = trainer.data_collator(data)
-    for i in range(len(data)):
-        model.zero_grad()
-        row = {k: v[i : i + 1] for k, v in batch.items()}
-        logits = model(**{k: v for k, v in row.items() if k != "labels"}).logits
-        if task == "classification":
-            loss = F.cross_entropy(logits, row["labels"], reduction="sum")
-        else:
-            v = logits.shape[-1]
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, v), row["labels"][:, 1:].reshape(-1), reduction="sum")
-        loss.backward()
-        per.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    per = torch.stack(per)
-    if task == "causal_lm":  # per-sample sums scaled by the mean item count, as the weighted loss does
-        items = (batch["labels"][:, 1:] != -100).float().sum(1).mean()
-        per = per / items
-    return float(per.var(0, unbiased=False).sum() / b)
 
 
 def test_switch_turns_on_and_off_as_specified(tmp_path):
@@ -240,7 +218,12 @@ def test_scores_loss_and_exact_gradient_norm(tmp_path):
         torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("restore_flag", [False, True])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, restore_flag):
+    """Train, checkpoint, resume: the same tau and state, the same presamples and draws after the
+    checkpoint, the same weights as an uninterrupted run; the state travels in trainer_state.json."""
+    import json
+
     data = make_classification_data(64, seed=4)
     kw = dict(
         per_device_train_batch_size=4,
@@ -250,18 +233,34 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
         save_strategy="steps",
         save_steps=3,
         gradient_accumulation_steps=2,
+        restore_callback_states_from_checkpoint=restore_flag,
     )
-    full_model = _model()
-    full = ImportanceSamplingTrainer(model=full_model, args=_args(tmp_path / "full", **kw), train_dataset=data)
+    full_model, full_rec = _model(), Recorder()
+    full = ImportanceSamplingTrainer(
+        model=full_model, args=_args(tmp_path / "full", **kw), train_dataset=data, callbacks=[full_rec]
+    )
     full.train()
     assert full.is_state.active_steps > 4
-    resumed_model = _model(seed=123)  # different init: everything must come from the checkpoint
-    resumed = ImportanceSamplingTrainer(model=resumed_model, args=_args(tmp_path / "full", **kw), train_dataset=data)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    stored = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    saved = stored["ImportanceSamplingStateCallback"]["attributes"]["saved"]
+    assert saved["steps"] == 6 and len(saved["recent_scores"]) == 12
+    assert sorted(p.name for p in checkpoint.iterdir() if "importance" in p.name) == []  # no side files
+    resumed_model, resumed_rec = _model(seed=123), Recorder()  # different init: all from the checkpoint
+    resumed = ImportanceSamplingTrainer(
+        model=resumed_model, args=_args(tmp_path / "full", **kw), train_dataset=data, callbacks=[resumed_rec]
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
     for name, value in _params(full_model).items():
         assert torch.equal(value, resumed_model.state_dict()[name]), name
-    assert resumed.is_state.tau == full.is_state.tau
-    assert torch.equal(resumed.is_generator.get_state(), full.is_generator.get_state())
+    assert resumed.is_state == full.is_state
+    after = full_rec.events[6:]  # the micro-steps after the checkpoint
+    assert len(after) == len(resumed_rec.events) == 10
+    for a, b in zip(after, resumed_rec.events):
+        assert a.keys() == b.keys() and a["tau"] == b["tau"] and a["is_active"] == b["is_active"]
+        for key in ("scores", "indices", "weights"):
+            if a.get(key) is not None:
+                assert torch.equal(a[key], b[key]), key
 
 
 def test_constant_time_keeps_the_step_budget(tmp_path):
@@ -362,7 +361,7 @@ def test_repeated_draws_are_trained_once_with_the_duplicated_batch_gradient(tmp_
     trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data, callbacks=[rec])
     fixed = trainer.data_collator(data[:16])
     fixed["x"] = fixed["x"].double()
-    trainer._draw_presample = lambda size: {k: v[:size] for k, v in fixed.items()}
+    trainer._draw_presample = lambda size, loader_batch=None: {k: v[:size] for k, v in fixed.items()}
     trained = []
     original_rows = trainer._rows
 
@@ -395,9 +394,11 @@ def test_repeated_draws_are_trained_once_with_the_duplicated_batch_gradient(tmp_
         torch.testing.assert_close(g, p.grad, rtol=1e-12, atol=1e-14)
 
 
-def _exact_is_expectation(trainer, model, subsets, b, monkeypatch):
-    """Exact expectation of the trainer's importance-sampled gradient: every presample in `subsets`
-    (equally likely) and every ordered b-tuple of draws, weighted by the product of their p."""
+def _exact_is_expectation(trainer, model, cases, b, monkeypatch):
+    """Exact expectation of the trainer's importance-sampled gradient over `cases`, each
+    ``(probability, loader rows, extra rows)``: the loader batch the step is given and the rows the
+    trainer draws from the training set, and over every ordered b-tuple of draws from the presample
+    (weighted by the product of their p)."""
     import itertools
 
     import hf_efficient.training.importance_sampling as module
@@ -412,59 +413,61 @@ def _exact_is_expectation(trainer, model, subsets, b, monkeypatch):
 
     monkeypatch.setattr(module, "importance_resample", enumerated_resample)
     expectation = None
-    for subset in subsets:
-        presample = trainer.data_collator([trainer.train_dataset[i] for i in subset])
-        presample = {k: (v.double() if v.is_floating_point() else v) for k, v in presample.items()}
-        trainer._draw_presample = lambda size, presample=presample: presample
-        for draws in itertools.product(range(len(subset)), repeat=b):
+    for probability, loader_rows, extra_rows in cases:
+        loader_batch = trainer.data_collator([trainer.train_dataset[i] for i in loader_rows])
+        trainer._presample_indices = lambda population, count, rows=list(extra_rows): rows
+        for draws in itertools.product(range(len(loader_rows) + len(extra_rows)), repeat=b):
             state["draws"] = list(draws)
             trainer.is_state.tau = 1e9
             model.zero_grad()
-            trainer.compute_loss(model, {"labels": torch.zeros(1)}).backward()
-            prob = float(torch.prod(state["p"][list(draws)])) / len(subsets)
+            trainer.compute_loss(model, loader_batch).backward()
+            prob = float(torch.prod(state["p"][list(draws)])) * probability
             grad = torch.cat([p.grad.flatten() for p in model.parameters()]) * prob
             expectation = grad if expectation is None else expectation + grad
     return expectation
 
 
 def test_exact_expectation_of_the_importance_sampled_gradient_is_the_full_gradient(tmp_path, monkeypatch):
-    """Enumerable: 6 examples, presamples of B = 4 (all 15 subsets, as a uniform draw without
-    replacement gives), b = 2 draws with replacement (16 ordered pairs each). The exact expectation
-    of the weighted gradient equals the full-set mean gradient, to float64 rounding."""
+    """Enumerable: 6 examples, b = 2, B = 4: every loader batch (all 15 pairs, as a shuffled
+    dataloader gives), every pair of extra rows the trainer draws (all 15, overlaps with the loader
+    batch included) and every ordered pair of draws from the presample. The exact expectation of the
+    weighted gradient equals the full-set mean gradient, to float64 rounding."""
     import itertools
 
-    data = make_classification_data(6, seed=8)
+    data = [{"x": e["x"].double(), "labels": e["labels"]} for e in make_classification_data(6, seed=8)]
     model = _model(seed=3).double()
     with torch.no_grad():
         model.fc2.weight.mul_(6.0)  # confident on some rows, wrong on others: very unequal scores
     args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0)
     trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
     model.train()
-    subsets = list(itertools.combinations(range(6), 4))
-    expectation = _exact_is_expectation(trainer, model, subsets, 2, monkeypatch)
+    pairs = list(itertools.combinations(range(6), 2))
+    cases = [(1.0 / len(pairs) ** 2, d, e) for d in pairs for e in pairs]
+    expectation = _exact_is_expectation(trainer, model, cases, 2, monkeypatch)
     model.zero_grad()
     full = trainer.data_collator(data)
-    F.cross_entropy(model(full["x"].double()).logits, full["labels"]).backward()
+    F.cross_entropy(model(full["x"]).logits, full["labels"]).backward()
     exact = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
     # The sampler is not uniform: the check has teeth (uniform weights would give another mean).
-    scores = trainer.score_samples(model, {"x": full["x"].double(), "labels": full["labels"]})
+    scores = trainer.score_samples(model, full)
     assert float(scores.max() / scores.min()) > 2.0
 
 
 def test_exact_expectation_for_a_token_task_is_the_presample_token_mean(tmp_path, monkeypatch):
-    """Causal LM: given the presample, the exact expectation over the draws is the token-mean
-    gradient of the presample (the trainer divides by its expected number of target tokens)."""
+    """Causal LM: given the presample (loader batch + drawn rows, here one row in both), the exact
+    expectation over the draws is the presample's token-mean gradient (the trainer divides by its
+    expected number of target tokens)."""
     data = make_lm_data(4, seed=9)
     model = _model(TinyForCausalLM, seed=4).double()
-    args = _args(tmp_path, per_device_train_batch_size=3, presample=4 / 3)
+    args = _args(tmp_path, per_device_train_batch_size=2, presample=1.5)
     trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
     model.train()
-    expectation = _exact_is_expectation(trainer, model, [range(4)], 3, monkeypatch)
+    expectation = _exact_is_expectation(trainer, model, [(1.0, [0, 2], [2])], 2, monkeypatch)
     model.zero_grad()
-    full = trainer.data_collator(data)
-    logits = model(full["input_ids"]).logits
-    F.cross_entropy(logits[:, :-1].reshape(-1, 11), full["labels"][:, 1:].reshape(-1)).backward()
+    rows = trainer.data_collator([data[0], data[2], data[2]])
+    logits = model(rows["input_ids"]).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, 11), rows["labels"][:, 1:].reshape(-1)).backward()
     exact = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
 
@@ -534,3 +537,79 @@ def test_model_whose_forward_requires_labels(tmp_path):
     batch = trainer.data_collator(data[:5])
     want = cross_entropy_gradient_norm(model(batch["x"], batch["labels"]).logits, batch["labels"], "classification")
     torch.testing.assert_close(trainer.score_samples(model, batch), want)
+
+
+def _recording_presamples(trainer):
+    """Record (loader batch, presample) of each importance-sampled step."""
+    seen, original_loss, original_score = [], trainer._importance_loss, trainer.score_samples
+
+    def importance_loss(model, inputs):
+        seen.append({"loader": {k: v.clone() for k, v in inputs.items()}})
+        return original_loss(model, inputs)
+
+    def score_samples(model, inputs):
+        seen[-1]["presample"] = {k: v.clone() for k, v in inputs.items()}
+        return original_score(model, inputs)
+
+    trainer._importance_loss, trainer.score_samples = importance_loss, score_samples
+    return seen
+
+
+def test_presample_starts_with_the_loader_batch_and_an_epoch_is_one_pass(tmp_path):
+    """Active steps score the dataloader's own batch plus B - b rows of the training set, so one
+    epoch still passes every example through the step (no fetched batch is thrown away)."""
+    data = make_classification_data(32, seed=10)
+    args = _args(
+        tmp_path,
+        per_device_train_batch_size=4,
+        presample=3.0,
+        num_train_epochs=1,
+        tau_threshold=1.0001,
+        tau_smoothing=0.0,
+    )
+    trainer = ImportanceSamplingTrainer(model=_model(), args=args, train_dataset=data)
+    seen = _recording_presamples(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 8 and len(seen) == 7  # the first step is uniform
+    rows = {tuple(e["x"].tolist()) for e in data}
+    for step in seen:
+        loader, presample = step["loader"], step["presample"]
+        assert presample["x"].shape[0] == 12
+        assert torch.equal(presample["x"][:4], loader["x"]) and torch.equal(presample["labels"][:4], loader["labels"])
+        extra = [tuple(r.tolist()) for r in presample["x"][4:]]
+        assert set(extra) <= rows and len(set(extra)) == 8  # distinct training rows
+
+
+def test_presample_with_a_padding_collator_is_drawn_whole(tmp_path):
+    """Batches padded to their own length cannot be stacked with the loader batch: the whole
+    presample of B rows then comes from the training set, padded together."""
+    g = torch.Generator().manual_seed(12)
+    data = []
+    for i in range(24):
+        n = 3 + i % 5
+        ids = torch.randint(0, 11, (n,), generator=g)
+        data.append({"input_ids": ids, "labels": ids.clone()})
+
+    def pad(examples):
+        length = max(e["input_ids"].shape[0] for e in examples)
+        ids = torch.zeros(len(examples), length, dtype=torch.long)
+        labels = torch.full((len(examples), length), -100)
+        for j, e in enumerate(examples):
+            ids[j, : e["input_ids"].shape[0]] = e["input_ids"]
+            labels[j, : e["labels"].shape[0]] = e["labels"]
+        return {"input_ids": ids, "labels": labels}
+
+    args = _args(tmp_path, per_device_train_batch_size=3, presample=2.0, max_steps=6, tau_threshold=1.0001)
+    args.tau_smoothing = 0.0
+    trainer = ImportanceSamplingTrainer(model=_model(TinyForCausalLM), args=args, train_dataset=data, data_collator=pad)
+    seen = _recording_presamples(trainer)
+    trainer.train()
+    assert len(seen) == 5
+    # Some loader batches were padded otherwise than the presample: those presamples were drawn whole.
+    assert any(st["loader"]["input_ids"].shape[1] != st["presample"]["input_ids"].shape[1] for st in seen)
+    lengths = {e["input_ids"].shape[0] for e in data}
+    for step in seen:
+        presample = step["presample"]
+        assert presample["input_ids"].shape[0] == 6
+        assert presample["input_ids"].shape[1] == max((presample["labels"] != -100).sum(1).tolist())
+        assert set((presample["labels"] != -100).sum(1).tolist()) <= lengths
