@@ -217,6 +217,9 @@ def _foreign_files(folder: Path) -> list[str]:
 
 def _out_folder_problem(out: Path, overwrite: bool) -> str | None:
     """Why ``convert`` must not write to ``out``, or None."""
+    out = out.resolve()
+    if out == out.parent:
+        return f"--out {out} is the file-system root; give a folder below it"
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; give a folder (new, empty, or an earlier output of hf-efficient convert)"
     ancestor = out.parent
@@ -332,7 +335,7 @@ def run_convert(args) -> dict:
     steps.update()
     steps.close()
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # a real name and parent, also for "." or "dir/"
     result = {
         "model": _model_name(args.model, path),
         "attention": args.attention,

@@ -1,30 +1,42 @@
-"""Linearise a pretrained decoder: learn feature maps so each layer's linear attention mimics its softmax.
+"""Linearise a pretrained model: learn feature maps so each layer's linear attention mimics its softmax.
 
 "Attention transfer" (as in Hedgehog, Zhang et al. 2024): for every patched layer, a learnable
 map phi (``hedgehog``: softmax of a per-head projection) is trained so that the linear attention
-weights ``phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')`` (causal) match the model's own
-softmax weights ``softmax(q_i . k_j * scale)`` on real text, by cross-entropy between the two rows.
+weights ``phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')`` match the model's own softmax weights
+``softmax(q_i . k_j * scale)`` on real text, by cross-entropy between the two rows. Decoders are
+fitted on causal rows (key j <= i), encoders (BERT, RoBERTa, ModernBERT: bidirectional attention)
+on full rows: each layer is fitted the way it attends. Padding given as an ``attention_mask`` in
+the windows is honoured: padded keys are left out of both rows, padded queries out of the loss.
+
 Only the feature maps train; the model's weights stay as they are, so each layer is fitted on the
 unchanged model's queries and keys, which are captured once. An optional fine-tune of the patched
-model follows: by default only the feature maps train, on distillation from the softmax model's
-own next-token distribution (captured in the same pass as the queries and keys), which carries
-far more signal per token than the labels when only a few windows are available.
+model follows: by default only the feature maps train, on distillation from the softmax model's own
+output (captured in the same pass as the queries and keys): its output distribution when the model
+has ``logits`` (next-token for a causal LM, the masked-LM distribution of every position for an
+encoder head), else its ``last_hidden_state`` (mean squared error).
 
-Afterwards the model decodes in O(1) per token with a
-:class:`~hf_efficient.integrations.cache.LinearAttentionCache`.
+Afterwards a decoder decodes in O(1) per token with a
+:class:`~hf_efficient.integrations.cache.LinearAttentionCache`; an encoder runs in O(N).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["LinearizeConfig", "attention_transfer_loss", "capture_queries_keys", "distillation_loss", "linearize"]
+__all__ = [
+    "LinearizeConfig",
+    "attention_transfer_loss",
+    "capture_queries_keys",
+    "distillation_loss",
+    "learnable_feature_maps",
+    "linearize",
+]
 
 FINETUNE_PARAMS = ("feature_maps", "feature_maps+qk", "lora", "all")
 KINDS = ("linear", "window-linear")
@@ -39,7 +51,8 @@ class LinearizeConfig:
         kind: ``linear`` (every patched layer fully linear) or ``window-linear`` (exact softmax over the
             last ``window`` tokens, linear beyond; still a constant-size decoding state).
         window: the softmax window of ``window-linear``.
-        feature_map: a learnable feature map of the registry (``hedgehog``).
+        feature_map: a learnable feature map of the registry (``hedgehog``); a fixed map (``elu``,
+            ``relu``, ``favor``) has nothing to fit and is refused (use ``patch_model`` for those).
         transfer_steps: optimiser steps per layer for attention transfer.
         transfer_lr: Adam learning rate of the feature maps.
         finetune_steps: fine-tuning steps of the patched model after transfer (0 = none).
@@ -78,6 +91,13 @@ class LinearizeConfig:
 
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {self.feature_map!r}; accepted: {', '.join(sorted(FEATURE_MAPS))}")
+        learnable = learnable_feature_maps()
+        if self.feature_map not in learnable:
+            raise ValueError(
+                f"LinearizeConfig.feature_map={self.feature_map!r} has no learnable parameters, so attention "
+                f"transfer would train nothing; accepted (learnable): {', '.join(learnable)}. For a fixed map, "
+                "patch the model with patch_model(model, 'linear', feature_map=...) instead"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"LinearizeConfig.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
@@ -97,10 +117,20 @@ class LinearizeConfig:
                 raise ValueError(f"LinearizeConfig.{name} must be positive, got {getattr(self, name)!r}")
 
 
+def learnable_feature_maps() -> list[str]:
+    """Names of the registry's feature maps that have trainable parameters (what linearize can fit)."""
+    from ..attention.feature_maps import FEATURE_MAPS
+
+    return sorted(name for name, factory in FEATURE_MAPS.items()
+                  if any(p.requires_grad for p in factory(4, 2).parameters()))
+
+
 @contextmanager
 def capture_queries_keys(model: nn.Module, store: dict):
     """While active, every attention call of ``model`` records ``store[module] = (q, k, scaling)``
     with q ``(batch, heads, n, d)`` and k ``(batch, kv_heads, n, d)`` (after rotary embeddings)."""
+    # Causality is the module's (``is_causal``, or the call's ``is_causal`` where the model passes it);
+    # see ``_is_causal``.
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = model.config._attn_implementation or "sdpa"
@@ -123,39 +153,92 @@ def capture_queries_keys(model: nn.Module, store: dict):
 
 
 def attention_transfer_loss(
-    feature_map: nn.Module, q: torch.Tensor, k: torch.Tensor, scaling: float, window: int | None = None
+    feature_map: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    window: int | None = None,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the causal linear (or window-linear) attention weights against the softmax weights.
+    """Cross-entropy of the linear (or window-linear) attention weights against the softmax weights.
 
     Args:
         q: ``(batch, heads, n, d)``; k: ``(batch, heads, n, d)`` (key heads already repeated for GQA).
         scaling: the softmax temperature the model uses (usually ``d ** -0.5``).
-        window: None for plain linear attention; w for ``window-linear`` (softmax over the last w keys).
+        window: None for plain linear attention; w for ``window-linear`` (softmax over the last w keys,
+            causal only).
+        causal: rows over keys j <= i (decoders) or over every key (encoders).
+        key_padding_mask: ``(batch, n)`` bool, True = real token. Padded keys get no weight in either
+            row; padded queries are left out of the mean.
+
+    Returns:
+        The mean over real query rows (and heads) of ``-sum_j softmax_ij log(linear_ij)``.
     """
-    n = q.shape[2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    b, _, n, _ = q.shape
+    allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed.expand(b, 1, n, n)
+    rows = torch.ones(b, 1, n, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (b, n):
+            raise ValueError(f"key_padding_mask must be (batch, n) = ({b}, {n}), got {tuple(key_padding_mask.shape)}")
+        real = key_padding_mask.to(device=q.device, dtype=torch.bool)
+        allowed = allowed & real[:, None, None, :]
+        rows = real[:, None, :]
+    # A real query with no real key (left padding under a causal mask cannot do this; a user mask
+    # might) has no softmax row: leave it out rather than learn from NaN.
+    rows = rows & allowed.any(-1)
     logits = (q.float() @ k.float().transpose(-1, -2)) * scaling
-    target = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    target = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
     if window is None:
-        scores = (feature_map(q) @ feature_map(k).transpose(-1, -2)).masked_fill(~causal, 0.0)
+        scores = (feature_map(q) @ feature_map(k).transpose(-1, -2)).masked_fill(~allowed, 0.0)
         predicted = scores / (scores.sum(-1, keepdim=True) + 1e-6)
     else:
+        if not causal:
+            raise ValueError("window-linear attention is causal only; encoders are linearised with kind='linear'")
         from ..attention.window_linear import window_linear_weights
 
-        predicted = window_linear_weights(q, k, window=window, feature_map=feature_map, scale=scaling)
+        predicted = window_linear_weights(q, k, window=window, feature_map=feature_map, scale=scaling,
+                                          key_padding_mask=key_padding_mask)
         # Rows shorter than the window are exact softmax: nothing to learn there, so they are left out.
-        target, predicted = target[:, :, window:], predicted[:, :, window:]
-    return -(target * torch.log(predicted + 1e-6)).sum(-1).mean()
+        rows = rows.clone()
+        rows[..., :window] = False
+    per_row = -(target * torch.log(predicted + 1e-6)).sum(-1)  # (batch, heads, n)
+    weight = rows.to(per_row.dtype).expand_as(per_row)
+    return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student) of the next-token distributions.
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over (real) positions of KL(teacher || student) of the output distributions.
 
     Args:
         student_logits: ``(batch, seq, vocab)``; teacher_log_probs: ``(batch, seq, vocab)`` log-softmax.
+        mask: ``(batch, seq)`` bool, True = real token; padded positions are left out.
     """
     student = torch.log_softmax(student_logits.float(), dim=-1)
-    return (teacher_log_probs.exp() * (teacher_log_probs - student)).sum(-1).mean()
+    per_position = (teacher_log_probs.exp() * (teacher_log_probs - student)).sum(-1)
+    return _masked_mean(per_position, mask)
+
+
+def hidden_distillation_loss(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over (real) positions of the squared error of hidden states ``(batch, seq, hidden)``,
+    averaged over the hidden size (for models without ``logits``, e.g. a bare ``BertModel``)."""
+    per_position = (student_hidden.float() - teacher_hidden.float()).pow(2).mean(-1)
+    return _masked_mean(per_position, mask)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    weight = mask.to(values.device, values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str) -> list[nn.Parameter]:
@@ -204,29 +287,108 @@ def _add_lora(model: nn.Module, modules: list[nn.Module], config: LinearizeConfi
     return get_peft_model(model, lora)
 
 
-def _windows(dataset) -> list[torch.Tensor]:
-    out = []
-    for item in dataset:
-        ids = item["input_ids"] if isinstance(item, dict) else item
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        out.append(ids[None] if ids.dim() == 1 else ids)
+Window = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def _windows(dataset, vocab_size: int | None) -> list[Window]:
+    """``(ids (batch, seq) long, mask (batch, seq) bool or None)`` per window, every value checked."""
+    out: list[Window] = []
+    for index, item in enumerate(dataset):
+        mask = None
+        if isinstance(item, Mapping):  # dicts, datasets rows, tokenizers' BatchEncoding
+            if "input_ids" not in item:
+                raise ValueError(f"linearize: window {index} is a mapping without 'input_ids' (keys: {list(item)})")
+            ids, mask = item["input_ids"], item.get("attention_mask")
+        else:
+            ids = item
+        ids = torch.as_tensor(ids)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"linearize: window {index} holds token ids of dtype {ids.dtype}; token ids must be "
+                            "integers (e.g. torch.long), never rounded from floats")
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise ValueError(f"linearize: window {index} must be non-empty token ids of shape (seq,) or "
+                             f"(batch, seq), got shape {tuple(ids.shape)}")
+        ids = ids.long().reshape(-1, ids.shape[-1])
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            bad = low if low < 0 else high
+            raise ValueError(f"linearize: window {index} holds token id {bad}; the model's vocabulary has "
+                             f"{vocab_size} ids (0 ... {vocab_size - 1 if vocab_size else '?'})")
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(f"linearize: window {index}'s attention_mask has dtype {mask.dtype}; give 0/1 "
+                                "integers or booleans")
+            if mask.numel() != ids.numel():
+                raise ValueError(f"linearize: window {index}'s attention_mask has shape {tuple(mask.shape)}, its "
+                                 f"input_ids {tuple(ids.shape)}")
+            mask = mask.reshape(ids.shape)
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"linearize: window {index}'s attention_mask must hold only 0 and 1")
+            mask = mask.bool()
+            if not bool(mask.any(-1).all()):
+                raise ValueError(f"linearize: window {index} has a row of padding only (attention_mask all 0)")
+            if bool(mask.all()):
+                mask = None  # nothing padded: the plain path
+        out.append((ids, mask))
     if not out:
         raise ValueError("linearize needs at least one window of token ids")
     return out
+
+
+def _is_causal(modules: list[nn.Module]) -> bool:
+    """Whether the model's attention is causal (decoders) or bidirectional (encoders); a mix is refused."""
+    flags = {bool(getattr(m, "is_causal", False)) for m in modules}
+    if len(flags) != 1:
+        raise ValueError("linearize: this model mixes causal and bidirectional attention layers; it supports "
+                         "decoders (every layer causal) and encoders (every layer bidirectional)")
+    return flags.pop()
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+
+
+def _teacher_target(output) -> torch.Tensor:
+    """What the fine-tune distils: log-probabilities of the logits, else the last hidden state."""
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return torch.log_softmax(logits.float(), dim=-1)
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None:
+        raise ValueError("linearize: finetune_loss='distill' needs a model whose output has logits or "
+                         "last_hidden_state")
+    return hidden.float()
+
+
+def _student_loss(output, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return distillation_loss(logits, target, mask)
+    return hidden_distillation_loss(output.last_hidden_state, target, mask)
 
 
 def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | None = None, **overrides) -> nn.Module:
     """Patch ``model`` with linear attention and train its feature maps by attention transfer.
 
     Args:
-        model: a decoder ``patch_model`` supports (Llama, Qwen2, GPT-2, ...), unpatched.
-        dataset: windows of token ids: tensors ``(seq,)``/``(batch, seq)``, lists, or dicts with
-            ``input_ids`` (e.g. a ``datasets.Dataset``). Each window is one training example.
+        model: a model ``patch_model`` supports, unpatched: a decoder (Llama, Qwen2, GPT-2, ...: fitted
+            on causal rows) or an encoder (BERT, RoBERTa, ModernBERT, ...: fitted on full rows; only
+            ``kind="linear"``, and ``finetune_loss="distill"``).
+        dataset: windows of integer token ids: tensors ``(seq,)``/``(batch, seq)``, lists, or mappings
+            with ``input_ids`` and optionally ``attention_mask`` (e.g. a ``datasets.Dataset`` or a
+            tokenizer's output; padding is honoured). Each window is one training example.
         config: :class:`LinearizeConfig`; keyword ``overrides`` replace its fields.
 
     Returns:
         The same model, patched (``hf_efficient_linear`` attention with trained feature maps),
         in eval mode. ``config.log`` holds the per-layer losses and the time spent.
+
+    Raises:
+        TypeError: token ids that are not integers, or an attention mask of floats.
+        ValueError: a token id outside the vocabulary, a malformed mask, a patched model, a
+            window-linear or ``lm`` fine-tune asked of an encoder.
     """
     from ..integrations.attention_interface import LAYER_ATTRIBUTE
     from ..integrations.patch import FEATURE_MAP_ATTRIBUTE, attention_modules, is_patched, patch_model
@@ -237,26 +399,39 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
         config = LinearizeConfig(**{**config.__dict__, **overrides})
     if is_patched(model):
         raise ValueError("linearize needs the original softmax model: it learns from its attention; unpatch it first")
-    windows = _windows(dataset)
+    modules = [m for _, m in attention_modules(model)]
+    causal = _is_causal(modules)
+    if not causal and config.kind == "window-linear":
+        raise ValueError("linearize: kind='window-linear' is a causal sliding window; this model's attention is "
+                         "bidirectional (an encoder), so use kind='linear'")
+    if not causal and config.finetune_steps and config.finetune_loss == "lm":
+        raise ValueError("linearize: finetune_loss='lm' is next-token cross-entropy, for causal LMs; this model "
+                         "is an encoder, so use finetune_loss='distill'")
+    windows = _windows(dataset, _vocab_size(model))
     device = next(model.parameters()).device
     started = time.process_time()
 
+    def inputs(ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
+        out = {"input_ids": ids.to(device), "use_cache": False} if causal else {"input_ids": ids.to(device)}
+        if mask is not None:
+            out["attention_mask"] = mask.to(device=device, dtype=torch.long)
+        return out
+
     # 1. The softmax model's queries and keys on every window, per attention module.
     model.eval()
-    modules = [m for _, m in attention_modules(model)]
     captured: list[dict] = []
-    # The teacher's next-token log-probabilities come from the same pass (kept only if distilling).
+    # The teacher's outputs come from the same pass (kept only if distilling).
     teacher: list[torch.Tensor] = []
     distill = config.finetune_steps > 0 and config.finetune_loss == "distill"
     with torch.no_grad():
-        for ids in windows:
+        for ids, mask in windows:
             store: dict = {}
             with capture_queries_keys(model, store):
-                logits = model(ids.to(device), use_cache=False).logits
+                output = model(**inputs(ids, mask))
             captured.append(store)
             if distill:
-                teacher.append(torch.log_softmax(logits.float(), dim=-1))
-    config.log.append({"capture_cpu_seconds": time.process_time() - started})
+                teacher.append(_teacher_target(output))
+    config.log.append({"capture_cpu_seconds": time.process_time() - started, "causal": causal})
 
     # 2. Patch, then fit each layer's feature map on its own queries and keys.
     extra = {"window": config.window} if config.kind == "window-linear" else {}
@@ -272,10 +447,12 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
         optimizer = torch.optim.Adam(fmap.parameters(), lr=config.transfer_lr)
         losses = []
         for _ in range(config.transfer_steps):
-            q, k, scaling = captured[int(torch.randint(len(windows), (1,), generator=gen))][module]
+            pick = int(torch.randint(len(windows), (1,), generator=gen))
+            q, k, scaling = captured[pick][module]
             if k.shape[1] != q.shape[1]:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            loss = attention_transfer_loss(fmap, q, k, scaling if scaling is not None else q.shape[-1] ** -0.5, window)
+            loss = attention_transfer_loss(fmap, q, k, scaling if scaling is not None else q.shape[-1] ** -0.5,
+                                           window, causal=causal, key_padding_mask=windows[pick][1])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -306,11 +483,15 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
         try:
             for step in range(config.finetune_steps):
                 index = step % len(windows)
-                ids = windows[index].to(device)
+                ids, mask = windows[index]
                 if distill:
-                    loss = distillation_loss(student(input_ids=ids, use_cache=False).logits, teacher[index])
+                    real = mask.to(device) if mask is not None else None
+                    loss = _student_loss(student(**inputs(ids, mask)), teacher[index], real)
                 else:
-                    loss = student(input_ids=ids, labels=ids, use_cache=False).loss
+                    labels = ids.to(device)
+                    if mask is not None:  # padded positions are not targets
+                        labels = labels.masked_fill(~mask.to(device), -100)
+                    loss = student(**inputs(ids, mask), labels=labels).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

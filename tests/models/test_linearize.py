@@ -196,3 +196,137 @@ def test_lora_finetune_merges_into_the_linearised_layers_only(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "peft", None)
     with pytest.raises(ImportError, match="pip install peft"):
         linearize(tiny_llama(), train, transfer_steps=1, finetune_steps=1, finetune_params="lora")
+
+
+# --------------------------------------------------------------------------- encoders and padding
+def tiny_bert(head: str = "BertForMaskedLM"):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, initializer_range=0.5,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return getattr(transformers, head)(config).eval()
+
+
+def test_bidirectional_transfer_loss_exact_for_uniform_attention():
+    # q = 0: softmax is uniform over every real key, as is a constant feature map; the loss is the
+    # entropy log(#real keys), averaged over the real query rows only.
+    n, real = 7, 5
+    q, k = torch.zeros(2, 3, n, 4, dtype=torch.float64), torch.randn(2, 3, n, 4, dtype=torch.float64)
+    ones = lambda x: torch.ones_like(x)  # noqa: E731
+    assert attention_transfer_loss(ones, q, k, 0.5, causal=False).item() == pytest.approx(math.log(n), rel=1e-5)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[:, real:] = False
+    loss = attention_transfer_loss(ones, q, k, 0.5, causal=False, key_padding_mask=mask)
+    assert loss.item() == pytest.approx(math.log(real), rel=1e-5)
+
+
+def test_causal_transfer_loss_with_left_padding_is_exact():
+    # Left padding of p tokens: real row i sees keys p..i, a uniform row of i - p + 1 keys.
+    n, p = 8, 3
+    q, k = torch.zeros(1, 2, n, 4, dtype=torch.float64), torch.randn(1, 2, n, 4, dtype=torch.float64)
+    mask = torch.arange(n)[None] >= p
+    loss = attention_transfer_loss(lambda x: torch.ones_like(x), q, k, 0.5, key_padding_mask=mask)
+    expected = sum(math.log(i - p + 1) for i in range(p, n)) / (n - p)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_transfer_loss_matches_a_float64_loop_on_random_rows():
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 2, 6, 4, generator=gen, dtype=torch.float64), torch.randn(2, 2, 6, 4, generator=gen,
+                                                                                      dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
+    for causal in (True, False):
+        total, rows = 0.0, 0
+        for b in range(2):
+            for h in range(2):
+                for i in range(6):
+                    if not mask[b, i]:
+                        continue
+                    keys = [j for j in range(6) if mask[b, j] and (j <= i or not causal)]
+                    logits = torch.stack([q[b, h, i] @ k[b, h, j] * 0.5 for j in keys])
+                    target = torch.softmax(logits, 0)
+                    scores = torch.stack([phi(q[b, h, i]) @ phi(k[b, h, j]) for j in keys])
+                    predicted = scores / (scores.sum() + 1e-6)
+                    total += -(target * torch.log(predicted + 1e-6)).sum().item()
+                    rows += 1
+        loss = attention_transfer_loss(phi, q, k, 0.5, causal=causal, key_padding_mask=mask)
+        assert loss.item() == pytest.approx(total / rows, rel=1e-6)  # the softmax logits are float32
+
+
+def pooled_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1), dim=-1).mean().item()
+
+
+def test_linearize_encoder_fits_bidirectional_attention():
+    from hf_efficient import patch_model
+
+    gen = torch.Generator().manual_seed(1)
+    train = [torch.randint(0, 48, (2, 24), generator=gen) for _ in range(2)]
+    reference = tiny_bert("BertModel")
+    with torch.no_grad():
+        expected = reference(input_ids=train[0]).last_hidden_state
+        store: dict = {}
+        with capture_queries_keys(reference, store):
+            reference(input_ids=train[0])
+    attn = reference.encoder.layer[1].attention.self
+    q, k, scaling = store[attn]
+    untrained = patch_model(tiny_bert("BertModel"), "linear", feature_map="hedgehog")
+    config = LinearizeConfig(transfer_steps=40, transfer_lr=3e-2)
+    model = linearize(tiny_bert("BertModel"), train, config)
+    assert config.log[0]["causal"] is False
+    fmap = model.encoder.layer[1].attention.self.hf_efficient_feature_map
+    with torch.no_grad():
+        fitted = attention_transfer_loss(fmap, q, k, scaling, causal=False).item()
+        identity = attention_transfer_loss(untrained.encoder.layer[1].attention.self.hf_efficient_feature_map, q, k,
+                                           scaling, causal=False).item()
+        # fitted on full rows: the causal rows (which a decoder fit would use) are not what it learned
+        assert fitted < identity - 0.02
+        out = model(input_ids=train[0]).last_hidden_state
+        base = untrained(input_ids=train[0]).last_hidden_state
+    # closer to the unpatched encoder than the same patch with the untrained map
+    assert pooled_cosine(out, expected) > pooled_cosine(base, expected)
+    assert ((out - expected).norm() < (base - expected).norm())
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_llama], ids=["encoder", "decoder"])
+def test_padding_in_windows_is_honoured(make):
+    # A right-padded window with its attention_mask trains exactly as the unpadded window: padded keys
+    # get no weight, padded queries no loss. Ignoring the mask would fit on the padding too.
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 48, (1, 12), generator=gen)
+    padded = torch.cat([ids, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 12), torch.zeros(1, 6)], dim=1).long()
+    plain = linearize(make(), [ids], transfer_steps=8, transfer_lr=3e-2)
+    masked = linearize(make(), [{"input_ids": padded, "attention_mask": mask}], transfer_steps=8, transfer_lr=3e-2)
+    unmasked = linearize(make(), [padded], transfer_steps=8, transfer_lr=3e-2)
+    for (name, p), (_, m) in zip(plain.named_parameters(), masked.named_parameters()):
+        if "hf_efficient_feature_map" in name:
+            torch.testing.assert_close(m, p, atol=1e-4, rtol=1e-4)
+    moved = [(u - p).abs().max().item() for (name, p), (_, u) in zip(plain.named_parameters(),
+                                                                     unmasked.named_parameters())
+             if "hf_efficient_feature_map" in name]
+    assert max(moved) > 1e-3  # the test can tell padding fitted from padding ignored
+
+
+def test_encoder_distillation_on_hidden_states():
+    from hf_efficient.training.linearize import hidden_distillation_loss
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    assert hidden_distillation_loss(a, b).item() == pytest.approx(torch.nn.functional.mse_loss(a, b).item(), rel=1e-6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.nn.functional.mse_loss(a[mask], b[mask])
+    assert hidden_distillation_loss(a, b, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    model = tiny_bert("BertModel")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train = [torch.randint(0, 48, (2, 16), generator=gen)]
+    config = LinearizeConfig(transfer_steps=2, finetune_steps=4, finetune_lr=1e-2)
+    linearize(model, train, config)
+    losses = [e["loss"] for e in config.log if "finetune_step" in e]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), name

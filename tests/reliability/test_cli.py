@@ -274,3 +274,12 @@ def test_interrupted_rerun_leaves_the_previous_output_intact(tiny_model, tmp_pat
         convert(tiny_model, out, "--feature-map", "relu")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert hidden_leftovers(tmp_path) == []
+
+
+def test_out_given_as_dot_or_root_is_resolved_before_checking(tmp_path, monkeypatch, capsys, no_work):
+    (tmp_path / "mine.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    code, err = exit_code_and_err(["convert", "--out", "."], capsys)
+    assert code == EXIT_USAGE and "did not write (it holds mine.txt)" in err
+    code, err = exit_code_and_err(["convert", "--out", "/"], capsys)
+    assert code == EXIT_USAGE and "file-system root" in err
