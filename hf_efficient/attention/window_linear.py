@@ -345,6 +345,7 @@ class WindowLinearParams:
 
 def _forward(q, k, v, params: WindowLinearParams, *, causal=False, key_padding_mask=None, query_padding_mask=None,
              scale=None, module=None):
+    check_qkv(q, k, v, _NAME)
     n_q, n_k = q.shape[2], k.shape[2]
     if not causal and n_q > 1:
         raise ValueError("attention kind 'window-linear' is causal only (a sliding window over past tokens); use "

@@ -26,10 +26,6 @@ KINDS = attention_kind_names()
 # Cells known to fail: (test name, a part of the cell's id) -> the defect. Each is to be fixed; strict, so
 # a fixed cell fails until its line here is removed.
 KNOWN: dict[tuple[str, str], str] = {
-    ("test_bad_tensors_get_a_clear_error", "[window-linear-causal-not a tensor]"): "reads q.shape before checking",
-    ("test_an_empty_sequence_gives_an_empty_output_or_a_clear_error", "[window-linear-causal]"): "reshape error",
-    ("test_a_scale_that_is_not_a_positive_finite_number_is_refused", "[linear-"): "scale not validated",
-    ("test_a_scale_that_is_not_a_positive_finite_number_is_refused", "[window-linear-"): "scale not validated",
 }
 
 
