@@ -38,6 +38,7 @@ functions are tested against.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,7 @@ def _broadcast(cout, assign):
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` along dim 0 (differentiable in table); the embedding lookup copies narrow
     rows many times faster than ``index_select`` on CPU."""
-    flat = table.reshape(table.shape[0], -1)
+    flat = table.reshape(table.shape[0], math.prod(table.shape[1:]))  # explicit: the table may be empty
     return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
 
 
