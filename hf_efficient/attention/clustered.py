@@ -309,7 +309,8 @@ def clustered_attention(
         query_padding_mask: optional ``(batch, n_q)`` bool or 0/1, True/1 = real query.
         scale: softmax temperature on q.k; default ``d ** -0.5``.
         seed: fixes the hyperplanes (see the module docstring); None draws fresh ones each call.
-        return_clusters: also return the assignment ``(batch, heads, n_q)`` int64 (-1 = padded query).
+        return_clusters: also return the assignment ``(batch, heads, n_q)`` int64 (-1 = padded or
+            non-finite query).
 
     Returns:
         ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
