@@ -203,6 +203,48 @@ def test_improved_refuses_topk_none():
         patch_model(model, "improved-clustered", clusters=2, topk=None)
 
 
+# --------------------------------------------------------------------------- layouts, low precision, bad masks
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_and_stride0_inputs_equal_contiguous(mode, kind):
+    """Transposed views and stride-0 (expanded) tensors give the contiguous copies' result."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 20, 2, 8, generator=g).transpose(1, 2)  # (b, h, n, d) view, not contiguous
+    k = torch.randn(2, 2, 8, 18, generator=g).transpose(2, 3)
+    v = torch.randn(1, 2, 18, 8, generator=g).expand(2, 2, 18, 8)  # stride 0 over the batch
+    assert not q.is_contiguous() and not k.is_contiguous() and v.stride(0) == 0
+    got, _ = run(mode, kind, q, k, v)
+    want, _ = run(mode, kind, q.contiguous(), k.contiguous(), v.contiguous())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_large_magnitudes(kind, dtype):
+    """|q|, |k| about 100 in fp16/bf16 (scores far beyond fp16's exp range): the float32 accumulation keeps
+    every row finite and close to the exact computation (a cluster per query, topk = n_k) in float64."""
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 2, 16, 8, generator=g) * 30 for _ in range(2))
+    v = torch.randn(1, 2, 16, 8, generator=g)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    with torch.no_grad():
+        out = attend(kind, q, k, v, exact=True)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    want = softmax_reference(q.double(), k.double(), v.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masks_of_the_wrong_kind_are_refused(kind):
+    q, k, v = qkv(b=2, n=10, m=10)
+    for mask, match in ((torch.full((2, 10), 0.5), "only 0 and 1"), (torch.zeros(2, 10) - INF, "only 0 and 1"),
+                        (torch.ones(2, 9, dtype=torch.bool), "2-D"), (torch.ones(1, 1, 10, 10), "2-D")):
+        with pytest.raises(ValueError, match=match):
+            attend(kind, q, k, v, key_padding_mask=mask)
+        with pytest.raises(ValueError, match=match):
+            attend(kind, q, k, v, query_padding_mask=mask)
+
+
 # --------------------------------------------------------------------------- fuzzing the kernels
 # Random shapes (length 1 included), NaN/inf sprinkled, magnitudes far from 1: each compiled op against its
 # PyTorch definition. Derandomized so that CI sees the same examples every run; a few dozen examples each.
