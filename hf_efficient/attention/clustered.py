@@ -38,6 +38,7 @@ functions are tested against.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,15 +119,15 @@ def _broadcast(cout, assign):
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` along dim 0 (differentiable in table); the embedding lookup copies narrow
     rows many times faster than ``index_select`` on CPU."""
-    flat = table.reshape(table.shape[0], -1)
+    flat = table.reshape(table.shape[0], math.prod(table.shape[1:]))  # explicit: the table may be empty
     return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
 
 
 def _cluster(q, clusters, bits, iterations, seed, valid):
     """Cluster assignment ``(b, h, n_q)`` int64 in ``[0, C)``, -1 where ``valid`` ``(b, h, n_q)`` is False."""
     b, h, n, d = q.shape
-    w, z = draw_hyperplanes(d, bits, seed, q.device)
-    codes = hash_queries(q.detach(), valid, w, z)  # (b, h, n, bits)
+    w, _ = draw_hyperplanes(d, bits, seed, q.device)
+    codes = hash_queries(q.detach(), valid, w)  # (b, h, n, bits), planes through the queries' mean
     valid_bh = valid.reshape(b * h, n)
     # kernels/dispatch.py runs the compiled popcount k-means when it can (same result), else hamming_kmeans
     dispatch = _kernel_dispatch()
@@ -308,7 +309,8 @@ def clustered_attention(
         query_padding_mask: optional ``(batch, n_q)`` bool or 0/1, True/1 = real query.
         scale: softmax temperature on q.k; default ``d ** -0.5``.
         seed: fixes the hyperplanes (see the module docstring); None draws fresh ones each call.
-        return_clusters: also return the assignment ``(batch, heads, n_q)`` int64 (-1 = padded query).
+        return_clusters: also return the assignment ``(batch, heads, n_q)`` int64 (-1 = padded or
+            non-finite query).
 
     Returns:
         ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
@@ -480,7 +482,7 @@ def clustered_attention_reference(
     key_mask = check_padding_mask(key_padding_mask, b, k.shape[2], name, "key_padding_mask")
     query_mask = check_padding_mask(query_padding_mask, b, n_q, name, "query_padding_mask")
     scale = d**-0.5 if scale is None else float(scale)
-    w, z = draw_hyperplanes(d, bits, seed)
+    w, _ = draw_hyperplanes(d, bits, seed)
     out = q.new_zeros(b, h, n_q, v.shape[-1])
     for bi in range(b):
         real_q = query_mask[bi] if query_mask is not None else torch.ones(n_q, dtype=torch.bool)
@@ -499,22 +501,20 @@ def clustered_attention_reference(
                 spoiled = (bad_scores != float("-inf")).any(-1) | (len(ki) == 0)
                 nan_rows[qi[spoiled]] = True
             if len(qi) > 0 and len(ki) > 0:
-                out[bi, hi] = _reference_sequence(q[bi, hi], k[bi, hi], v[bi, hi], qi, ki, w, z, bits, clusters,
+                out[bi, hi] = _reference_sequence(q[bi, hi], k[bi, hi], v[bi, hi], qi, ki, w, bits, clusters,
                                                   iterations, scale, topk)
             out[bi, hi][nan_rows] = float("nan")
     return out
 
 
-def _reference_sequence(q, k, v, qi, ki, w, z, bits, clusters, iterations, scale, topk):
+def _reference_sequence(q, k, v, qi, ki, w, bits, clusters, iterations, scale, topk):
     """One sequence and head of :func:`clustered_attention_reference`: rows ``qi`` attend over keys ``ki``."""
     out = q.new_zeros(q.shape[0], v.shape[-1])
     qs, ks, vs = q[qi], k[ki], v[ki]
     dt = torch.float64 if qs.dtype == torch.float64 else torch.float32
     proj = qs.to(dt) @ w.to(dt)
-    p64 = proj.double()
-    mean = p64.mean(0)
-    std = (p64 - mean).square().mean(0).sqrt()
-    codes = pack_bits(proj > (mean + std * z.double()).to(proj.dtype))
+    mean = qs.to(dt).mean(0) @ w.to(dt)  # planes through the queries' mean
+    codes = pack_bits(proj > mean)
     assign = hamming_kmeans_reference(codes, bits, min(clusters, len(qi)), iterations)
     for c in assign.unique():
         members = (assign == c).nonzero().flatten()

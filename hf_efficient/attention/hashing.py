@@ -2,12 +2,14 @@
 
 Used by clustered attention (:mod:`hf_efficient.attention.clustered`) to group similar queries.
 
-* Hashing: ``bits`` random hyperplanes, each with a bias. Bit j of query x is ``w_j . x > t_j``
-  with the threshold ``t_j = mean_j + std_j * z_j``, where ``mean_j``/``std_j`` are the mean and
-  standard deviation of ``w_j . x`` over the real queries of that sequence and ``z_j ~ N(0, 1)``.
-  Planes through the origin only see the angle between two queries; an offset drawn across the
-  spread of the data separates two queries with a chance that grows with ``|w_j . (x - y)|``, so
-  the Hamming distance of the codes tracks their Euclidean distance.
+* Hashing: ``bits`` random hyperplanes through the mean of the sequence's real queries. Bit j of
+  query x is ``w_j . x > w_j . mean``: the Hamming distance of two codes tracks the angle between
+  the queries seen from their mean (as random-hyperplane LSH does from the origin), and a shared
+  offset of every query (common in attention) does not push all codes to the same side. Measured on
+  the offline MiniLM (improved-clustered, 25 clusters, top-32, mean of 5 seeds, pooled cosine to the
+  unpatched model; 4 Hamlet windows of 256 tokens / 2 of 512): through the mean 0.980 / 0.975,
+  through the origin 0.977 / 0.972, with random offsets across the data's spread
+  (``t_j = w_j . mean + std_j z_j``, still available through ``z``) 0.974 / 0.966.
 * Codes are packed into int64 words (:func:`pack_bits`); the Hamming distance of two codes is the
   popcount of their xor (:func:`hamming_distance`, a byte lookup table since torch has no popcount).
 * k-means: Lloyd's algorithm in Hamming space; a centre is the bitwise majority of its members.
@@ -53,7 +55,8 @@ def draw_hyperplanes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random hyperplanes for :func:`hash_queries`.
 
-    Returns ``w`` ``(dim, bits)`` and ``z`` ``(bits,)``, float32, both ``N(0, 1)``. With a ``seed``
+    Returns ``w`` ``(dim, bits)`` and ``z`` ``(bits,)`` (optional offsets; clustered attention uses
+    planes through the mean and ignores z), float32, both ``N(0, 1)``. With a ``seed``
     the draw is the same on every call and device; without one it comes from torch's global
     generator (a fresh draw each call, reproducible only through ``torch.manual_seed``).
     """
@@ -67,16 +70,17 @@ def draw_hyperplanes(
 
 @torch.no_grad()
 def hash_queries(
-    q: torch.Tensor, valid: torch.Tensor | None, w: torch.Tensor, z: torch.Tensor
+    q: torch.Tensor, valid: torch.Tensor | None, w: torch.Tensor, z: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Hash queries with biased hyperplanes (see the module docstring).
+    """Hash queries with hyperplanes through their mean (see the module docstring).
 
     Args:
         q: ``(batch, heads, n, d)``.
         valid: ``(batch, n)`` or ``(batch, heads, n)`` bool, True = real query, or None (all real).
             Other queries (padded, or non-finite ones) take no part in the per-sequence statistics;
             their bits are meaningless.
-        w: ``(d, bits)`` plane normals; z: ``(bits,)`` offsets in units of the data's spread.
+        w: ``(d, bits)`` plane normals; z: optional ``(bits,)`` offsets of the planes from the mean, in
+            units of the spread of each projection (None: planes through the mean).
 
     Returns:
         bool ``(batch, heads, n, bits)``.
@@ -84,8 +88,8 @@ def hash_queries(
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q = q.to(dt)
     w = w.to(dt)
-    # The projections' mean and variance follow from the queries' mean and covariance (w is
-    # linear), so the statistics cost O(n d^2) instead of touching every (query, bit) pair twice.
+    # The projections' mean (and variance) follow from the queries' mean (and covariance): w is
+    # linear, so the statistics cost O(n d^2) instead of touching every (query, bit) pair twice.
     if valid is None:
         mean_q = q.mean(dim=2, keepdim=True)  # (b, h, 1, d)
         centred = q - mean_q
@@ -96,9 +100,11 @@ def hash_queries(
         count = m.sum(dim=2, keepdim=True).clamp(min=1)
         mean_q = torch.where(m, q, 0).sum(dim=2, keepdim=True) / count
         centred = torch.where(m, q - mean_q, 0)
-    cov = torch.matmul(centred.transpose(-1, -2), centred) / count  # (b, h, d, d)
-    var = (torch.matmul(cov, w) * w).sum(dim=-2, keepdim=True)  # (b, h, 1, bits) = w_j^T cov w_j
-    threshold = torch.matmul(mean_q, w) + var.clamp(min=0).sqrt() * z.to(dt)
+    threshold = torch.matmul(mean_q, w)  # (b, h, 1, bits)
+    if z is not None:
+        cov = torch.matmul(centred.transpose(-1, -2), centred) / count  # (b, h, d, d)
+        var = (torch.matmul(cov, w) * w).sum(dim=-2, keepdim=True)  # (b, h, 1, bits) = w_j^T cov w_j
+        threshold = threshold + var.clamp(min=0).sqrt() * z.to(dt)
     # GEMMs with a multiple of 64 output columns run about twice as fast as with 63: pad, then cut
     bits = w.shape[1]
     w_wide = torch.nn.functional.pad(w, (0, (-bits) % 64))

@@ -387,7 +387,7 @@ inline float exp_nonpositive(float x_in) {
   std::memcpy(&p, &bits, sizeof(p));
   return x_in == x_in ? p : x_in;
 }
-inline double exp_nonpositive(double x) { return std::exp(x); }
+inline double exp_nonpositive(double x) { return std::exp(std::min(x, 0.0)); }  // NaN stays NaN
 
 template <typename In, typename T>
 struct TopBuffers {

@@ -20,9 +20,11 @@ from hf_efficient.attention import (
     improved_clustered_attention,
 )
 from hf_efficient.attention.hashing import (
+    draw_hyperplanes,
     hamming_distance,
     hamming_kmeans,
     hamming_kmeans_reference,
+    hash_queries,
     pack_bits,
     popcount64,
     unpack_bits,
@@ -80,6 +82,31 @@ def test_fast_kmeans_equals_popcount_reference(n_bits):
         ref = hamming_kmeans_reference(pack_bits(bits[s][valid[s]]), n_bits, 9, 6)
         assert torch.equal(fast[s][valid[s]], ref)
         assert (fast[s][~valid[s]] == -1).all()
+
+
+def test_hash_planes_pass_through_the_queries_mean():
+    """Bit j is w_j . (x - mean) > 0 over the real queries (float64 formula here); a shift shared by every
+    query changes no bit; padded and left-out rows do not move the mean; z adds offsets in units of spread."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 40, 8, generator=g, dtype=F64)
+    valid = torch.rand(2, 3, 40, generator=g) < 0.7
+    q[~valid] = float("nan")  # left-out rows never reach the statistics
+    w, z = draw_hyperplanes(8, 63, seed=0)
+    codes = hash_queries(q, valid, w)
+    for bi in range(2):
+        for hi in range(3):
+            x = q[bi, hi][valid[bi, hi]]
+            want = (x - x.mean(0)) @ w.double() > 0
+            assert torch.equal(codes[bi, hi][valid[bi, hi]], want)
+    shifted = hash_queries(torch.where(valid[..., None], q + 1e3 * torch.randn(8, generator=g, dtype=F64), q),
+                           valid, w)
+    agree = (shifted == codes)[valid].double().mean()
+    assert agree > 0.999
+    biased = hash_queries(q, valid, w, z)
+    x = q[0, 0][valid[0, 0]]
+    proj = x @ w.double()
+    want = proj > proj.mean(0) + proj.std(0, unbiased=False) * z.double()
+    assert (biased[0, 0][valid[0, 0]] == want).double().mean() > 0.999
 
 
 @pytest.mark.parametrize("n_bits", [63, 100])

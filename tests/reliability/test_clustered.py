@@ -201,3 +201,168 @@ def test_improved_refuses_topk_none():
     model = transformers.BertModel(config).eval()
     with pytest.raises(TypeError, match="topk"):
         patch_model(model, "improved-clustered", clusters=2, topk=None)
+
+
+# --------------------------------------------------------------------------- layouts, low precision, bad masks
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_and_stride0_inputs_equal_contiguous(mode, kind):
+    """Transposed views and stride-0 (expanded) tensors give the contiguous copies' result."""
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 20, 2, 8, generator=g).transpose(1, 2)  # (b, h, n, d) view, not contiguous
+    k = torch.randn(2, 2, 8, 18, generator=g).transpose(2, 3)
+    v = torch.randn(1, 2, 18, 8, generator=g).expand(2, 2, 18, 8)  # stride 0 over the batch
+    assert not q.is_contiguous() and not k.is_contiguous() and v.stride(0) == 0
+    got, _ = run(mode, kind, q, k, v)
+    want, _ = run(mode, kind, q.contiguous(), k.contiguous(), v.contiguous())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_large_magnitudes(kind, dtype):
+    """|q|, |k| about 100 in fp16/bf16 (scores far beyond fp16's exp range): the float32 accumulation keeps
+    every row finite and close to the exact computation (a cluster per query, topk = n_k) in float64."""
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 2, 16, 8, generator=g) * 30 for _ in range(2))
+    v = torch.randn(1, 2, 16, 8, generator=g)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    with torch.no_grad():
+        out = attend(kind, q, k, v, exact=True)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    want = softmax_reference(q.double(), k.double(), v.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masks_of_the_wrong_kind_are_refused(kind):
+    q, k, v = qkv(b=2, n=10, m=10)
+    for mask, match in ((torch.full((2, 10), 0.5), "only 0 and 1"), (torch.zeros(2, 10) - INF, "only 0 and 1"),
+                        (torch.ones(2, 9, dtype=torch.bool), "2-D"), (torch.ones(1, 1, 10, 10), "2-D")):
+        with pytest.raises(ValueError, match=match):
+            attend(kind, q, k, v, key_padding_mask=mask)
+        with pytest.raises(ValueError, match=match):
+            attend(kind, q, k, v, query_padding_mask=mask)
+
+
+# --------------------------------------------------------------------------- fuzzing the kernels
+# Random shapes (length 1 included), NaN/inf sprinkled, magnitudes far from 1: each compiled op against its
+# PyTorch definition. Derandomized so that CI sees the same examples every run; a few dozen examples each.
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hf_efficient.attention.hashing import hamming_kmeans, hamming_kmeans_reference, pack_bits  # noqa: E402
+
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None)
+
+
+@pytest.fixture(scope="module")
+def kernel_ops():
+    from hf_efficient_kernels.cpu import clustered_build_error, load_clustered_extension
+
+    if load_clustered_extension() is None:
+        pytest.skip(f"the clustered CPU kernel cannot be built here: {clustered_build_error()}")
+    from hf_efficient_kernels import ops
+
+    return ops
+
+
+def _tensor(seed: int, shape, scale: float, bad: int, dtype=torch.float64) -> torch.Tensor:
+    """Normal values times ``scale`` with ``bad`` entries set to NaN, +inf or -inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    flat = x.view(-1)
+    if flat.numel():
+        for i, pos in enumerate(torch.randint(0, flat.numel(), (bad,), generator=g).tolist()):
+            flat[pos] = (NAN, INF, -INF)[i % 3]
+    return x.to(dtype)
+
+
+@FUZZ
+@given(s=st.integers(1, 3), n=st.integers(1, 40), n_bits=st.integers(1, 130), clusters=st.integers(1, 12),
+       iterations=st.integers(0, 4), seed=st.integers(0, 2**16), dup=st.booleans())
+def test_fuzz_kmeans_kernel_equals_references(kernel_ops, s, n, n_bits, clusters, iterations, seed, dup):
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.rand(s, n, n_bits, generator=g) < 0.5
+    if dup:  # many duplicate codes: ties, empty and re-seeded centres
+        bits = bits[:, torch.randint(0, max(1, n // 4), (n,), generator=g)]
+    valid = torch.rand(s, n, generator=g) < 0.8
+    got = kernel_ops.hamming_kmeans_op(bits, valid, clusters, iterations)
+    assert torch.equal(got, hamming_kmeans(bits, valid, clusters, iterations))
+    for i in range(s):
+        want = hamming_kmeans_reference(pack_bits(bits[i][valid[i]]), n_bits, clusters, iterations)
+        assert torch.equal(got[i][valid[i]], want)
+        assert bool((got[i][~valid[i]] == -1).all())
+
+
+@FUZZ
+@given(b=st.integers(1, 2), h=st.integers(1, 2), c=st.integers(1, 6), nk=st.integers(1, 20), d=st.integers(1, 9),
+       e=st.integers(1, 6), t_frac=st.floats(0, 1), scale=st.sampled_from([1e-6, 1.0, 1e4]), bad=st.integers(0, 4),
+       masked=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_fuzz_centroid_topk(kernel_ops, b, h, c, nk, d, e, t_frac, scale, bad, masked, dtype, seed):
+    t = 1 + int(t_frac * (nk - 1))
+    cent = _tensor(seed, (b, h, c, d), scale, bad, dtype)
+    k = _tensor(seed + 1, (b, h, nk, d), 1.0, bad, dtype)
+    v = _tensor(seed + 2, (b, h, nk, e), 1.0, 0, dtype)
+    mask = (torch.rand(b, nk, generator=torch.Generator().manual_seed(seed)) < 0.7) if masked else None
+    top, mass, rest = kernel_ops.centroid_topk_op(cent, k, v, mask, 0.5, t)
+    assert top.shape == (b, h, c, t) and int(top.min()) >= 0 and int(top.max()) < nk
+    assert bool((top.sort(-1).values.diff(dim=-1) > 0).all())  # t distinct keys
+    # rows whose scores over the real keys are all finite: the float64 definition
+    scores = torch.einsum("bhcd,bhnd->bhcn", cent.double(), k.double()) * 0.5
+    real = torch.ones(b, nk, dtype=torch.bool) if mask is None else mask
+    ok = (torch.isfinite(scores) | ~real[:, None, None, :]).all(-1) & real.any(-1)[:, None, None]
+    p = torch.softmax(scores.masked_fill(~real[:, None, None, :], -INF), -1).nan_to_num(0.0)
+    picked = torch.zeros_like(p).scatter(-1, top, 1.0)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(mass.double()[ok], (p * picked).sum(-1)[ok], atol=tol, rtol=tol)
+    rest_want = torch.einsum("bhcn,bhne->bhce", p * (1 - picked), v.double())
+    torch.testing.assert_close(rest.double()[ok], rest_want[ok], atol=tol, rtol=tol)
+    # the kernel's keys are a top-t set: no key left out weighs more than a key taken (up to rounding)
+    if t < nk:
+        low = p.masked_fill(picked == 0, INF).amin(-1)
+        high = p.masked_fill(picked == 1, -INF).amax(-1)
+        assert bool((high[ok] <= low[ok] + tol).all())
+
+
+@FUZZ
+@given(b=st.integers(1, 2), h=st.integers(1, 2), n=st.integers(1, 20), c=st.integers(1, 5), nk=st.integers(1, 20),
+       d=st.integers(1, 9), e=st.integers(1, 6), t_frac=st.floats(0, 1), scale=st.sampled_from([1e-6, 1.0, 1e4]),
+       bad=st.integers(0, 3), masked=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_clustered_topk(kernel_ops, b, h, n, c, nk, d, e, t_frac, scale, bad, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = 1 + int(t_frac * (nk - 1))
+    q = _tensor(seed, (b, h, n, d), scale, bad)
+    k = _tensor(seed + 1, (b, h, nk, d), 1.0, bad)
+    v = _tensor(seed + 2, (b, h, nk, e), 1.0, 0)
+    assign = torch.randint(-1, c, (b, h, n), generator=g)
+    top = torch.stack([torch.randperm(nk, generator=g)[:t] for _ in range(b * h * c)]).reshape(b, h, c, t)
+    mask = (torch.rand(b, nk, generator=g) < 0.7) if masked else None
+    out, _ = kernel_ops.clustered_topk_op(q, k, v, assign, top, mask, 0.5)
+    want = dispatch.clustered_topk(q, k, v, assign, top, mask, 0.5, implementation="reference")
+    # rows whose query and top keys are all finite: the PyTorch path's values; padded queries: zeros
+    idx = torch.gather(top, 2, assign.clamp(min=0)[..., None].expand(b, h, n, t))
+    k_ok = torch.isfinite(k).all(-1)
+    keys_ok = torch.gather(k_ok[:, :, None, :].expand(b, h, n, nk), 3, idx).all(-1)
+    ok = torch.isfinite(q).all(-1) & keys_ok
+    torch.testing.assert_close(out[ok], want[ok], atol=1e-9, rtol=1e-9)
+    assert bool((out[assign < 0] == 0).all())
+
+
+@FUZZ
+@given(b=st.integers(1, 2), h=st.integers(1, 2), n=st.integers(1, 24), m=st.integers(1, 24), d=st.integers(1, 8),
+       clusters=st.integers(1, 6), topk=st.integers(1, 8), bad_q=st.integers(0, 2), bad_k=st.integers(0, 2),
+       kind=st.sampled_from(KINDS), grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_fuzz_attention_non_finite_rows_match_softmax(b, h, n, m, d, clusters, topk, bad_q, bad_k, kind, grad, seed):
+    """End to end, kernels or autograd path: the non-finite rows are exactly softmax's."""
+    q = _tensor(seed, (b, h, n, d), 1.0, bad_q, torch.float32)
+    k = _tensor(seed + 1, (b, h, m, d), 1.0, bad_k, torch.float32)
+    v = _tensor(seed + 2, (b, h, m, d), 1.0, 0, torch.float32)
+    q, k, v = (x.requires_grad_(grad) for x in (q, k, v))
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        if kind == "clustered":
+            out = clustered_attention(q, k, v, clusters=clusters, seed=seed)
+        else:
+            out = improved_clustered_attention(q, k, v, clusters=clusters, topk=topk, seed=seed)
+    assert torch.equal(nan_rows(out), nan_rows(softmax_reference(q.detach(), k.detach(), v)))
