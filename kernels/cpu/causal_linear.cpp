@@ -335,9 +335,13 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
     // Yt = St Qt: the state of every earlier chunk read by this chunk's queries.
     std::fill(Yt, Yt + e * C, T(0));
     gemm_acc<T>(e, C, m, St, mp, 1, Qt, C, Yt, C, KRange::kFull, blk);
-    // At(j, i) = k_j . q_i, kept for i >= j (causal inside the chunk).
+    // At(j, i) = k_j . q_i, kept for i >= j (causal inside the chunk). Bands of W key rows start at the
+    // first vector of columns they need, so about half of the square below the diagonal is never computed.
     std::fill(At, At + C * C, T(0));
-    gemm_acc<T>(C, C, m, Kc, mp, 1, Qt, C, At, C, KRange::kFull, blk);
+    for (int64_t j0 = 0; j0 < L; j0 += Vec<T>::W) {
+      const int64_t rows_here = std::min<int64_t>(Vec<T>::W, L - j0);
+      gemm_acc<T>(rows_here, C - j0, m, Kc + j0 * mp, mp, 1, Qt + j0, C, At + j0 * C + j0, C, KRange::kFull, blk);
+    }
     mask_square(At, C, /*keep_upper=*/true);
     // Yt += Vt At.
     if (all_finite(Vt, e * C))
