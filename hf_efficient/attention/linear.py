@@ -485,9 +485,11 @@ def linear_attention(
         return (out, LinearAttentionState.unpack(state)) if return_state else out
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
     if not causal:
-        v1 = _with_ones(vf)
-        y = torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), v1))  # via the (b, h, m, d_v + 1) state
-        return (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
+        # Through the (b, h, m, d_v) state and the (b, h, m) key sum, without a column of ones: no
+        # (b, h, n, d_v + 1) copies of v and of the output.
+        kv = torch.matmul(phi_k.transpose(-1, -2), vf)
+        den = torch.matmul(phi_q, phi_k.sum(2).unsqueeze(-1)).add_(eps)
+        return torch.matmul(phi_q, kv).div_(den).to(q.dtype)  # in place: fresh tensors, no extra pass
     init, _ = _state_in(initial_state, q, phi_q.shape[-1], d_v, False, phi_q.dtype, name, "initial_state")
     if n_k == 0:
         state = init if init is not None else phi_q.new_zeros(b, h, phi_q.shape[-1], d_v + 1)
