@@ -37,6 +37,7 @@ __all__ = [
     "LinearAttentionParams",
     "LinearAttentionState",
     "causal_linear_chunked",
+    "causal_linear_feature_map_reference",
     "causal_linear_normalized_reference",
     "causal_linear_recurrent",
     "fold_favor_scale",
@@ -348,6 +349,26 @@ def _favor_quadratic(a, b, v, eps, causal):
         scores = scores.masked_fill(future, 0.0)
     y = scores @ _with_ones(v)
     return y[..., :-1] / (y[..., -1:] + eps)
+
+
+def causal_linear_feature_map_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch path of ``kernels.dispatch.causal_linear_feature_map``: the built-in map (``elu``/``relu``)
+    in float32 (float64 stays float64), then :func:`causal_linear_normalized_reference`.
+
+    q, k: ``(batch, heads, n, d)`` raw; v: ``(batch, heads, n, d_v)``; initial: packed ``(batch, heads, d,
+    d_v + 1)``. Returns out ``(batch, heads, n, d_v)`` and the final packed state.
+    """
+    fmap = FEATURE_MAPS[feature_map](q.shape[-1])
+    phi_q, phi_k = fmap(q), fmap(k)
+    return causal_linear_normalized_reference(phi_q, phi_k, v.to(phi_q.dtype), eps, initial, chunk_size)
 
 
 # --------------------------------------------------------------------------- public functions

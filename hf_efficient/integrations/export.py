@@ -81,6 +81,7 @@ _INTEGRATION_FILES = ("plan.py", "configurations.py", "surgery.py", "attention_i
 _KERNEL_FALLBACKS = {
     "hf_efficient_kernels.dispatch.causal_linear": "causal_linear_chunked",
     "hf_efficient_kernels.dispatch.causal_linear_normalized": "causal_linear_normalized_reference",
+    "hf_efficient_kernels.dispatch.causal_linear_feature_map": "causal_linear_feature_map_reference",
 }
 _KERNEL_IMPORT = re.compile(
     r"^(\s*)from\s+hf_efficient_kernels\.(\w+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE
