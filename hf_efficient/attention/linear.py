@@ -496,8 +496,9 @@ def linear_attention(
         return (out, LinearAttentionState.unpack(state, shift)) if return_state else out
 
     fused = _fused_name(q_map, k_map)
-    if causal and mask is None and fused is not None and n_k > 0:
-        # elu/relu without padding: the feature map runs inside the causal kernel (kernels/dispatch.py)
+    if causal and fused is not None and n_k > 0 and (mask is None or bool(mask.all())):
+        # elu/relu without padding (a mask of all ones, as models pass, is none): the feature map runs
+        # inside the causal kernel (kernels/dispatch.py)
         from hf_efficient_kernels.dispatch import causal_linear_feature_map
 
         init, _ = _state_in(initial_state, q, q.shape[-1], d_v, False, _compute_dtype(q), name, "initial_state")
