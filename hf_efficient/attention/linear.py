@@ -359,15 +359,19 @@ def causal_linear_feature_map_reference(
     eps: float = 1e-6,
     initial: torch.Tensor | None = None,
     chunk_size: int = 64,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch path of ``kernels.dispatch.causal_linear_feature_map``: the built-in map (``elu``/``relu``)
     in float32 (float64 stays float64), then :func:`causal_linear_normalized_reference`.
 
     q, k: ``(batch, heads, n, d)`` raw; v: ``(batch, heads, n, d_v)``; initial: packed ``(batch, heads, d,
-    d_v + 1)``. Returns out ``(batch, heads, n, d_v)`` and the final packed state.
+    d_v + 1)``; key_mask: optional ``(batch, n)`` bool, False = padded key. Returns out ``(batch, heads, n,
+    d_v)`` and the final packed state.
     """
     fmap = FEATURE_MAPS[feature_map](q.shape[-1])
     phi_q, phi_k = fmap(q), fmap(k)
+    if key_mask is not None:
+        phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
     return causal_linear_normalized_reference(phi_q, phi_k, v.to(phi_q.dtype), eps, initial, chunk_size)
 
 
@@ -496,13 +500,15 @@ def linear_attention(
         return (out, LinearAttentionState.unpack(state, shift)) if return_state else out
 
     fused = _fused_name(q_map, k_map)
-    if causal and fused is not None and n_k > 0 and (mask is None or bool(mask.all())):
-        # elu/relu without padding (a mask of all ones, as models pass, is none): the feature map runs
-        # inside the causal kernel (kernels/dispatch.py)
+    if causal and fused is not None and n_k > 0:
+        # elu/relu: the feature map runs inside the causal kernel (kernels/dispatch.py); padded keys get
+        # zero features there
         from hf_efficient_kernels.dispatch import causal_linear_feature_map
 
+        if mask is not None and bool(mask.all()):
+            mask = None
         init, _ = _state_in(initial_state, q, q.shape[-1], d_v, False, _compute_dtype(q), name, "initial_state")
-        out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size)
+        out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size, mask)
         out = out.to(q.dtype)
         return (out, LinearAttentionState.unpack(state)) if return_state else out
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
