@@ -8,9 +8,12 @@ O(N d m) instead of O(N^2 d). Three forms, one result:
   product, across chunks a carried state; memory O(N C + (N / C) m d_v), never N x m x d_v;
 * causal, recurrent (decoding): ``state += phi(k_t) v_t^T``, constant work per token.
 
-The normaliser rides along as an extra column of ones appended to v, so numerator and
-denominator come out of the same products. Everything accumulates in float32 (float64 stays
-float64) whatever the input dtype; the output is cast back to the input dtype.
+In the PyTorch causal forms the normaliser rides along as an extra column of ones appended to v,
+so numerator and denominator come out of the same products; the compiled CPU kernel fuses it, and
+applies the built-in elu/relu maps to each chunk as it loads it. Everything accumulates in float32
+(float64 stays float64) whatever the input dtype; the output is cast back to the input dtype.
+FAVOR features are evaluated with stabilising shifts (see below), so inputs of large norm do not
+underflow to all-zero rows.
 :func:`linear_attention_reference` is the quadratic definition the fast forms are tested against.
 """
 
