@@ -243,6 +243,7 @@ def causal_linear_fused_op(
     eps: float = 1e-6,
     chunk: int = DEFAULT_CHUNK,
     feature: int = 1,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`causal_linear_normalized_op` on ``phi(q)``, ``phi(k)`` with phi applied inside the kernel.
 
@@ -253,17 +254,18 @@ def causal_linear_fused_op(
     Args:
         q, k: ``(batch, heads, n, d)`` raw queries and keys; v: ``(batch, heads, n, d_v)``.
         initial: optional packed ``(batch, heads, d, d_v + 1)`` state.
+        key_mask: optional ``(batch, n)`` bool, False = padded key (zero features, no gradient).
 
     Returns:
         out ``(batch, heads, n, d_v)``, the packed state ``(batch, heads, d, d_v + 1)`` and the
         denominators ``(batch, heads, n)`` (float32, float64 for float64 inputs; no gradient).
     """
-    out, state, den = _cpu_module().causal_linear_fused_forward(q, k, v, initial, eps, chunk, feature)
+    out, state, den = _cpu_module().causal_linear_fused_forward(q, k, v, initial, eps, chunk, feature, key_mask)
     return out, state, den
 
 
 @causal_linear_fused_op.register_fake
-def _(q, k, v, initial=None, eps=1e-6, chunk=DEFAULT_CHUNK, feature=1):
+def _(q, k, v, initial=None, eps=1e-6, chunk=DEFAULT_CHUNK, feature=1, key_mask=None):
     b, h, n, m = q.shape
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
     return torch.empty_like(v), v.new_empty(b, h, m, v.shape[-1] + 1), v.new_empty(b, h, n, dtype=acc)
@@ -282,36 +284,37 @@ def causal_linear_fused_backward_op(
     eps: float = 1e-6,
     chunk: int = DEFAULT_CHUNK,
     feature: int = 1,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`causal_linear_fused_op` w.r.t. the raw q, k, v and initial (always returned)."""
     dq, dk, dv, dinit = _cpu_module().causal_linear_fused_backward(
-        q, k, v, initial, out, den, grad_out, grad_state, eps, chunk, feature
+        q, k, v, initial, out, den, grad_out, grad_state, eps, chunk, feature, key_mask
     )
     return dq, dk, dv, dinit
 
 
 @causal_linear_fused_backward_op.register_fake
-def _(q, k, v, initial, out, den, grad_out, grad_state, eps=1e-6, chunk=DEFAULT_CHUNK, feature=1):
+def _(q, k, v, initial, out, den, grad_out, grad_state, eps=1e-6, chunk=DEFAULT_CHUNK, feature=1, key_mask=None):
     b, h, _, m = q.shape
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), v.new_empty(b, h, m, v.shape[-1] + 1)
 
 
 def _setup_fused(ctx, inputs, output):
-    q, k, v, initial, eps, chunk, feature = inputs
+    q, k, v, initial, eps, chunk, feature, key_mask = inputs
     out, _, den = output
-    ctx.save_for_backward(q, k, v, initial, out, den)
+    ctx.save_for_backward(q, k, v, initial, out, den, key_mask)
     ctx.eps, ctx.chunk, ctx.feature, ctx.has_initial = eps, chunk, feature, initial is not None
     ctx.mark_non_differentiable(den)
 
 
 def _backward_fused(ctx, grad_out, grad_state, _grad_den):
-    q, k, v, initial, out, den = ctx.saved_tensors
+    q, k, v, initial, out, den, key_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, dinit = causal_linear_fused_backward_op(
-        q, k, v, initial, out, den, grad_out, grad_state, ctx.eps, ctx.chunk, ctx.feature
+        q, k, v, initial, out, den, grad_out, grad_state, ctx.eps, ctx.chunk, ctx.feature, key_mask
     )
-    return dq, dk, dv, (dinit if ctx.has_initial else None), None, None, None
+    return dq, dk, dv, (dinit if ctx.has_initial else None), None, None, None, None
 
 
 causal_linear_fused_op.register_autograd(_backward_fused, setup_context=_setup_fused)

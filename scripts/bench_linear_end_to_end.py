@@ -9,7 +9,9 @@ Compares, in one process, one thread, interleaved (A B C ... A B C ...), after a
   path before the map was fused: what fusing saves);
 * ``chunk_loop``: a plain PyTorch causal linear attention, 128-token chunks, elu + 1 features, the
   normaliser carried beside the state: what one writes without this package;
-* ``matmul``: a square fp32 ``torch.matmul``, this machine's reachable FLOP/s in the same run.
+* ``matmul``: a square fp32 ``torch.matmul``, this machine's reachable FLOP/s in the same run;
+* non-causal: ``linear_attention(q, k, v)`` against the formulation it replaced (a column of ones appended
+  to v, the normaliser sliced off the product).
 
 Shapes: batch 1, 8 heads, head dim 64 (features m = 64, values d_v = 64 plus the normaliser: e = 65).
 FLOP counts as in ``bench_kernels.py``: ``useful`` = 4 n m e per head (the recurrent form; the
@@ -65,6 +67,15 @@ def chunk_loop(q, k, v, chunk: int = 128, eps: float = 1e-6) -> torch.Tensor:
         state = state + kc.transpose(-1, -2) @ vc
         norm = norm + kc.sum(2)
     return torch.cat(outs, dim=2)
+
+
+def ones_column_form(x, eps: float = 1e-6) -> torch.Tensor:
+    """Non-causal linear attention as this package computed it before: v with a column of ones appended, the
+    normaliser sliced off the product."""
+    q, k, v = x
+    fq, fk = elu1(q), elu1(k)
+    y = fq @ (fk.transpose(-1, -2) @ torch.cat([v, torch.ones_like(v[..., :1])], dim=-1))
+    return y[..., :-1] / (y[..., -1:] + eps)
 
 
 def flops(n: int, bh: int, m: int = D, e: int = D + 1, chunk: int = 64) -> dict[str, float]:
@@ -151,6 +162,19 @@ def main() -> None:
                 r[f"fraction_of_matmul_{count}"] = r[f"gflops_{count}"] / mm
         results["phases"][phase] = {"matmul_gflops": mm, "cases": timed}
 
+    # Non-causal: the user-facing call against the formulation it replaced (a column of ones appended to v,
+    # features out of place), forward only.
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+    nc_cases = {"linear_attention": (lambda: (q, k, v), lambda x: hf_efficient.linear_attention(*x)),
+                "ones_column_form": (lambda: (q, k, v), ones_column_form)}
+    with torch.no_grad():
+        nc = time_interleaved(nc_cases, repeats)
+    base = nc["ones_column_form"]["median_s"]
+    for r in nc.values():
+        r["speedup_over_ones_column_form"] = base / r["median_s"]
+    results["non_causal_forward"] = nc
+
     print(f"B={B} H={H} N={n} D={D} causal, elu+1, {results['threads']} thread, {results['cpu']}, "
           f"torch {results['torch']}, median of {repeats} (min-max)")
     for phase, r in results["phases"].items():
@@ -160,6 +184,10 @@ def main() -> None:
             spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"
             frac = f"{x['fraction_of_matmul_useful']:.0%} / {x['fraction_of_matmul_chunked']:.0%}"
             print(f"{name:>22} {spread:>22} {x['speedup_over_chunk_loop']:>12.2f}x {frac:>28}")
+    print("\nnon-causal forward")
+    for name, x in nc.items():
+        spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"
+        print(f"{name:>22} {spread:>22} {x['speedup_over_ones_column_form']:>12.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

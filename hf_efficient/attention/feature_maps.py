@@ -46,7 +46,7 @@ class EluFeatureMap(FeatureMap):
     """phi(x) = elu(x) + 1 (strictly positive)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x.to(_compute_dtype(x))) + 1.0
+        return F.elu(x.to(_compute_dtype(x))).add_(1.0)  # in place on elu's fresh output (its backward reads x)
 
 
 class ReluFeatureMap(FeatureMap):

@@ -8,9 +8,12 @@ O(N d m) instead of O(N^2 d). Three forms, one result:
   product, across chunks a carried state; memory O(N C + (N / C) m d_v), never N x m x d_v;
 * causal, recurrent (decoding): ``state += phi(k_t) v_t^T``, constant work per token.
 
-The normaliser rides along as an extra column of ones appended to v, so numerator and
-denominator come out of the same products. Everything accumulates in float32 (float64 stays
-float64) whatever the input dtype; the output is cast back to the input dtype.
+In the PyTorch causal forms the normaliser rides along as an extra column of ones appended to v,
+so numerator and denominator come out of the same products; the compiled CPU kernel fuses it, and
+applies the built-in elu/relu maps to each chunk as it loads it. Everything accumulates in float32
+(float64 stays float64) whatever the input dtype; the output is cast back to the input dtype.
+FAVOR features are evaluated with stabilising shifts (see below), so inputs of large norm do not
+underflow to all-zero rows.
 :func:`linear_attention_reference` is the quadratic definition the fast forms are tested against.
 """
 
@@ -37,6 +40,7 @@ __all__ = [
     "LinearAttentionParams",
     "LinearAttentionState",
     "causal_linear_chunked",
+    "causal_linear_feature_map_reference",
     "causal_linear_normalized_reference",
     "causal_linear_recurrent",
     "fold_favor_scale",
@@ -371,6 +375,30 @@ def _favor_quadratic(a, b, v, eps, causal):
     return y[..., :-1] / (y[..., -1:] + eps)
 
 
+def causal_linear_feature_map_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch path of ``kernels.dispatch.causal_linear_feature_map``: the built-in map (``elu``/``relu``)
+    in float32 (float64 stays float64), then :func:`causal_linear_normalized_reference`.
+
+    q, k: ``(batch, heads, n, d)`` raw; v: ``(batch, heads, n, d_v)``; initial: packed ``(batch, heads, d,
+    d_v + 1)``; key_mask: optional ``(batch, n)`` bool, False = padded key. Returns out ``(batch, heads, n,
+    d_v)`` and the final packed state.
+    """
+    fmap = FEATURE_MAPS[feature_map](q.shape[-1])
+    phi_q, phi_k = fmap(q), fmap(k)
+    if key_mask is not None:
+        phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
+    return causal_linear_normalized_reference(phi_q, phi_k, v.to(phi_q.dtype), eps, initial, chunk_size)
+
+
 # --------------------------------------------------------------------------- public functions
 def _prepare(q, k, v, feature_map, key_padding_mask, name):
     """Checks, then ``(q_map, k_map, mask, compute dtype)``."""
@@ -496,19 +524,24 @@ def linear_attention(
         return (out, LinearAttentionState.unpack(state, shift)) if return_state else out
 
     fused = _fused_name(q_map, k_map)
-    if causal and mask is None and fused is not None and n_k > 0:
-        # elu/relu without padding: the feature map runs inside the causal kernel (kernels/dispatch.py)
+    if causal and fused is not None and n_k > 0:
+        # elu/relu: the feature map runs inside the causal kernel (kernels/dispatch.py); padded keys get
+        # zero features there
         from hf_efficient_kernels.dispatch import causal_linear_feature_map
 
+        if mask is not None and bool(mask.all()):
+            mask = None
         init, _ = _state_in(initial_state, q, q.shape[-1], d_v, False, _compute_dtype(q), name, "initial_state")
-        out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size)
+        out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size, mask)
         out = out.to(q.dtype)
         return (out, LinearAttentionState.unpack(state)) if return_state else out
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
     if not causal:
-        v1 = _with_ones(vf)
-        y = torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), v1))  # via the (b, h, m, d_v + 1) state
-        return (y[..., :-1] / (y[..., -1:] + eps)).to(q.dtype)
+        # Through the (b, h, m, d_v) state and the (b, h, m) key sum, without a column of ones: no
+        # (b, h, n, d_v + 1) copies of v and of the output.
+        kv = torch.matmul(phi_k.transpose(-1, -2), vf)
+        den = torch.matmul(phi_q, phi_k.sum(2).unsqueeze(-1)).add_(eps)
+        return torch.matmul(phi_q, kv).div_(den).to(q.dtype)  # in place: fresh tensors, no extra pass
     init, _ = _state_in(initial_state, q, phi_q.shape[-1], d_v, False, phi_q.dtype, name, "initial_state")
     if n_k == 0:
         state = init if init is not None else phi_q.new_zeros(b, h, phi_q.shape[-1], d_v + 1)

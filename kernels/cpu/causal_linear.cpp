@@ -240,6 +240,14 @@ void apply_dphi(T* g, const T* phi, int64_t len, int64_t feature) {
   for (int64_t i = 0; i < len; ++i) g[i] *= dphi_scalar(phi[i], feature);
 }
 
+// Rows of padded keys (key_ok false) get zero features: they add nothing to any sum. rows: (C, mp).
+template <typename T>
+void zero_padded_rows(T* rows, int64_t t0, int64_t L, int64_t m, int64_t mp, const bool* key_ok) {
+  if (!key_ok) return;
+  for (int64_t i = 0; i < L; ++i)
+    if (!key_ok[t0 + i]) std::fill(rows + i * mp, rows + i * mp + m, T(0));
+}
+
 // True when x[0, len) holds no NaN or inf (x * 0 is NaN exactly for those).
 template <typename T>
 bool all_finite(const T* x, int64_t len) {
@@ -314,7 +322,7 @@ void load_g(const In* gy, int64_t t0, int64_t L, int64_t e, T* Gt, int64_t C, co
 
 template <typename In, typename T>
 void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, In* state, int64_t n,
-                  int64_t m, int64_t e, int64_t C, const Norm<In>& nrm, int64_t feature) {
+                  int64_t m, int64_t e, int64_t C, const Norm<In>& nrm, int64_t feature, const bool* key_ok) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
   Buffer<T> bQt(m * C), bK(C * mp), bVt(e * C), bA(C * C), bYt(e * C), bSt(e * mp);
@@ -330,14 +338,19 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
     if (feature != kGiven) {  // only the real tokens and features: the zero padding must stay zero
       for (int64_t f = 0; f < m; ++f) apply_phi(Qt + f * C, L, feature);
       for (int64_t i = 0; i < L; ++i) apply_phi(Kc + i * mp, m, feature);
+      zero_padded_rows(Kc, t0, L, m, mp, key_ok);
     }
     load_v(v, t0, L, e, Vt, C, nrm.on);
     // Yt = St Qt: the state of every earlier chunk read by this chunk's queries.
     std::fill(Yt, Yt + e * C, T(0));
     gemm_acc<T>(e, C, m, St, mp, 1, Qt, C, Yt, C, KRange::kFull, blk);
-    // At(j, i) = k_j . q_i, kept for i >= j (causal inside the chunk).
+    // At(j, i) = k_j . q_i, kept for i >= j (causal inside the chunk). Bands of W key rows start at the
+    // first vector of columns they need, so about half of the square below the diagonal is never computed.
     std::fill(At, At + C * C, T(0));
-    gemm_acc<T>(C, C, m, Kc, mp, 1, Qt, C, At, C, KRange::kFull, blk);
+    for (int64_t j0 = 0; j0 < L; j0 += Vec<T>::W) {
+      const int64_t rows_here = std::min<int64_t>(Vec<T>::W, L - j0);
+      gemm_acc<T>(rows_here, C - j0, m, Kc + j0 * mp, mp, 1, Qt + j0, C, At + j0 * C + j0, C, KRange::kFull, blk);
+    }
     mask_square(At, C, /*keep_upper=*/true);
     // Yt += Vt At.
     if (all_finite(Vt, e * C))
@@ -366,7 +379,7 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
 template <typename In, typename T>
 void backward_head(const In* q, const In* k, const In* v, const In* init, const In* gy, const In* gs, In* dq,
                    In* dk, In* dv, In* dinit, int64_t n, int64_t m, int64_t e, int64_t C, const Norm<In>& nrm,
-                   int64_t feature) {
+                   int64_t feature, const bool* key_ok) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
   const int64_t W = Vec<T>::W;
@@ -383,8 +396,10 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
   for (int64_t t0 = 0; t0 < n; t0 += C) {
     const int64_t L = std::min(C, n - t0);
     load_rows(k, t0, L, m, Kc, C, mp);
-    if (feature != kGiven)
+    if (feature != kGiven) {
       for (int64_t i = 0; i < L; ++i) apply_phi(Kc + i * mp, m, feature);
+      zero_padded_rows(Kc, t0, L, m, mp, key_ok);
+    }
     load_v(v, t0, L, e, Vt, C, nrm.on);
     load_g(gy, t0, L, e, Gt, C, nrm);
     // X(j, i) = v_j . g_i for i >= j.
@@ -415,6 +430,10 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
         apply_phi(Qt + f * C, L, feature);
         apply_phi(Kt + f * C, L, feature);
       }
+      if (key_ok)  // padded keys: phi = 0, hence phi'(k) = 0 below and no gradient reaches them
+        for (int64_t i = 0; i < L; ++i)
+          if (!key_ok[t0 + i])
+            for (int64_t f = 0; f < m; ++f) Kt[f * C + i] = T(0);
       std::fill(Qc, Qc + C * mp, T(0));  // Qc = Qt^T
       for (int64_t f = 0; f < m; ++f)
         for (int64_t i = 0; i < L; ++i) Qc[i * mp + f] = Qt[f * C + i];
@@ -477,13 +496,23 @@ namespace {
 
 // e: columns of the unnormalised product (v's width, plus one when normalising).
 std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
-                                     int64_t chunk, bool normalize, double eps, int64_t feature = kGiven) {
+                                     int64_t chunk, bool normalize, double eps, int64_t feature = kGiven,
+                                     const std::optional<at::Tensor>& key_mask = std::nullopt) {
   check_inputs(q, k, v);
   TORCH_CHECK(feature == kGiven || feature == kElu || feature == kRelu, "causal_linear: unknown feature map ", feature);
   q = q.contiguous();
   k = k.contiguous();
   v = v.contiguous();
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), w = v.size(3);
+  at::Tensor mask_c;  // (B, n) bool, true = real key; only with a built-in feature map
+  if (key_mask.has_value() && key_mask->defined()) {
+    TORCH_CHECK(feature != kGiven, "causal_linear: key_mask needs a built-in feature map");
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
+                    key_mask->size(1) == n,
+                "causal_linear: key_mask must be a (batch, n) bool tensor");
+    mask_c = key_mask->contiguous();
+  }
+  const bool* pmask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   const int64_t e = normalize ? w + 1 : w;
   at::Tensor init;
   if (initial.has_value() && initial->defined()) {
@@ -509,7 +538,8 @@ std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, c
         nrm.eps = eps;
         nrm.den_out = normalize ? pden + bh * n : nullptr;
         forward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * w, pi ? pi + bh * m * e : nullptr,
-                            py + bh * n * w, ps + bh * m * e, n, m, e, C, nrm, feature);
+                            py + bh * n * w, ps + bh * m * e, n, m, e, C, nrm, feature,
+                            pmask ? pmask + (bh / H) * n : nullptr);
       }
     });
   });
@@ -520,7 +550,8 @@ std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, c
 std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
                                       at::Tensor grad_y, const std::optional<at::Tensor>& grad_state, int64_t chunk,
                                       bool normalize, const at::Tensor& out, const at::Tensor& den, double eps,
-                                      int64_t feature = kGiven) {
+                                      int64_t feature = kGiven,
+                                      const std::optional<at::Tensor>& key_mask = std::nullopt) {
   check_inputs(q, k, v);
   TORCH_CHECK(feature == kGiven || feature == kElu || feature == kRelu, "causal_linear: unknown feature map ", feature);
   q = q.contiguous();
@@ -529,6 +560,15 @@ std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, 
   const auto dtype = q.scalar_type();
   grad_y = grad_y.to(dtype).contiguous();
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), w = v.size(3);
+  at::Tensor mask_c;  // (B, n) bool, true = real key; only with a built-in feature map
+  if (key_mask.has_value() && key_mask->defined()) {
+    TORCH_CHECK(feature != kGiven, "causal_linear: key_mask needs a built-in feature map");
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
+                    key_mask->size(1) == n,
+                "causal_linear: key_mask must be a (batch, n) bool tensor");
+    mask_c = key_mask->contiguous();
+  }
+  const bool* pmask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   const int64_t e = normalize ? w + 1 : w;
   TORCH_CHECK(grad_y.numel() == B * H * n * w, "causal_linear_backward: grad_y must have the output's shape");
   at::Tensor init, gs, out_c, den_c;
@@ -570,7 +610,8 @@ std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, 
         nrm.out = normalize ? pout + bh * n * w : nullptr;
         backward_head<In, T>(pq + bh * n * m, pk + bh * n * m, pv + bh * n * w, pi ? pi + bh * m * e : nullptr,
                              pg + bh * n * w, pgs ? pgs + bh * m * e : nullptr, pdq + bh * n * m,
-                             pdk + bh * n * m, pdv + bh * n * w, pdi + bh * m * e, n, m, e, C, nrm, feature);
+                             pdk + bh * n * m, pdv + bh * n * w, pdi + bh * m * e, n, m, e, C, nrm, feature,
+                             pmask ? pmask + (bh / H) * n : nullptr);
       }
     });
   });
@@ -608,18 +649,19 @@ std::vector<at::Tensor> causal_linear_normalized_backward(const at::Tensor& q, c
 // The normalised variant with a built-in feature map applied inside: q and k are the raw queries and keys.
 std::vector<at::Tensor> causal_linear_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     const std::optional<at::Tensor>& initial, double eps, int64_t chunk,
-                                                    int64_t feature) {
+                                                    int64_t feature, const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(feature != kGiven, "causal_linear_fused: feature must be 1 (elu + 1) or 2 (relu)");
-  return forward_impl(q, k, v, initial, chunk, true, eps, feature);
+  return forward_impl(q, k, v, initial, chunk, true, eps, feature, key_mask);
 }
 
 std::vector<at::Tensor> causal_linear_fused_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& initial, const at::Tensor& out,
                                                      const at::Tensor& den, const at::Tensor& grad_out,
                                                      const std::optional<at::Tensor>& grad_state, double eps,
-                                                     int64_t chunk, int64_t feature) {
+                                                     int64_t chunk, int64_t feature,
+                                                     const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(feature != kGiven, "causal_linear_fused: feature must be 1 (elu + 1) or 2 (relu)");
-  return backward_impl(q, k, v, initial, grad_out, grad_state, chunk, true, out, den, eps, feature);
+  return backward_impl(q, k, v, initial, grad_out, grad_state, chunk, true, out, den, eps, feature, key_mask);
 }
 
 // Raw ops; kernels/ops.py wraps them as hf_efficient::* custom ops with fake kernels and autograd.
@@ -639,12 +681,12 @@ TORCH_LIBRARY(hf_efficient_cpu, lib) {
       "Tensor grad_out, Tensor? grad_state, float eps, int chunk) -> Tensor[]",
       &causal_linear_normalized_backward);
   lib.def(
-      "causal_linear_fused_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, float eps, int chunk, int feature) "
-      "-> Tensor[]",
+      "causal_linear_fused_forward(Tensor q, Tensor k, Tensor v, Tensor? initial, float eps, int chunk, int feature, "
+      "Tensor? key_mask) -> Tensor[]",
       &causal_linear_fused_forward);
   lib.def(
       "causal_linear_fused_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor out, Tensor den, "
-      "Tensor grad_out, Tensor? grad_state, float eps, int chunk, int feature) -> Tensor[]",
+      "Tensor grad_out, Tensor? grad_state, float eps, int chunk, int feature, Tensor? key_mask) -> Tensor[]",
       &causal_linear_fused_backward);
   lib.def("vector_bytes() -> int", [] { return static_cast<int64_t>(kVecBytes); });
 }

@@ -356,3 +356,14 @@ def test_empty_sequences():
     assert out1.shape == (2, 3, 0, 5) and torch.equal(st1.kv, st.kv) and torch.equal(st1.k_sum, st.k_sum)
     st2, _ = linear_attention_step(None, q, q, q)
     assert st2.kv.shape == (2, 3, 5, 5) and (st2.kv == 0).all()
+
+
+@pytest.mark.parametrize("name", ["elu", "relu"])
+def test_all_ones_mask_equals_no_mask(name):
+    q, k, v = (rand(2, 2, 70, 8, dtype=torch.float32, seed=s) for s in (1, 2, 3))
+    ones = torch.ones(2, 70, dtype=torch.long)
+    out = linear_attention(q, k, v, causal=True, feature_map=name, key_padding_mask=ones)
+    torch.testing.assert_close(out, linear_attention(q, k, v, causal=True, feature_map=name), rtol=0, atol=0)
+    phi = {"elu": elu1, "relu": torch.relu}[name]
+    torch.testing.assert_close(out.double(), quadratic(q, k, v, causal=True, phi_q=phi, phi_k=phi),
+                               rtol=1e-4, atol=1e-5)

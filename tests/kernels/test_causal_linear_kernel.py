@@ -366,3 +366,27 @@ def test_fused_feature_map_extremes_and_opcheck(kernel_ops):
                           (q.detach(), k, vv.detach(), None, out, den, torch.randn_like(out), None, 1e-6, 64, 1))
     with pytest.raises(RuntimeError, match="feature"):
         causal_linear_fused_op(q.detach(), k, vv.detach(), None, 1e-6, 64, 7)
+
+
+@pytest.mark.parametrize("feature", ["elu", "relu"])
+def test_fused_feature_map_key_mask(kernel_ops, feature):
+    from hf_efficient_kernels.ops import FUSED_FEATURES, causal_linear_fused_op
+
+    q, k, v = raw_inputs(2, 2, 45, 5, 3, dtype=torch.float64, scale=1.0)
+    mask = torch.rand(2, 45, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[1, :7] = False
+    phi = _phi(feature)
+    out, state, _ = causal_linear_fused_op(q, k, v, None, 1e-3, 16, FUSED_FEATURES[feature], mask)
+    ref, state_ref = quadratic_normalized(phi(q), phi(k) * mask[:, None, :, None], v, None, 1e-3)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state, state_ref, rtol=1e-10, atol=1e-12)
+    # padded keys: any value, even NaN, changes nothing and gets no gradient
+    k2 = k.clone()
+    k2[~mask[:, None, :, None].expand_as(k)] = float("nan")
+    out2, _, _ = causal_linear_fused_op(q, k2, v, None, 1e-3, 16, FUSED_FEATURES[feature], mask)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    args = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    fn = lambda q, k, v: causal_linear_fused_op(q, k, v, None, 1e-2, 16, FUSED_FEATURES[feature], mask)[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+    dk = torch.autograd.grad(fn(*args)[0].sum(), args[1])[0]
+    assert (dk[~mask[:, None, :, None].expand_as(dk)] == 0).all()
