@@ -201,27 +201,6 @@ def causal_linear_normalized_reference(
     return (y[..., :-1] / (y[..., -1:] + eps)).to(v.dtype), state
 
 
-def causal_linear_feature_map_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: str,
-    eps: float = 1e-6,
-    initial: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch form of the fused-feature-map causal op (``hf_efficient_kernels.dispatch.causal_linear_feature_map``).
-
-    q, k ``(batch, heads, n, d)`` raw; v ``(batch, heads, n, d_v)``; feature_map ``"elu"`` (elu + 1) or
-    ``"relu"``; initial the packed ``(batch, heads, d, d_v + 1)`` state. Computes in float32 (float64
-    stays float64). Returns out ``(batch, heads, n, d_v)`` and the packed state.
-    """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    phi = (lambda x: torch.nn.functional.elu(x) + 1.0) if feature_map == "elu" else torch.relu
-    init = None if initial is None else initial.to(acc)
-    return causal_linear_normalized_reference(phi(q.to(acc)), phi(k.to(acc)), v.to(acc), eps, init, chunk_size)
-
-
 # --------------------------------------------------------------------------- favor, stabilised
 # FAVOR features exp(l) with l = W x' - |x'|^2 / 2 underflow for inputs of large norm (|q| ~ 48 at d = 64
 # gives l ~ -144: every feature is 0 in float32 and the output row is 0). The estimator's weight of key j
