@@ -341,9 +341,15 @@ def gradient_variance(model, task: dict, batch: int, presample: int, seed: int =
     uniform = sq.mean() - mean_sq
 
     def is_var(scores):
+        # Rows with p = 0 are never drawn: the estimator then misses their gradient (a bias, reported
+        # below) and its second moment is taken about the biased mean, never by dropping them quietly.
         p = scores / scores.sum()
         keep = p > 0
-        return (sq[keep] / (n * n * p[keep])).sum() - mean_sq
+        biased_mean_sq = gmat[keep].sum(0).div(n).pow(2).sum()
+        return (sq[keep] / (n * n * p[keep])).sum() - biased_mean_sq
+
+    def bias(scores):
+        return float(gmat[scores <= 0].sum(0).div(n).norm() / gmat.mean(0).norm())
 
     exact = sq.sqrt()
     return {
@@ -353,6 +359,7 @@ def gradient_variance(model, task: dict, batch: int, presample: int, seed: int =
         "optimal_trace_var": float(is_var(exact)),
         "variance_reduction": float(uniform / is_var(bound)),
         "optimal_variance_reduction": float(uniform / is_var(exact)),
+        "relative_bias_of_zero_scores": bias(bound),
         "tau_estimate": tau_from_scores(bound),
         "tau_exact_scores": tau_from_scores(exact),
     }
