@@ -1,29 +1,29 @@
-"""Uniform sampling versus importance sampling at equal wall-clock, through the real Trainers.
+"""Uniform sampling versus importance sampling at equal compute, through the real Trainers.
 
-Tasks:
+Main case (``--case paper``, the default), the regime the paper studied: Fashion-MNIST, the first
+10,000 training images, the MLP 784-512-512-10, SGD with momentum 0.9 at a constant learning rate,
+batch 128, one thread. Every arm continues from one shared warm start (1,334 uniform steps) and
+gets the same budget of process CPU time (``--budget``, 60 s by default; evaluation pauses the
+clock). Each arm runs at every learning rate of a small grid with seed 0; its best (lowest final
+training loss on the 10k) then runs the other seeds. Reported per seed: the CPU time importance
+sampling needs to reach uniform sampling's final training loss over the time uniform needs, the
+CPU cost of an importance-sampled step over a uniform step (medians), the share of active steps,
+the distinct rows trained per active step, and curves of training loss, test error and tau
+(``results/bench_importance_sampling.json`` and ``.png``).
+
+Second table (``--case short``): short wall-clock budgets on other tasks:
   * ``fashion_mnist``: a small CNN on Fashion-MNIST (60k train, 10k test).
   * ``rotten_tomatoes``: an MLP head on frozen all-MiniLM-L6-v2 sentence embeddings (computed once
     and cached as safetensors), 10,000 train / 2,808 test snippets.
-
-Methods: ``uniform`` (the stock :class:`transformers.Trainer`), ``importance`` (presample 3x,
+with methods ``uniform`` (the stock :class:`transformers.Trainer`), ``importance`` (presample 3x,
 the paper's tau switch), ``importance_eager`` (presample 2x, on whenever the smoothed tau > 1)
-and ``constant_time`` (the reference code's constant-time variant). Each
-method runs at every learning rate of a small grid with seed 0; its best learning rate (lowest
-final training loss) then runs two more seeds. Every run gets the same training-time budget;
-evaluation (training loss on a fixed subset of the training set, test error on held-out
-examples: 1,000 each for Fashion-MNIST, 2,000 each for Rotten Tomatoes) pauses the clock.
+and ``constant_time`` (the reference code's constant-time variant), the gradient-variance
+reduction measured exactly on a presample, and the time to uniform's final training loss
+(``results/bench_importance_sampling_short.json``).
 
-Reported: curves against wall-clock (PNG), the step-cost ratio, the gradient-variance reduction
-measured exactly on a presample (trace of the covariance of the uniform and the importance-sampled
-gradient estimators, from per-sample gradients), and the time each method needs to reach the
-training loss that uniform sampling reaches at the end of its budget.
-
-    python scripts/bench_importance_sampling.py --quick    # CI-sized, seconds
-    python scripts/bench_importance_sampling.py            # about 10 minutes on 2 cores
-    python scripts/bench_importance_sampling.py --tasks fashion_mnist --warm-start 60 \
-        --methods uniform importance_eager constant_time --out results/bench_importance_sampling_warm.json
-
-Writes ``results/bench_importance_sampling.json`` and ``.png``.
+    python scripts/bench_importance_sampling.py --quick               # seconds: a smoke run
+    python scripts/bench_importance_sampling.py --budget 30           # the main case, ~10 CPU-minutes
+    python scripts/bench_importance_sampling.py --case short --tasks fashion_mnist --warm-start 60
 """
 
 from __future__ import annotations
@@ -57,8 +57,6 @@ METHOD_ARGS = {
 }
 
 
-
-
 # ---- models -------------------------------------------------------------------------------------
 class BenchConfig(PretrainedConfig):
     model_type = "importance_bench"
@@ -87,6 +85,13 @@ class BenchModel(PreTrainedModel):
                 nn.MaxPool2d(2),
                 nn.Flatten(),
                 nn.Linear(16 * 7 * 7, config.hidden),
+                nn.ReLU(),
+            )
+        elif config.arch == "mlp2":  # the paper's MLP: in_dim - hidden - hidden - classes
+            self.body = nn.Sequential(
+                nn.Linear(config.in_dim, config.hidden),
+                nn.ReLU(),
+                nn.Linear(config.hidden, config.hidden),
                 nn.ReLU(),
             )
         else:
@@ -119,10 +124,21 @@ class TensorDictDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         idx = torch.as_tensor(indices)
         cols = {k: v[idx] for k, v in self.tensors.items()}
-        return [{k: c[j] for k, c in cols.items()} for j in range(len(indices))]
+        return GatheredRows(cols, [{k: c[j] for k, c in cols.items()} for j in range(len(indices))])
+
+
+class GatheredRows(list):
+    """The examples of one ``__getitems__`` call, which also keep the gathered columns, so that
+    :func:`collate` returns them without restacking row by row (both arms load data this way)."""
+
+    def __init__(self, columns: dict[str, torch.Tensor], rows: list[dict[str, torch.Tensor]]):
+        super().__init__(rows)
+        self.columns = columns
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if isinstance(examples, GatheredRows):
+        return dict(examples.columns)
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -336,9 +352,15 @@ def gradient_variance(model, task: dict, batch: int, presample: int, seed: int =
     uniform = sq.mean() - mean_sq
 
     def is_var(scores):
+        # Rows with p = 0 are never drawn: the estimator then misses their gradient (a bias, reported
+        # below) and its second moment is taken about the biased mean, never by dropping them quietly.
         p = scores / scores.sum()
         keep = p > 0
-        return (sq[keep] / (n * n * p[keep])).sum() - mean_sq
+        biased_mean_sq = gmat[keep].sum(0).div(n).pow(2).sum()
+        return (sq[keep] / (n * n * p[keep])).sum() - biased_mean_sq
+
+    def bias(scores):
+        return float(gmat[scores <= 0].sum(0).div(n).norm() / gmat.mean(0).norm())
 
     exact = sq.sqrt()
     return {
@@ -348,6 +370,7 @@ def gradient_variance(model, task: dict, batch: int, presample: int, seed: int =
         "optimal_trace_var": float(is_var(exact)),
         "variance_reduction": float(uniform / is_var(bound)),
         "optimal_variance_reduction": float(uniform / is_var(exact)),
+        "relative_bias_of_zero_scores": bias(bound),
         "tau_estimate": tau_from_scores(bound),
         "tau_exact_scores": tau_from_scores(exact),
     }
@@ -456,19 +479,309 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- the paper's regime (main case) ----------------------------------------------------------------
+PAPER = dict(train=10_000, test=10_000, hidden=512, batch=128, warm_steps=1334, warm_lr=0.03, lrs=[0.01, 0.03])
+PAPER_QUICK = dict(train=2_000, test=2_000, hidden=128, batch=64, warm_steps=100, warm_lr=0.03, lrs=[0.05])
+
+
+def paper_task(quick: bool) -> dict:
+    """Fashion-MNIST, the first ``train`` training images flattened to 784 features, and the MLP
+    784-512-512-10 of the paper's image-classification experiment."""
+    cfg = PAPER_QUICK if quick else PAPER
+    root = asset_path("fashion_mnist")
+
+    def tensors(prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(_read_idx(root / f"{prefix}-images-idx3-ubyte.gz")[:n].copy()).float()
+        images = images.reshape(images.shape[0], -1).div_(255.0).sub_(0.2860).div_(0.3530)
+        labels = torch.from_numpy(_read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")[:n].copy()).long()
+        return images, labels
+
+    x, y = tensors("train", cfg["train"])
+    xt, yt = tensors("t10k", cfg["test"])
+    return {
+        "name": f"fashion_mnist_{len(x)}_mlp",
+        "train": TensorDictDataset(features=x, labels=y),
+        "eval_train": {"features": x, "labels": y},  # the whole training set: its training loss
+        "eval_test": {"features": xt, "labels": yt},
+        "config": BenchConfig(arch="mlp2", in_dim=784, hidden=cfg["hidden"], num_labels=10),
+        "settings": cfg,
+    }
+
+
+class CpuClock(TrainerCallback):
+    """Stops training after ``budget`` seconds of this process's CPU time (one thread: the work done,
+    whatever else the machine runs); evaluates every ``every`` seconds with the clock paused; keeps
+    the CPU time of every step, split by whether it was importance-sampled."""
+
+    def __init__(self, budget: float, every: float, evaluate, trainer=None):
+        self.budget, self.every, self.evaluate, self.trainer = budget, every, evaluate, trainer
+        self.points: list[dict] = []
+        self.elapsed, self.next_eval, self.steps = 0.0, 0.0, 0
+        self.step_costs: dict[str, list[float]] = {"uniform": [], "active": []}
+        self.distinct_rows: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._record(kw["model"])
+        self.start = time.process_time()
+
+    def on_step_end(self, args, state, control, **kw):
+        cost = time.process_time() - self.start
+        self.elapsed += cost
+        self.steps = state.global_step
+        is_state = getattr(self.trainer, "is_state", None)
+        active = is_state is not None and is_state.last_presample > 0
+        self.step_costs["active" if active else "uniform"].append(cost)
+        if active:
+            self.distinct_rows.append(is_state.last_trained)
+        if self.elapsed >= self.next_eval or self.elapsed >= self.budget:
+            self._record(kw["model"])
+        if self.elapsed >= self.budget:
+            control.should_training_stop = True
+        self.start = time.process_time()
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.points[-1]["steps"] != self.steps:  # a run stopped by max_steps: its final point
+            self._record(kw["model"])
+
+    def _record(self, model):
+        loss, err = self.evaluate(model)
+        is_state = getattr(self.trainer, "is_state", None)
+        self.points.append(
+            {
+                "time": self.elapsed,
+                "steps": self.steps,
+                "train_loss": loss,
+                "test_error": err,
+                "tau": is_state.tau if is_state is not None else None,
+            }
+        )
+        self.next_eval = self.elapsed + self.every
+
+
+def make_chunked_evaluator(task: dict, chunk: int = 2500):
+    def evaluate(model) -> tuple[float, float]:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            tr, te = task["eval_train"], task["eval_test"]
+            total = 0.0
+            for i in range(0, len(tr["labels"]), chunk):
+                logits = model(features=tr["features"][i : i + chunk]).logits
+                total += float(F.cross_entropy(logits, tr["labels"][i : i + chunk], reduction="sum"))
+            wrong = 0
+            for i in range(0, len(te["labels"]), chunk):
+                pred = model(features=te["features"][i : i + chunk]).logits.argmax(-1)
+                wrong += int((pred != te["labels"][i : i + chunk]).sum())
+        model.train(was)
+        return total / len(tr["labels"]), wrong / len(te["labels"])
+
+    return evaluate
+
+
+def paper_run(
+    task: dict, method: str, lr: float, seed: int, budget: float, out_dir: str, max_steps: int | None = None
+) -> dict:
+    """One arm: SGD with momentum 0.9 at a constant ``lr`` from the shared warm start."""
+    torch.manual_seed(seed)
+    model = BenchModel(task["config"])
+    if "init_state" in task:
+        model.load_state_dict(task["init_state"])
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=task["settings"]["batch"],
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_steps=max_steps or 10**7,
+        logging_steps=10**7,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,  # the columns are the model's inputs; keeps the batched collate
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    kw = dict(model=model, train_dataset=task["train"], data_collator=collate, optimizers=(optimizer, None))
+    if method == "uniform":
+        trainer = Trainer(args=TrainingArguments(**common), **kw)
+    else:
+        trainer = ImportanceSamplingTrainer(args=ImportanceSamplingConfig(**common, **METHOD_ARGS[method]), **kw)
+    clock = CpuClock(budget, budget / 15, make_chunked_evaluator(task), trainer if method != "uniform" else None)
+    trainer.add_callback(clock)
+    trainer.train()
+    result = {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "steps": clock.steps,
+        "cpu_time": clock.elapsed,
+        "curve": clock.points,
+        "final_train_loss": clock.points[-1]["train_loss"],
+        "final_test_error": clock.points[-1]["test_error"],
+        "uniform_step_s": statistics.median(clock.step_costs["uniform"]) if clock.step_costs["uniform"] else None,
+        "active_step_s": statistics.median(clock.step_costs["active"]) if clock.step_costs["active"] else None,
+        "active_fraction": len(clock.step_costs["active"]) / max(clock.steps, 1),
+        "mean_distinct_rows": statistics.fmean(clock.distinct_rows) if clock.distinct_rows else None,
+    }
+    if method != "uniform":
+        result["final_tau"] = trainer.is_state.tau
+    result["model"] = model
+    return result
+
+
+def bench_paper(task: dict, methods: tuple[str, ...], budget: float, seeds: int, log) -> dict:
+    """Grid of learning rates at seed 0 for every arm (interleaved), then more seeds at each arm's best."""
+    cfg = task["settings"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.process_time()
+        warm = paper_run(task, "uniform", cfg["warm_lr"], 1234, float("inf"), tmp, max_steps=cfg["warm_steps"])
+        task["init_state"] = {k: v.detach().clone() for k, v in warm["model"].state_dict().items()}
+        warm_info = {
+            "steps": warm["steps"],
+            "lr": cfg["warm_lr"],
+            "train_loss": warm["final_train_loss"],
+            "test_error": warm["final_test_error"],
+            "cpu_s": time.process_time() - t0,
+        }
+        log(f"  warm start: {warm_info}")
+        grid: dict[str, list[dict]] = {m: [] for m in methods}
+        for lr in cfg["lrs"]:
+            for method in methods:
+                r = paper_run(task, method, lr, 0, budget, tmp)
+                log(
+                    f"  {method:12s} lr={lr:<6g} seed=0 loss={r['final_train_loss']:.5f} "
+                    f"err={r['final_test_error']:.4f} steps={r['steps']} active={r['active_fraction']:.2f}"
+                )
+                r.pop("model")
+                grid[method].append(r)
+        runs = {m: [min(grid[m], key=lambda r: r["final_train_loss"])] for m in methods}
+        for seed in range(1, seeds):
+            for method in methods:
+                r = paper_run(task, method, runs[method][0]["lr"], seed, budget, tmp)
+                log(
+                    f"  {method:12s} lr={r['lr']:<6g} seed={seed} loss={r['final_train_loss']:.5f} "
+                    f"err={r['final_test_error']:.4f} steps={r['steps']} active={r['active_fraction']:.2f}"
+                )
+                r.pop("model")
+                runs[method].append(r)
+    out: dict = {
+        "task": task["name"],
+        "settings": {**cfg, "budget_cpu_s": budget, "seeds": seeds, "optimizer": "SGD momentum 0.9, constant lr"},
+        "warm_start": warm_info,
+        "methods": {},
+    }
+    uniform_runs = runs["uniform"]
+    uniform_step = statistics.median(r["uniform_step_s"] for r in uniform_runs)
+    for method in methods:
+        m = {
+            "best_lr": runs[method][0]["lr"],
+            "grid": [{"lr": r["lr"], "final_train_loss": r["final_train_loss"]} for r in grid[method]],
+            "runs": runs[method],
+            "median_final_train_loss": statistics.median(r["final_train_loss"] for r in runs[method]),
+            "median_final_test_error": statistics.median(r["final_test_error"] for r in runs[method]),
+        }
+        # Per seed: the time to reach uniform's final training loss of the same seed, over uniform's.
+        ratios = []
+        for r, u in zip(runs[method], uniform_runs, strict=True):
+            target = u["final_train_loss"]
+            t, t_u = time_to_reach(r["curve"], target), time_to_reach(u["curve"], target)
+            ratios.append(t / t_u if (t is not None and t_u) else None)
+        m["time_ratio_per_seed"] = ratios
+        reached = [x for x in ratios if x is not None]
+        m["mean_time_ratio"] = statistics.fmean(reached) if len(reached) == len(ratios) else None
+        active = [r["active_step_s"] for r in runs[method] if r["active_step_s"] is not None]
+        m["active_step_cost_ratio"] = statistics.median(active) / uniform_step if active else None
+        m["mean_step_cost_ratio"] = statistics.fmean(
+            r["cpu_time"] / max(r["steps"], 1) for r in runs[method]
+        ) / statistics.fmean(r["cpu_time"] / max(r["steps"], 1) for r in uniform_runs)
+        m["active_fraction"] = statistics.fmean(r["active_fraction"] for r in runs[method])
+        rows = [r["mean_distinct_rows"] for r in runs[method] if r["mean_distinct_rows"] is not None]
+        m["mean_distinct_rows"] = statistics.fmean(rows) if rows else None
+        out["methods"][method] = m
+    return out
+
+
+def print_paper(res: dict) -> None:
+    print(f"\n{res['task']}: {res['settings']}")
+    print(
+        f"{'method':12s} {'lr':>6s} {'train loss':>10s} {'test err':>8s} {'t->unif final (per seed)':>26s} "
+        f"{'mean':>6s} {'active step':>11s} {'mean step':>9s} {'active':>6s} {'rows':>5s}"
+    )
+    for method, m in res["methods"].items():
+        per_seed = " ".join(f"{x:.2f}" if x is not None else "never" for x in m["time_ratio_per_seed"])
+        mean = f"{m['mean_time_ratio']:.2f}" if m["mean_time_ratio"] is not None else "-"
+        act = f"{m['active_step_cost_ratio']:.2f}x" if m["active_step_cost_ratio"] is not None else "-"
+        rows = f"{m['mean_distinct_rows']:.0f}" if m["mean_distinct_rows"] is not None else "-"
+        print(
+            f"{method:12s} {m['best_lr']:6g} {m['median_final_train_loss']:10.5f} {m['median_final_test_error']:8.4f} "
+            f"{per_seed:>26s} {mean:>6s} {act:>11s} {m['mean_step_cost_ratio']:8.2f}x {m['active_fraction']:6.2f} "
+            f"{rows:>5s}"
+        )
+
+
+def plot_paper(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    colors = {
+        "uniform": "tab:blue",
+        "importance": "tab:red",
+        "importance_eager": "tab:orange",
+        "constant_time": "tab:green",
+    }
+    for method, m in res["methods"].items():
+        for i, r in enumerate(m["runs"]):
+            t = [p["time"] for p in r["curve"]]
+            label = f"{method} (lr {m['best_lr']:g})" if i == 0 else None
+            axes[0].plot(t, [p["train_loss"] for p in r["curve"]], color=colors[method], lw=1.2, label=label)
+            axes[1].plot(t, [p["test_error"] for p in r["curve"]], color=colors[method], lw=1.2, label=label)
+            if method != "uniform":
+                axes[2].plot(t, [p["tau"] for p in r["curve"]], color=colors[method], lw=1.2, label=label)
+    axes[0].set_yscale("log")
+    for ax, name in zip(axes, ("training loss (10k)", "test error", "smoothed tau"), strict=True):
+        ax.set_xlabel("process CPU time (s)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(res["task"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized: small subsets, one seed, seconds")
+    parser.add_argument(
+        "--case",
+        choices=("paper", "short"),
+        default="paper",
+        help="paper: Fashion-MNIST 10k, MLP 784-512-512-10, SGD momentum, warm start, equal CPU-time budgets "
+        "(the main case); short: the short-budget tasks (--tasks)",
+    )
+    parser.add_argument("--budget", type=float, default=60.0, help="paper case: CPU seconds per arm")
+    parser.add_argument("--seeds", type=int, default=3, help="paper case: seeds at each arm's best learning rate")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="paper case: the learning-rate grid")
     parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "rotten_tomatoes"])
-    parser.add_argument("--out", type=Path, default=Path("results/bench_importance_sampling.json"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON report (default: results/bench_importance_sampling[_short].json)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--warm-start", type=float, default=0.0, help="seconds of uniform training every run starts from (0 = none)"
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args(argv)
-    methods = ("uniform", *[m for m in args.methods if m != "uniform"])  # uniform sets the target
     torch.set_num_threads(args.threads)
+    if args.case == "paper":
+        return main_paper(args)
+    methods = ("uniform", *[m for m in args.methods if m != "uniform"])  # uniform sets the target
+    if args.out is None:
+        args.out = Path("results/bench_importance_sampling_short.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     settings = {
@@ -533,6 +846,38 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("matplotlib is missing: no plot")
     print(f"\nthreads {torch.get_num_threads()}, torch {torch.__version__}, {cpu_model()}; wrote {args.out}")
+    return 0
+
+
+def main_paper(args: argparse.Namespace) -> int:
+    out = args.out or Path("results/bench_importance_sampling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    methods = ("uniform", "importance")
+    budget, seeds = (3.0, 1) if args.quick else (args.budget, args.seeds)
+    try:
+        task = paper_task(args.quick)
+    except AssetMissingError as err:
+        print(f"skipping the paper case: {str(err).splitlines()[0]}")
+        return 1
+    if args.lrs:
+        task["settings"] = {**task["settings"], "lrs": list(args.lrs)}
+    start = time.perf_counter()
+    res = bench_paper(task, methods, budget, seeds, print)
+    print_paper(res)
+    report = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "quick": args.quick,
+        "wall_s": time.perf_counter() - start,
+        "result": res,
+    }
+    out.write_text(json.dumps(report, indent=1, default=str))
+    try:
+        plot_paper(res, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is missing: no plot")
+    print(f"\nthreads {torch.get_num_threads()}, torch {torch.__version__}, {cpu_model()}; wrote {out}")
     return 0
 
 
