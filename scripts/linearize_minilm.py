@@ -14,6 +14,17 @@ Measured on text it did not train on, against the unpatched model: mean-pooled a
 at each ``--eval-lengths``, and on Rotten Tomatoes reviews packed into 256-token documents (another
 kind of text, with padding). Baseline: the naive swap to ``elu`` linear attention with no training.
 Prints a table and writes JSON (``results/linearize_minilm.json``).
+
+Measured (2 threads on a shared, loaded 2-core machine; 4,096 training tokens), pooled cosine to the
+unpatched model, held-out Hamlet at 256 / 512 tokens and packed reviews at 256:
+
+| run | Hamlet 256 | Hamlet 512 | reviews 256 | CPU s |
+|---|---|---|---|---|
+| naive elu swap | 0.403 | 0.527 | 0.345 | - |
+| transfer, 200 steps/layer, lr 1e-2 | 0.930 | 0.927 | 0.803 | 242 |
+| transfer 300 steps lr 2e-2 + 120 hidden-state distillation steps lr 3e-3 (dropout on) | 0.947 | 0.936 | 0.855 | 649 |
+
+The 0.95 target is not yet reached, and text unlike the training text (short reviews) stays further.
 """
 
 from __future__ import annotations
