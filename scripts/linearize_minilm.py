@@ -6,7 +6,7 @@
 
 Every one of the 6 attention layers becomes bidirectional linear attention with a learnable
 ``hedgehog`` feature map, fitted by attention transfer on full (non-causal) attention rows of the
-unchanged model's queries and keys, then (``--finetune-steps``) fine-tuned on the feature maps only
+unchanged model's queries and keys, then (``--finetune-steps``, default 120) fine-tuned on the feature maps only
 by distillation of the original ``last_hidden_state``. The model's own weights never change.
 
 Measured on text it did not train on, against the unpatched model: mean-pooled and token cosine of
@@ -14,6 +14,19 @@ Measured on text it did not train on, against the unpatched model: mean-pooled a
 at each ``--eval-lengths``, and on Rotten Tomatoes reviews packed into 256-token documents (another
 kind of text, with padding). Baseline: the naive swap to ``elu`` linear attention with no training.
 Prints a table and writes JSON (``results/linearize_minilm.json``).
+
+Measured (2 threads on a shared, loaded 2-core machine; 4,096 training tokens), pooled cosine to the
+unpatched model, held-out Hamlet at 256 / 512 tokens and packed reviews at 256:
+
+| run | Hamlet 256 | Hamlet 512 | reviews 256 | CPU s |
+|---|---|---|---|---|
+| naive elu swap | 0.403 | 0.527 | 0.345 | - |
+| transfer, 200 steps/layer, lr 1e-2 | 0.930 | 0.927 | 0.803 | 242 |
+| transfer 300 steps lr 2e-2 + 120 hidden-state distillation steps lr 3e-3, dropout on | 0.947 | 0.936 | 0.855 | 649 |
+| the same, no dropout in the distillation (the defaults) | 0.950 | 0.938 | 0.852 | 616 |
+
+So 0.95 is reached on held-out Hamlet at 256 tokens only: not at 512, and text unlike the training
+text (short reviews packed into documents) stays well below (0.85). Token cosine: 0.92 / 0.90 / 0.86.
 """
 
 from __future__ import annotations
@@ -63,12 +76,12 @@ def main(argv=None) -> int:
                         help="held-out windows start this many tokens into the play (training uses the start)")
     parser.add_argument("--review-docs", type=non_negative_int, default=16,
                         help="held-out 256-token documents of packed Rotten Tomatoes reviews (0: skip)")
-    parser.add_argument("--transfer-steps", type=non_negative_int, default=200)
-    parser.add_argument("--transfer-lr", type=float, default=1e-2)
+    parser.add_argument("--transfer-steps", type=non_negative_int, default=300)
+    parser.add_argument("--transfer-lr", type=float, default=2e-2)
     parser.add_argument("--feature-dim", type=positive_int, default=None,
                         help="hedgehog features per sign (default: the head dim)")
-    parser.add_argument("--finetune-steps", type=non_negative_int, default=0)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--finetune-steps", type=non_negative_int, default=120)
+    parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--finetune-params", default="feature_maps", choices=["feature_maps", "feature_maps+qk"])
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -478,7 +478,9 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
             for p in trainable_before:  # no weight gradients for what does not train: faster, less memory
                 if id(p) not in trainable:
                     p.requires_grad_(False)
-        student.train()
+        # Dropout only where whole weights train: fitting feature maps to a frozen model's own output
+        # is cleanest without it (the teacher ran without dropout too).
+        student.train(config.finetune_params in ("all", "lora"))
         optimizer = torch.optim.AdamW(params, lr=config.finetune_lr, weight_decay=0.0)
         try:
             for step in range(config.finetune_steps):

@@ -330,3 +330,19 @@ def test_encoder_distillation_on_hidden_states():
     for name, p in model.named_parameters():
         if name in before:
             assert torch.equal(p, before[name]), name
+
+
+def test_feature_map_finetune_runs_the_frozen_model_without_dropout():
+    # The teacher ran in eval mode; fitting feature maps against a student with dropout would fit noise.
+    # With a learning rate too small to move anything, two steps on the same window give the same loss.
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.9)
+    model = transformers.BertModel(config).eval()
+    log = LinearizeConfig(transfer_steps=1, finetune_steps=2, finetune_lr=1e-12)
+    linearize(model, [torch.randint(0, 48, (1, 16), generator=torch.Generator().manual_seed(4))], log)
+    first, second = [e["loss"] for e in log.log if "finetune_step" in e]
+    assert second == pytest.approx(first, rel=1e-5)
+    assert not model.training
