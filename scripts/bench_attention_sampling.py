@@ -31,7 +31,8 @@ time and the model step (forward + backward, batch 1), sizes interleaved, one th
 ``--repeats``; and, in a fresh subprocess per size, the peak resident memory beyond the loaded image
 (``VmHWM`` during processor + step minus ``VmRSS`` once the image is loaded, the model built and the
 code warmed on a small image), compared with the image's own uint8 size. ``--tiff-side 32768`` adds
-one run on an uncompressed pyramidal RGB TIFF of that side written to a temporary folder (tifffile).
+one run on a pyramidal RGB TIFF of that side written to a temporary folder (tifffile): zlib-compressed
+256 x 256 tiles by default, or uncompressed strips with ``--tiff-kind strips``.
 Writes ``results/bench_attention_sampling_pipeline.json``.
 """
 
@@ -301,27 +302,39 @@ def pipeline_child(side: int) -> None:
     print(json.dumps({"beyond_image_mib": growth, "image_mib": image.nbytes / 2**20, "peak_mib": peak / 1024}))
 
 
-def write_pyramidal_tiff(path: Path, side: int, smallest: int = 256) -> None:
-    """An uncompressed RGB TIFF of ``side x side`` in strips of 64 rows, with halving levels down to ``smallest``.
+def write_pyramidal_tiff(path: Path, side: int, kind: str = "tiled", smallest: int = 256) -> None:
+    """An RGB TIFF of ``side x side`` with halving levels down to ``smallest``.
 
-    Level 0 is written in bands of 1,024 rows, so writing it never holds the image in memory.
+    ``kind="tiled"``: 256 x 256 tiles, zlib-compressed (as whole-slide images are stored), read tile
+    by tile; ``"strips"``: uncompressed strips of 64 rows, memory-mapped. Level 0 is written tile by
+    tile or band by band, so writing it never holds the image in memory.
     """
     import numpy as np
     import tifffile
 
     rng = np.random.default_rng(side)
     levels = max(0, (side // smallest).bit_length() - 1)
+    tile = 256
+
+    def tiles():
+        for _ in range((side // tile) ** 2):
+            yield rng.integers(0, 256, (tile, tile, 3), dtype=np.uint8)
 
     def bands():
         for row in range(0, side, 1024):
             yield rng.integers(0, 256, (min(1024, side - row), side, 3), dtype=np.uint8)
 
+    layout = dict(tile=(tile, tile), compression="zlib", compressionargs={"level": 1}) if kind == "tiled" else {}
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(bands(), shape=(side, side, 3), dtype=np.uint8, photometric="rgb", subifds=levels,
-                  rowsperstrip=64)
+        if kind == "tiled":
+            tif.write(tiles(), shape=(side, side, 3), dtype=np.uint8, photometric="rgb", subifds=levels, **layout)
+        else:
+            tif.write(bands(), shape=(side, side, 3), dtype=np.uint8, photometric="rgb", subifds=levels,
+                      rowsperstrip=64)
         for k in range(1, levels + 1):
             level = side >> k
-            tif.write(rng.integers(0, 256, (level, level, 3), dtype=np.uint8), photometric="rgb", subfiletype=1)
+            tif.write(rng.integers(0, 256, (level, level, 3), dtype=np.uint8), photometric="rgb", subfiletype=1,
+                      **(layout if level >= tile else {}))
 
 
 def tiff_child(path: str) -> None:
@@ -343,23 +356,25 @@ def tiff_child(path: str) -> None:
     print(json.dumps({"beyond_start_mib": growth, "processor_cpu_seconds": cpu, "step_seconds": wall}))
 
 
-def run_tiff(side: int) -> dict:
+def run_tiff(side: int, kind: str) -> dict:
     """Processor + step on a pyramidal TIFF of ``side`` on disk (written to a temporary folder, then deleted)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"rgb_{side}.tif"
-        write_pyramidal_tiff(path, side)
+        write_pyramidal_tiff(path, side, kind)
         cmd = [sys.executable, __file__, "--tiff-child", str(path)]
         row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-        row.update(side=side, file_mib=path.stat().st_size / 2**20)
-    print(f"TIFF {side}x{side} RGB on disk ({row['file_mib']:.0f} MiB, uncompressed, pyramid): processor CPU "
+        row.update(side=side, kind=kind, file_mib=path.stat().st_size / 2**20)
+    layout = "zlib tiles" if kind == "tiled" else "uncompressed strips"
+    print(f"TIFF {side}x{side} RGB on disk ({row['file_mib']:.0f} MiB, {layout}, pyramid): processor CPU "
           f"{row['processor_cpu_seconds']:.3f} s, step {row['step_seconds']:.4f} s, peak memory beyond the start "
           f"{_fmt(row['beyond_start_mib'], '.1f')} MiB (one run)")
     return row
 
 
-def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | None = None) -> None:
+def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | None = None,
+                 tiff_kind: str = "tiled") -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     _, processor, step = _pipeline_parts()
@@ -400,7 +415,7 @@ def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | 
         print(f"{side:>6} {row['processor_cpu_seconds']:>10.3f} {row['step_seconds']:>8.4f} "
               f"{row['step_over_smallest']:>7.2f} {row['image_mib']:>9.1f} {_fmt(row['beyond_image_mib'], '>10.1f')} "
               f"{_fmt(row['beyond_over_image'], '>7.2f')}", flush=True)
-    tiff = run_tiff(tiff_side) if tiff_side else None
+    tiff = run_tiff(tiff_side, tiff_kind) if tiff_side else None
     by_side = {r["side"]: r for r in rows}
     targets = {}
     if 512 in by_side and 8192 in by_side:
@@ -421,7 +436,7 @@ def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | 
         "tiff": tiff,
         "targets": targets,
         "definitions": {
-            "tiff": "one run in a fresh process on an uncompressed pyramidal RGB TIFF on disk: processor CPU, step, "
+            "tiff": "one run in a fresh process on a pyramidal RGB TIFF on disk: processor CPU, step, "
             "peak resident memory beyond the process before the call (memory-mapped pages touched included)",
             "processor_cpu_seconds": "median CPU time (process_time) of AttentionSamplingImageProcessor() on one "
             "uint8 (side, side, 3) array, sizes interleaved",
@@ -454,6 +469,8 @@ def main() -> None:
     parser.add_argument("--pipeline-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tiff-side", type=int, default=None,
                         help="with --pipeline: also a pyramidal TIFF of this side on disk (needs tifffile)")
+    parser.add_argument("--tiff-kind", choices=("tiled", "strips"), default="tiled",
+                        help="zlib-compressed 256x256 tiles (read tile by tile) or uncompressed strips (memory-mapped)")
     parser.add_argument("--tiff-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -470,7 +487,7 @@ def main() -> None:
     if args.pipeline:
         sizes = [512, 2048] if args.quick else [512, 4096, 8192]
         output = args.output.with_name("bench_attention_sampling_pipeline.json")
-        run_pipeline(sizes, args.repeats, output, args.tiff_side)
+        run_pipeline(sizes, args.repeats, output, args.tiff_side, args.tiff_kind)
         return
     if args.quick:
         args.sizes = [512, 1024]

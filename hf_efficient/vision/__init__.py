@@ -7,7 +7,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submodules=["attention_sampling"],
     submod_attrs={
         "attention_sampling": ["AttentionSamplingConfig", "AttentionSamplingForImageClassification",
-                               "AttentionSamplingImageProcessor", "AttentionSamplingOutput"],
+                               "AttentionSamplingImageProcessor", "AttentionSamplingOutput", "TiledTiffReader"],
         "megamnist": ["make_megamnist"],
     },
 )

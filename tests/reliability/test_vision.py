@@ -444,3 +444,17 @@ def test_tiled_compressed_pyramidal_tiff_is_read_tile_by_tile_with_the_same_patc
         assert torch.equal(lazy.patch_top_left, eager.patch_top_left)
         assert torch.equal(lazy.patches, eager.patches)
         torch.testing.assert_close(lazy.logits, eager.logits)
+
+
+def test_a_processor_saved_before_the_fixed_size_default_keeps_its_scale(tmp_path):
+    import json
+
+    from transformers import AutoImageProcessor
+
+    old = {"image_processor_type": "AttentionSamplingImageProcessor", "low_res_scale": 0.25, "low_res_size": None,
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": 0.5, "image_std": 0.5}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(old))
+    AttentionSamplingConfig(num_channels=1).save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    enc = loaded(np.zeros((64, 48), np.uint8))
+    assert enc["low_res_pixel_values"].shape == (1, 1, 16, 12)  # the saved scale, not the 128 x 128 default

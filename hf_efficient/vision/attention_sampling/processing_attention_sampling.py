@@ -524,9 +524,9 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         elif not isinstance(images, Sequence) or len(images) == 0:
             raise ValueError(f"{_NAME}: expected an image or a non-empty list of images, got {type(images).__name__}")
 
-        full, factors, pyramids = [], [], []
+        full, factors, lazy = [], [], []
         for i, raw in enumerate(images):
-            tensor, decoded_layout, pyramid = _as_tensor(raw, i, do_convert_rgb)
+            tensor, decoded_layout, tiff_parts = _as_tensor(raw, i, do_convert_rgb)
             tensor, factor = _canonical_dtype(tensor, i)
             image = _to_chw(tensor, i, decoded_layout or layout)
             if do_convert_rgb and image.shape[0] == 1:
@@ -539,7 +539,7 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
                 )
             full.append(image)
             factors.append(factor)
-            pyramids.append(pyramid)
+            lazy.append(tiff_parts)  # (pyramid, tile reader) of a TIFF file, else None
         channels = {t.shape[0] for t in full}
         if len(channels) != 1:
             raise ValueError(
@@ -557,7 +557,7 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
         for k, image in enumerate(full):
             h, w = image.shape[-2:]
             low_hw = self._low_res_shape(h, w, size, scale, low_size, do_resize)
-            pyramid, reader = pyramids[k] if pyramids[k] is not None else (None, None)
+            pyramid, reader = lazy[k] if lazy[k] is not None else (None, None)
             level = pyramid.level_for(*low_hw) if pyramid is not None else None
             if level is None and reader is not None:  # no smaller level will do: level 0 is read whole
                 level = _to_chw(_canonical_dtype(torch.from_numpy(reader.read_all()), k)[0], k,
@@ -573,7 +573,7 @@ class AttentionSamplingImageProcessor(BaseImageProcessor):
             padded = low_res.new_zeros(low_res.shape[0], c, size["height"], size["width"])
             padded[:, :, : low_res.shape[-2], : low_res.shape[-1]] = low_res
             low_res = padded
-        readers = [p[1] if p is not None else None for p in pyramids]
+        readers = [parts[1] if parts is not None else None for parts in lazy]
         if any(r is not None for r in readers):
             # tile-read images: pixel_values is a zero-stride stand-in of the batch's shape, and the model
             # reads the sampled patches of every image through pixel_readers
