@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import hf_efficient
+from hf_efficient.arguments import positive_int
 from hf_efficient.attention import attention_kind_names, get_attention_kind
-from hf_efficient.cli import positive_int
 
 B, H, D = 1, 8, 64
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -39,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .arguments import non_negative_float, non_negative_int, positive_int
+
 __all__ = ["main", "non_negative_int", "positive_int"]
 
 EXIT_OK, EXIT_USAGE, EXIT_HUB = 0, 2, 3
@@ -49,37 +50,6 @@ TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "vocab.t
 
 
 # --------------------------------------------------------------------------- argument types
-def _int(text: str, least: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (counts, lengths, repeats, threads)."""
-    return _int(text, 1, "a positive integer (>= 1)")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int(text, 0, "an integer >= 0")
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
 def _field_parser(hint: Any) -> Callable[[str], Any]:
     """An argparse type for a parameter annotated ``hint`` (``int``, ``float | None``, ``str`` ...).
 

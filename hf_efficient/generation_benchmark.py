@@ -35,8 +35,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_efficient import LinearAttentionCache, LinearLMConfig, LinearLMForCausalLM
+from hf_efficient.arguments import non_negative_int, positive_int
 from hf_efficient.benchmarking import machine_info
-from hf_efficient.cli import non_negative_int, positive_int
 
 
 def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):

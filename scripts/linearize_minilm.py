@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from hf_efficient.arguments import non_negative_int, positive_int
 from hf_efficient.assets import load_rotten_tomatoes, minilm_path
 from hf_efficient.benchmarking import machine_info
-from hf_efficient.cli import non_negative_int, positive_int
 from hf_efficient.evaluation import hamlet_windows, pack_reviews
 from hf_efficient.integrations import patch_model
 from hf_efficient.training.linearize import LinearizeConfig, linearize
