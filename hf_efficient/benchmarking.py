@@ -103,6 +103,19 @@ def matmul_gflops(repeats: int = 5) -> float:
     return 2 * 2048**3 / statistics.median(ts) / 1e9
 
 
+def read_bandwidth_gbs(repeats: int = 5, megabytes: int = 256) -> float:
+    """This machine's memory read bandwidth as torch sees it (GB/s): the best of ``repeats`` sums over a
+    float32 tensor far larger than the caches. The floor of a decoding step is its weight bytes over it."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    ts = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - start)
+    return x.numel() * 4 / min(ts) / 1e9
+
+
 def linear_flops(n: int, causal: bool, backward: bool, chunk: int = 64) -> float:
     """Multiply-add FLOPs of the linear kind's algorithm (m = D features, e = D + 1 columns)."""
     m, e = D, D + 1
