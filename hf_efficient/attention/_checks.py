@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -63,3 +65,22 @@ def check_padding_mask(mask: torch.Tensor | None, batch: int, seq: int, name: st
             )
         return mask.bool()
     raise ValueError(f"{name}: {what} has dtype {mask.dtype}; accepted: bool or 0/1 integer/float")
+
+
+def check_scale(scale, name: str) -> float | None:
+    """A softmax scale must be a finite positive number (or None for the default ``d ** -0.5``); NaN,
+    inf, 0 and negative values would give NaN or reversed attention silently. Returns it as a float."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name}: scale must be a finite positive number or None (the default d ** -0.5), "
+                         f"got {scale!r}")
+    return float(scale)
+
+
+def check_window(window, name: str) -> int:
+    """A sliding window must be an int >= 1 (keys within that many positions, the query's own included)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{name}: window must be a positive int (keys within that many positions are attended), "
+                         f"got {window!r}")
+    return window

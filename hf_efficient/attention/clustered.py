@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_padding_mask, check_qkv
+from ._checks import check_padding_mask, check_qkv, check_scale
 from .hashing import (
     MAX_BITS,
     draw_hyperplanes,
@@ -83,13 +83,6 @@ def _check_knobs(name, clusters, bits, iterations, seed, topk=None):
         _check_int(topk, name, "topk", 1)
     if seed is not None:
         _check_int(seed, name, "seed", 0)
-
-
-def _check_scale(scale, name: str) -> None:
-    if scale is None:
-        return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < float("inf")):
-        raise ValueError(f"{name}: scale must be a positive finite number or None, got {scale!r}")
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -215,7 +208,7 @@ def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_
     """
     check_qkv(q, k, v, name)
     _check_knobs(name, clusters, bits, iterations, seed, topk)
-    _check_scale(scale, name)
+    check_scale(scale, name)
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     if n_k == 0 and n_q > 0:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_padding_mask, check_qkv
+from ._checks import check_padding_mask, check_qkv, check_scale
 from .feature_maps import (
     FEATURE_MAPS,
     EluFeatureMap,
@@ -407,17 +407,6 @@ def _with_ones(v: torch.Tensor) -> torch.Tensor:
 def _check_eps(eps: float, name: str) -> None:
     if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"{name}: eps must be a finite positive number, got {eps!r}")
-
-
-def check_scale(scale, name: str) -> float | None:
-    """A softmax scale must be a finite positive number (or None for the default); NaN, inf, 0 and
-    negative values would give NaN or reversed attention silently."""
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{name}: scale must be a finite positive number or None (the default d ** -0.5), "
-                         f"got {scale!r}")
-    return float(scale)
 
 
 def _check_chunk(chunk_size, name: str) -> None:

@@ -16,14 +16,13 @@ A query that sees no real key (all padded) gets a zero output, as in the other k
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_padding_mask, check_qkv
+from ._checks import check_padding_mask, check_qkv, check_scale, check_window
 from .feature_maps import _compute_dtype
 from .registry import AttentionKind, register_attention_kind
 
@@ -39,20 +38,6 @@ class LocalState(NamedTuple):
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
-
-
-def _check_window(window, name: str) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"{name}: window must be a positive int (keys within that distance are attended), "
-                         f"got {window!r}")
-    return window
-
-
-def _check_scale(scale, name: str) -> None:
-    if scale is None:
-        return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
-        raise ValueError(f"{name}: scale must be a positive finite number or None, got {scale!r}")
 
 
 def _allowed(i: torch.Tensor, j: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
@@ -125,8 +110,8 @@ def local_attention(
         ``(batch, heads, n, d_v)`` in q's dtype (and the new state if ``return_state``).
     """
     check_qkv(q, k, v, _NAME)
-    _check_window(window, _NAME)
-    _check_scale(scale, _NAME)
+    check_window(window, _NAME)
+    check_scale(scale, _NAME)
     b, h, n, d = q.shape
     if k.shape[2] != n:
         raise ValueError(f"{_NAME}: needs as many queries as keys (self-attention), got {n} and {k.shape[2]}")
@@ -199,7 +184,7 @@ class LocalAttentionParams:
     window: int = 128
 
     def __post_init__(self) -> None:
-        _check_window(self.window, "LocalAttentionParams")
+        check_window(self.window, "LocalAttentionParams")
 
 
 def _forward(q, k, v, params: LocalAttentionParams, *, causal=False, key_padding_mask=None, query_padding_mask=None,

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_padding_mask, check_qkv
+from ._checks import check_padding_mask, check_qkv, check_scale, check_window
 from .feature_maps import FEATURE_MAPS, _compute_dtype, resolve_feature_maps
 
 # causal_linear_chunked: what remote code (shipped without compiled kernels) runs instead of the dispatcher.
@@ -37,7 +37,6 @@ from .linear import (  # noqa: F401
     _check_state,
     _with_ones,
     causal_linear_chunked,
-    check_scale,
 )
 from .registry import AttentionKind, register_attention_kind
 
@@ -75,12 +74,6 @@ class WindowLinearState(NamedTuple):
     def nbytes(self) -> int:
         linear = self.linear.nbytes() if self.linear is not None else 0
         return linear + sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.mask))
-
-
-def _check_window(window, name: str) -> int:
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"{name}: window must be a positive int (number of recent keys under softmax), got {window!r}")
-    return window
 
 
 def _window_exp(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -155,7 +148,7 @@ def window_linear_attention(
     check_qkv(q, k, v, _NAME)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{_NAME}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
-    _check_window(window, _NAME)
+    check_window(window, _NAME)
     _check_eps(eps, _NAME)
     scale = check_scale(scale, _NAME)
     if isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
@@ -278,7 +271,7 @@ def window_linear_weights(
 
     q, k: ``(batch, heads, n, d)``. Differentiable in the feature map's parameters (attention transfer).
     """
-    _check_window(window, "window_linear_weights")
+    check_window(window, "window_linear_weights")
     b, h, n, d = q.shape
     if k.shape != q.shape:
         raise ValueError(f"window_linear_weights: q and k must have the same shape, got {tuple(q.shape)}, "
@@ -335,7 +328,7 @@ class WindowLinearParams:
     chunk_size: int = 64
 
     def __post_init__(self) -> None:
-        _check_window(self.window, "WindowLinearParams")
+        check_window(self.window, "WindowLinearParams")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {self.feature_map!r}; accepted: {', '.join(sorted(FEATURE_MAPS))}")
         _check_eps(self.eps, "WindowLinearParams")
