@@ -1,12 +1,14 @@
-"""The one place that decides which implementation of a kernel op runs.
+"""The one place that decides whether a compiled kernel runs: each ``*_kernel`` function checks its
+inputs and returns the kernel call, ready to run, or None, in which case the caller runs its PyTorch
+path. The PyTorch paths live only in :mod:`hf_efficient.attention` (``hf_efficient.kernels`` offers
+both together); this package imports nothing of ``hf_efficient``.
 
 Order of precedence: the per-call ``implementation=`` argument, then the ``HF_EFFICIENT_KERNELS``
 environment variable, then automatic choice. Accepted values for both:
 
 * ``"auto"`` (default): the compiled kernel when it exists for the tensors' device and dtype and can
-  be built/imported here, otherwise the PyTorch reference;
-* ``"reference"``: always the PyTorch reference (``causal_linear_chunked``; for the clustered ops, the
-  PyTorch code of ``hf_efficient.attention.clustered`` / ``hashing``);
+  be built/imported here, otherwise None (the PyTorch path);
+* ``"reference"``: always None;
 * ``"kernel"``: the compiled kernel, raising a ``RuntimeError`` that says why if it is unavailable.
 
 :func:`available` reports what this machine can run, and why not.
@@ -16,23 +18,25 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
 __all__ = [
     "CLUSTERED_OPS",
     "ENV_VAR",
+    "FUSED_FEATURE_MAPS",
     "IMPLEMENTATIONS",
     "available",
-    "FUSED_FEATURE_MAPS",
-    "causal_linear",
-    "causal_linear_feature_map",
-    "causal_linear_normalized",
-    "centroid_topk",
-    "cluster_broadcast",
-    "cluster_mean",
-    "clustered_topk",
-    "hamming_kmeans",
+    "causal_linear_feature_map_kernel",
+    "causal_linear_kernel",
+    "causal_linear_normalized_kernel",
+    "centroid_topk_kernel",
+    "cluster_broadcast_kernel",
+    "cluster_mean_kernel",
+    "clustered_topk_kernel",
+    "hamming_kmeans_kernel",
     "select_clustered_implementation",
     "select_implementation",
 ]
@@ -99,7 +103,7 @@ def available(build: bool = True) -> dict:
 
 
 def select_implementation(phi_q: torch.Tensor, implementation: str | None = None) -> str:
-    """``"kernel"`` or ``"reference"``: what :func:`causal_linear` would run for this input."""
+    """``"kernel"`` or ``"reference"``: what causal linear attention runs for this input."""
     wanted = _requested(implementation)
     if wanted == "reference":
         return "reference"
@@ -121,139 +125,127 @@ def select_implementation(phi_q: torch.Tensor, implementation: str | None = None
     return "reference"
 
 
-def causal_linear(
+def causal_linear_kernel(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
     v: torch.Tensor,
-    chunk_size: int = 64,
     initial: torch.Tensor | None = None,
     *,
     implementation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal linear attention on features, through the fastest available implementation.
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The compiled causal linear attention for these inputs, ready to run, or None for the PyTorch path.
 
-    Same contract as ``hf_efficient.attention.linear.causal_linear_chunked``: ``y_i = sum_{j <= i}
-    (phi_q_i . phi_k_j) v_j`` (plus ``phi_q_i^T initial``).
+    The kernel computes ``y_i = sum_{j <= i} (phi_q_i . phi_k_j) v_j`` (plus ``phi_q_i^T initial``), the
+    contract of ``hf_efficient.attention.linear.causal_linear_chunked``, which is what runs on None.
 
     Args:
         phi_q, phi_k: ``(batch, heads, n, m)`` features.
         v: ``(batch, heads, n, e)``.
-        chunk_size: chunk length (the reference's block size; the kernel picks its own blocking).
         initial: optional ``(batch, heads, m, e)`` state of earlier tokens.
         implementation: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
 
     Returns:
-        y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``.
+        A call without arguments giving y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``,
+        or None. The inputs are checked whichever path runs.
     """
     _check(phi_q, phi_k, v, initial, extra_cols=0)
-    if select_implementation(phi_q, implementation) == "kernel":
-        from .ops import causal_linear_op
+    if select_implementation(phi_q, implementation) != "kernel":
+        return None
+    from .ops import causal_linear_op
 
-        if initial is not None:
-            initial = initial.to(phi_q.dtype)
-        return causal_linear_op(phi_q, phi_k, v, initial)
-    from hf_efficient.attention.linear import causal_linear_chunked
-
-    return causal_linear_chunked(phi_q, phi_k, v, chunk_size, initial)
+    return partial(causal_linear_op, phi_q, phi_k, v, None if initial is None else initial.to(phi_q.dtype))
 
 
-def causal_linear_normalized(
+def causal_linear_normalized_kernel(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
     v: torch.Tensor,
     eps: float = 1e-6,
     initial: torch.Tensor | None = None,
-    chunk_size: int = 64,
     *,
     implementation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal linear attention with its normaliser: ``out_i = num_i / (den_i + eps)``.
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The compiled causal linear attention with its normaliser fused, ready to run, or None.
 
-    ``num_i = sum_{j <= i} (phi_q_i . phi_k_j) v_j``, ``den_i = sum_{j <= i} phi_q_i . phi_k_j``. The kernel
-    fuses the normaliser (no ``(batch, heads, n, d_v + 1)`` tensor, no separate division pass); the
-    reference appends a column of ones to v and divides afterwards.
+    ``out_i = num_i / (den_i + eps)`` with ``num_i = sum_{j <= i} (phi_q_i . phi_k_j) v_j`` and ``den_i =
+    sum_{j <= i} phi_q_i . phi_k_j``, without a ``(batch, heads, n, d_v + 1)`` tensor or a division pass. On
+    None, ``hf_efficient.attention.linear.causal_linear_normalized_reference`` runs.
 
     Args:
         phi_q, phi_k: ``(batch, heads, n, m)`` features.
         v: ``(batch, heads, n, d_v)``.
         eps: added to the denominator.
         initial: optional packed ``(batch, heads, m, d_v + 1)`` state (k_sum as the last column).
-        chunk_size, implementation: as in :func:`causal_linear`.
+        implementation: as in :func:`causal_linear_kernel`.
 
     Returns:
-        out ``(batch, heads, n, d_v)`` in v's dtype and the final packed state ``(batch, heads, m, d_v + 1)``.
+        A call without arguments giving out ``(batch, heads, n, d_v)`` and the final packed state
+        ``(batch, heads, m, d_v + 1)``, or None.
     """
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"causal_linear_normalized: eps must be a positive number, got {eps!r}")
     _check(phi_q, phi_k, v, initial, extra_cols=1, name="causal_linear_normalized")
-    if select_implementation(phi_q, implementation) == "kernel":
-        from .ops import causal_linear_normalized_op
+    if select_implementation(phi_q, implementation) != "kernel":
+        return None
+    from .ops import causal_linear_normalized_op
 
-        if initial is not None:
-            initial = initial.to(phi_q.dtype)
-        out, state, _ = causal_linear_normalized_op(phi_q, phi_k, v, initial, float(eps))
-        return out, state
-    from hf_efficient.attention.linear import causal_linear_normalized_reference
-
-    return causal_linear_normalized_reference(phi_q, phi_k, v, eps, initial, chunk_size)
+    initial = None if initial is None else initial.to(phi_q.dtype)
+    return lambda: causal_linear_normalized_op(phi_q, phi_k, v, initial, float(eps))[:2]
 
 
 FUSED_FEATURE_MAPS = ("elu", "relu")
 
 
-def causal_linear_feature_map(
+def causal_linear_feature_map_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     feature_map: str,
     eps: float = 1e-6,
     initial: torch.Tensor | None = None,
-    chunk_size: int = 64,
     key_mask: torch.Tensor | None = None,
     *,
     implementation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal normalised linear attention with a built-in feature map (``elu``: elu(x) + 1, or ``relu``).
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The CPU kernel that applies a built-in feature map (``elu``: elu(x) + 1, or ``relu``) to each chunk
+    itself, ready to run, or None (other devices, or the PyTorch path asked for).
 
-    On the CPU kernel the map is applied to each chunk inside the kernel (no full-size phi(q), phi(k) in
-    the forward; the backward recomputes them); elsewhere the features are computed in PyTorch (float32,
-    float64 stays float64) and go through :func:`causal_linear_normalized`.
+    No full-size phi(q), phi(k) in the forward (the backward recomputes them). On None the caller computes
+    the features and runs the normalised causal product (:func:`causal_linear_normalized_kernel` or its
+    PyTorch reference).
 
     Args:
         q, k: ``(batch, heads, n, d)`` raw queries and keys; v: ``(batch, heads, n, d_v)``.
         feature_map: one of :data:`FUSED_FEATURE_MAPS`.
-        eps, initial, chunk_size, implementation: as in :func:`causal_linear_normalized`; initial is the
-            packed ``(batch, heads, d, d_v + 1)`` state.
+        eps: added to the denominator; initial: packed ``(batch, heads, d, d_v + 1)`` state.
         key_mask: optional ``(batch, n)`` bool, False = padded key (it adds nothing to any sum).
+        implementation: as in :func:`causal_linear_kernel`.
 
     Returns:
-        out ``(batch, heads, n, d_v)`` in float32 (float64 for float64 inputs) and the final packed state.
+        A call without arguments giving out ``(batch, heads, n, d_v)`` in float32 (float64 for float64
+        inputs) and the final packed state, or None.
     """
+    name = "causal_linear_feature_map"
     if feature_map not in FUSED_FEATURE_MAPS:
-        raise ValueError(f"causal_linear_feature_map: feature_map must be one of {FUSED_FEATURE_MAPS}, "
-                         f"got {feature_map!r}")
+        raise ValueError(f"{name}: feature_map must be one of {FUSED_FEATURE_MAPS}, got {feature_map!r}")
     if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"causal_linear_feature_map: eps must be a positive number, got {eps!r}")
+        raise ValueError(f"{name}: eps must be a positive number, got {eps!r}")
+    _check(q, k, v, initial, extra_cols=1, name=name, same_dtype=False)
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], q.shape[2])):
+        raise ValueError(f"{name}: key_mask must be a (batch, n) bool tensor, got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
+    if q.device.type != "cpu" or select_implementation(q, implementation) != "kernel":
+        return None
+    from .ops import FUSED_FEATURES, causal_linear_fused_op
+
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    if initial is not None:
-        initial = initial.to(acc)
-    _check(q, k, v, initial, extra_cols=1, name="causal_linear_feature_map")
-    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], q.shape[2])):
-        raise ValueError(f"causal_linear_feature_map: key_mask must be a (batch, n) bool tensor, got "
-                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
-    if q.device.type == "cpu" and select_implementation(q, implementation) == "kernel":
-        from .ops import FUSED_FEATURES, causal_linear_fused_op
-
-        out, state, _ = causal_linear_fused_op(q, k, v, initial, float(eps), FUSED_CHUNK, FUSED_FEATURES[feature_map],
-                                               key_mask)
-        return out, state
-    phi = (lambda x: torch.nn.functional.elu(x) + 1.0) if feature_map == "elu" else torch.relu
-    phi_k = phi(k) if key_mask is None else phi(k) * key_mask[:, None, :, None].to(k.dtype)
-    return causal_linear_normalized(phi(q), phi_k, v, eps, initial, chunk_size, implementation=implementation)
+    initial = None if initial is None else initial.to(acc)
+    return lambda: causal_linear_fused_op(q, k, v, initial, float(eps), FUSED_CHUNK, FUSED_FEATURES[feature_map],
+                                          key_mask)[:2]
 
 
-def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear") -> None:
+def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear", same_dtype: bool = True) -> None:
     """Shapes, dtypes and types; the state has v's columns plus ``extra_cols`` (the fused normaliser)."""
     for label, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -265,7 +257,7 @@ def _check(phi_q, phi_k, v, initial, extra_cols: int, name: str = "causal_linear
             f"{name}: expected phi_q, phi_k (batch, heads, n, m) and v (batch, heads, n, e), got "
             f"{tuple(phi_q.shape)}, {tuple(phi_k.shape)}, {tuple(v.shape)}"
         )
-    if not (phi_q.dtype == phi_k.dtype == v.dtype):
+    if same_dtype and not (phi_q.dtype == phi_k.dtype == v.dtype):
         raise ValueError(
             f"{name}: phi_q, phi_k, v must share a dtype, got {phi_q.dtype}, {phi_k.dtype}, {v.dtype}"
         )
@@ -348,13 +340,13 @@ def _check_assign(x: torch.Tensor, assign: torch.Tensor, name: str) -> None:
                          f"{tuple(assign.shape)} for x {tuple(x.shape)}")
 
 
-def hamming_kmeans(
+def hamming_kmeans_kernel(
     bits: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int, *, implementation: str | None = None
-) -> torch.Tensor:
-    """Hamming k-means of ``hf_efficient.attention.hashing.hamming_kmeans`` through the fastest implementation.
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled Hamming k-means, ready to run, or None for ``hf_efficient.attention.hashing.hamming_kmeans``.
 
     The CPU kernel packs the codes into 64-bit words and uses popcounts, the Triton kernel (CUDA) scores +-1
-    signs with ``tl.dot``; the assignment is identical to the reference's (same start, ties to the lowest
+    signs with ``tl.dot``; the assignment is identical to the PyTorch one's (same start, ties to the lowest
     cluster, majority ties to 0, empty clusters kept).
 
     Args:
@@ -362,7 +354,7 @@ def hamming_kmeans(
         implementation: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
 
     Returns:
-        int64 ``(s, n)`` in ``[0, clusters)``, -1 for padded queries.
+        A call without arguments giving int64 ``(s, n)`` in ``[0, clusters)``, -1 for padded queries; or None.
     """
     name = "hamming_kmeans"
     _tensor(bits, name, "bits", 3, torch.bool)
@@ -372,23 +364,21 @@ def hamming_kmeans(
     for label, value, low in (("clusters", clusters, 1), ("iterations", iterations, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: {label} must be an int >= {low}, got {value!r}")
-    if select_clustered_implementation(bits, name, implementation) == "kernel":
-        if bits.device.type == "cuda":
-            from .triton.clustered import triton_hamming_kmeans
+    if select_clustered_implementation(bits, name, implementation) != "kernel":
+        return None
+    if bits.device.type == "cuda":
+        from .triton.clustered import triton_hamming_kmeans
 
-            return triton_hamming_kmeans(bits, valid, clusters, iterations)
-        from .ops import hamming_kmeans_op
+        return partial(triton_hamming_kmeans, bits, valid, clusters, iterations)
+    from .ops import hamming_kmeans_op
 
-        return hamming_kmeans_op(bits, valid, clusters, iterations)
-    from hf_efficient.attention.hashing import hamming_kmeans as reference
-
-    return reference(bits, valid, clusters, iterations)
+    return partial(hamming_kmeans_op, bits, valid, clusters, iterations)
 
 
-def cluster_mean(
+def cluster_mean_kernel(
     x: torch.Tensor, assign: torch.Tensor, clusters: int, *, implementation: str | None = None
-) -> torch.Tensor:
-    """Mean of each cluster's member rows, differentiable in x.
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled mean of each cluster's member rows (differentiable in x), ready to run, or None.
 
     Args:
         x: ``(batch, heads, n, d)``.
@@ -396,47 +386,45 @@ def cluster_mean(
         clusters: C.
 
     Returns:
-        ``(batch, heads, C, d)``; an empty cluster is zero.
+        A call without arguments giving ``(batch, heads, C, d)`` (an empty cluster is zero), or None.
     """
     _check_assign(x, assign, "cluster_mean")
-    if select_clustered_implementation(x, "cluster_mean", implementation) == "kernel":
-        if x.device.type == "cuda":
-            from .triton.clustered import triton_cluster_mean
+    if select_clustered_implementation(x, "cluster_mean", implementation) != "kernel":
+        return None
+    if x.device.type == "cuda":
+        from .triton.clustered import triton_cluster_mean
 
-            return triton_cluster_mean(x, assign, clusters)
-        from .ops import cluster_sum_op
+        return partial(triton_cluster_mean, x, assign, clusters)
+    from .ops import cluster_sum_op
 
-        return cluster_sum_op(x, assign, clusters, True)
-    from hf_efficient.attention.clustered import _centroids
-
-    return _centroids(x, assign, clusters)
+    return partial(cluster_sum_op, x, assign, clusters, True)
 
 
-def cluster_broadcast(y: torch.Tensor, assign: torch.Tensor, *, implementation: str | None = None) -> torch.Tensor:
-    """Give each query its cluster's row, differentiable in y.
+def cluster_broadcast_kernel(
+    y: torch.Tensor, assign: torch.Tensor, *, implementation: str | None = None
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled per-query gather of each query's cluster row (differentiable in y), ready to run, or None.
 
     Args:
         y: ``(batch, heads, C, e)``.
         assign: int64 ``(batch, heads, n)`` in ``[0, C)``, -1 = padded query (gets zeros).
 
     Returns:
-        ``(batch, heads, n, e)``.
+        A call without arguments giving ``(batch, heads, n, e)``, or None.
     """
     _check_assign(y, assign, "cluster_broadcast")
-    if select_clustered_implementation(y, "cluster_broadcast", implementation) == "kernel":
-        if y.device.type == "cuda":
-            from .triton.clustered import triton_cluster_broadcast
+    if select_clustered_implementation(y, "cluster_broadcast", implementation) != "kernel":
+        return None
+    if y.device.type == "cuda":
+        from .triton.clustered import triton_cluster_broadcast
 
-            return triton_cluster_broadcast(y, assign)
-        from .ops import cluster_gather_op
+        return partial(triton_cluster_broadcast, y, assign)
+    from .ops import cluster_gather_op
 
-        return cluster_gather_op(y, assign, False)
-    from hf_efficient.attention.clustered import _per_query
-
-    return _per_query(y, assign, None) * (assign >= 0)[..., None].to(y.dtype)
+    return partial(cluster_gather_op, y, assign, False)
 
 
-def clustered_topk(
+def clustered_topk_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -446,11 +434,11 @@ def clustered_topk(
     scale: float,
     *,
     implementation: str | None = None,
-) -> torch.Tensor:
-    """Each query's softmax attention over its cluster's top keys (the exact part of improved clustered attention).
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled exact part of improved clustered attention, ready to run, or None.
 
     ``out_i = sum_j softmax_j(scale q_i . k_{top[c_i, j]}) v_{top[c_i, j]}`` over the real keys among them;
-    differentiable in q, k and v.
+    differentiable in q, k and v. The kernel reads each cluster's top keys in place (no copies).
 
     Args:
         q: ``(batch, heads, n, d)``; k: ``(batch, heads, n_k, d)``; v: ``(batch, heads, n_k, e)``.
@@ -460,7 +448,7 @@ def clustered_topk(
         scale: multiplies q . k.
 
     Returns:
-        ``(batch, heads, n, e)``.
+        A call without arguments giving ``(batch, heads, n, e)``, or None.
     """
     name = "clustered_topk"
     for label, t in (("q", q), ("k", k), ("v", v)):
@@ -475,31 +463,19 @@ def clustered_topk(
                          f"{tuple(assign.shape)}, {tuple(top.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if key_mask is not None:
-        _tensor(key_mask, name, "key_mask", 2, torch.bool)
-        if tuple(key_mask.shape) != (b, k.shape[2]):
-            raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, k.shape[2])}, got {tuple(key_mask.shape)}")
-    if select_clustered_implementation(q, name, implementation) == "kernel":
-        if q.device.type == "cuda":
-            from .triton.clustered import triton_clustered_topk
+    _check_key_mask(key_mask, b, k.shape[2], name)
+    if select_clustered_implementation(q, name, implementation) != "kernel":
+        return None
+    if q.device.type == "cuda":
+        from .triton.clustered import triton_clustered_topk
 
-            return triton_clustered_topk(q, k, v, assign, top, key_mask, float(scale))
-        from .ops import clustered_topk_op
+        return partial(triton_clustered_topk, q, k, v, assign, top, key_mask, float(scale))
+    from .ops import clustered_topk_op
 
-        return clustered_topk_op(q, k, v, assign, top, key_mask, float(scale))[0]
-    from hf_efficient.attention.clustered import _rows, _top_products
-
-    n_k, e, c, t = k.shape[2], v.shape[-1], top.shape[2], top.shape[3]
-    rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
-    k_top = _rows(k.reshape(-1, d), rows).reshape(b * h * c, t, d)
-    v_top = _rows(v.reshape(-1, e), rows).reshape(b * h * c, t, e)
-    key_ok = None
-    if key_mask is not None:
-        key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
-    return _top_products(q, assign, k_top, v_top, key_ok, float(scale), c).reshape(b, h, n, e)
+    return lambda: clustered_topk_op(q, k, v, assign, top, key_mask, float(scale))[0]
 
 
-def centroid_topk(
+def centroid_topk_kernel(
     cent: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -508,12 +484,12 @@ def centroid_topk(
     t: int,
     *,
     implementation: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The centroid half of improved clustered attention: each centroid's top-``t`` keys, their weight and the rest.
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+    """The centroid half of improved clustered attention, fused, ready to run, or None.
 
-    With ``p_c = softmax(scale * cent_c . k)`` over the real keys (zero for padded ones). The kernel is
-    fused and forward only: it runs when no gradient is needed (``torch.is_grad_enabled()`` is False or no
-    input requires one); otherwise this is the differentiable PyTorch computation.
+    With ``p_c = softmax(scale * cent_c . k)`` over the real keys (zero for padded ones): each centroid's
+    top-``t`` keys, their weight and the rest, without a ``(batch, heads, C, n_k)`` tensor. The kernel is
+    forward only: None when a gradient is needed (``torch.is_grad_enabled()`` and an input requires one).
 
     Args:
         cent: ``(batch, heads, C, d)``; k: ``(batch, heads, n_k, d)``; v: ``(batch, heads, n_k, e)``.
@@ -521,8 +497,9 @@ def centroid_topk(
         scale: multiplies cent . k; t: keys kept per centroid, ``1 <= t <= n_k``.
 
     Returns:
-        ``top`` int64 ``(batch, heads, C, t)`` (any order), ``mass`` ``(batch, heads, C)`` = the top keys'
-        total weight, ``rest`` ``(batch, heads, C, e)`` = ``sum_{j not in top} p_cj v_j``.
+        A call without arguments giving ``top`` int64 ``(batch, heads, C, t)`` (any order), ``mass``
+        ``(batch, heads, C)`` = the top keys' total weight, ``rest`` ``(batch, heads, C, e)`` = ``sum_{j not in
+        top} p_cj v_j``; or None.
     """
     name = "centroid_topk"
     for label, x in (("cent", cent), ("k", k), ("v", v)):
@@ -535,23 +512,20 @@ def centroid_topk(
         raise ValueError(f"{name}: cent, k, v must share a dtype, got {cent.dtype}, {k.dtype}, {v.dtype}")
     if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= k.shape[2]:
         raise ValueError(f"{name}: t must be an int in [1, n_k = {k.shape[2]}], got {t!r}")
+    _check_key_mask(key_mask, b, k.shape[2], name)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (cent, k, v)):
+        if _requested(implementation) == "kernel":
+            raise RuntimeError(f"{name}: the kernel is forward only and an input requires a gradient")
+        return None
+    if select_clustered_implementation(cent, name, implementation) != "kernel":
+        return None
+    from .ops import centroid_topk_op
+
+    return partial(centroid_topk_op, cent, k, v, key_mask, float(scale), t)
+
+
+def _check_key_mask(key_mask: torch.Tensor | None, b: int, n_k: int, name: str) -> None:
     if key_mask is not None:
         _tensor(key_mask, name, "key_mask", 2, torch.bool)
-        if tuple(key_mask.shape) != (b, k.shape[2]):
-            raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, k.shape[2])}, got {tuple(key_mask.shape)}")
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (cent, k, v))
-    if not needs_grad and select_clustered_implementation(cent, name, implementation) == "kernel":
-        from .ops import centroid_topk_op
-
-        return centroid_topk_op(cent, k, v, key_mask, float(scale), t)
-    if needs_grad and _requested(implementation) == "kernel":
-        raise RuntimeError(f"{name}: the kernel is forward only and an input requires a gradient")
-    from hf_efficient.attention.clustered import _centroid_attention
-
-    probs, cout = _centroid_attention(cent, k, v, key_mask, float(scale))
-    top = probs.topk(t, dim=-1).indices
-    top_probs = probs.gather(-1, top)
-    e = v.shape[-1]
-    v_top = torch.gather(v[:, :, None].expand(b, h, top.shape[2], -1, e), 3, top[..., None].expand(-1, -1, -1, -1, e))
-    rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top).squeeze(-2)
-    return top, top_probs.sum(-1), rest
+        if tuple(key_mask.shape) != (b, n_k):
+            raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, n_k)}, got {tuple(key_mask.shape)}")

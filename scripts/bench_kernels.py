@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import hf_efficient_kernels as kernels
+from hf_efficient import kernels
 from hf_efficient.attention.linear import causal_linear_chunked
 from hf_efficient.benchmarking import cpu_model
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_efficient
-import hf_efficient_kernels as kernels
+from hf_efficient import kernels
 from hf_efficient.benchmarking import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]

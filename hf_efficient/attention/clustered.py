@@ -37,11 +37,13 @@ functions are tested against.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
 import torch
+
+# The optional compiled kernels (remote code, shipped without them, sets this to None).
+from hf_efficient_kernels import dispatch
 
 from ._checks import check_padding_mask, check_qkv, check_scale
 from .hashing import (
@@ -85,28 +87,122 @@ def _check_knobs(name, clusters, bits, iterations, seed, topk=None):
         _check_int(seed, name, "seed", 0)
 
 
+# --------------------------------------------------------------------------- compiled kernel, else PyTorch
+# hf_efficient_kernels.dispatch checks the inputs and hands back the compiled kernel when one runs here
+# (implementation=/HF_EFFICIENT_KERNELS decide); otherwise the PyTorch code of this file runs.
+def kmeans(
+    bits: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int, *, implementation: str | None = None
+) -> torch.Tensor:
+    """:func:`.hashing.hamming_kmeans` (same assignment) through the compiled popcount kernel where one runs.
+
+    bits: bool ``(s, n, n_bits)``; valid: bool ``(s, n)``. Returns int64 ``(s, n)``, -1 for padded queries.
+    """
+    kernel = dispatch.hamming_kmeans_kernel(bits, valid, clusters, iterations, implementation=implementation) \
+        if dispatch else None
+    return kernel() if kernel else hamming_kmeans(bits, valid, clusters, iterations)
+
+
+def cluster_mean(
+    x: torch.Tensor, assign: torch.Tensor, clusters: int, *, implementation: str | None = None
+) -> torch.Tensor:
+    """Mean of each cluster's member rows ``(b, h, C, d)`` (zero for an empty cluster), differentiable in x.
+
+    x: ``(b, h, n, d)``; assign: int64 ``(b, h, n)`` in ``[0, C)``, -1 = left out.
+    """
+    kernel = dispatch.cluster_mean_kernel(x, assign, clusters, implementation=implementation) if dispatch else None
+    return kernel() if kernel else _centroids(x, assign, clusters)
+
+
+def cluster_broadcast(y: torch.Tensor, assign: torch.Tensor, *, implementation: str | None = None) -> torch.Tensor:
+    """Give each query its cluster's row: ``(b, h, C, e)`` -> ``(b, h, n, e)``, differentiable in y; queries with
+    assign -1 (padded or non-finite) get zeros."""
+    kernel = dispatch.cluster_broadcast_kernel(y, assign, implementation=implementation) if dispatch else None
+    return kernel() if kernel else _per_query(y, assign, assign >= 0)
+
+
+def centroid_topk(
+    cent: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    t: int,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The centroid half of improved clustered attention: each centroid's top-``t`` keys, their weight and the rest.
+
+    With ``p_c = softmax(scale * cent_c . k)`` over the real keys (zero for padded ones). The fused kernel is
+    forward only; with a gradient to compute this is the differentiable PyTorch computation.
+
+    Args:
+        cent: ``(b, h, C, d)``; k: ``(b, h, n_k, d)``; v: ``(b, h, n_k, e)``.
+        key_mask: optional bool ``(b, n_k)``, True = real key.
+        scale: multiplies cent . k; t: keys kept per centroid, ``1 <= t <= n_k``.
+
+    Returns:
+        ``top`` int64 ``(b, h, C, t)`` (any order), ``mass`` ``(b, h, C)`` = the top keys' total weight,
+        ``rest`` ``(b, h, C, e)`` = ``sum_{j not in top} p_cj v_j``.
+    """
+    kernel = dispatch.centroid_topk_kernel(cent, k, v, key_mask, scale, t, implementation=implementation) \
+        if dispatch else None
+    if kernel:
+        return kernel()
+    b, h, c, _ = cent.shape
+    probs, cout = _centroid_attention(cent, k, v, key_mask, scale)
+    top = probs.topk(t, dim=-1).indices  # padded keys have weight 0, picked last
+    top_probs = probs.gather(-1, top)
+    v_top = _rows(v.reshape(-1, v.shape[-1]), _flat_rows(top, k.shape[2])).reshape(b, h, c, t, v.shape[-1])
+    rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top).squeeze(-2)
+    return top, top_probs.sum(-1), rest
+
+
+def clustered_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    top: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    *,
+    implementation: str | None = None,
+) -> torch.Tensor:
+    """Each query's softmax attention over its cluster's top keys (the exact part of improved clustered attention).
+
+    ``out_i = sum_j softmax_j(scale q_i . k_{top[c_i, j]}) v_{top[c_i, j]}`` over the real keys among them;
+    differentiable in q, k and v. The kernel reads the top keys in place; the PyTorch path copies them.
+
+    Args:
+        q: ``(b, h, n, d)``; k: ``(b, h, n_k, d)``; v: ``(b, h, n_k, e)``.
+        assign: int64 ``(b, h, n)`` in ``[0, C)``, -1 = padded query (gets zeros).
+        top: int64 ``(b, h, C, t)`` key indices in ``[0, n_k)``.
+        key_mask: optional bool ``(b, n_k)``, True = real key.
+        scale: multiplies q . k.
+
+    Returns:
+        ``(b, h, n, e)``.
+    """
+    kernel = dispatch.clustered_topk_kernel(q, k, v, assign, top, key_mask, scale, implementation=implementation) \
+        if dispatch else None
+    if kernel:
+        return kernel()
+    b, h, n, d = q.shape
+    n_k, e, c, t = k.shape[2], v.shape[-1], top.shape[2], top.shape[3]
+    rows = _flat_rows(top, n_k)
+    k_top = _rows(k.reshape(-1, d), rows).reshape(b * h * c, t, d)
+    v_top = _rows(v.reshape(-1, e), rows).reshape(b * h * c, t, e)
+    key_ok = None
+    if key_mask is not None:
+        key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
+    return _top_products(q, assign, k_top, v_top, key_ok, float(scale), c).reshape(b, h, n, e)
+
+
 # --------------------------------------------------------------------------- shared steps
-def _kernel_dispatch():
-    """:mod:`hf_efficient_kernels.dispatch` (compiled kernels where they run, else the PyTorch code of this
-    file) for the package's own copy of this module; None for a remote-code copy or without the kernels' package, which
-    then runs the PyTorch code here. Imported by name so that a copy never needs the package."""
-    if not __name__.startswith("hf_efficient."):
-        return None
-    try:
-        return importlib.import_module("hf_efficient_kernels.dispatch")
-    except ImportError:
-        return None
-
-
-def _mean(q, assign, clusters):
-    dispatch = _kernel_dispatch()
-    return dispatch.cluster_mean(q, assign, clusters) if dispatch else _centroids(q, assign, clusters)
-
-
-def _broadcast(cout, assign):
-    dispatch = _kernel_dispatch()
-    # padded (and non-finite) queries have assign -1: both paths give them zeros
-    return dispatch.cluster_broadcast(cout, assign) if dispatch else _per_query(cout, assign, assign >= 0)
+def _flat_rows(top: torch.Tensor, n_k: int) -> torch.Tensor:
+    """Key indices ``(b, h, C, t)`` -> rows of the ``(b * h * n_k, .)`` flattened keys, ``(b * h * C * t,)``."""
+    b, h = top.shape[:2]
+    return (top + torch.arange(b * h, device=top.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
 
 
 def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -122,9 +218,6 @@ def _cluster(q, clusters, bits, iterations, seed, valid):
     w, _ = draw_hyperplanes(d, bits, seed, q.device)
     codes = hash_queries(q.detach(), valid, w)  # (b, h, n, bits), planes through the queries' mean
     valid_bh = valid.reshape(b * h, n)
-    # kernels/dispatch.py runs the compiled popcount k-means when it can (same result), else hamming_kmeans
-    dispatch = _kernel_dispatch()
-    kmeans = dispatch.hamming_kmeans if dispatch else hamming_kmeans
     assign = kmeans(codes.reshape(b * h, n, bits), valid_bh, clusters, iterations)
     return assign.reshape(b, h, n)
 
@@ -316,7 +409,7 @@ def clustered_attention(
     if c == 0:  # no queries
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         return (out, assign) if return_clusters else out
-    cent = _mean(q32, assign, c)
+    cent = cluster_mean(q32, assign, c)
     # only the centroids' outputs are needed: the fused SDPA kernel never stores the C x n_k weights
     mask = None
     if key_mask is not None:
@@ -327,7 +420,7 @@ def clustered_attention(
     cout = torch.nn.functional.scaled_dot_product_attention(cent, k32, v32, attn_mask=mask, scale=scale)
     if key_mask is not None:
         cout = torch.where(key_mask.any(dim=1)[:, None, None, None], cout, 0.0)
-    out, assign = p.finish(_broadcast(cout, assign), q.dtype)
+    out, assign = p.finish(cluster_broadcast(cout, assign), q.dtype)
     return (out, assign) if return_clusters else out
 
 
@@ -364,42 +457,13 @@ def improved_clustered_attention(
     if c == 0:  # no queries
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         return (out, assign) if return_clusters else out
-    b, h, n_q, d = q32.shape
-    n_k, e = k32.shape[2], v32.shape[-1]
-    t = min(topk, n_k)
-    dispatch = _kernel_dispatch()
-
-    def kernel(op):
-        return dispatch is not None and dispatch.select_clustered_implementation(q32, op) == "kernel"
-
-    cent = _mean(q32, assign, c)
-    inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q32, k32, v32)))
-    if inference and kernel("centroid_topk") and kernel("clustered_topk"):
-        # forward-only fused kernel: centroid softmax, its top-k, mass and rest without a (b, h, C, n_k) tensor
-        top, mass, rest = dispatch.centroid_topk(cent, k32, v32, key_mask, scale, t, implementation="kernel")
-        exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
-    else:
-        probs, cout = _centroid_attention(cent, k32, v32, key_mask, scale)
-        top = probs.topk(t, dim=-1).indices  # (b, h, C, t); padded keys have weight 0, picked last
-        top_probs = probs.gather(-1, top)
-        mass = top_probs.sum(-1)  # (b, h, C)
-        rows = (top + torch.arange(b * h, device=q.device).reshape(b, h, 1, 1) * n_k).reshape(-1)
-        v_top = _rows(v32.reshape(-1, e), rows).reshape(b * h * c, t, e)
-        # the centroid's attention on the keys outside its top-k
-        rest = cout - torch.matmul(top_probs.unsqueeze(-2), v_top.reshape(b, h, c, t, e)).squeeze(-2)
-
-        if kernel("clustered_topk"):
-            # reads each cluster's top keys in place: no (b*h*C, t, d) copies
-            exact_top = dispatch.clustered_topk(q32, k32, v32, assign, top, key_mask, scale, implementation="kernel")
-        else:
-            k_top = _rows(k32.reshape(-1, d), rows).reshape(b * h * c, t, d)
-            if key_mask is not None:
-                key_ok = key_mask[:, None, :].expand(b, h, n_k).reshape(-1)[rows].reshape(b * h * c, t)
-            else:
-                key_ok = None
-            exact_top = _top_products(q32, assign, k_top, v_top, key_ok, scale, c)  # (b*h*n_q, d_v)
+    b, h, n_q = q32.shape[:3]
+    e = v32.shape[-1]
+    cent = cluster_mean(q32, assign, c)
+    top, mass, rest = centroid_topk(cent, k32, v32, key_mask, scale, min(topk, k32.shape[2]))
+    exact_top = clustered_topk(q32, k32, v32, assign, top, key_mask, scale)
     # mass and rest ride together through one per-query gather
-    per_query = _broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)
+    per_query = cluster_broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)
     out, assign = p.finish(per_query[..., :1] * exact_top.reshape(b, h, n_q, e) + per_query[..., 1:], q.dtype)
     return (out, assign) if return_clusters else out
 

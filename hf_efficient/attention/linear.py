@@ -25,6 +25,9 @@ from typing import NamedTuple
 
 import torch
 
+# The optional compiled kernels (remote code, shipped without them, sets this to None).
+from hf_efficient_kernels import dispatch
+
 from ._checks import check_padding_mask, check_qkv, check_scale
 from .feature_maps import (
     FEATURE_MAPS,
@@ -39,8 +42,11 @@ from .registry import AttentionKind, register_attention_kind
 __all__ = [
     "LinearAttentionParams",
     "LinearAttentionState",
+    "causal_linear",
     "causal_linear_chunked",
+    "causal_linear_feature_map",
     "causal_linear_feature_map_reference",
+    "causal_linear_normalized",
     "causal_linear_normalized_reference",
     "causal_linear_recurrent",
     "fold_favor_scale",
@@ -187,8 +193,8 @@ def causal_linear_normalized_reference(
     """Causal linear attention with its normaliser, ``out_i = num_i / (den_i + eps)``, in PyTorch.
 
     The normaliser rides as a column of ones appended to v through :func:`causal_linear_chunked`.
-    This is the path the fused kernel (``kernels.causal_linear_normalized``) is tested against and
-    falls back to.
+    This is the path the fused kernel (:func:`causal_linear_normalized`) is tested against and falls
+    back to.
 
     Args:
         phi_q, phi_k: ``(batch, heads, n, m)`` features; v: ``(batch, heads, n, d_v)``.
@@ -199,6 +205,80 @@ def causal_linear_normalized_reference(
     """
     y, state = causal_linear_chunked(phi_q, phi_k, _with_ones(v), chunk_size, initial)
     return (y[..., :-1] / (y[..., -1:] + eps)).to(v.dtype), state
+
+
+# --------------------------------------------------------------------------- compiled kernel, else PyTorch
+# hf_efficient_kernels.dispatch checks the inputs and hands back the compiled kernel when one runs here
+# (implementation=/HF_EFFICIENT_KERNELS decide); otherwise the PyTorch function above runs.
+def causal_linear(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int = 64,
+    initial: torch.Tensor | None = None,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_linear_chunked` through the compiled kernel where one runs.
+
+    Args:
+        phi_q, phi_k: ``(batch, heads, n, m)`` features; v: ``(batch, heads, n, e)``.
+        chunk_size: the PyTorch path's block size (the kernel picks its own blocking).
+        initial: optional ``(batch, heads, m, e)`` state of earlier tokens.
+        implementation: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
+
+    Returns:
+        y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``.
+    """
+    kernel = dispatch.causal_linear_kernel(phi_q, phi_k, v, initial, implementation=implementation) \
+        if dispatch else None
+    return kernel() if kernel else causal_linear_chunked(phi_q, phi_k, v, chunk_size, initial)
+
+
+def causal_linear_normalized(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_linear_normalized_reference` through the compiled kernel (normaliser fused) where one runs.
+
+    Arguments and result as there, plus ``implementation`` as in :func:`causal_linear`.
+    """
+    kernel = dispatch.causal_linear_normalized_kernel(phi_q, phi_k, v, eps, initial, implementation=implementation) \
+        if dispatch else None
+    return kernel() if kernel else causal_linear_normalized_reference(phi_q, phi_k, v, eps, initial, chunk_size)
+
+
+def causal_linear_feature_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str,
+    eps: float = 1e-6,
+    initial: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    key_mask: torch.Tensor | None = None,
+    *,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal normalised linear attention with a built-in map (``elu``, ``relu``) the CPU kernel applies to
+    each chunk itself; elsewhere the map's features go through :func:`causal_linear_normalized`.
+
+    Arguments and result as in :func:`causal_linear_feature_map_reference`, plus ``implementation`` as in
+    :func:`causal_linear`.
+    """
+    kernel = dispatch.causal_linear_feature_map_kernel(q, k, v, feature_map, eps, initial, key_mask,
+                                                       implementation=implementation) if dispatch else None
+    if kernel:
+        return kernel()
+    fmap = FEATURE_MAPS[feature_map](q.shape[-1])
+    phi_q, phi_k, vf = _features(q, k, v, fmap, fmap, key_mask, "causal_linear_feature_map")
+    return causal_linear_normalized(phi_q, phi_k, vf, eps, initial, chunk_size, implementation=implementation)
 
 
 # --------------------------------------------------------------------------- favor, stabilised
@@ -364,18 +444,16 @@ def causal_linear_feature_map_reference(
     chunk_size: int = 64,
     key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch path of ``kernels.dispatch.causal_linear_feature_map``: the built-in map (``elu``/``relu``)
-    in float32 (float64 stays float64), then :func:`causal_linear_normalized_reference`.
+    """PyTorch path of :func:`causal_linear_feature_map`: the built-in map (``elu``/``relu``) in float32
+    (float64 stays float64), then :func:`causal_linear_normalized_reference`.
 
     q, k: ``(batch, heads, n, d)`` raw; v: ``(batch, heads, n, d_v)``; initial: packed ``(batch, heads, d,
     d_v + 1)``; key_mask: optional ``(batch, n)`` bool, False = padded key. Returns out ``(batch, heads, n,
     d_v)`` and the final packed state.
     """
     fmap = FEATURE_MAPS[feature_map](q.shape[-1])
-    phi_q, phi_k = fmap(q), fmap(k)
-    if key_mask is not None:
-        phi_k = phi_k * key_mask[:, None, :, None].to(phi_k.dtype)
-    return causal_linear_normalized_reference(phi_q, phi_k, v.to(phi_q.dtype), eps, initial, chunk_size)
+    phi_q, phi_k, vf = _features(q, k, v, fmap, fmap, key_mask, "causal_linear_feature_map_reference")
+    return causal_linear_normalized_reference(phi_q, phi_k, vf, eps, initial, chunk_size)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -493,10 +571,7 @@ def linear_attention(
 
     fused = _fused_name(q_map, k_map)
     if causal and fused is not None and n_k > 0:
-        # elu/relu: the feature map runs inside the causal kernel (kernels/dispatch.py); padded keys get
-        # zero features there
-        from hf_efficient_kernels.dispatch import causal_linear_feature_map
-
+        # elu/relu: the CPU kernel applies the feature map itself; padded keys get zero features there
         if mask is not None and bool(mask.all()):
             mask = None
         init, _ = _state_in(initial_state, q, q.shape[-1], d_v, False, _compute_dtype(q), name, "initial_state")
@@ -515,11 +590,7 @@ def linear_attention(
         state = init if init is not None else phi_q.new_zeros(b, h, phi_q.shape[-1], d_v + 1)
         out = q.new_zeros(b, h, 0, d_v)
     else:
-        # The compiled kernel (normaliser fused) when one can run here, else
-        # causal_linear_normalized_reference; kernels/dispatch.py decides.
-        from hf_efficient_kernels.dispatch import causal_linear_normalized as causal_linear_fast
-
-        out, state = causal_linear_fast(phi_q, phi_k, vf, eps, init, chunk_size)
+        out, state = causal_linear_normalized(phi_q, phi_k, vf, eps, init, chunk_size)
         out = out.to(q.dtype)
     if return_state:
         return out, LinearAttentionState.unpack(state)

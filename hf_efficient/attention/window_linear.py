@@ -29,14 +29,12 @@ import torch.nn.functional as F
 
 from ._checks import check_padding_mask, check_qkv, check_scale, check_window
 from .feature_maps import FEATURE_MAPS, _compute_dtype, resolve_feature_maps
-
-# causal_linear_chunked: what remote code (shipped without compiled kernels) runs instead of the dispatcher.
-from .linear import (  # noqa: F401
+from .linear import (
     LinearAttentionState,
     _check_eps,
     _check_state,
     _with_ones,
-    causal_linear_chunked,
+    causal_linear,
 )
 from .registry import AttentionKind, register_attention_kind
 
@@ -143,8 +141,6 @@ def window_linear_attention(
     Returns:
         ``(batch, heads, T, d_v)`` in q's dtype (and the new state if ``return_state``).
     """
-    from hf_efficient_kernels.dispatch import causal_linear
-
     check_qkv(q, k, v, _NAME)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{_NAME}: causal attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")

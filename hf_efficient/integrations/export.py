@@ -10,8 +10,8 @@ The package spans two folders (``attention/`` and ``integrations/``) while remot
 one folder that imports only siblings, which is why the files are copied here rather than by
 transformers' ``custom_object_save`` (it copies one module and its same-folder imports). The
 copies differ from the sources in two ways only: ``from ..attention.x`` becomes ``from .x``, and
-imports of the optional compiled kernels become the PyTorch path the kernel dispatcher itself
-falls back to. transformers' own ``get_relative_import_files`` then checks that the folder is
+the import of the optional kernels' dispatcher becomes ``dispatch = None``, which makes each module
+run its PyTorch path. transformers' own ``get_relative_import_files`` then checks that the folder is
 complete.
 
 :func:`render_model_card` fills ``huggingface_hub.ModelCard`` from ``ModelCardData`` (library,
@@ -76,16 +76,10 @@ MODELING_MODULE = "modeling_hf_efficient"
 # already knows its classes).
 _INTEGRATION_FILES = ("plan.py", "configurations.py", "surgery.py", "attention_interface.py", "cache.py", "export.py",
                       "models.py")
-# Optional compiled kernels are not shipped as remote code: the copies call the PyTorch path that
-# the kernel dispatcher itself falls back to. "hf_efficient_kernels.<module>.<name>" -> name in the same file.
-_KERNEL_FALLBACKS = {
-    "hf_efficient_kernels.dispatch.causal_linear": "causal_linear_chunked",
-    "hf_efficient_kernels.dispatch.causal_linear_normalized": "causal_linear_normalized_reference",
-    "hf_efficient_kernels.dispatch.causal_linear_feature_map": "causal_linear_feature_map_reference",
-}
-_KERNEL_IMPORT = re.compile(
-    r"^(\s*)from\s+hf_efficient_kernels\.(\w+)\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE
-)
+# Optional compiled kernels are not shipped as remote code: a module that imports the kernels' dispatcher
+# gets None instead, and then runs its own PyTorch path. "hf_efficient_kernels.<module>" -> replacement.
+_KERNEL_FALLBACKS = {"hf_efficient_kernels.dispatch": "None"}
+_KERNEL_IMPORT = re.compile(r"^(\s*)from\s+hf_efficient_kernels\s+import\s+(\w+)(?:\s+as\s+(\w+))?\s*$", re.MULTILINE)
 _HERE = Path(__file__).resolve().parent
 
 
@@ -102,12 +96,12 @@ def auto_class_name(model_class: type) -> str | None:
 # --------------------------------------------------------------------------- remote code
 def _without_kernels(name: str, text: str) -> str:
     def replace(match: re.Match) -> str:
-        indent, module, symbol, alias = match.groups()
-        fallback = _KERNEL_FALLBACKS.get(f"hf_efficient_kernels.{module}.{symbol}")
+        indent, module, alias = match.groups()
+        fallback = _KERNEL_FALLBACKS.get(f"hf_efficient_kernels.{module}")
         if fallback is None:
-            raise RuntimeError(f"{name} imports hf_efficient_kernels.{module}.{symbol}, which has no PyTorch "
-                               "fallback for remote code")
-        return f"{indent}{alias or symbol} = {fallback}  # remote code runs the PyTorch path"
+            raise RuntimeError(f"{name} imports hf_efficient_kernels.{module}, which has no PyTorch fallback "
+                               "for remote code")
+        return f"{indent}{alias or module} = {fallback}  # remote code runs the PyTorch path"
 
     text = _KERNEL_IMPORT.sub(replace, text)
     if re.search(r"^\s*(from|import)\s+(kernels|hf_efficient|hf_efficient_kernels)\b", text, flags=re.MULTILINE):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import hf_efficient_kernels as kernels
+from hf_efficient import kernels
 from hf_efficient_kernels import dispatch
 from hf_efficient_kernels.cpu import build_error, load_extension, loader
 

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
+from hf_efficient import kernels as dispatch
 from hf_efficient.attention import clustered_attention, improved_clustered_attention
 from hf_efficient.attention.hashing import hamming_kmeans, hamming_kmeans_reference, pack_bits
-from hf_efficient_kernels import dispatch
 from hf_efficient_kernels.cpu import clustered_build_error, load_clustered_extension, loader
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_efficient.attention.linear import causal_linear_feature_map_reference
-from hf_efficient_kernels.dispatch import causal_linear_feature_map
+from hf_efficient.kernels import causal_linear_feature_map
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])

@@ -9,6 +9,7 @@ Skipped where ``triton`` is not installed (it is not a dependency: CUDA users in
 """
 
 import os
+from functools import partial
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the kernels are defined
 
@@ -19,8 +20,9 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET was set to something other than 1 and there is no GPU", allow_module_level=True)
 
+from hf_efficient import kernels as dispatch  # noqa: E402
 from hf_efficient.attention.hashing import hamming_kmeans, hamming_kmeans_reference, pack_bits  # noqa: E402
-from hf_efficient_kernels import dispatch  # noqa: E402
+from hf_efficient_kernels import dispatch as kernel_dispatch  # noqa: E402
 from hf_efficient_kernels.triton.clustered import (  # noqa: E402
     triton_cluster_broadcast,
     triton_cluster_mean,
@@ -245,13 +247,13 @@ def test_clustered_attention_with_triton_ops_equals_pytorch_path(monkeypatch, im
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     want, want_grads = run()
     monkeypatch.setenv(dispatch.ENV_VAR, "auto")
-    monkeypatch.setattr(dispatch, "select_clustered_implementation",
-                        lambda x, op, implementation=None: "reference" if op == "centroid_topk" else "kernel")
-    monkeypatch.setattr(dispatch, "hamming_kmeans", lambda bits, valid, c, it, **kw: triton_hamming_kmeans(
-        bits, valid, c, it))
-    monkeypatch.setattr(dispatch, "cluster_mean", lambda x, a, c, **kw: triton_cluster_mean(x, a, c))
-    monkeypatch.setattr(dispatch, "cluster_broadcast", lambda y, a, **kw: triton_cluster_broadcast(y, a))
-    monkeypatch.setattr(dispatch, "clustered_topk", lambda *a, **kw: triton_clustered_topk(*a))
+    # the attention modules ask the kernels' dispatcher at each call: route every op but centroid_topk to Triton
+    monkeypatch.setattr(kernel_dispatch, "hamming_kmeans_kernel", lambda *a, **kw: partial(triton_hamming_kmeans, *a))
+    monkeypatch.setattr(kernel_dispatch, "cluster_mean_kernel", lambda *a, **kw: partial(triton_cluster_mean, *a))
+    monkeypatch.setattr(kernel_dispatch, "cluster_broadcast_kernel",
+                        lambda *a, **kw: partial(triton_cluster_broadcast, *a))
+    monkeypatch.setattr(kernel_dispatch, "clustered_topk_kernel", lambda *a, **kw: partial(triton_clustered_topk, *a))
+    monkeypatch.setattr(kernel_dispatch, "centroid_topk_kernel", lambda *a, **kw: None)
     got, got_grads = run()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, w in zip(got_grads, want_grads):

@@ -14,10 +14,10 @@ import pytest
 import torch
 import transformers
 
+from hf_efficient import kernels as dispatch
 from hf_efficient.attention import clustered_attention, improved_clustered_attention
 from hf_efficient.attention.clustered import ImprovedClusteredAttentionParams, clustered_attention_reference
 from hf_efficient.integrations import patch_model
-from hf_efficient_kernels import dispatch
 
 KINDS = ("clustered", "improved")
 INF, NAN = float("inf"), float("nan")
