@@ -463,6 +463,7 @@ def run_generate(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .attention import get_attention_kind
     from .integrations.patch import patch_model
 
     path = Path(args.model)
@@ -479,7 +480,8 @@ def run_generate(args) -> dict:
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         kwargs["temperature"] = args.temperature
-    if args.attention == "linear":  # a patched stock decoder decodes with the recurrent state
+    if args.attention is not None and get_attention_kind(args.attention).decode is not None:
+        # a stock decoder patched with a recurrent kind decodes from its constant-size state
         from .integrations.cache import LinearAttentionCache
 
         kwargs["cache"] = LinearAttentionCache.from_model(model)
@@ -577,7 +579,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="'bench [attention] ...': attention kinds vs SDPA against sequence length; "
                         "'bench generate ...': decode latency and cache size against context length")
 
-    gen = sub.add_parser("generate", help="decode from a prompt (linear attention: constant-size recurrent state)")
+    gen = sub.add_parser("generate", help="decode from a prompt (recurrent kinds: constant-size state)")
     gen.add_argument("model", help="local causal LM folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=positive_int, default=40)

@@ -51,6 +51,7 @@ __all__ = [
     "causal_linear_recurrent",
     "fold_favor_scale",
     "linear_attention",
+    "linear_attention_decode",
     "linear_attention_reference",
     "linear_attention_step",
 ]
@@ -712,13 +713,45 @@ def _forward(q, k, v, params: LinearAttentionParams, *, causal=False, key_paddin
                             eps=params.eps, chunk_size=params.chunk_size)
 
 
+def linear_attention_decode(
+    state: LinearAttentionState | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map="elu",
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """Causal linear attention of T new tokens after ``state``: one recurrent step for T == 1 (decoding),
+    the chunked form seeded with the state for T > 1 (prefill).
+
+    q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``; key_padding_mask: ``(batch, T)``.
+    Returns out ``(batch, heads, T, d_v)`` and the state after these tokens.
+    """
+    if q.shape[2] == 1:
+        new, out = linear_attention_step(state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask,
+                                         eps=eps)
+        return out, new
+    return linear_attention(q, k, v, causal=True, feature_map=feature_map, key_padding_mask=key_padding_mask,
+                            eps=eps, chunk_size=chunk_size, initial_state=state, return_state=True)
+
+
+def _decode(state, q, k, v, params: LinearAttentionParams, *, key_padding_mask=None, scale=None, module=None):
+    feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
+    q = fold_favor_scale(q, params.feature_map, scale)  # as _forward does
+    return linear_attention_decode(state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask,
+                                   eps=params.eps, chunk_size=params.chunk_size)
+
+
 register_attention_kind(
     AttentionKind(
         name="linear",
         params_class=LinearAttentionParams,
         forward=_forward,
         supports_causal=True,
-        supports_recurrent=True,
+        decode=_decode,
         description="linear attention phi(q)(phi(k)^T v), O(N); causal chunked + recurrent decoding",
     )
 )

@@ -11,6 +11,18 @@ The forward signature::
     # q: (batch, heads, n_q, d), k: (batch, heads, n_k, d), v: (batch, heads, n_k, d_v)
     # masks: bool (batch, n), True = real token; module: the attention module (learnable state)
     # -> (batch, heads, n_q, d_v)
+
+A kind that decodes with a state of constant size (a recurrent kind) also declares its decoding
+form, which ``LinearAttentionCache`` runs for every cache layer of that kind::
+
+    decode(state, q, k, v, params, *, key_padding_mask, scale, module) -> (out, new_state)
+    # q, k: (batch, heads, T, d), v: (batch, heads, T, d_v): the T new tokens only (prefill T > 1,
+    # decoding T = 1); state: None before the first token; key_padding_mask: (batch, T)
+    # -> out (batch, heads, T, d_v) and the state after these tokens
+
+The state is the kind's own object: ``state.map(fn)`` applies ``fn`` to each of its tensors (beam
+search reorders, selects and repeats the batch dimension through it) and ``state.nbytes()`` counts
+its bytes. Nothing here imports transformers.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ __all__ = [
     "AttentionKind",
     "attention_kind_names",
     "get_attention_kind",
+    "recurrent_kind_names",
     "register_attention_kind",
 ]
 
@@ -37,9 +50,11 @@ class AttentionKind:
         params_class: dataclass of the kind's parameters, with defaults.
         forward: the function described in the module docstring.
         supports_causal: whether ``causal=True`` is implemented.
-        supports_recurrent: whether the kind decodes with a constant-size state (linear kinds).
+        supports_recurrent: whether the kind decodes with a constant-size state; True needs ``decode``
+            (a kind given ``decode`` is recurrent).
         supports_bidirectional: whether ``causal=False`` is implemented (encoders).
         description: one line for ``--help`` texts and tables.
+        decode: the decoding form described in the module docstring, or None.
     """
 
     name: str
@@ -49,6 +64,18 @@ class AttentionKind:
     supports_recurrent: bool = False
     description: str = ""
     supports_bidirectional: bool = True
+    decode: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode is not None and not callable(self.decode):
+            raise TypeError(f"attention kind {self.name!r}: decode must be callable or None, got "
+                            f"{type(self.decode).__name__}")
+        if self.decode is not None and not self.supports_causal:
+            raise ValueError(f"attention kind {self.name!r}: a decoding form needs supports_causal=True")
+        if self.supports_recurrent and self.decode is None:
+            raise ValueError(f"attention kind {self.name!r}: supports_recurrent=True needs its decoding form "
+                             "(decode=...)")
+        object.__setattr__(self, "supports_recurrent", self.decode is not None)
 
     def make_params(self, **kwargs: Any):
         """Build validated parameters; unknown names give an error listing the accepted ones."""
@@ -83,3 +110,9 @@ def get_attention_kind(name: str) -> AttentionKind:
 def attention_kind_names() -> list[str]:
     """Names of all registered kinds, in registration order."""
     return list(_KINDS)
+
+
+def recurrent_kind_names() -> list[str]:
+    """Names of the kinds with a decoding form (``decode``), in registration order: the kinds that decode
+    from ``LinearAttentionCache`` and that a softmax model can be linearised to."""
+    return [name for name, kind in _KINDS.items() if kind.decode is not None]

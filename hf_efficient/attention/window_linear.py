@@ -347,13 +347,21 @@ def _forward(q, k, v, params: WindowLinearParams, *, causal=False, key_padding_m
     return out[:, :, n_k - n_q:]
 
 
+def _decode(state, q, k, v, params: WindowLinearParams, *, key_padding_mask=None, scale=None, module=None):
+    """The T new tokens after ``state`` (prefill or decoding): ``(out, state after them)``."""
+    feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
+    return window_linear_attention(q, k, v, window=params.window, feature_map=feature_map, scale=scale,
+                                   key_padding_mask=key_padding_mask, eps=params.eps, chunk_size=params.chunk_size,
+                                   state=state, return_state=True)
+
+
 register_attention_kind(
     AttentionKind(
         name="window-linear",
         params_class=WindowLinearParams,
         forward=_forward,
         supports_causal=True,
-        supports_recurrent=True,
+        decode=_decode,
         description="causal sliding-window softmax + linear attention beyond the window; O(1) decoding",
         supports_bidirectional=False,
     )

@@ -27,7 +27,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "attention_interface": ["CACHE_KWARG", "IMPLEMENTATION_PREFIX", "efficient_attention_forward",
                                 "efficient_mask", "implementation_name", "kind_from_implementation",
                                 "register_with_transformers"],
-        "cache": ["LinearAttentionCache", "LinearStateLayer", "WindowLinearStateLayer"],
+        "cache": ["LinearAttentionCache", "LinearStateLayer", "RecurrentStateLayer"],
         "export": ["push_to_hub", "render_model_card", "write_remote_code"],
         "models": ["EfficientModelMixin"],
         "architectures": ["ARCHITECTURES", "add_architecture", "efficient_class", "register", "register_all",

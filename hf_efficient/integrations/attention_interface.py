@@ -230,8 +230,7 @@ def _efficient(module, layer, query, key, value, attention_mask, dropout, scalin
         if getattr(cache_layer, "kind", None) != layer.kind:
             raise ValueError(f"a layer of kind {layer.kind!r} got a {type(cache_layer).__name__} in its cache; build "
                              "the cache with LinearAttentionCache(config=model.config)")
-        fmap = getattr(module, FEATURE_MAP_ATTRIBUTE, None) or feature_name
-        out = cache_layer.attend_with(layer.params, query, key, value, feature_map=fmap, key_padding_mask=padding,
+        out = cache_layer.attend_with(layer.params, query, key, value, module=module, key_padding_mask=padding,
                                       scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 

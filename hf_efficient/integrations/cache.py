@@ -4,9 +4,12 @@ Causal linear attention is an RNN: everything a new token needs from the past is
 S = sum_j phi(k_j) v_j^T ``(batch, heads, m, d_v)`` and z = sum_j phi(k_j) ``(batch, heads, m)``
 (a :class:`~hf_efficient.attention.LinearAttentionState`); window-linear adds the last
 ``window - 1`` keys/values. So a replaced layer's cache has the same size after 10 or 100,000
-tokens. Layers a patched model keeps softmax get transformers' own cache layers for their layer
-type: ``DynamicSlidingWindowLayer`` (bounded by the window) for sliding layers, ``DynamicLayer``
-for full ones. A hybrid model whose full layers are replaced (Gemma 3: 5 sliding : 1 full)
+tokens. Each replaced layer gets a :class:`RecurrentStateLayer` of its kind, which runs the decoding
+form the kind declares in the registry (``AttentionKind.decode``, see
+:mod:`hf_efficient.attention.registry`): nothing here is particular to one kind. Layers a patched
+model keeps softmax get transformers' own cache layers for their layer type:
+``DynamicSlidingWindowLayer`` (bounded by the window) for sliding layers, ``DynamicLayer`` for full
+ones. A hybrid model whose full layers are replaced (Gemma 3: 5 sliding : 1 full)
 therefore decodes in constant memory as a whole, from one cache:
 ``LinearAttentionCache(config=model.config)``, which ``generate()`` builds by itself.
 
@@ -16,7 +19,7 @@ Two ways in:
 * stock decoders call ``cache.update(k, v, layer_idx, kwargs=kwargs)`` as with any cache. A
   recurrent layer returns the new keys/values unchanged and adds itself to the attention module's
   keyword arguments (:data:`~.attention_interface.CACHE_KWARG`); the attention function then runs
-  the prefill (chunked form seeded with the state) or the decoding step through
+  the kind's decoding form on the new tokens (prefill or one step) through
   :meth:`RecurrentStateLayer.attend_with`.
 
 Beam search works: ``reorder_cache``, ``batch_select_indices`` and ``batch_repeat_interleave`` act
@@ -42,35 +45,38 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from ..attention.linear import fold_favor_scale, linear_attention, linear_attention_step
-from ..attention.window_linear import window_linear_attention
+from ..attention.linear import linear_attention_decode
+from ..attention.registry import get_attention_kind, recurrent_kind_names
 from .attention_interface import CACHE_KWARG
 from .plan import CONFIG_KEY, plan_from_record
 from .surgery import LAYER_ATTRIBUTE, shares_kwargs_with_cache
 
 __all__ = [
-    "RECURRENT_LAYERS",
     "CacheReuseMixin",
     "LinearAttentionCache",
     "LinearStateLayer",
     "RecurrentStateLayer",
-    "WindowLinearStateLayer",
 ]
 
 
 class RecurrentStateLayer(CacheLayerMixin):
     """One replaced layer's state; ``keys``/``values`` stay None (nothing grows with the sequence).
 
-    Subclasses set :attr:`kind` (the registry kind they serve) and implement :meth:`attend`.
+    Args:
+        kind: the registry name of a kind with a decoding form (``AttentionKind.decode``); the layer
+            keeps that kind's state and runs its decoding form.
     """
 
-    kind = ""
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, kind: str, **kwargs) -> None:
         super().__init__()
+        if get_attention_kind(kind).decode is None:
+            raise ValueError(f"attention kind {kind!r} has no decoding form; the kinds that have one: "
+                             f"{', '.join(recurrent_kind_names())}")
+        self.kind = kind
         self.state = None
         self.seen_tokens = 0
         self.dtype: torch.dtype | None = None
@@ -82,12 +88,29 @@ class RecurrentStateLayer(CacheLayerMixin):
         self.is_initialized = True
 
     # ------------------------------------------------------------------ recurrence
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-        raise NotImplementedError
+    def advance(self, step: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Run ``step(state) -> (out, new_state)`` for the T new tokens ``q, k`` ``(batch, heads, T, d)``, ``v``
+        ``(batch, heads, T, d_v)`` once they are checked to continue this state; keep the new state."""
+        self._begin(q, k, v)
+        out, self.state = step(self.state)
+        self.seen_tokens += q.shape[2]
+        self._unread = False
+        return out
 
-    def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
-        """:meth:`attend` with the knobs of a kind's parameter dataclass (the stock-decoder path)."""
-        raise NotImplementedError
+    def attend_with(self, params, q, k, v, *, module=None, key_padding_mask=None, scale=None) -> torch.Tensor:
+        """The kind's decoding form with its parameter dataclass (the stock-decoder path).
+
+        Args:
+            params: the kind's parameters; module: the attention module (a learned feature map lives there).
+            q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``: the T new tokens only.
+            key_padding_mask: ``(batch, T)``, True = real token; scale: the softmax temperature.
+
+        Returns:
+            ``(batch, heads, T, d_v)``.
+        """
+        decode = get_attention_kind(self.kind).decode
+        return self.advance(lambda state: decode(state, q, k, v, params, key_padding_mask=key_padding_mask,
+                                                 scale=scale, module=module), q, k, v)
 
     def _begin(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.is_initialized:
@@ -104,10 +127,6 @@ class RecurrentStateLayer(CacheLayerMixin):
         if self.dtype is not None and k.dtype != self.dtype:
             raise ValueError(f"LinearAttentionCache was filled by a {self.dtype} model but now gets {k.dtype} keys; "
                              "use a fresh cache after changing the model's dtype")
-
-    def _consumed(self, tokens: int) -> None:
-        self.seen_tokens += tokens
-        self._unread = False
 
     # ------------------------------------------------------------------ Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -157,10 +176,14 @@ class RecurrentStateLayer(CacheLayerMixin):
             )
 
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        raise NotImplementedError
+        if self.state is not None:
+            self.state = self.state.map(fn)
 
     def _state_tensor(self) -> torch.Tensor:
-        raise NotImplementedError
+        """A tensor of the state (the state's batch size and device are its)."""
+        found = []
+        self.state.map(lambda t: found.append(t) or t)
+        return found[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -184,13 +207,14 @@ class RecurrentStateLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes held by this layer's state (0 before the first token)."""
-        raise NotImplementedError
+        return self.state.nbytes() if self.state is not None else 0
 
 
 class LinearStateLayer(RecurrentStateLayer):
-    """A ``linear`` layer: the :class:`LinearAttentionState` of every token seen."""
+    """A ``linear`` layer whose :meth:`attend` takes the knobs themselves (``linear-lm`` models call it)."""
 
-    kind = "linear"
+    def __init__(self, **kwargs) -> None:
+        super().__init__("linear", **kwargs)
 
     def attend(
         self,
@@ -207,99 +231,16 @@ class LinearStateLayer(RecurrentStateLayer):
 
         Args:
             q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``: the T new tokens only.
+            feature_map: a registry name or a feature-map module.
             key_padding_mask: ``(batch, T)``, True/1 = real token; padded tokens add nothing to the state.
 
         Returns:
             ``(batch, heads, T, d_v)``. T > 1 (prefill) runs the chunked form seeded with the
             stored state; T == 1 (decoding) runs one recurrent step.
         """
-        self._begin(q, k, v)
-        if q.shape[2] == 1:
-            state, out = linear_attention_step(
-                self.state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=eps
-            )
-        else:
-            out, state = linear_attention(
-                q, k, v, causal=True, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=eps,
-                chunk_size=chunk_size, initial_state=self.state, return_state=True,
-            )
-        self.state = state
-        self._consumed(q.shape[2])
-        return out
-
-    def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
-        q = fold_favor_scale(q, params.feature_map, scale)  # as the linear kind's own forward does
-        return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
-                           chunk_size=params.chunk_size)
-
-    def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.state is not None:
-            self.state = self.state.map(fn)
-
-    def _state_tensor(self) -> torch.Tensor:
-        return self.state.kv
-
-    def nbytes(self) -> int:
-        return self.state.nbytes() if self.state is not None else 0
-
-
-class WindowLinearStateLayer(RecurrentStateLayer):
-    """A ``window-linear`` layer: the last ``window - 1`` keys/values plus the linear state of older
-    keys (a :class:`~hf_efficient.attention.WindowLinearState`); bounded size however long the text."""
-
-    kind = "window-linear"
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.window: int | None = None
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        feature_map="elu",
-        key_padding_mask: torch.Tensor | None = None,
-        eps: float = 1e-6,
-        chunk_size: int = 64,
-        window: int = 64,
-        scale: float | None = None,
-    ) -> torch.Tensor:
-        """Window-linear attention of the T new tokens ``(batch, heads, T, d)`` over all seen tokens."""
-        self._begin(q, k, v)
-        if self.state is not None and window != self.window:
-            raise ValueError(f"this cache layer holds a window-linear state of window {self.window}, not {window}")
-        out, self.state = window_linear_attention(
-            q, k, v, window=window, feature_map=feature_map, scale=scale, key_padding_mask=key_padding_mask,
-            eps=eps, chunk_size=chunk_size, state=self.state, return_state=True,
-        )
-        self.window = window
-        self._consumed(q.shape[2])
-        return out
-
-    def attend_with(self, params, q, k, v, *, feature_map, key_padding_mask=None, scale=None) -> torch.Tensor:
-        return self.attend(q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps,
-                           chunk_size=params.chunk_size, window=params.window, scale=scale)
-
-    def reset(self) -> None:
-        super().reset()
-        self.window = None
-
-    def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.state is not None:
-            self.state = self.state.map(fn)
-
-    def _state_tensor(self) -> torch.Tensor:
-        return self.state.keys
-
-    def nbytes(self) -> int:
-        return self.state.nbytes() if self.state is not None else 0
-
-
-# The cache layer of each recurrent kind.
-RECURRENT_LAYERS: dict[str, type[RecurrentStateLayer]] = {"linear": LinearStateLayer,
-                                                          "window-linear": WindowLinearStateLayer}
+        return self.advance(lambda state: linear_attention_decode(
+            state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=eps,
+            chunk_size=chunk_size), q, k, v)
 
 
 def _layers_for_config(config) -> list:
@@ -321,17 +262,17 @@ def _layers_for_config(config) -> list:
     for i, (layer, layer_type, kwargs) in enumerate(zip(plan, types, per_layer_kwargs, strict=True)):
         if layer.kind is None:
             layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
-        elif layer.kind in RECURRENT_LAYERS:
-            layers.append(RECURRENT_LAYERS[layer.kind]())
+        elif get_attention_kind(layer.kind).decode is not None:
+            layers.append(RecurrentStateLayer(layer.kind))
         else:
             raise ValueError(f"layer {i} uses attention kind {layer.kind!r}, which has no recurrent form; "
                              "LinearAttentionCache needs every replaced layer to be a recurrent kind "
-                             f"({', '.join(RECURRENT_LAYERS)})")
+                             f"({', '.join(recurrent_kind_names())})")
     return layers
 
 
 def _describe(layer) -> tuple:
-    return type(layer).__name__, getattr(layer, "sliding_window", None)
+    return getattr(layer, "kind", type(layer).__name__), getattr(layer, "sliding_window", None)
 
 
 def _digest(row: torch.Tensor) -> str:
@@ -391,7 +332,7 @@ class LinearAttentionCache(Cache):
         def make(i: int) -> CacheLayerMixin:
             if i in indices["softmax"]:
                 return DynamicLayer()
-            return WindowLinearStateLayer() if i in indices["window-linear"] else LinearStateLayer()
+            return RecurrentStateLayer("window-linear") if i in indices["window-linear"] else LinearStateLayer()
 
         super().__init__(layers=[make(i) for i in range(num_layers)])
 
@@ -436,8 +377,8 @@ class LinearAttentionCache(Cache):
         return total
 
     def recurrent_state(self, layer_idx: int):
-        """The state of layer ``layer_idx``: a ``LinearAttentionState`` (a ``WindowLinearState`` for
-        window-linear layers), None before its first token."""
+        """The state of layer ``layer_idx`` as its kind's decoding form keeps it (a ``LinearAttentionState``
+        for linear layers, a ``WindowLinearState`` for window-linear ones), None before its first token."""
         layer = self.layers[layer_idx]
         if not isinstance(layer, RecurrentStateLayer):
             raise ValueError(f"layer {layer_idx} of this cache keeps softmax keys/values, not a recurrent state")
@@ -532,15 +473,20 @@ class CacheReuseMixin:
         return output
 
 
-_DEPRECATED = {"LinearAttentionLayer": LinearStateLayer, "WindowLinearAttentionLayer": WindowLinearStateLayer,
-               "RECURRENT_TAG": CACHE_KWARG}
+# Old names: LinearAttentionLayer shadowed transformers' own class of that name; a window-linear layer
+# is now the generic layer of its kind, RecurrentStateLayer("window-linear").
+_DEPRECATED = {
+    "LinearAttentionLayer": (LinearStateLayer, "LinearStateLayer"),
+    "WindowLinearStateLayer": (RecurrentStateLayer, "RecurrentStateLayer('window-linear')"),
+    "WindowLinearAttentionLayer": (RecurrentStateLayer, "RecurrentStateLayer('window-linear')"),
+    "RECURRENT_TAG": (CACHE_KWARG, "CACHE_KWARG"),
+}
 
 
 def __getattr__(name: str):
-    # Old names: LinearAttentionLayer shadowed transformers' own class of that name.
     if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(f"hf_efficient.integrations.cache.{name} is deprecated; use "
-                      f"{getattr(new, '__name__', 'CACHE_KWARG')}", DeprecationWarning, stacklevel=2)
-        return new
+        value, new = _DEPRECATED[name]
+        warnings.warn(f"hf_efficient.integrations.cache.{name} is deprecated; use {new}", DeprecationWarning,
+                      stacklevel=2)
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,8 +24,9 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from ..attention.feature_maps import FeatureMap
+from ..attention.registry import recurrent_kind_names
 from .attention_interface import implementation_name, register_with_transformers
-from .cache import RECURRENT_LAYERS, CacheReuseMixin, LinearAttentionCache
+from .cache import CacheReuseMixin, LinearAttentionCache
 from .export import push_to_hub, write_remote_code
 from .plan import CONFIG_KEY, plan_from_record
 from .surgery import apply_plan, attention_modules, shares_kwargs_with_cache
@@ -104,7 +105,7 @@ class EfficientModelMixin(CacheReuseMixin):
     def _decodes_from_state(self, plan) -> bool:
         """Every replaced layer has a recurrent form, and the attention modules can reach a cache layer."""
         replaced = [layer for layer in plan if layer.kind is not None]
-        return (bool(replaced) and all(layer.kind in RECURRENT_LAYERS for layer in replaced)
+        return (bool(replaced) and all(layer.kind in recurrent_kind_names() for layer in replaced)
                 and all(shares_kwargs_with_cache(type(m)) for _, m in attention_modules(self)))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

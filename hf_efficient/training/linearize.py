@@ -21,6 +21,7 @@ Afterwards a decoder decodes in O(1) per token with a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -28,6 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..attention import get_attention_kind
+from ..attention.registry import recurrent_kind_names
 
 __all__ = [
     "LinearizeConfig",
@@ -39,7 +43,19 @@ __all__ = [
 ]
 
 FINETUNE_PARAMS = ("feature_maps", "feature_maps+qk", "lora", "all")
-KINDS = ("linear", "window-linear")
+
+
+def _param_names(kind: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(get_attention_kind(kind).params_class)}
+
+
+def linearizable_kinds() -> tuple[str, ...]:
+    """The registered kinds a model can be linearised to: those with a decoding form (the registry's
+    ``decode``, so a decoder decodes from a constant-size state) and a ``feature_map`` parameter to learn."""
+    return tuple(name for name in recurrent_kind_names() if "feature_map" in _param_names(name))
+
+
+KINDS = linearizable_kinds()  # the package's own kinds, for argparse choices
 FINETUNE_LOSSES = ("distill", "lm")
 
 
@@ -98,8 +114,9 @@ class LinearizeConfig:
                 f"transfer would train nothing; accepted (learnable): {', '.join(learnable)}. For a fixed map, "
                 "patch the model with patch_model(model, 'linear', feature_map=...) instead"
             )
-        if self.kind not in KINDS:
-            raise ValueError(f"LinearizeConfig.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind not in linearizable_kinds():
+            raise ValueError(f"LinearizeConfig.kind must be one of {', '.join(linearizable_kinds())}, "
+                             f"got {self.kind!r}")
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
             raise ValueError(f"LinearizeConfig.window must be a positive int, got {self.window!r}")
         for name in ("transfer_steps", "finetune_steps", "keep_softmax_first", "keep_softmax_last", "lora_rank"):
@@ -401,8 +418,8 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
         raise ValueError("linearize needs the original softmax model: it learns from its attention; unpatch it first")
     modules = [m for _, m in attention_modules(model)]
     causal = _is_causal(modules)
-    if not causal and config.kind == "window-linear":
-        raise ValueError("linearize: kind='window-linear' is a causal sliding window; this model's attention is "
+    if not causal and not get_attention_kind(config.kind).supports_bidirectional:
+        raise ValueError(f"linearize: kind={config.kind!r} is causal only; this model's attention is "
                          "bidirectional (an encoder), so use kind='linear'")
     if not causal and config.finetune_steps and config.finetune_loss == "lm":
         raise ValueError("linearize: finetune_loss='lm' is next-token cross-entropy, for causal LMs; this model "
@@ -434,10 +451,11 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     config.log.append({"capture_cpu_seconds": time.process_time() - started, "causal": causal})
 
     # 2. Patch, then fit each layer's feature map on its own queries and keys.
-    extra = {"window": config.window} if config.kind == "window-linear" else {}
+    windowed = "window" in _param_names(config.kind)
+    extra = {"window": config.window} if windowed else {}
     patch_model(model, config.kind, feature_map=config.feature_map, chunk_size=config.chunk_size,
                 keep_softmax_first=config.keep_softmax_first, keep_softmax_last=config.keep_softmax_last, **extra)
-    window = config.window if config.kind == "window-linear" else None
+    window = config.window if windowed else None
     gen = torch.Generator().manual_seed(config.seed)
     for index, module in enumerate(modules):
         layer = getattr(module, LAYER_ATTRIBUTE)

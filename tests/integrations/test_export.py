@@ -34,7 +34,8 @@ CHILD = """
                     out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
                     plain = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
                     results["generate_equal"] = torch.tensor([torch.equal(out.sequences, plain)])
-                    names["cache"] = [type(out.cache).__name__] + sorted({type(x).__name__ for x in out.cache.layers})
+                    names["cache"] = [type(out.cache).__name__] + sorted(
+                        {type(x).__name__ + (f"[{x.kind}]" if hasattr(x, "kind") else "") for x in out.cache.layers})
         save_file(results, job["out"])
         report[job["folder"]] = names
     print(json.dumps(report))
@@ -48,21 +49,21 @@ CASES = [
      ["AutoModelForSequenceClassification", "AutoModel", "AutoModelForMaskedLM"],
      "linear", {"feature_map": "hedgehog", "keep_softmax_first": 1}, None),
     ("llama", "LlamaForCausalLM", ["AutoModelForCausalLM", "AutoModel"], "linear", {"feature_map": "favor"},
-     ["LinearAttentionCache", "LinearStateLayer"]),
+     ["LinearAttentionCache", "RecurrentStateLayer[linear]"]),
     ("llama", "LlamaForCausalLM", ["AutoModelForCausalLM"], "window-linear", {"feature_map": "hedgehog", "window": 3},
-     ["LinearAttentionCache", "WindowLinearStateLayer"]),
+     ["LinearAttentionCache", "RecurrentStateLayer[window-linear]"]),
     ("vit", "ViTForImageClassification", ["AutoModelForImageClassification"], "improved-clustered", {}, None),
     # hybrid and modern layouts: sliding layers kept (their own masks and cache layers) or replaced
     ("gemma3", "Gemma3ForCausalLM", ["AutoModelForCausalLM"], "linear", {},
-     ["LinearAttentionCache", "DynamicSlidingWindowLayer", "LinearStateLayer"]),
+     ["LinearAttentionCache", "DynamicSlidingWindowLayer", "RecurrentStateLayer[linear]"]),
     ("gemma2", "Gemma2ForCausalLM", ["AutoModelForCausalLM"], "linear", {"ignore_logit_softcap": True},
-     ["LinearAttentionCache", "DynamicSlidingWindowLayer", "LinearStateLayer"]),
+     ["LinearAttentionCache", "DynamicSlidingWindowLayer", "RecurrentStateLayer[linear]"]),
     ("qwen2_sliding", "Qwen2ForCausalLM", ["AutoModelForCausalLM"], "linear", {},
-     ["LinearAttentionCache", "DynamicSlidingWindowLayer", "LinearStateLayer"]),
+     ["LinearAttentionCache", "DynamicSlidingWindowLayer", "RecurrentStateLayer[linear]"]),
     ("mistral", "MistralForCausalLM", ["AutoModelForCausalLM"], "linear", {"sliding": "window-linear"},
-     ["LinearAttentionCache", "WindowLinearStateLayer"]),
+     ["LinearAttentionCache", "RecurrentStateLayer[window-linear]"]),
     ("phi3", "Phi3ForCausalLM", ["AutoModelForCausalLM"], "linear", {"sliding": "window-linear"},
-     ["LinearAttentionCache", "WindowLinearStateLayer"]),
+     ["LinearAttentionCache", "RecurrentStateLayer[window-linear]"]),
     ("gpt_neox", "GPTNeoXForCausalLM", ["AutoModelForCausalLM"], "linear", {}, ["DynamicCache", "DynamicLayer"]),
     ("modernbert", "ModernBertForMaskedLM", ["AutoModelForMaskedLM", "AutoModel"], "improved-clustered",
      {"clusters": 3, "topk": 4}, None),

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from hf_efficient import LinearAttentionCache
 from hf_efficient.integrations import patch_model
-from hf_efficient.integrations.cache import LinearStateLayer
+from hf_efficient.integrations.cache import LinearStateLayer, RecurrentStateLayer
 
 VOCAB = 48
 
@@ -71,7 +71,7 @@ def test_left_padding_with_patched_llama():
 def test_partially_patched_model_mixes_states_and_keys():
     model = patch_model(build("llama"), "linear", softmax_layers=[0], chunk_size=4)
     cache = LinearAttentionCache.from_model(model)
-    assert isinstance(cache.layers[0], DynamicLayer) and isinstance(cache.layers[1], LinearStateLayer)
+    assert isinstance(cache.layers[0], DynamicLayer) and cache.layers[1].kind == "linear"
     ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
     out = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache)
     ref = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
@@ -96,14 +96,12 @@ def test_from_model_refuses_unpatched_model():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_window_linear_generation_equals_uncached(arch):
-    from hf_efficient.integrations.cache import WindowLinearStateLayer
-
     model = patch_model(build(arch), "window-linear", window=4, feature_map="hedgehog", chunk_size=4)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
     cache = LinearAttentionCache.from_model(model)
-    assert all(isinstance(layer, WindowLinearStateLayer) for layer in cache.layers)
+    assert all(isinstance(layer, RecurrentStateLayer) and layer.kind == "window-linear" for layer in cache.layers)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, cache=cache,
                          return_dict_in_generate=True)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, use_cache=False)
@@ -136,7 +134,7 @@ def test_generate_builds_the_recurrent_cache_itself(kind, params):
 def test_cache_is_built_from_the_config_like_transformers_caches():
     model = patch_model(build("llama"), "window-linear", window=3, softmax_layers=[1], chunk_size=4)
     cache = LinearAttentionCache(config=model.config)
-    assert [type(layer).__name__ for layer in cache.layers] == ["WindowLinearStateLayer", "DynamicLayer"]
+    assert [getattr(layer, "kind", type(layer).__name__) for layer in cache.layers] == ["window-linear", "DynamicLayer"]
     assert [type(layer) for layer in LinearAttentionCache.from_model(model).layers] == [type(x) for x in cache.layers]
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, cache=cache),
@@ -153,6 +151,8 @@ def test_old_cache_layer_names_are_deprecated_aliases():
 
     with pytest.warns(DeprecationWarning, match="LinearStateLayer"):
         assert cache_module.LinearAttentionLayer is LinearStateLayer
+    with pytest.warns(DeprecationWarning, match="RecurrentStateLayer"):
+        assert cache_module.WindowLinearStateLayer is RecurrentStateLayer
     # no longer shadows transformers' own class of that name
     assert LinearStateLayer.__name__ != transformers.cache_utils.LinearAttentionLayer.__name__
 
