@@ -3,7 +3,8 @@
 Every registered kind that is asked for (default: ``linear``) runs through the registry's forward
 with its default parameters, beside ``torch.nn.functional.scaled_dot_product_attention`` (the
 transformers v5 default). Timings are interleaved (ours, SDPA, ours, ...) after a warm-up and the
-median of the repeats is reported with the min-max spread; peak memory is the growth of the peak
+median of the repeats is reported with the min-max spread and the ratio to SDPA; every time is taken
+by ``torch.utils.benchmark.Timer`` (:func:`interleaved_times`); peak memory is the growth of the peak
 resident set of a fresh subprocess over its size after the inputs were made.
 
     python scripts/bench_attention.py --quick               # CI-sized, seconds
@@ -25,10 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils import benchmark
 
 import hf_efficient
 from hf_efficient.arguments import positive_int
@@ -66,54 +69,63 @@ def inputs(n: int, grad: bool):
     return [torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def run_once(fn, q, k, v, backward: bool) -> float:
-    start = time.perf_counter()
+def timer(stmt: Callable[[], object], setup: Callable[[], object] | None = None) -> benchmark.Timer:
+    """A ``torch.utils.benchmark.Timer`` of ``stmt()`` at this process's thread count; with ``setup``, each
+    timed block first runs ``x = setup()`` untimed and then times ``stmt(x)``."""
+    if setup is None:
+        return benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
+    return benchmark.Timer(stmt="stmt(x)", setup="x = setup()", globals={"stmt": stmt, "setup": setup},
+                           num_threads=torch.get_num_threads())
+
+
+def interleaved_times(timers: Mapping[Hashable, benchmark.Timer], rounds: int, number: int = 1) -> dict:
+    """Seconds per call of each timer's statement, interleaved (A B C A B C ...) so that changes of the
+    machine's load hit all alike: ``{name: [rounds samples]}``, a sample being ``number`` calls timed together."""
+    times: dict = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, t in timers.items():
+            times[name].append(t.timeit(number).mean)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    """``median_s`` (what we report), ``min_s``, ``max_s`` (the spread) and ``repeats`` of a list of seconds."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
+def run_once(fn, q, k, v, backward: bool) -> None:
+    """One call (and its backward, gradients then cleared)."""
     out = fn(q, k, v)
     if backward:
         out.sum().backward()
         for t in (q, k, v):
             t.grad = None
-    return time.perf_counter() - start
 
 
 def time_pair(impls, n, causal, backward, repeats):
     """Interleaved timings of several implementations at one size: {impl: [seconds...]}."""
     fns = {impl: make_fn(impl, causal) for impl in impls}
     q, k, v = inputs(n, backward)
-    times = {impl: [] for impl in impls}
-    first = {}
     with torch.set_grad_enabled(backward):
-        for impl, fn in fns.items():  # warm-up, and the cost of one call to size the repeats
-            first[impl] = run_once(fn, q, k, v, backward)
-        reps = repeats if max(first.values()) < 5.0 else max(3, repeats // 2)
-        for _ in range(reps):
-            for impl, fn in fns.items():
-                times[impl].append(run_once(fn, q, k, v, backward))
-    return times
+        timers = {impl: timer(lambda fn=fn: run_once(fn, q, k, v, backward)) for impl, fn in fns.items()}
+        # warm-up, and the cost of one call to size the repeats
+        first = interleaved_times(timers, 1)
+        reps = repeats if max(t[0] for t in first.values()) < 5.0 else max(3, repeats // 2)
+        return interleaved_times(timers, reps)
 
 
-def matmul_gflops(repeats: int = 5) -> float:
+def matmul_gflops() -> float:
+    """This machine's float32 matmul rate (GFLOP/s) at 2048 x 2048, median of ``blocked_autorange``."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    ts = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - start)
-    return 2 * 2048**3 / statistics.median(ts) / 1e9
+    return 2 * 2048**3 / timer(lambda: a @ b).blocked_autorange(min_run_time=0.5).median / 1e9
 
 
-def read_bandwidth_gbs(repeats: int = 5, megabytes: int = 256) -> float:
-    """This machine's memory read bandwidth as torch sees it (GB/s): the best of ``repeats`` sums over a
-    float32 tensor far larger than the caches. The floor of a decoding step is its weight bytes over it."""
+def read_bandwidth_gbs(megabytes: int = 256) -> float:
+    """This machine's memory read bandwidth as torch sees it (GB/s): the fastest of the sums over a float32
+    tensor far larger than the caches that ``blocked_autorange`` times. The floor of a decoding step is its
+    weight bytes over it."""
     x = torch.ones(megabytes * 2**20 // 4)
-    x.sum()
-    ts = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        ts.append(time.perf_counter() - start)
-    return x.numel() * 4 / min(ts) / 1e9
+    return x.numel() * 4 / min(timer(x.sum).blocked_autorange(min_run_time=0.5).times) / 1e9
 
 
 def linear_flops(n: int, causal: bool, backward: bool, chunk: int = 64) -> float:
@@ -201,18 +213,10 @@ def main(argv=None) -> int:
                 times = time_pair(["sdpa", *kinds], n, causal, backward, repeats)
                 base = statistics.median(times["sdpa"])
                 for impl in ["sdpa", *kinds]:
-                    med = statistics.median(times[impl])
-                    row = {
-                        "impl": impl,
-                        "causal": causal,
-                        "mode": "fwd+bwd" if backward else "fwd",
-                        "n": n,
-                        "median_s": med,
-                        "min_s": min(times[impl]),
-                        "max_s": max(times[impl]),
-                        "repeats": len(times[impl]),
-                        "speedup_vs_sdpa": base / med,
-                    }
+                    row = {"impl": impl, "causal": causal, "mode": "fwd+bwd" if backward else "fwd", "n": n,
+                           **summary(times[impl])}
+                    med = row["median_s"]
+                    row["speedup_vs_sdpa"] = base / med
                     if impl == "linear":
                         gflops = linear_flops(n, causal, backward) / med / 1e9
                         row.update(gflops=gflops, fraction_of_matmul=gflops / peak)

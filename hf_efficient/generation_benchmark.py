@@ -13,9 +13,10 @@ attention (exact softmax over the last W tokens, linear beyond) decoding from it
 context length the linear models run a real chunked prefill; the softmax cache is filled with
 random keys/values of the right shape (a real softmax prefill at 16k costs minutes on a CPU, and
 decode cost depends only on the cache's shape). Then both decode ``--steps`` tokens at a time,
-interleaved over models and lengths, ``--repeats`` times after a warm-up; we report the median
-per-token time (one decoding step: one new token for each of ``--batch`` sequences) and the
-min-max spread. Cache bytes are exact tensor sizes.
+interleaved over models and lengths, ``--repeats`` times after a warm-up, each timing a
+``torch.utils.benchmark.Timer`` of ``--steps`` steps; we report the median per-token time (one
+decoding step: one new token for each of ``--batch`` sequences) and the min-max spread. Cache
+bytes are exact tensor sizes.
 
 On a CPU, decoding one token is bound by memory traffic: every step reads all weights, and the
 softmax model also reads its whole cache. So the speed-up of a constant-size state over a growing
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hf_efficient import LinearAttentionCache, LinearLMConfig, LinearLMForCausalLM
 from hf_efficient.arguments import non_negative_int, positive_int
-from hf_efficient.benchmarking import machine_info, read_bandwidth_gbs
+from hf_efficient.benchmarking import interleaved_times, machine_info, read_bandwidth_gbs, timer
 
 
 def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):
@@ -91,14 +91,17 @@ def cache_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
-def decode(model, cache, steps: int, batch: int = 1) -> float:
-    """Seconds per decoding step (one new token for each of ``batch`` sequences) continuing ``cache``."""
+def decoder(model, cache, batch: int = 1):
+    """A timer of one decoding step (one new token for each of ``batch`` sequences, the greedy choice of
+    the step before) continuing ``cache``: ``decoder(...).timeit(steps).mean`` is seconds per step."""
     token = torch.zeros(batch, 1, dtype=torch.long)
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step() -> None:
+        nonlocal token
         logits = model(token, cache=cache, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
-    return (time.perf_counter() - start) / steps
+
+    return timer(step)
 
 
 def main(argv=None) -> int:
@@ -136,20 +139,18 @@ def main(argv=None) -> int:
         caches = {n: {name: softmax_cache(model, n, args.batch) if name == "softmax" else
                       linear_cache(model, n, args.batch)
                       for name, model in models.items()} for n in contexts}
-        times = {n: {name: [] for name in models} for n in contexts}
         bandwidth = read_bandwidth_gbs()
         # the weight-read floor of one step: every weight read once from memory at the measured bandwidth
         floors = {name: 1e3 * weight_bytes(model) / (bandwidth * 1e9) for name, model in models.items()}
-        for repeat in range(args.repeats + 1):  # the first pass is a warm-up
-            for n in contexts:  # interleaved over lengths and models, so load changes hit all alike
-                for name, model in models.items():
-                    t = decode(model, caches[n][name], args.steps, args.batch)
-                    if repeat:
-                        times[n][name].append(t)
+        # interleaved over lengths and models, so load changes hit all alike; the first pass is a warm-up
+        timers = {(n, name): decoder(model, caches[n][name], args.batch) for n in contexts
+                  for name, model in models.items()}
+        interleaved_times(timers, 1, args.steps)
+        times = interleaved_times(timers, args.repeats, args.steps)
         for n in contexts:
             row = {"context": n}
             for name in models:
-                ts = times[n][name]
+                ts = times[n, name]
                 row[f"{name}_ms"] = 1e3 * statistics.median(ts)
                 row[f"{name}_ms_min"], row[f"{name}_ms_max"] = 1e3 * min(ts), 1e3 * max(ts)
                 row[f"{name}_cache_bytes"] = cache_bytes(caches[n][name])

@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig
 
 from hf_efficient import LinearAttentionCache, patch_model
+from hf_efficient.benchmarking import timer
 
 
 def build(window: int, width: int, layers: int) -> Gemma3ForCausalLM:
@@ -66,13 +66,13 @@ def prefill(model, context: int, chunk: int = 512):
 
 @torch.no_grad()
 def decode(model, cache, token, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-        token = out.logits[:, -1:].argmax(-1)
-    return times
+    """Seconds of each of ``steps`` greedy decoding steps continuing ``cache`` (torch.utils.benchmark Timer)."""
+    def step() -> None:
+        nonlocal token
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    one_step = timer(step)
+    return [one_step.timeit(1).mean for _ in range(steps)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 
 import hf_efficient
 from hf_efficient import kernels
-from hf_efficient.benchmarking import cpu_model
+from hf_efficient.benchmarking import cpu_model, interleaved_times, summary, timer
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H, D = 1, 8, 64
@@ -85,16 +83,11 @@ def flops(n: int, bh: int, m: int = D, e: int = D + 1, chunk: int = 64) -> dict[
 
 
 def time_interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
-    times = {name: [] for name in cases}
-    for r in range(warmup + repeats):
-        for name, (setup, run) in cases.items():
-            x = setup()
-            t = time.perf_counter()
-            run(x)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": len(ts)}
-            for name, ts in times.items()}
+    """``{name: (setup, run)}`` -> per case the median/min/max seconds of ``run(setup())`` (setup untimed),
+    interleaved over the cases after ``warmup`` untimed rounds (torch.utils.benchmark Timer)."""
+    timers = {name: timer(run, setup) for name, (setup, run) in cases.items()}
+    interleaved_times(timers, warmup)
+    return {name: summary(ts) for name, ts in interleaved_times(timers, repeats).items()}
 
 
 def make_cases(n: int, backward: bool, matmul_size: int) -> dict:
