@@ -88,8 +88,9 @@ _TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8")
 class _Pyramid:
     """The smaller levels of a pyramidal TIFF, read only when the low-resolution view asks for one."""
 
-    def __init__(self, path: str, shapes: list[tuple[int, int]], channels_first: bool) -> None:
-        self.path, self.shapes, self.channels_first = path, shapes, channels_first
+    def __init__(self, path: str, shapes: list[tuple[int, int]], channels_first: bool, tif: Any = None) -> None:
+        # tif: the file already opened by the processor (opening a TIFF parses its pages: done once)
+        self.path, self.shapes, self.channels_first, self.tif = path, shapes, channels_first, tif
 
     def level_for(self, height: int, width: int) -> torch.Tensor | None:
         """The smallest level at least ``height x width`` as ``(C, h, w)``, or None if level 0 is the smallest."""
@@ -98,7 +99,11 @@ class _Pyramid:
         fits = [k for k, (h, w) in enumerate(self.shapes) if k > 0 and h >= height and w >= width]
         if not fits:
             return None
-        level = torch.from_numpy(np.ascontiguousarray(tifffile.imread(self.path, level=fits[-1])))
+        if self.tif is not None:
+            array = self.tif.series[0].levels[fits[-1]].asarray()
+        else:
+            array = tifffile.imread(self.path, level=fits[-1])
+        level = torch.from_numpy(np.ascontiguousarray(array))
         if level.dim() == 2:
             return level[None]
         return level if self.channels_first else level.permute(2, 0, 1)
@@ -119,24 +124,27 @@ class TiledTiffReader:
     """
 
     def __init__(self, path: str, shape: tuple[int, int, int], dtype: np.dtype, expand_to: int | None = None,
-                 cache_tiles: int = 64) -> None:
+                 cache_tiles: int = 64, tif: Any = None) -> None:
         self.path, self.shape, self.dtype, self.expand_to = path, shape, np.dtype(dtype), expand_to
         if not isinstance(cache_tiles, int) or isinstance(cache_tiles, bool) or cache_tiles < 0:
             raise ValueError(f"TiledTiffReader: cache_tiles must be an int >= 0, got {cache_tiles!r}")
         self.cache_tiles = cache_tiles
         self.tiles_decoded = 0  # how many tile decodes this reader has done (cache misses)
-        self._tif = None
+        self._tif = tif  # an open tifffile.TiffFile of path, or None: opened on first use
+        self._keyframe = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tif": None, "_cache": OrderedDict()}
+        return {**self.__dict__, "_tif": None, "_keyframe": None, "_cache": OrderedDict()}
 
     def _page(self):
         import tifffile
 
         if self._tif is None:
             self._tif = tifffile.TiffFile(self.path)
-        return self._tif, self._tif.series[0].levels[0].keyframe
+        if self._keyframe is None:
+            self._keyframe = self._tif.series[0].levels[0].keyframe
+        return self._tif, self._keyframe
 
     def _tile(self, index: int, held: dict[int, np.ndarray]) -> np.ndarray:
         """Decoded tile ``index`` ``(tile_h, tile_w, C)``: from this call's tiles, the cache, or the file."""
@@ -235,7 +243,10 @@ def _read_tiff(path: str, index: int) -> tuple[np.ndarray | TiledTiffReader, str
     """
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    # the file is opened (its pages parsed) once; a tile reader and the pyramid keep using this handle
+    tif = tifffile.TiffFile(path)
+    keep_open = False
+    try:
         series = tif.series[0]
         axes = series.axes
         levels = series.levels
@@ -243,20 +254,23 @@ def _read_tiff(path: str, index: int) -> tuple[np.ndarray | TiledTiffReader, str
         page = levels[0].keyframe
         tiled_contiguous = page.is_tiled and (page.planarconfig == 1 or page.samplesperpixel == 1)
         shape, dtype = series.shape, series.dtype
-    if axes not in ("YX", "YXS", "SYX"):
-        raise ValueError(
-            f"{_NAME}: image {index} is the TIFF {path!r} with axes {axes!r}; accepted: one 2-d image, grey or "
-            "with samples (axes YX, YXS or SYX)"
-        )
-    pyramid = _Pyramid(path, shapes, axes == "SYX") if len(shapes) > 1 else None
-    try:
-        return tifffile.memmap(path, mode="r"), axes, pyramid
-    except ValueError:  # compressed or tiled
-        pass
-    if pyramid is not None and tiled_contiguous and axes in ("YX", "YXS") and dtype in (np.uint8, np.uint16):
-        channels = shape[2] if axes == "YXS" else 1
-        return TiledTiffReader(path, (channels, shape[0], shape[1]), dtype), axes, pyramid
-    return tifffile.imread(path), axes, pyramid
+        if axes not in ("YX", "YXS", "SYX"):
+            raise ValueError(
+                f"{_NAME}: image {index} is the TIFF {path!r} with axes {axes!r}; accepted: one 2-d image, grey or "
+                "with samples (axes YX, YXS or SYX)"
+            )
+        pyramid = _Pyramid(path, shapes, axes == "SYX") if len(shapes) > 1 else None
+        if series.dataoffset is not None:  # stored uncompressed in one run: memory-mapped
+            return tifffile.memmap(path, mode="r"), axes, pyramid
+        if pyramid is not None and tiled_contiguous and axes in ("YX", "YXS") and dtype in (np.uint8, np.uint16):
+            channels = shape[2] if axes == "YXS" else 1
+            pyramid.tif = tif
+            keep_open = True
+            return TiledTiffReader(path, (channels, shape[0], shape[1]), dtype, tif=tif), axes, pyramid
+        return series.asarray(), axes, pyramid
+    finally:
+        if not keep_open:
+            tif.close()
 
 
 def _as_tensor(
