@@ -11,6 +11,12 @@ seen in training whatever the seeds.
 from __future__ import annotations
 
 import functools
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -57,7 +63,98 @@ def _place(rng: np.random.Generator, size: int, count: int) -> list[tuple[int, i
             corners.append((r, c))
             if len(corners) == count:
                 return corners
-    raise ValueError(f"megaNIST: cannot place {count} non-overlapping digits on a {size}x{size} canvas")
+    raise ValueError(f"megaNIST: cannot place {count} non-overlapping digit boxes on a {size}x{size} canvas")
+
+
+def _check_count(caller: str, name: str, value) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{caller}: {name} must be an int >= 0, got {value!r}")
+
+
+def _check_args(caller: str, canvas_size, num_digits, num_target, test_fraction, seed) -> None:
+    """The checks shared by :func:`make_megamnist` and :func:`write_megamnist`."""
+    if not isinstance(canvas_size, int) or isinstance(canvas_size, bool) or not 256 <= canvas_size <= 4096:
+        raise ValueError(f"{caller}: canvas_size must be an int in [256, 4096], got {canvas_size!r}")
+    for name, value in (("num_digits", num_digits), ("num_target", num_target)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{caller}: {name} must be an int, got {value!r}")
+    others = num_digits - num_target
+    if num_target < 1 or others < 0 or num_target <= others:
+        raise ValueError(
+            f"{caller}: need 1 <= num_target and num_target > num_digits - num_target (the label must "
+            f"be the majority class), got num_digits={num_digits}, num_target={num_target}"
+        )
+    if not isinstance(test_fraction, int | float) or isinstance(test_fraction, bool) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"{caller}: test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"{caller}: seed must be an int >= 0, got {seed!r}")
+
+
+def _pool(caller: str, split: str, test_fraction: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The split's digits ``(n, 28, 28)`` uint8 and, per class, the indices of its digits."""
+    digits, digit_labels = _digit_pools(test_fraction)[split]
+    by_class = [np.flatnonzero(digit_labels == k) for k in range(10)]
+    missing = [k for k in range(10) if len(by_class[k]) == 0]
+    if missing:
+        raise ValueError(
+            f"{caller}: test_fraction={test_fraction!r} leaves the {split} pool with {len(digit_labels)} of the "
+            f"5,000 digits and no digit of class(es) {missing}; use a test_fraction that leaves every class in both "
+            "pools (e.g. 0.05 ... 0.95)"
+        )
+    return digits, by_class
+
+
+def _noise_pattern(rng: np.random.Generator) -> np.ndarray:
+    """A 28x28 digit-sized pattern of two crossing strokes at random angles, 2 px wide (uint8)."""
+    box = np.zeros((DIGIT, DIGIT), dtype=np.uint8)
+    for _ in range(2):
+        centre = rng.uniform(8, DIGIT - 8, 2)
+        angle = rng.uniform(0, np.pi)
+        half = rng.uniform(6, 12)
+        steps = np.linspace(-half, half, int(4 * half) + 1)
+        pts = centre[None] + steps[:, None] * np.array([np.sin(angle), np.cos(angle)])[None]
+        pts = np.concatenate([pts, pts + 1.0])  # 2 px thick
+        r = np.clip(pts[:, 0].astype(int), 0, DIGIT - 1)
+        c = np.clip(pts[:, 1].astype(int), 0, DIGIT - 1)
+        box[r, c] = 255
+    return box
+
+
+def _new_canvas(size: int) -> np.ndarray:
+    """One blank canvas (a function of its own so a test can count the canvases alive at once)."""
+    return np.zeros((size, size), dtype=np.uint8)
+
+
+def _render(
+    canvas: np.ndarray,
+    rng: np.random.Generator,
+    digits: np.ndarray,
+    by_class: list[np.ndarray],
+    num_digits: int,
+    num_target: int,
+    num_noise_lines: int,
+    num_noise_patterns: int,
+) -> tuple[int, np.ndarray]:
+    """Draw one megaNIST image into the blank ``(size, size)`` ``canvas``; return its label and digit boxes.
+
+    Noise patterns get boxes of their own, disjoint from the digits' (placed in one draw with them),
+    so a pattern never hides part of a digit; scribbles may cross anything.
+    """
+    size = canvas.shape[0]
+    target = int(rng.integers(10))
+    others = num_digits - num_target
+    other_classes = rng.choice([k for k in range(10) if k != target], size=others, replace=True)
+    classes = [target] * num_target + [int(k) for k in other_classes]
+    _draw_lines(canvas, rng, num_noise_lines)
+    corners = _place(rng, size, num_digits + num_noise_patterns)
+    boxes = np.zeros((num_digits, 3), dtype=np.int64)
+    for j, ((r, c), k) in enumerate(zip(corners[:num_digits], classes, strict=True)):
+        digit = digits[rng.choice(by_class[k])]
+        canvas[r : r + DIGIT, c : c + DIGIT] = np.maximum(canvas[r : r + DIGIT, c : c + DIGIT], digit)
+        boxes[j] = (r, c, k)
+    for r, c in corners[num_digits:]:
+        canvas[r : r + DIGIT, c : c + DIGIT] = np.maximum(canvas[r : r + DIGIT, c : c + DIGIT], _noise_pattern(rng))
+    return target, boxes
 
 
 def make_megamnist(
@@ -91,55 +188,22 @@ def make_megamnist(
     """
     import datasets
 
+    _check_args("make_megamnist", canvas_size, num_digits, num_target, test_fraction, seed)
     if split not in ("train", "test"):
         raise ValueError(f"make_megamnist: split must be 'train' or 'test', got {split!r}")
-    if not isinstance(canvas_size, int) or not 256 <= canvas_size <= 4096:
-        raise ValueError(f"make_megamnist: canvas_size must be an int in [256, 4096], got {canvas_size!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"make_megamnist: num_samples must be a positive int, got {num_samples!r}")
-    for name, value in (("num_digits", num_digits), ("num_target", num_target)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"make_megamnist: {name} must be an int, got {value!r}")
-    others = num_digits - num_target
-    if num_target < 1 or others < 0 or num_target <= others:
-        raise ValueError(
-            "make_megamnist: need 1 <= num_target and num_target > num_digits - num_target (the label must "
-            f"be the majority class), got num_digits={num_digits}, num_target={num_target}"
-        )
-    if not isinstance(test_fraction, int | float) or isinstance(test_fraction, bool) or not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"make_megamnist: test_fraction must be a float in (0, 1), got {test_fraction!r}")
-    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"make_megamnist: seed must be an int >= 0, got {seed!r}")
     if num_noise_lines is None:
         num_noise_lines = int(round(10 * (canvas_size / 256) ** 2))
-    if not isinstance(num_noise_lines, int) or isinstance(num_noise_lines, bool) or num_noise_lines < 0:
-        raise ValueError(f"make_megamnist: num_noise_lines must be an int >= 0, got {num_noise_lines!r}")
-
-    digits, digit_labels = _digit_pools(test_fraction)[split]
-    by_class = [np.flatnonzero(digit_labels == k) for k in range(10)]
-    missing = [k for k in range(10) if len(by_class[k]) == 0]
-    if missing:
-        raise ValueError(
-            f"make_megamnist: test_fraction={test_fraction!r} leaves the {split} pool with {len(digit_labels)} of the "
-            f"5,000 digits and no digit of class(es) {missing}; use a test_fraction that leaves every class in both "
-            "pools (e.g. 0.05 ... 0.95)"
-        )
+    _check_count("make_megamnist", "num_noise_lines", num_noise_lines)
+    digits, by_class = _pool("make_megamnist", split, test_fraction)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
 
     images = np.zeros((num_samples, canvas_size, canvas_size), dtype=np.uint8)
     labels = np.zeros(num_samples, dtype=np.int64)
     boxes = np.zeros((num_samples, num_digits, 3), dtype=np.int64)
     for i in range(num_samples):
-        target = int(rng.integers(10))
-        other_classes = rng.choice([k for k in range(10) if k != target], size=others, replace=True)
-        classes = [target] * num_target + [int(k) for k in other_classes]
-        canvas = images[i]
-        _draw_lines(canvas, rng, num_noise_lines)
-        for j, ((r, c), k) in enumerate(zip(_place(rng, canvas_size, num_digits), classes, strict=True)):
-            digit = digits[rng.choice(by_class[k])]
-            canvas[r : r + DIGIT, c : c + DIGIT] = np.maximum(canvas[r : r + DIGIT, c : c + DIGIT], digit)
-            boxes[i, j] = (r, c, k)
-        labels[i] = target
+        labels[i], boxes[i] = _render(images[i], rng, digits, by_class, num_digits, num_target, num_noise_lines, 0)
 
     features = datasets.Features(
         {
@@ -151,3 +215,234 @@ def make_megamnist(
     return datasets.Dataset.from_dict(
         {"image": images, "label": labels, "digit_boxes": boxes}, features=features
     ).with_format("numpy")
+
+
+# the paper's megaNIST: 1500x1500 canvases, 5 digits (3 of the label's class), about 50 digit-like
+# noise patterns, 5,000 training and 1,000 test images
+PAPER_CONFIG = {"canvas_size": 1500, "num_train": 5000, "num_test": 1000, "num_noise_patterns": 50}
+_SPLIT_ID = {"train": 0, "test": 1}
+
+
+def _shard_rows(
+    split: str, shard: int, count: int, canvas_size: int, seed: int, num_digits: int, num_target: int,
+    num_noise_lines: int, num_noise_patterns: int, test_fraction: float,
+):
+    """Yield the ``count`` rows of one shard, one canvas alive at a time, each image as PNG bytes.
+
+    Each shard has its own random stream (``[seed, split, shard]``), so shards can be made in any
+    order or in parallel and come out the same.
+    """
+    from PIL import Image
+
+    digits, by_class = _pool("write_megamnist", split, test_fraction)
+    rng = np.random.default_rng([seed, _SPLIT_ID[split], shard])
+    for _ in range(count):
+        canvas = _new_canvas(canvas_size)
+        label, boxes = _render(canvas, rng, digits, by_class, num_digits, num_target, num_noise_lines,
+                               num_noise_patterns)
+        buffer = io.BytesIO()
+        Image.fromarray(canvas, mode="L").save(buffer, format="PNG", compress_level=1)
+        del canvas  # only the encoded image travels on
+        yield {"image": {"bytes": buffer.getvalue(), "path": None}, "label": label, "digit_boxes": boxes}
+
+
+def _card(params: dict, shards: dict[str, int]) -> str:
+    """The dataset card (README.md): YAML front matter that ``datasets.load_dataset(folder)`` reads, then prose."""
+    size = params["canvas_size"]
+    return f"""---
+pretty_name: megaNIST {size}x{size}
+task_categories:
+- image-classification
+size_categories:
+- 1K<n<10K
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+  - split: test
+    path: data/test-*.parquet
+---
+
+# megaNIST {size}x{size}
+
+A synthetic megapixel classification task made from MNIST digits. Each image is a black
+{size}x{size} grey canvas holding {params["num_digits"]} MNIST digits (28x28) at random,
+non-overlapping positions: {params["num_target"]} of them share one class, which is the label, and
+the others are of other classes. {params["num_noise_patterns"]} noise patterns (two crossing
+strokes in a 28x28 box, digit-sized and digit-bright) and {params["num_noise_lines"]} longer
+scribbles are added, so that a low-resolution view cannot tell digits from clutter: finding the
+label needs the full resolution, but only at a few places.
+
+## Splits and files
+
+| split | images | shards |
+|---|---|---|
+| train | {params["num_train"]} | {shards["train"]} |
+| test | {params["num_test"]} | {shards["test"]} |
+
+Shards are Parquet files under `data/` (at most {params["shard_size"]} images each, images stored
+as PNG). The train and test images draw their digits from disjoint pools of the 5,000-digit MNIST
+subset (test fraction {params["test_fraction"]}), so no test digit is ever seen in training.
+
+## Fields
+
+- `image`: the canvas, a PIL image of mode `L` (uint8).
+- `label`: the majority class, 0 ... 9.
+- `digit_boxes`: {params["num_digits"]} rows `[row, col, class]`, the top-left corner of each digit and
+  its class (the noise patterns are not listed).
+
+## Loading
+
+```python
+import datasets
+data = datasets.load_dataset("path/to/this/folder", split="train")                  # or streaming=True
+from hf_efficient.vision import load_megamnist
+data = load_megamnist("path/to/this/folder", "test", streaming=True)
+```
+
+## Generation
+
+Made by `hf_efficient.vision.write_megamnist` with the parameters in `megamnist.json`
+({", ".join(f"{k}={v}" for k, v in params.items())}). Each shard has its own random stream, seeded
+by `(seed, split, shard index)`, so the same parameters give the same files. The configuration
+follows the megaNIST of "Processing Megapixel Images with Deep Attention-Sampling Models"
+(Katharopoulos and Fleuret, 2019): 1500x1500 canvases, 5 digits of which 3 share the label, about 50
+noise patterns, 5,000 training and 1,000 test images. The digits come from a 5,000-image subset of
+MNIST, not the full 60,000.
+"""
+
+
+def write_megamnist(
+    path: str | os.PathLike,
+    canvas_size: int = PAPER_CONFIG["canvas_size"],
+    num_train: int = PAPER_CONFIG["num_train"],
+    num_test: int = PAPER_CONFIG["num_test"],
+    num_noise_patterns: int | None = None,
+    num_noise_lines: int = 0,
+    num_digits: int = 5,
+    num_target: int = 3,
+    shard_size: int = 500,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> Path:
+    """Write megaNIST to a new folder as Parquet shards with a dataset card; return the folder.
+
+    Every shard is built by ``datasets.Dataset.from_generator`` from a generator that holds one
+    canvas at a time and writes finished rows (PNG-encoded) to disk in batches, so generation memory
+    is bounded by one shard whatever ``num_train``, and the shard is written to Parquet before the
+    next one starts. The files are written under a temporary name beside ``path`` and moved into
+    place at the end: an interrupted run leaves no half-written dataset at ``path``.
+
+    Args:
+        path: the folder to create; it must not exist (or be an empty folder). An existing
+            non-empty folder is refused, never overwritten.
+        canvas_size: side of the square canvas, 256 ... 4096 (the paper: 1500).
+        num_train / num_test: images per split (the paper: 5,000 / 1,000).
+        num_noise_patterns: digit-sized noise patterns per image; defaults to
+            ``round(50 * (canvas_size / 1500) ** 2)`` (the paper's 50 at 1500x1500, same density
+            on other canvases).
+        num_noise_lines: long scribbles per image (the in-memory :func:`make_megamnist` noise), 0 by default.
+        num_digits / num_target: digits per image and how many of them share the label's class.
+        shard_size: images per Parquet shard (and the bound on rows held during generation).
+        seed: seeds everything; the same arguments give the same files.
+        test_fraction: share of the 5,000 MNIST digits kept for the test pool.
+
+    Returns:
+        ``pathlib.Path`` of the folder, holding ``README.md`` (the card, which
+        ``datasets.load_dataset(folder)`` reads), ``megamnist.json`` (the parameters) and
+        ``data/{split}-{k:05d}-of-{n:05d}.parquet``.
+    """
+    import datasets
+
+    caller = "write_megamnist"
+    _check_args(caller, canvas_size, num_digits, num_target, test_fraction, seed)
+    for name, value in (("num_train", num_train), ("num_test", num_test), ("shard_size", shard_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{caller}: {name} must be an int >= 1, got {value!r}")
+    if num_noise_patterns is None:
+        num_noise_patterns = int(round(50 * (canvas_size / 1500) ** 2))
+    _check_count(caller, "num_noise_patterns", num_noise_patterns)
+    _check_count(caller, "num_noise_lines", num_noise_lines)
+    # the boxes of digits and patterns must fit without overlap; refuse crowded canvases up front
+    if (num_digits + num_noise_patterns) * DIGIT * DIGIT * 4 > canvas_size * canvas_size:
+        raise ValueError(
+            f"{caller}: {num_digits} digits + {num_noise_patterns} noise patterns do not fit on a "
+            f"{canvas_size}x{canvas_size} canvas (their boxes would cover over a quarter of it); use fewer patterns"
+        )
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{caller}: path must be a str or os.PathLike, got {type(path).__name__}")
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(
+            f"{caller}: {str(target)!r} already exists and is not an empty folder; it is never overwritten. "
+            "Choose a new path or remove it yourself"
+        )
+    params = {
+        "canvas_size": canvas_size, "num_train": num_train, "num_test": num_test,
+        "num_noise_patterns": int(num_noise_patterns), "num_noise_lines": int(num_noise_lines),
+        "num_digits": num_digits, "num_target": num_target, "shard_size": shard_size, "seed": int(seed),
+        "test_fraction": float(test_fraction),
+    }
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "label": datasets.ClassLabel(num_classes=10),
+        "digit_boxes": datasets.Array2D(shape=(num_digits, 3), dtype="int64"),
+    })
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    shards = {}
+    try:
+        (staging / "data").mkdir()
+        for split, total in (("train", num_train), ("test", num_test)):
+            n_shards = -(-total // shard_size)
+            shards[split] = n_shards
+            for shard in range(n_shards):
+                count = min(shard_size, total - shard * shard_size)
+                with tempfile.TemporaryDirectory(dir=staging) as cache:
+                    part = datasets.Dataset.from_generator(
+                        _shard_rows,
+                        features=features,
+                        gen_kwargs={
+                            "split": split, "shard": shard, "count": count, "canvas_size": canvas_size,
+                            "seed": int(seed), "num_digits": num_digits, "num_target": num_target,
+                            "num_noise_lines": int(num_noise_lines), "num_noise_patterns": int(num_noise_patterns),
+                            "test_fraction": float(test_fraction),
+                        },
+                        cache_dir=cache,
+                        writer_batch_size=min(count, 64),
+                        keep_in_memory=False,
+                    )
+                    part.to_parquet(str(staging / "data" / f"{split}-{shard:05d}-of-{n_shards:05d}.parquet"),
+                                    batch_size=64)
+                    del part
+        (staging / "megamnist.json").write_text(json.dumps(params, indent=2) + "\n")
+        (staging / "README.md").write_text(_card(params, shards))
+        if target.exists():  # an empty folder (checked above): replace it
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_megamnist(path: str | os.PathLike, split: str = "train", streaming: bool = False):
+    """Read a split of a folder written by :func:`write_megamnist`.
+
+    Returns a ``datasets.Dataset`` (memory-mapped, images decoded on access) or, with
+    ``streaming=True``, an ``IterableDataset`` that reads the shards in order; rows have ``image``
+    (PIL, mode ``L``), ``label`` and ``digit_boxes``.
+    """
+    import datasets
+
+    if split not in ("train", "test"):
+        raise ValueError(f"load_megamnist: split must be 'train' or 'test', got {split!r}")
+    folder = Path(path)
+    files = sorted((folder / "data").glob(f"{split}-*.parquet"))
+    if not (folder / "megamnist.json").is_file() or not files:
+        raise ValueError(
+            f"load_megamnist: {str(folder)!r} is not a megaNIST folder (expected megamnist.json and "
+            f"data/{split}-*.parquet, as written by write_megamnist)"
+        )
+    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=streaming)

@@ -446,6 +446,39 @@ def test_tiled_compressed_pyramidal_tiff_is_read_tile_by_tile_with_the_same_patc
         torch.testing.assert_close(lazy.logits, eager.logits)
 
 
+def test_tiff_reader_decodes_each_tile_once_per_batch_and_keeps_a_bounded_cache(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from hf_efficient.vision import TiledTiffReader
+
+    data = np.random.default_rng(13).integers(0, 256, (64, 80, 3)).astype(np.uint8)
+    path = tmp_path / "tiles.tif"
+    tifffile.imwrite(path, data, photometric="rgb", tile=(16, 16), compression="zlib")
+    padded = np.zeros((96, 112, 3), np.uint8)
+    padded[16:80, 16:96] = data
+
+    def expected(windows):
+        return np.stack([padded[t + 16 : t + 16 + h, left + 16 : left + 16 + w] for t, left, h, w in windows])
+
+    # five windows inside the 2 x 2 tiles at the top left, overlapping each other
+    shared = [(2, 3, 12, 12), (5, 5, 12, 12), (8, 1, 12, 12), (16, 16, 12, 12), (0, 0, 12, 12)]
+    reader = TiledTiffReader(str(path), (3, 64, 80), np.uint8, cache_tiles=8)
+    assert np.array_equal(reader.read_windows(shared), expected(shared))
+    assert reader.tiles_decoded == 4  # not one decode per window and tile (16)
+    assert np.array_equal(reader.read_windows(shared), expected(shared))
+    assert reader.tiles_decoded == 4  # the next batch finds them in the cache
+    uncached = TiledTiffReader(str(path), (3, 64, 80), np.uint8, cache_tiles=0)
+    uncached.read_windows(shared)
+    uncached.read_windows(shared)
+    assert uncached.tiles_decoded == 8 and len(uncached._cache) == 0
+    # windows over all 20 tiles (and past the border) with room for 3: the cache never grows past 3
+    everywhere = [(t, left, 20, 20) for t in range(-8, 64, 16) for left in range(-8, 80, 16)]
+    small = TiledTiffReader(str(path), (3, 64, 80), np.uint8, cache_tiles=3)
+    assert np.array_equal(small.read_windows(everywhere), expected(everywhere))
+    assert small.tiles_decoded == 20 and len(small._cache) == 3
+    with pytest.raises(ValueError, match="cache_tiles"):
+        TiledTiffReader(str(path), (3, 64, 80), np.uint8, cache_tiles=-1)
+
+
 def test_a_processor_saved_before_the_fixed_size_default_keeps_its_scale(tmp_path):
     import json
 

@@ -59,3 +59,105 @@ def test_bad_arguments():
         make_megamnist(1, num_digits=4, num_target=2)
     with pytest.raises(ValueError, match="split"):
         make_megamnist(1, split="valid")
+
+
+# ---- megaNIST on disk -------------------------------------------------------------------------------
+
+
+def _write_small(path, **kwargs):
+    from hf_efficient.vision import write_megamnist
+
+    args = {"canvas_size": 300, "num_train": 7, "num_test": 3, "num_noise_patterns": 6, "shard_size": 3, "seed": 4}
+    args.update(kwargs)
+    return write_megamnist(path, **args)
+
+
+def test_written_shards_hold_the_digits_the_boxes_name(mnist, tmp_path):
+    import pyarrow.parquet as pq
+
+    from hf_efficient.vision import load_megamnist
+
+    folder = _write_small(tmp_path / "mm")
+    files = sorted((folder / "data").glob("train-*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [3, 3, 1]  # shard_size rows at most
+    assert len(list((folder / "data").glob("test-*.parquet"))) == 1
+    train_digits, _ = _digit_pools(0.2)["train"]
+    data = load_megamnist(folder, "train")
+    assert len(data) == 7
+    for row in data:
+        image = np.asarray(row["image"])
+        assert image.shape == (300, 300) and image.dtype == np.uint8
+        boxes = np.asarray(row["digit_boxes"])
+        counts = np.bincount(boxes[:, 2], minlength=10)
+        assert counts[row["label"]] == 3 and (counts == 3).sum() == 1
+        covered = np.zeros_like(image, dtype=bool)
+        for r, c, _ in boxes:
+            # noise patterns have boxes of their own, so each digit crop is exactly one training-pool digit
+            assert (train_digits == image[r : r + 28, c : c + 28]).all(axis=(1, 2)).any()
+            covered[r : r + 28, c : c + 28] = True
+        assert (image[~covered] > 0).sum() > 6 * 20  # six noise patterns of two strokes each add ink elsewhere
+    clean = _write_small(tmp_path / "clean", num_noise_patterns=0)
+    for row in load_megamnist(clean, "test"):
+        image, covered = np.asarray(row["image"]), np.zeros((300, 300), dtype=bool)
+        for r, c, _ in row["digit_boxes"]:
+            covered[r : r + 28, c : c + 28] = True
+        assert (image[~covered] == 0).all()
+
+
+def test_written_dataset_is_seeded_streams_and_loads_through_its_card(mnist, tmp_path):
+    import datasets
+
+    from hf_efficient.vision import load_megamnist
+
+    a = _write_small(tmp_path / "a")
+    b = _write_small(tmp_path / "b")
+    c = _write_small(tmp_path / "c", seed=5)
+    rows_a, rows_b, rows_c = ([np.asarray(r["image"]) for r in load_megamnist(f, "train")] for f in (a, b, c))
+    assert all(np.array_equal(x, y) for x, y in zip(rows_a, rows_b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(rows_a, rows_c, strict=True))
+    streamed = [np.asarray(r["image"]) for r in load_megamnist(a, "train", streaming=True)]
+    assert len(streamed) == 7 and all(np.array_equal(x, y) for x, y in zip(rows_a, streamed, strict=True))
+    by_card = datasets.load_dataset(str(a))  # the README's YAML names the splits and their files
+    assert by_card["train"].num_rows == 7 and by_card["test"].num_rows == 3
+    assert "megaNIST 300x300" in (a / "README.md").read_text()
+
+
+def test_generation_holds_one_canvas_at_a_time(mnist, tmp_path, monkeypatch):
+    import weakref
+
+    from hf_efficient.vision import megamnist
+
+    alive: list[weakref.ref] = []
+    most = [0]
+    original = megamnist._new_canvas
+
+    def counting(size):
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))  # canvases still alive at a new one
+        canvas = original(size)
+        alive.append(weakref.ref(canvas))
+        return canvas
+
+    monkeypatch.setattr(megamnist, "_new_canvas", counting)
+    _write_small(tmp_path / "mm", num_train=10, shard_size=5)
+    assert len(alive) == 13 and most[0] == 0  # every canvas was freed before the next was drawn
+
+
+def test_an_existing_folder_is_never_overwritten(mnist, tmp_path):
+    from hf_efficient.vision import write_megamnist
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        _write_small(folder)
+    assert (folder / "notes.txt").read_text() == "keep me" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mine.partial")]  # nothing left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (_write_small(empty) / "megamnist.json").is_file()
+    with pytest.raises(ValueError, match="num_noise_patterns"):
+        write_megamnist(tmp_path / "x", num_noise_patterns=-1)
+    with pytest.raises(ValueError, match="do not fit"):
+        write_megamnist(tmp_path / "y", canvas_size=256, num_noise_patterns=40)
+    with pytest.raises(ValueError, match="shard_size"):
+        write_megamnist(tmp_path / "z", shard_size=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,8 +88,9 @@ _TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8")
 class _Pyramid:
     """The smaller levels of a pyramidal TIFF, read only when the low-resolution view asks for one."""
 
-    def __init__(self, path: str, shapes: list[tuple[int, int]], channels_first: bool) -> None:
-        self.path, self.shapes, self.channels_first = path, shapes, channels_first
+    def __init__(self, path: str, shapes: list[tuple[int, int]], channels_first: bool, tif: Any = None) -> None:
+        # tif: the file already opened by the processor (opening a TIFF parses its pages: done once)
+        self.path, self.shapes, self.channels_first, self.tif = path, shapes, channels_first, tif
 
     def level_for(self, height: int, width: int) -> torch.Tensor | None:
         """The smallest level at least ``height x width`` as ``(C, h, w)``, or None if level 0 is the smallest."""
@@ -97,7 +99,11 @@ class _Pyramid:
         fits = [k for k, (h, w) in enumerate(self.shapes) if k > 0 and h >= height and w >= width]
         if not fits:
             return None
-        level = torch.from_numpy(np.ascontiguousarray(tifffile.imread(self.path, level=fits[-1])))
+        if self.tif is not None:
+            array = self.tif.series[0].levels[fits[-1]].asarray()
+        else:
+            array = tifffile.imread(self.path, level=fits[-1])
+        level = torch.from_numpy(np.ascontiguousarray(array))
         if level.dim() == 2:
             return level[None]
         return level if self.channels_first else level.permute(2, 0, 1)
@@ -106,43 +112,74 @@ class _Pyramid:
 class TiledTiffReader:
     """Reads windows of level 0 of a tiled TIFF, decoding only the tiles a window overlaps.
 
-    The model calls :meth:`read_window` for the sampled patches (and regions); nothing else of level
-    0 is ever read. The file is opened on first use and not pickled, so readers cross process
-    boundaries (data-loader workers) as their path.
+    The model calls :meth:`read_windows` for the sampled patches (and regions) of one image; nothing
+    else of level 0 is ever read. Each tile those windows need is decoded once per call, however many
+    windows share it, and the ``cache_tiles`` most recently used decoded tiles are kept for later
+    calls: memory stays bounded by ``cache_tiles`` tiles plus the tiles of one call. The file is opened
+    on first use and neither it nor the cache is pickled, so readers cross process boundaries
+    (data-loader workers) as their path.
 
     Attributes:
         shape: ``(channels, height, width)`` of level 0; ``dtype``: its numpy dtype.
     """
 
-    def __init__(self, path: str, shape: tuple[int, int, int], dtype: np.dtype, expand_to: int | None = None) -> None:
+    def __init__(self, path: str, shape: tuple[int, int, int], dtype: np.dtype, expand_to: int | None = None,
+                 cache_tiles: int = 64, tif: Any = None) -> None:
         self.path, self.shape, self.dtype, self.expand_to = path, shape, np.dtype(dtype), expand_to
-        self._tif = None
+        if not isinstance(cache_tiles, int) or isinstance(cache_tiles, bool) or cache_tiles < 0:
+            raise ValueError(f"TiledTiffReader: cache_tiles must be an int >= 0, got {cache_tiles!r}")
+        self.cache_tiles = cache_tiles
+        self.tiles_decoded = 0  # how many tile decodes this reader has done (cache misses)
+        self._tif = tif  # an open tifffile.TiffFile of path, or None: opened on first use
+        self._keyframe = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tif": None}
+        return {**self.__dict__, "_tif": None, "_keyframe": None, "_cache": OrderedDict()}
 
     def _page(self):
         import tifffile
 
         if self._tif is None:
             self._tif = tifffile.TiffFile(self.path)
-        return self._tif, self._tif.series[0].levels[0].keyframe
+        if self._keyframe is None:
+            self._keyframe = self._tif.series[0].levels[0].keyframe
+        return self._tif, self._keyframe
 
-    def read_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        """``(height, width, C)`` pixels at ``(top, left)`` of level 0; zeros where the window leaves the image."""
-        tif, page = self._page()
+    def _tile(self, index: int, held: dict[int, np.ndarray]) -> np.ndarray:
+        """Decoded tile ``index`` ``(tile_h, tile_w, C)``: from this call's tiles, the cache, or the file."""
+        tile = held.get(index)
+        if tile is None:
+            tile = self._cache.pop(index, None)
+            if tile is None:
+                tif, page = self._page()
+                tif.filehandle.seek(page.dataoffsets[index])
+                raw = tif.filehandle.read(page.databytecounts[index])
+                tile = page.decode(raw, index, jpegtables=page.jpegtables)[0]
+                tile = tile.reshape(page.tilelength, page.tilewidth, self.shape[0])
+                self.tiles_decoded += 1
+            held[index] = tile
+        return tile
+
+    def _remember(self, held: dict[int, np.ndarray]) -> None:
+        """Keep the ``cache_tiles`` most recently used tiles of this call and earlier ones."""
+        for index, tile in held.items():
+            self._cache[index] = tile
+            self._cache.move_to_end(index)
+        while len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+
+    def _window(self, top: int, left: int, height: int, width: int, held: dict[int, np.ndarray]) -> np.ndarray:
         c, h, w = self.shape
         out = np.zeros((height, width, c), dtype=self.dtype)
         r0, r1, c0, c1 = max(top, 0), min(top + height, h), max(left, 0), min(left + width, w)
         if r0 < r1 and c0 < c1:
+            _, page = self._page()
             th, tw = page.tilelength, page.tilewidth
             across = -(-w // tw)
             for ty in range(r0 // th, (r1 - 1) // th + 1):
                 for tx in range(c0 // tw, (c1 - 1) // tw + 1):
-                    index = ty * across + tx
-                    tif.filehandle.seek(page.dataoffsets[index])
-                    raw = tif.filehandle.read(page.databytecounts[index])
-                    tile = page.decode(raw, index, jpegtables=page.jpegtables)[0].reshape(th, tw, c)
+                    tile = self._tile(ty * across + tx, held)
                     # the part of this tile inside the window, in image coordinates
                     y0, y1 = max(r0, ty * th), min(r1, (ty + 1) * th)
                     x0, x1 = max(c0, tx * tw), min(c1, (tx + 1) * tw)
@@ -151,6 +188,25 @@ class TiledTiffReader:
         if self.expand_to is not None and c == 1:
             out = np.repeat(out, self.expand_to, axis=-1)
         return out
+
+    def read_windows(self, windows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+        """``(len(windows), height, width, C)`` pixels of same-sized ``(top, left, height, width)`` windows.
+
+        Zeros where a window leaves the image. Every tile is decoded at most once per call.
+        """
+        held: dict[int, np.ndarray] = {}
+        try:
+            out = [self._window(*window, held) for window in windows]
+        finally:
+            self._remember(held)
+        c = self.expand_to if self.expand_to is not None and self.shape[0] == 1 else self.shape[0]
+        if not out:
+            return np.zeros((0, 0, 0, c), dtype=self.dtype)
+        return np.stack(out)
+
+    def read_window(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """``(height, width, C)`` pixels at ``(top, left)`` of level 0; zeros where the window leaves the image."""
+        return self.read_windows([(top, left, height, width)])[0]
 
     def read_all(self) -> np.ndarray:
         """All of level 0 as ``(H, W)`` or ``(H, W, C)`` (only when no pyramid level can stand in for it)."""
@@ -173,6 +229,9 @@ class _TensorReader:
             out[:, r0 - top : r1 - top, c0 - left : c1 - left] = self.image[:, r0:r1, c0:c1]
         return out.permute(1, 2, 0).numpy()
 
+    def read_windows(self, windows: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+        return np.stack([self.read_window(*window) for window in windows])
+
 
 def _read_tiff(path: str, index: int) -> tuple[np.ndarray | TiledTiffReader, str, _Pyramid | None]:
     """A TIFF file -> (level 0, its axes, the pyramid or None).
@@ -184,7 +243,10 @@ def _read_tiff(path: str, index: int) -> tuple[np.ndarray | TiledTiffReader, str
     """
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
+    # the file is opened (its pages parsed) once; a tile reader and the pyramid keep using this handle
+    tif = tifffile.TiffFile(path)
+    keep_open = False
+    try:
         series = tif.series[0]
         axes = series.axes
         levels = series.levels
@@ -192,20 +254,23 @@ def _read_tiff(path: str, index: int) -> tuple[np.ndarray | TiledTiffReader, str
         page = levels[0].keyframe
         tiled_contiguous = page.is_tiled and (page.planarconfig == 1 or page.samplesperpixel == 1)
         shape, dtype = series.shape, series.dtype
-    if axes not in ("YX", "YXS", "SYX"):
-        raise ValueError(
-            f"{_NAME}: image {index} is the TIFF {path!r} with axes {axes!r}; accepted: one 2-d image, grey or "
-            "with samples (axes YX, YXS or SYX)"
-        )
-    pyramid = _Pyramid(path, shapes, axes == "SYX") if len(shapes) > 1 else None
-    try:
-        return tifffile.memmap(path, mode="r"), axes, pyramid
-    except ValueError:  # compressed or tiled
-        pass
-    if pyramid is not None and tiled_contiguous and axes in ("YX", "YXS") and dtype in (np.uint8, np.uint16):
-        channels = shape[2] if axes == "YXS" else 1
-        return TiledTiffReader(path, (channels, shape[0], shape[1]), dtype), axes, pyramid
-    return tifffile.imread(path), axes, pyramid
+        if axes not in ("YX", "YXS", "SYX"):
+            raise ValueError(
+                f"{_NAME}: image {index} is the TIFF {path!r} with axes {axes!r}; accepted: one 2-d image, grey or "
+                "with samples (axes YX, YXS or SYX)"
+            )
+        pyramid = _Pyramid(path, shapes, axes == "SYX") if len(shapes) > 1 else None
+        if series.dataoffset is not None:  # stored uncompressed in one run: memory-mapped
+            return tifffile.memmap(path, mode="r"), axes, pyramid
+        if pyramid is not None and tiled_contiguous and axes in ("YX", "YXS") and dtype in (np.uint8, np.uint16):
+            channels = shape[2] if axes == "YXS" else 1
+            pyramid.tif = tif
+            keep_open = True
+            return TiledTiffReader(path, (channels, shape[0], shape[1]), dtype, tif=tif), axes, pyramid
+        return series.asarray(), axes, pyramid
+    finally:
+        if not keep_open:
+            tif.close()
 
 
 def _as_tensor(

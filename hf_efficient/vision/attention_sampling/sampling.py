@@ -219,6 +219,13 @@ def patch_top_left(
     return torch.stack([top, left], dim=-1)
 
 
+def _read_windows(reader, windows: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """``(n, ph, pw, C)`` windows through a reader's ``read_windows``, or ``read_window`` one by one."""
+    if hasattr(reader, "read_windows"):
+        return np.asarray(reader.read_windows(windows))
+    return np.stack([reader.read_window(*window) for window in windows])
+
+
 def extract_patches(
     images: torch.Tensor,
     top_left: torch.Tensor,
@@ -244,8 +251,10 @@ def extract_patches(
             ``pixel_scale * x + pixel_offset`` (rescaling and normalisation of raw pixels) before the
             pixels outside the image are set to zero.
         pixel_readers: optional, one object per image with ``read_window(top, left, height, width)``
-            returning ``(height, width, channels)`` pixels (zeros outside the image): patches are read
-            through them (e.g. from tiles of a file) and ``images`` only gives the shape and dtype.
+            returning ``(height, width, channels)`` pixels (zeros outside the image), and optionally
+            ``read_windows(windows)`` for all of an image's windows at once (``(n, height, width,
+            channels)``): patches are read through them (e.g. from tiles of a file) and ``images``
+            only gives the shape and dtype.
 
     Returns:
         ``(batch, n, channels, ph, pw)``, floating point (float32 for integer images).
@@ -260,9 +269,10 @@ def extract_patches(
     valid_c = (cols >= 0) & (cols < image_sizes[:, None, None, 1])
     if pixel_readers is not None:
         corners = top_left.tolist()
-        windows = [[reader.read_window(t, left, ph, pw) for t, left in corners[i]] for i, reader in
-                   enumerate(pixel_readers)]
-        patches = torch.from_numpy(np.stack([np.stack(w) for w in windows])).to(images.device)  # (b, n, ph, pw, C)
+        # one call per image, so a reader decodes each tile its patches share only once
+        windows = [_read_windows(reader, [(t, left, ph, pw) for t, left in corners[i]])
+                   for i, reader in enumerate(pixel_readers)]
+        patches = torch.from_numpy(np.stack(windows)).to(images.device)  # (b, n, ph, pw, C)
     else:
         batch_idx = torch.arange(b, device=images.device)[:, None, None, None]
         # advanced indices on dims 0, 2, 3 broadcast to (b, n, ph, pw); the channel slice goes last
