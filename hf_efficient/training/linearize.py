@@ -271,6 +271,10 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+# Query/key projections by the names transformers' models give them (Llama-style, BERT-style).
+_QK_PROJECTIONS = ("q_proj", "k_proj", "query", "key")
+
+
 def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str) -> list[nn.Parameter]:
     from ..integrations.attention_interface import LAYER_ATTRIBUTE
     from ..integrations.patch import FEATURE_MAP_ATTRIBUTE
@@ -284,9 +288,13 @@ def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str)
             continue  # a layer kept softmax stays exactly as it was
         params += list(fmap.parameters())
         if which == "feature_maps+qk":
-            for name in ("q_proj", "k_proj"):
-                if isinstance(getattr(module, name, None), nn.Module):
-                    params += list(getattr(module, name).parameters())
+            found = [getattr(module, name) for name in _QK_PROJECTIONS
+                     if isinstance(getattr(module, name, None), nn.Module)]
+            if not found:  # e.g. a fused qkv projection: training it would also move the values
+                raise ValueError(f"finetune_params='feature_maps+qk': the attention module {type(module).__name__} "
+                                 f"has no separate query/key projection (looked for {', '.join(_QK_PROJECTIONS)})")
+            for projection in found:
+                params += list(projection.parameters())
     if not params:
         raise ValueError(f"finetune_params={which!r} selects no parameter of this model")
     return params

@@ -401,3 +401,15 @@ def test_layerwise_distillation_lowers_every_layers_error_below_transfer_alone()
     for name, p in distilled.named_parameters():
         if "hf_efficient_feature_map" not in name:
             assert torch.equal(p, weights[name]), name
+
+
+def test_finetune_qk_trains_an_encoders_query_and_key_projections():
+    # BERT names them query/key; the option once trained nothing more than the maps there.
+    model = tiny_bert("BertModel")
+    attn = model.encoder.layer[1].attention.self
+    before = {name: getattr(attn, name).weight.detach().clone() for name in ("query", "key", "value")}
+    train = [torch.randint(0, 48, (1, 16), generator=torch.Generator().manual_seed(4))]
+    linearize(model, train, transfer_steps=1, finetune_steps=2, finetune_lr=1e-2, finetune_params="feature_maps+qk")
+    assert not torch.equal(attn.query.weight, before["query"])
+    assert not torch.equal(attn.key.weight, before["key"])
+    assert torch.equal(attn.value.weight, before["value"])
