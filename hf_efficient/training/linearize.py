@@ -38,6 +38,7 @@ __all__ = [
     "attention_transfer_loss",
     "capture_queries_keys",
     "distillation_loss",
+    "hidden_states_distillation_loss",
     "learnable_feature_maps",
     "linearize",
 ]
@@ -56,7 +57,7 @@ def linearizable_kinds() -> tuple[str, ...]:
 
 
 KINDS = linearizable_kinds()  # the package's own kinds, for argparse choices
-FINETUNE_LOSSES = ("distill", "lm")
+FINETUNE_LOSSES = ("distill", "distill_layers", "lm")
 
 
 @dataclass
@@ -78,7 +79,10 @@ class LinearizeConfig:
             (the feature maps plus LoRA adapters on the q/k/v/o projections of the linearised layers,
             through PEFT, merged into the weights afterwards) or ``all``.
         lora_rank, lora_alpha: rank and scaling numerator of the LoRA adapters.
-        finetune_loss: ``distill`` (KL divergence from the softmax model's next-token distribution)
+        finetune_loss: ``distill`` (KL divergence from the softmax model's output distribution, or
+            the squared error of its last hidden state for a model without logits),
+            ``distill_layers`` (the squared error of every layer's hidden state, each relative to the
+            softmax model's mean square at that layer: see :func:`hidden_states_distillation_loss`)
             or ``lm`` (next-token cross-entropy on the windows' own tokens).
         keep_softmax_first, keep_softmax_last: layers left softmax (see ``patch_model``).
         chunk_size: chunk length of the causal linear attention.
@@ -251,11 +255,41 @@ def hidden_distillation_loss(
     return _masked_mean(per_position, mask)
 
 
+def hidden_states_distillation_loss(
+    student_hidden_states, teacher_hidden_states, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over layers of the relative squared error of each layer's hidden states.
+
+    For layer l: ``sum |s_l - t_l|^2 / sum |t_l|^2`` over (real) positions and the hidden size, so
+    every layer weighs the same whatever the scale of its activations (decoders' residual streams
+    grow with depth). Fitting every layer's output, not only the last, gives each linearised layer a
+    direct signal.
+
+    Args:
+        student_hidden_states, teacher_hidden_states: equally long sequences (or stacked tensors) of
+            ``(batch, seq, hidden)``, one per layer.
+        mask: ``(batch, seq)`` bool, True = real token; padded positions are left out.
+    """
+    if len(student_hidden_states) != len(teacher_hidden_states) or len(teacher_hidden_states) == 0:
+        raise ValueError(f"hidden_states_distillation_loss needs as many student as teacher layers (at least one), "
+                         f"got {len(student_hidden_states)} and {len(teacher_hidden_states)}")
+    terms = []
+    for student, teacher in zip(student_hidden_states, teacher_hidden_states):
+        error = _masked_mean((student.float() - teacher.float()).pow(2).sum(-1), mask)
+        scale = _masked_mean(teacher.float().pow(2).sum(-1), mask)
+        terms.append(error / scale.clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return values.mean()
     weight = mask.to(values.device, values.dtype)
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+# Query/key projections by the names transformers' models give them (Llama-style, BERT-style).
+_QK_PROJECTIONS = ("q_proj", "k_proj", "query", "key")
 
 
 def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str) -> list[nn.Parameter]:
@@ -271,9 +305,13 @@ def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str)
             continue  # a layer kept softmax stays exactly as it was
         params += list(fmap.parameters())
         if which == "feature_maps+qk":
-            for name in ("q_proj", "k_proj"):
-                if isinstance(getattr(module, name, None), nn.Module):
-                    params += list(getattr(module, name).parameters())
+            found = [getattr(module, name) for name in _QK_PROJECTIONS
+                     if isinstance(getattr(module, name, None), nn.Module)]
+            if not found:  # e.g. a fused qkv projection: training it would also move the values
+                raise ValueError(f"finetune_params='feature_maps+qk': the attention module {type(module).__name__} "
+                                 f"has no separate query/key projection (looked for {', '.join(_QK_PROJECTIONS)})")
+            for projection in found:
+                params += list(projection.parameters())
     if not params:
         raise ValueError(f"finetune_params={which!r} selects no parameter of this model")
     return params
@@ -367,8 +405,31 @@ def _vocab_size(model: nn.Module) -> int | None:
     return getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
 
 
-def _teacher_target(output) -> torch.Tensor:
-    """What the fine-tune distils: log-probabilities of the logits, else the last hidden state."""
+def _record_outputs_of_patched_class(model: nn.Module) -> None:
+    """Let the patched model return ``hidden_states`` again.
+
+    transformers collects ``output_hidden_states`` through hooks registered per model class (by class
+    name, when a model is built); ``patch_model`` swaps the instance's class for its efficient
+    subclass, which was never registered, so the patched model would silently return none.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers without hook-based output capture: nothing to do
+        return
+    if not _CAN_RECORD_REGISTRY.get(model) and getattr(model, "_can_record_outputs", None):
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+
+
+def _teacher_target(output, layers: bool = False) -> torch.Tensor:
+    """What the fine-tune distils: every layer's hidden states ``(layers, batch, seq, hidden)`` (the
+    embeddings left out: linearisation does not change them) when ``layers``, else log-probabilities
+    of the logits, else the last hidden state."""
+    if layers:
+        hidden = getattr(output, "hidden_states", None)
+        if not hidden:
+            raise ValueError("linearize: finetune_loss='distill_layers' needs a model that returns hidden_states "
+                             "(output_hidden_states=True)")
+        return torch.stack([h.float() for h in hidden[1:]])
     logits = getattr(output, "logits", None)
     if logits is not None:
         return torch.log_softmax(logits.float(), dim=-1)
@@ -379,7 +440,9 @@ def _teacher_target(output) -> torch.Tensor:
     return hidden.float()
 
 
-def _student_loss(output, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _student_loss(output, target: torch.Tensor, mask: torch.Tensor | None, layers: bool = False) -> torch.Tensor:
+    if layers:
+        return hidden_states_distillation_loss(output.hidden_states[1:], target, mask)
     logits = getattr(output, "logits", None)
     if logits is not None:
         return distillation_loss(logits, target, mask)
@@ -392,7 +455,7 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     Args:
         model: a model ``patch_model`` supports, unpatched: a decoder (Llama, Qwen2, GPT-2, ...: fitted
             on causal rows) or an encoder (BERT, RoBERTa, ModernBERT, ...: fitted on full rows; only
-            ``kind="linear"``, and ``finetune_loss="distill"``).
+            ``kind="linear"``, and ``finetune_loss="distill"`` or ``"distill_layers"``).
         dataset: windows of integer token ids: tensors ``(seq,)``/``(batch, seq)``, lists, or mappings
             with ``input_ids`` and optionally ``attention_mask`` (e.g. a ``datasets.Dataset`` or a
             tokenizer's output; padding is honoured). Each window is one training example.
@@ -428,10 +491,15 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     device = next(model.parameters()).device
     started = time.process_time()
 
+    # With distill_layers every layer's output is a target (and, in the fine-tune, a prediction).
+    layers = config.finetune_steps > 0 and config.finetune_loss == "distill_layers"
+
     def inputs(ids: torch.Tensor, mask: torch.Tensor | None) -> dict:
         out = {"input_ids": ids.to(device), "use_cache": False} if causal else {"input_ids": ids.to(device)}
         if mask is not None:
             out["attention_mask"] = mask.to(device=device, dtype=torch.long)
+        if layers:
+            out["output_hidden_states"] = True
         return out
 
     # 1. The softmax model's queries and keys on every window, per attention module.
@@ -439,7 +507,8 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     captured: list[dict] = []
     # The teacher's outputs come from the same pass (kept only if distilling).
     teacher: list[torch.Tensor] = []
-    distill = config.finetune_steps > 0 and config.finetune_loss == "distill"
+    distill = config.finetune_steps > 0 and config.finetune_loss in ("distill", "distill_layers")
+
     with torch.no_grad():
         for ids, mask in windows:
             store: dict = {}
@@ -447,7 +516,7 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
                 output = model(**inputs(ids, mask))
             captured.append(store)
             if distill:
-                teacher.append(_teacher_target(output))
+                teacher.append(_teacher_target(output, layers))
     config.log.append({"capture_cpu_seconds": time.process_time() - started, "causal": causal})
 
     # 2. Patch, then fit each layer's feature map on its own queries and keys.
@@ -455,6 +524,8 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     extra = {"window": config.window} if windowed else {}
     patch_model(model, config.kind, feature_map=config.feature_map, chunk_size=config.chunk_size,
                 keep_softmax_first=config.keep_softmax_first, keep_softmax_last=config.keep_softmax_last, **extra)
+    if layers:
+        _record_outputs_of_patched_class(model)
     window = config.window if windowed else None
     gen = torch.Generator().manual_seed(config.seed)
     for index, module in enumerate(modules):
@@ -506,7 +577,7 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
                 ids, mask = windows[index]
                 if distill:
                     real = mask.to(device) if mask is not None else None
-                    loss = _student_loss(student(**inputs(ids, mask)), teacher[index], real)
+                    loss = _student_loss(student(**inputs(ids, mask)), teacher[index], real, layers)
                 else:
                     labels = ids.to(device)
                     if mask is not None:  # padded positions are not targets

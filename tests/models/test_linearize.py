@@ -346,3 +346,70 @@ def test_feature_map_finetune_runs_the_frozen_model_without_dropout():
     first, second = [e["loss"] for e in log.log if "finetune_step" in e]
     assert second == pytest.approx(first, rel=1e-5)
     assert not model.training
+
+
+def test_hidden_states_distillation_loss_matches_a_float64_loop():
+    from hf_efficient.training.linearize import hidden_states_distillation_loss
+
+    gen = torch.Generator().manual_seed(5)
+    # layers of very different scale: each weighs the same once made relative
+    teacher = [torch.randn(2, 5, 6, generator=gen) * scale for scale in (0.1, 1.0, 30.0)]
+    student = [t + torch.randn(2, 5, 6, generator=gen) * 0.3 for t in teacher]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    terms = []
+    for s, t in zip(student, teacher):
+        error = scale = 0.0
+        for b in range(2):
+            for i in range(5):
+                if mask[b, i]:
+                    error += sum((float(s[b, i, j]) - float(t[b, i, j])) ** 2 for j in range(6))
+                    scale += sum(float(t[b, i, j]) ** 2 for j in range(6))
+        terms.append(error / scale)
+    loss = hidden_states_distillation_loss(student, teacher, mask)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # padded positions are left out: changing them changes nothing
+    noisy = [s.clone() for s in student]
+    for s in noisy:
+        s[0, 3:] += 100.0
+    assert hidden_states_distillation_loss(noisy, teacher, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="as many student as teacher layers"):
+        hidden_states_distillation_loss(student[:2], teacher, mask)
+
+
+def layer_errors(model, reference, ids: torch.Tensor) -> list[float]:
+    """Relative squared error of every layer's hidden states against the unpatched model."""
+    with torch.no_grad():
+        got = model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+        want = reference(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+    return [((g - w).pow(2).sum() / w.pow(2).sum()).item() for g, w in zip(got, want)]
+
+
+def test_layerwise_distillation_lowers_every_layers_error_below_transfer_alone():
+    gen = torch.Generator().manual_seed(6)
+    train = [torch.randint(0, 48, (2, 20), generator=gen) for _ in range(2)]
+    reference = tiny_bert("BertModel")
+    transfer = linearize(tiny_bert("BertModel"), train, transfer_steps=20, transfer_lr=3e-2)
+    config = LinearizeConfig(transfer_steps=20, transfer_lr=3e-2, finetune_steps=30, finetune_lr=1e-2,
+                             finetune_loss="distill_layers")
+    distilled = linearize(tiny_bert("BertModel"), train, config)
+    before, after = layer_errors(transfer, reference, train[0]), layer_errors(distilled, reference, train[0])
+    assert all(a < 0.8 * b for a, b in zip(after, before)), (before, after)
+    losses = [e["loss"] for e in config.log if "finetune_step" in e]
+    assert losses[-1] < losses[0]
+    # only the feature maps trained: every weight of the model is the reference's
+    weights = dict(reference.named_parameters())
+    for name, p in distilled.named_parameters():
+        if "hf_efficient_feature_map" not in name:
+            assert torch.equal(p, weights[name]), name
+
+
+def test_finetune_qk_trains_an_encoders_query_and_key_projections():
+    # BERT names them query/key; the option once trained nothing more than the maps there.
+    model = tiny_bert("BertModel")
+    attn = model.encoder.layer[1].attention.self
+    before = {name: getattr(attn, name).weight.detach().clone() for name in ("query", "key", "value")}
+    train = [torch.randint(0, 48, (1, 16), generator=torch.Generator().manual_seed(4))]
+    linearize(model, train, transfer_steps=1, finetune_steps=2, finetune_lr=1e-2, finetune_params="feature_maps+qk")
+    assert not torch.equal(attn.query.weight, before["query"])
+    assert not torch.equal(attn.key.weight, before["key"])
+    assert torch.equal(attn.value.weight, before["value"])
