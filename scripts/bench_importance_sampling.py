@@ -11,6 +11,10 @@ CPU cost of an importance-sampled step over a uniform step (medians), the share 
 the distinct rows trained per active step, and curves of training loss, test error and tau
 (``results/bench_importance_sampling.json`` and ``.png``).
 
+Text case (``--case text``): the same protocol for a Rotten Tomatoes sentiment classifier, the MLP
+384-512-512-2 over frozen all-MiniLM-L6-v2 sentence embeddings, 10,000 train / 2,808 test snippets
+(``results/bench_importance_sampling_text.json``).
+
 Second table (``--case short``): short wall-clock budgets on other tasks:
   * ``fashion_mnist``: a small CNN on Fashion-MNIST (60k train, 10k test).
   * ``rotten_tomatoes``: an MLP head on frozen all-MiniLM-L6-v2 sentence embeddings (computed once
@@ -23,6 +27,7 @@ reduction measured exactly on a presample, and the time to uniform's final train
 
     python scripts/bench_importance_sampling.py --quick               # seconds: a smoke run
     python scripts/bench_importance_sampling.py --budget 30           # the main case, ~10 CPU-minutes
+    python scripts/bench_importance_sampling.py --case text --budget 30  # the text classifier, ~6 CPU-minutes
     python scripts/bench_importance_sampling.py --case short --tasks fashion_mnist --warm-start 60
 """
 
@@ -519,6 +524,29 @@ def paper_task(quick: bool) -> dict:
     }
 
 
+TEXT = dict(train=10_000, hidden=512, batch=128, warm_steps=780, warm_lr=0.03, lrs=[0.03, 0.1])
+TEXT_QUICK = dict(train=900, hidden=128, batch=64, warm_steps=50, warm_lr=0.03, lrs=[0.05])
+
+
+def text_task(quick: bool) -> dict:
+    """Rotten Tomatoes sentiment (10,000 train / 2,808 test review snippets): a classifier
+    384-512-512-2 over frozen all-MiniLM-L6-v2 sentence embeddings (computed once and cached), run
+    like the paper case (warm start of 780 uniform steps = 10 epochs, equal CPU budgets)."""
+    cfg = TEXT_QUICK if quick else TEXT
+    ds = load_rotten_tomatoes().shuffle(seed=0)
+    n = 1200 if quick else len(ds)
+    emb, labels = _minilm_embeddings(ds["text"][:n], quick), torch.tensor(ds["label"][:n])
+    x, y, xt, yt = emb[: cfg["train"]], labels[: cfg["train"]], emb[cfg["train"] :], labels[cfg["train"] :]
+    return {
+        "name": f"rotten_tomatoes_{len(x)}_minilm_mlp",
+        "train": TensorDictDataset(features=x, labels=y),
+        "eval_train": {"features": x, "labels": y},
+        "eval_test": {"features": xt, "labels": yt},
+        "config": BenchConfig(arch="mlp2", in_dim=emb.shape[1], hidden=cfg["hidden"], num_labels=2),
+        "settings": cfg,
+    }
+
+
 class CpuClock(TrainerCallback):
     """Stops training after ``budget`` seconds of this process's CPU time (one thread: the work done,
     whatever else the machine runs); evaluates every ``every`` seconds with the clock paused; keeps
@@ -770,14 +798,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized: small subsets, one seed, seconds")
     parser.add_argument(
         "--case",
-        choices=("paper", "short"),
+        choices=("paper", "text", "short"),
         default="paper",
         help="paper: Fashion-MNIST 10k, MLP 784-512-512-10, SGD momentum, warm start, equal CPU-time budgets "
-        "(the main case); short: the short-budget tasks (--tasks)",
+        "(the main case); text: the same protocol for a Rotten Tomatoes classifier on frozen MiniLM "
+        "embeddings; short: the short-budget tasks (--tasks)",
     )
-    parser.add_argument("--budget", type=float, default=60.0, help="paper case: CPU seconds per arm")
-    parser.add_argument("--seeds", type=int, default=3, help="paper case: seeds at each arm's best learning rate")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="paper case: the learning-rate grid")
+    parser.add_argument("--budget", type=float, default=60.0, help="paper and text cases: CPU seconds per arm")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="paper and text cases: seeds at each arm's best learning rate"
+    )
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="paper and text cases: the learning-rate grid"
+    )
     parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "rotten_tomatoes"])
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON report (default: results/bench_importance_sampling[_short].json)"
@@ -796,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.case == "paper":
+    if args.case in ("paper", "text"):
         return main_paper(args)
     chosen = args.methods or [m for m in METHODS if m != "importance_presample2"]
     methods = ("uniform", *[m for m in chosen if m != "uniform"])  # uniform sets the target
@@ -870,14 +903,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_paper(args: argparse.Namespace) -> int:
-    out = args.out or Path("results/bench_importance_sampling.json")
+    suffix = "" if args.case == "paper" else f"_{args.case}"
+    out = args.out or Path(f"results/bench_importance_sampling{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     methods = ("uniform", *[m for m in (args.methods or ["importance"]) if m != "uniform"])
     budget, seeds = (3.0, 1) if args.quick else (args.budget, args.seeds)
     try:
-        task = paper_task(args.quick)
+        task = paper_task(args.quick) if args.case == "paper" else text_task(args.quick)
     except AssetMissingError as err:
-        print(f"skipping the paper case: {str(err).splitlines()[0]}")
+        print(f"skipping the {args.case} case: {str(err).splitlines()[0]}")
         return 1
     if args.lrs:
         task["settings"] = {**task["settings"], "lrs": list(args.lrs)}
