@@ -11,6 +11,10 @@ CPU cost of an importance-sampled step over a uniform step (medians), the share 
 the distinct rows trained per active step, and curves of training loss, test error and tau
 (``results/bench_importance_sampling.json`` and ``.png``).
 
+Text case (``--case text``): the same protocol for a Rotten Tomatoes sentiment classifier, the MLP
+384-512-512-2 over frozen all-MiniLM-L6-v2 sentence embeddings, 10,000 train / 2,808 test snippets
+(``results/bench_importance_sampling_text.json``).
+
 Second table (``--case short``): short wall-clock budgets on other tasks:
   * ``fashion_mnist``: a small CNN on Fashion-MNIST (60k train, 10k test).
   * ``rotten_tomatoes``: an MLP head on frozen all-MiniLM-L6-v2 sentence embeddings (computed once
@@ -23,6 +27,7 @@ reduction measured exactly on a presample, and the time to uniform's final train
 
     python scripts/bench_importance_sampling.py --quick               # seconds: a smoke run
     python scripts/bench_importance_sampling.py --budget 30           # the main case, ~10 CPU-minutes
+    python scripts/bench_importance_sampling.py --case text --budget 30  # the text classifier, ~6 CPU-minutes
     python scripts/bench_importance_sampling.py --case short --tasks fashion_mnist --warm-start 60
 """
 
@@ -35,6 +40,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +55,13 @@ from hf_efficient.benchmarking import cpu_model
 from hf_efficient.training import ImportanceSamplingConfig, ImportanceSamplingTrainer
 from hf_efficient.training.scores import cross_entropy_gradient_norm, tau_from_scores
 
-METHODS = ("uniform", "importance", "importance_eager", "constant_time")
+METHODS = ("uniform", "importance", "importance_eager", "constant_time", "importance_presample2")
 METHOD_ARGS = {
     "importance": dict(presample=3.0),  # the paper's defaults: tau_th = (B + 3b) / (3b) = 2
     "importance_eager": dict(presample=2.0, tau_threshold=1.0),  # on as soon as the smoothed tau > 1
     "constant_time": dict(constant_time=True),  # the reference code's variant, tau_th = 2
+    # B = 2b: scoring costs 2/3 of the default's, tau_th = (B + 3b) / (3b) = 5/3
+    "importance_presample2": dict(presample=2.0),
 }
 
 
@@ -121,19 +129,26 @@ class TensorDictDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    def __getitems__(self, indices: list[int]) -> GatheredRows:
         idx = torch.as_tensor(indices)
-        cols = {k: v[idx] for k, v in self.tensors.items()}
-        return GatheredRows(cols, [{k: c[j] for k, c in cols.items()} for j in range(len(indices))])
+        return GatheredRows({k: v.index_select(0, idx) for k, v in self.tensors.items()}, len(indices))
 
 
-class GatheredRows(list):
-    """The examples of one ``__getitems__`` call, which also keep the gathered columns, so that
-    :func:`collate` returns them without restacking row by row (both arms load data this way)."""
+class GatheredRows(Sequence):
+    """The examples of one ``__getitems__`` call as gathered columns: :func:`collate` returns the
+    columns without restacking row by row, and a row is built only if something asks for it (a
+    per-row dict for each of 384 rows costs about a millisecond; both arms load data this way)."""
 
-    def __init__(self, columns: dict[str, torch.Tensor], rows: list[dict[str, torch.Tensor]]):
-        super().__init__(rows)
-        self.columns = columns
+    def __init__(self, columns: dict[str, torch.Tensor], n: int):
+        self.columns, self.n = columns, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(self.n))]
+        return {k: c[j] for k, c in self.columns.items()}
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -455,6 +470,7 @@ def plot(results: list[dict], path: Path) -> None:
         "uniform": "tab:blue",
         "importance": "tab:red",
         "importance_eager": "tab:orange",
+        "importance_presample2": "tab:purple",
         "constant_time": "tab:green",
     }
     for row, res in zip(axes, results, strict=True):
@@ -504,6 +520,29 @@ def paper_task(quick: bool) -> dict:
         "eval_train": {"features": x, "labels": y},  # the whole training set: its training loss
         "eval_test": {"features": xt, "labels": yt},
         "config": BenchConfig(arch="mlp2", in_dim=784, hidden=cfg["hidden"], num_labels=10),
+        "settings": cfg,
+    }
+
+
+TEXT = dict(train=10_000, hidden=512, batch=128, warm_steps=780, warm_lr=0.03, lrs=[0.03, 0.1])
+TEXT_QUICK = dict(train=900, hidden=128, batch=64, warm_steps=50, warm_lr=0.03, lrs=[0.05])
+
+
+def text_task(quick: bool) -> dict:
+    """Rotten Tomatoes sentiment (10,000 train / 2,808 test review snippets): a classifier
+    384-512-512-2 over frozen all-MiniLM-L6-v2 sentence embeddings (computed once and cached), run
+    like the paper case (warm start of 780 uniform steps = 10 epochs, equal CPU budgets)."""
+    cfg = TEXT_QUICK if quick else TEXT
+    ds = load_rotten_tomatoes().shuffle(seed=0)
+    n = 1200 if quick else len(ds)
+    emb, labels = _minilm_embeddings(ds["text"][:n], quick), torch.tensor(ds["label"][:n])
+    x, y, xt, yt = emb[: cfg["train"]], labels[: cfg["train"]], emb[cfg["train"] :], labels[cfg["train"] :]
+    return {
+        "name": f"rotten_tomatoes_{len(x)}_minilm_mlp",
+        "train": TensorDictDataset(features=x, labels=y),
+        "eval_train": {"features": x, "labels": y},
+        "eval_test": {"features": xt, "labels": yt},
+        "config": BenchConfig(arch="mlp2", in_dim=emb.shape[1], hidden=cfg["hidden"], num_labels=2),
         "settings": cfg,
     }
 
@@ -705,7 +744,7 @@ def bench_paper(task: dict, methods: tuple[str, ...], budget: float, seeds: int,
 def print_paper(res: dict) -> None:
     print(f"\n{res['task']}: {res['settings']}")
     print(
-        f"{'method':12s} {'lr':>6s} {'train loss':>10s} {'test err':>8s} {'t->unif final (per seed)':>26s} "
+        f"{'method':22s} {'lr':>6s} {'train loss':>10s} {'test err':>8s} {'t->unif final (per seed)':>26s} "
         f"{'mean':>6s} {'active step':>11s} {'mean step':>9s} {'active':>6s} {'rows':>5s}"
     )
     for method, m in res["methods"].items():
@@ -714,7 +753,7 @@ def print_paper(res: dict) -> None:
         act = f"{m['active_step_cost_ratio']:.2f}x" if m["active_step_cost_ratio"] is not None else "-"
         rows = f"{m['mean_distinct_rows']:.0f}" if m["mean_distinct_rows"] is not None else "-"
         print(
-            f"{method:12s} {m['best_lr']:6g} {m['median_final_train_loss']:10.5f} {m['median_final_test_error']:8.4f} "
+            f"{method:22s} {m['best_lr']:6g} {m['median_final_train_loss']:10.5f} {m['median_final_test_error']:8.4f} "
             f"{per_seed:>26s} {mean:>6s} {act:>11s} {m['mean_step_cost_ratio']:8.2f}x {m['active_fraction']:6.2f} "
             f"{rows:>5s}"
         )
@@ -731,6 +770,7 @@ def plot_paper(res: dict, path: Path) -> None:
         "uniform": "tab:blue",
         "importance": "tab:red",
         "importance_eager": "tab:orange",
+        "importance_presample2": "tab:purple",
         "constant_time": "tab:green",
     }
     for method, m in res["methods"].items():
@@ -758,14 +798,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized: small subsets, one seed, seconds")
     parser.add_argument(
         "--case",
-        choices=("paper", "short"),
+        choices=("paper", "text", "short"),
         default="paper",
         help="paper: Fashion-MNIST 10k, MLP 784-512-512-10, SGD momentum, warm start, equal CPU-time budgets "
-        "(the main case); short: the short-budget tasks (--tasks)",
+        "(the main case); text: the same protocol for a Rotten Tomatoes classifier on frozen MiniLM "
+        "embeddings; short: the short-budget tasks (--tasks)",
     )
-    parser.add_argument("--budget", type=float, default=60.0, help="paper case: CPU seconds per arm")
-    parser.add_argument("--seeds", type=int, default=3, help="paper case: seeds at each arm's best learning rate")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="paper case: the learning-rate grid")
+    parser.add_argument("--budget", type=float, default=60.0, help="paper and text cases: CPU seconds per arm")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="paper and text cases: seeds at each arm's best learning rate"
+    )
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="paper and text cases: the learning-rate grid"
+    )
     parser.add_argument("--tasks", nargs="+", default=["fashion_mnist", "rotten_tomatoes"])
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON report (default: results/bench_importance_sampling[_short].json)"
@@ -774,12 +819,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warm-start", type=float, default=0.0, help="seconds of uniform training every run starts from (0 = none)"
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=METHODS,
+        help="arms (uniform always runs); default: paper case uniform importance, short case all but "
+        "importance_presample2",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.case == "paper":
+    if args.case in ("paper", "text"):
         return main_paper(args)
-    methods = ("uniform", *[m for m in args.methods if m != "uniform"])  # uniform sets the target
+    chosen = args.methods or [m for m in METHODS if m != "importance_presample2"]
+    methods = ("uniform", *[m for m in chosen if m != "uniform"])  # uniform sets the target
     if args.out is None:
         args.out = Path("results/bench_importance_sampling_short.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -850,14 +903,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_paper(args: argparse.Namespace) -> int:
-    out = args.out or Path("results/bench_importance_sampling.json")
+    suffix = "" if args.case == "paper" else f"_{args.case}"
+    out = args.out or Path(f"results/bench_importance_sampling{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    methods = ("uniform", "importance")
+    methods = ("uniform", *[m for m in (args.methods or ["importance"]) if m != "uniform"])
     budget, seeds = (3.0, 1) if args.quick else (args.budget, args.seeds)
     try:
-        task = paper_task(args.quick)
+        task = paper_task(args.quick) if args.case == "paper" else text_task(args.quick)
     except AssetMissingError as err:
-        print(f"skipping the paper case: {str(err).splitlines()[0]}")
+        print(f"skipping the {args.case} case: {str(err).splitlines()[0]}")
         return 1
     if args.lrs:
         task["settings"] = {**task["settings"], "lrs": list(args.lrs)}

@@ -530,7 +530,7 @@ class ImportanceSamplingTrainer(Trainer):
                 logits = self._logits(unwrapped(**self._model_inputs(model, part)))
                 kind = self._loss_kind(model, logits, part["labels"])
                 scores.append(self._scores_from_logits(logits, part["labels"], kind).float())
-            return torch.cat(scores)
+            return scores[0] if len(scores) == 1 else torch.cat(scores)
         finally:
             unwrapped.train(was_training)
 
@@ -549,9 +549,14 @@ class ImportanceSamplingTrainer(Trainer):
         biased low, and exactly 1 for ``b = 1``)."""
         state, m = self.is_state, self.args.tau_smoothing
         window = self.args.presample_size
-        latest = scores.detach().double().flatten().tolist()
-        state.recent_scores = latest[-window:] if presample else (state.recent_scores + latest)[-window:]
-        state.last_tau = tau_from_scores(torch.tensor(state.recent_scores, dtype=torch.float64))
+        latest = scores.detach().double().flatten()
+        if presample or latest.numel() >= window:
+            window_scores = latest[-window:]
+            state.recent_scores = window_scores.tolist()
+        else:
+            state.recent_scores = (state.recent_scores + latest.tolist())[-window:]
+            window_scores = torch.tensor(state.recent_scores, dtype=torch.float64)
+        state.last_tau = tau_from_scores(window_scores)
         state.tau = m * state.tau + (1.0 - m) * state.last_tau
 
     def _notify_scores(self, **payload: Any) -> None:

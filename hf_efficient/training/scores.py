@@ -103,9 +103,10 @@ def cross_entropy_gradient_norm(logits: torch.Tensor, labels: torch.Tensor, kind
     others = torch.softmax(z, dim=-1)  # p, with the label's entry zeroed below (in place: p is ours)
     others.scatter_(-1, y.clamp(min=0).unsqueeze(-1), 0.0)
     s = others.sum(dim=-1)  # 1 - p_y, without forming 1 - p_y
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    ratio_sq = (others / safe.unsqueeze(-1)).pow(2).sum(dim=-1)
-    norms = (s * torch.sqrt(1.0 + ratio_sq)) * valid
+    safe = s + (s == 0)  # s = 0 only when every other p_j is 0: the ratios are then 0 as well
+    # In place on our own temporaries: a handful of small kernels, scoring runs at every step.
+    ratio_sq = others.div_(safe.unsqueeze(-1)).square_().sum(dim=-1)
+    norms = ratio_sq.add_(1.0).sqrt_().mul_(s) * valid
     if norms.dim() == 2:
         # Root of the summed squared token norms, scaled by the largest so tiny norms do not underflow.
         top = norms.amax(dim=1, keepdim=True)
@@ -155,17 +156,18 @@ def tau_from_scores(scores: torch.Tensor) -> float:
     when one sample holds all the mass. All-zero scores give 1 (nothing to prefer).
     """
     scores = scores.detach().double().flatten()
-    if scores.numel() == 0:
+    n = scores.numel()
+    if n == 0:
         raise ValueError("tau needs at least one score")
-    if (scores < 0).any() or not torch.isfinite(scores).all():
+    # One pass and one host read: the two sums, and a check (NaN >= 0 and inf < inf are False).
+    valid = ((scores >= 0) & (scores < math.inf)).all()
+    total, total_sq, ok = torch.stack([scores.sum(), scores.square().sum(), valid.double()]).tolist()
+    if not ok:
         raise ValueError("importance scores must be finite and non-negative")
-    total = scores.sum()
-    if total <= 0:
+    if total <= 0 or total_sq <= 0:
         return 1.0
-    g = scores / total
-    u = 1.0 / scores.numel()
-    ratio = float(((g - u) ** 2).sum() / (g**2).sum())
-    return 1.0 / math.sqrt(max(1.0 - ratio, 1e-12))
+    # 1 - ||g - u||^2 / ||g||^2 = (1 / n) / ||g||^2 with g = s / sum(s); floored at 1e-12 like the literal form.
+    return 1.0 / math.sqrt(max(total * total / (n * total_sq), 1e-12))
 
 
 def default_tau_threshold(presample_size: int, batch_size: int, backward_cost: float = 2.0) -> float:
@@ -193,15 +195,17 @@ def importance_resample(
     scores = scores.detach().double().flatten()
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if (scores < 0).any() or not torch.isfinite(scores).all():
-        raise ValueError("importance scores must be finite and non-negative")
     n = scores.numel()
     total = scores.sum()
-    p = scores / total if total > 0 else torch.full_like(scores, 1.0 / n)
+    valid = ((scores >= 0) & (scores < math.inf)).all()
+    total_value, ok = torch.stack([total, valid.double()]).tolist()  # one host read for both
+    if not ok:
+        raise ValueError("importance scores must be finite and non-negative")
+    p = scores / total if total_value > 0 else torch.full_like(scores, 1.0 / n)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     indices = torch.multinomial(p.to(gen_device), num_samples, replacement=True, generator=generator)
     indices = indices.to(scores.device)
-    weights = 1.0 / (n * p[indices])
+    weights = (p[indices] * n).reciprocal_()
     return indices, weights, p
 
 

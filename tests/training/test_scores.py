@@ -216,3 +216,25 @@ def test_merged_duplicates_give_the_duplicated_batch_gradient():
         assert wi == pytest.approx(float((draws == i).sum()) / (12 * float(scores[i] / scores.sum())))
     with pytest.raises(ValueError, match="1-D of one length"):
         merge_duplicates(draws, weights[:3])
+
+
+def test_tau_and_weights_for_tiny_and_spread_scores_match_float64_literals():
+    """tau from the two sums and the weights 1 / (B p) equal the literal float64 definitions, for
+    float32 scores of well-fit samples (down to 1e-38) beside large ones."""
+    g = torch.Generator().manual_seed(9)
+    exponents = torch.empty(64, dtype=torch.float64).uniform_(-38.0, 0.0, generator=g)
+    scores = torch.pow(10.0, exponents).float()
+    s = scores.double()
+    gn, u = s / s.sum(), 1.0 / s.numel()
+    literal = float((1 - ((gn - u) ** 2).sum() / (gn**2).sum()) ** -0.5)
+    assert tau_from_scores(scores) == pytest.approx(literal, rel=1e-12)
+    idx, w, p = importance_resample(scores, 500, generator=g)
+    assert (scores[idx] > 0).all()
+    torch.testing.assert_close(w, 1.0 / (s.numel() * (s / s.sum())[idx]), rtol=1e-15, atol=0.0)
+    for bad in (float("nan"), float("inf"), -1e-30):
+        spoiled = scores.clone()
+        spoiled[5] = bad
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            tau_from_scores(spoiled)
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            importance_resample(spoiled, 4)
