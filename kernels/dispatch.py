@@ -133,20 +133,11 @@ def causal_linear_kernel(
     *,
     implementation: str | None = None,
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
-    """The compiled causal linear attention for these inputs, ready to run, or None for the PyTorch path.
-
-    The kernel computes ``y_i = sum_{j <= i} (phi_q_i . phi_k_j) v_j`` (plus ``phi_q_i^T initial``), the
-    contract of ``hf_efficient.attention.linear.causal_linear_chunked``, which is what runs on None.
-
-    Args:
-        phi_q, phi_k: ``(batch, heads, n, m)`` features.
-        v: ``(batch, heads, n, e)``.
-        initial: optional ``(batch, heads, m, e)`` state of earlier tokens.
-        implementation: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
-
-    Returns:
-        A call without arguments giving y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``,
-        or None. The inputs are checked whichever path runs.
+    """The compiled form of ``hf_efficient.attention.linear.causal_linear_chunked``: the inputs checked (phi_q, phi_k
+    ``(batch, heads, n, m)``, v ``(batch, heads, n, e)``, initial ``(batch, heads, m, e)`` or None), then the kernel
+    call without arguments giving y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``; None
+    where the PyTorch path runs. ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads
+    ``HF_EFFICIENT_KERNELS``.
     """
     _check(phi_q, phi_k, v, initial, extra_cols=0)
     if select_implementation(phi_q, implementation) != "kernel":
@@ -165,22 +156,12 @@ def causal_linear_normalized_kernel(
     *,
     implementation: str | None = None,
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
-    """The compiled causal linear attention with its normaliser fused, ready to run, or None.
-
-    ``out_i = num_i / (den_i + eps)`` with ``num_i = sum_{j <= i} (phi_q_i . phi_k_j) v_j`` and ``den_i =
-    sum_{j <= i} phi_q_i . phi_k_j``, without a ``(batch, heads, n, d_v + 1)`` tensor or a division pass. On
-    None, ``hf_efficient.attention.linear.causal_linear_normalized_reference`` runs.
-
-    Args:
-        phi_q, phi_k: ``(batch, heads, n, m)`` features.
-        v: ``(batch, heads, n, d_v)``.
-        eps: added to the denominator.
-        initial: optional packed ``(batch, heads, m, d_v + 1)`` state (k_sum as the last column).
-        implementation: as in :func:`causal_linear_kernel`.
-
-    Returns:
-        A call without arguments giving out ``(batch, heads, n, d_v)`` and the final packed state
-        ``(batch, heads, m, d_v + 1)``, or None.
+    """The compiled form of ``hf_efficient.attention.linear.causal_linear_normalized_reference``: the inputs checked
+    (phi_q, phi_k ``(batch, heads, n, m)``, v ``(batch, heads, n, d_v)``, eps > 0, packed initial ``(batch, heads,
+    m, d_v + 1)`` or None), then the kernel call without arguments giving out ``(batch, heads, n, d_v)`` and the
+    packed state ``(batch, heads, m, d_v + 1)``; the normaliser is fused (no ``(batch, heads, n, d_v + 1)`` tensor);
+    None where the PyTorch path runs. ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads
+    ``HF_EFFICIENT_KERNELS``.
     """
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"causal_linear_normalized: eps must be a positive number, got {eps!r}")
@@ -207,23 +188,13 @@ def causal_linear_feature_map_kernel(
     *,
     implementation: str | None = None,
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
-    """The CPU kernel that applies a built-in feature map (``elu``: elu(x) + 1, or ``relu``) to each chunk
-    itself, ready to run, or None (other devices, or the PyTorch path asked for).
-
-    No full-size phi(q), phi(k) in the forward (the backward recomputes them). On None the caller computes
-    the features and runs the normalised causal product (:func:`causal_linear_normalized_kernel` or its
-    PyTorch reference).
-
-    Args:
-        q, k: ``(batch, heads, n, d)`` raw queries and keys; v: ``(batch, heads, n, d_v)``.
-        feature_map: one of :data:`FUSED_FEATURE_MAPS`.
-        eps: added to the denominator; initial: packed ``(batch, heads, d, d_v + 1)`` state.
-        key_mask: optional ``(batch, n)`` bool, False = padded key (it adds nothing to any sum).
-        implementation: as in :func:`causal_linear_kernel`.
-
-    Returns:
-        A call without arguments giving out ``(batch, heads, n, d_v)`` in float32 (float64 for float64
-        inputs) and the final packed state, or None.
+    """The compiled form of ``hf_efficient.attention.linear.causal_linear_feature_map``: the inputs checked (q, k
+    ``(batch, heads, n, d)`` raw, v ``(batch, heads, n, d_v)``, eps > 0, packed initial ``(batch, heads, d, d_v +
+    1)`` or None, key_mask ``(batch, n)`` bool or None), then the kernel call without arguments giving out ``(batch,
+    heads, n, d_v)`` in float32 (float64 for float64 inputs) and the packed state; the map (one of
+    :data:`FUSED_FEATURE_MAPS`) is applied to each chunk inside the CPU kernel, so None on other devices; None where
+    the PyTorch path runs. ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads
+    ``HF_EFFICIENT_KERNELS``.
     """
     name = "causal_linear_feature_map"
     if feature_map not in FUSED_FEATURE_MAPS:
@@ -343,18 +314,11 @@ def _check_assign(x: torch.Tensor, assign: torch.Tensor, name: str) -> None:
 def hamming_kmeans_kernel(
     bits: torch.Tensor, valid: torch.Tensor, clusters: int, iterations: int, *, implementation: str | None = None
 ) -> Callable[[], torch.Tensor] | None:
-    """The compiled Hamming k-means, ready to run, or None for ``hf_efficient.attention.hashing.hamming_kmeans``.
-
-    The CPU kernel packs the codes into 64-bit words and uses popcounts, the Triton kernel (CUDA) scores +-1
-    signs with ``tl.dot``; the assignment is identical to the PyTorch one's (same start, ties to the lowest
-    cluster, majority ties to 0, empty clusters kept).
-
-    Args:
-        bits: bool ``(s, n, n_bits)``; valid: bool ``(s, n)``; clusters >= 1; iterations >= 0.
-        implementation: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
-
-    Returns:
-        A call without arguments giving int64 ``(s, n)`` in ``[0, clusters)``, -1 for padded queries; or None.
+    """The compiled form of ``hf_efficient.attention.hashing.hamming_kmeans``: the inputs checked (bits bool ``(s, n,
+    n_bits)``, valid bool ``(s, n)``, clusters >= 1, iterations >= 0), then the kernel call without arguments giving
+    the same assignment, int64 ``(s, n)``: popcounts over 64-bit words on the CPU, +-1 signs through ``tl.dot`` in
+    the Triton kernel; None where the PyTorch path runs. ``implementation``: ``"auto"``, ``"reference"`` or
+    ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
     """
     name = "hamming_kmeans"
     _tensor(bits, name, "bits", 3, torch.bool)
@@ -378,15 +342,10 @@ def hamming_kmeans_kernel(
 def cluster_mean_kernel(
     x: torch.Tensor, assign: torch.Tensor, clusters: int, *, implementation: str | None = None
 ) -> Callable[[], torch.Tensor] | None:
-    """The compiled mean of each cluster's member rows (differentiable in x), ready to run, or None.
-
-    Args:
-        x: ``(batch, heads, n, d)``.
-        assign: int64 ``(batch, heads, n)`` in ``[0, clusters)``, -1 = left out.
-        clusters: C.
-
-    Returns:
-        A call without arguments giving ``(batch, heads, C, d)`` (an empty cluster is zero), or None.
+    """The compiled form of ``hf_efficient.attention.clustered.cluster_mean``: the inputs checked (x ``(batch, heads,
+    n, d)``, assign int64 ``(batch, heads, n)`` in ``[0, C)`` or -1, clusters C), then the kernel call without
+    arguments giving ``(batch, heads, C, d)``, differentiable in x; None where the PyTorch path runs.
+    ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
     """
     _check_assign(x, assign, "cluster_mean")
     if select_clustered_implementation(x, "cluster_mean", implementation) != "kernel":
@@ -403,14 +362,10 @@ def cluster_mean_kernel(
 def cluster_broadcast_kernel(
     y: torch.Tensor, assign: torch.Tensor, *, implementation: str | None = None
 ) -> Callable[[], torch.Tensor] | None:
-    """The compiled per-query gather of each query's cluster row (differentiable in y), ready to run, or None.
-
-    Args:
-        y: ``(batch, heads, C, e)``.
-        assign: int64 ``(batch, heads, n)`` in ``[0, C)``, -1 = padded query (gets zeros).
-
-    Returns:
-        A call without arguments giving ``(batch, heads, n, e)``, or None.
+    """The compiled form of ``hf_efficient.attention.clustered.cluster_broadcast``: the inputs checked (y ``(batch,
+    heads, C, e)``, assign int64 ``(batch, heads, n)`` in ``[0, C)`` or -1), then the kernel call without arguments
+    giving ``(batch, heads, n, e)``, differentiable in y; None where the PyTorch path runs. ``implementation``:
+    ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
     """
     _check_assign(y, assign, "cluster_broadcast")
     if select_clustered_implementation(y, "cluster_broadcast", implementation) != "kernel":
@@ -435,20 +390,11 @@ def clustered_topk_kernel(
     *,
     implementation: str | None = None,
 ) -> Callable[[], torch.Tensor] | None:
-    """The compiled exact part of improved clustered attention, ready to run, or None.
-
-    ``out_i = sum_j softmax_j(scale q_i . k_{top[c_i, j]}) v_{top[c_i, j]}`` over the real keys among them;
-    differentiable in q, k and v. The kernel reads each cluster's top keys in place (no copies).
-
-    Args:
-        q: ``(batch, heads, n, d)``; k: ``(batch, heads, n_k, d)``; v: ``(batch, heads, n_k, e)``.
-        assign: int64 ``(batch, heads, n)`` in ``[0, C)``, -1 = padded query (gets zeros).
-        top: int64 ``(batch, heads, C, t)`` key indices in ``[0, n_k)``.
-        key_mask: optional bool ``(batch, n_k)``, True = real key.
-        scale: multiplies q . k.
-
-    Returns:
-        A call without arguments giving ``(batch, heads, n, e)``, or None.
+    """The compiled form of ``hf_efficient.attention.clustered.clustered_topk``: the inputs checked (q ``(b, h, n,
+    d)``, k ``(b, h, n_k, d)``, v ``(b, h, n_k, e)``, assign int64 ``(b, h, n)``, top int64 ``(b, h, C, t)``,
+    key_mask bool ``(b, n_k)`` or None, scale), then the kernel call without arguments giving ``(batch, heads, n,
+    e)``, differentiable in q, k, v; the kernel reads the top keys in place; None where the PyTorch path runs.
+    ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
     """
     name = "clustered_topk"
     for label, t in (("q", q), ("k", k), ("v", v)):
@@ -485,21 +431,11 @@ def centroid_topk_kernel(
     *,
     implementation: str | None = None,
 ) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
-    """The centroid half of improved clustered attention, fused, ready to run, or None.
-
-    With ``p_c = softmax(scale * cent_c . k)`` over the real keys (zero for padded ones): each centroid's
-    top-``t`` keys, their weight and the rest, without a ``(batch, heads, C, n_k)`` tensor. The kernel is
-    forward only: None when a gradient is needed (``torch.is_grad_enabled()`` and an input requires one).
-
-    Args:
-        cent: ``(batch, heads, C, d)``; k: ``(batch, heads, n_k, d)``; v: ``(batch, heads, n_k, e)``.
-        key_mask: optional bool ``(batch, n_k)``, True = real key.
-        scale: multiplies cent . k; t: keys kept per centroid, ``1 <= t <= n_k``.
-
-    Returns:
-        A call without arguments giving ``top`` int64 ``(batch, heads, C, t)`` (any order), ``mass``
-        ``(batch, heads, C)`` = the top keys' total weight, ``rest`` ``(batch, heads, C, e)`` = ``sum_{j not in
-        top} p_cj v_j``; or None.
+    """The compiled form of ``hf_efficient.attention.clustered.centroid_topk``: the inputs checked (cent ``(b, h, C,
+    d)``, k ``(b, h, n_k, d)``, v ``(b, h, n_k, e)``, key_mask bool ``(b, n_k)`` or None, scale, 1 <= t <= n_k),
+    then the kernel call without arguments giving ``(top, mass, rest)`` without a ``(batch, heads, C, n_k)`` tensor;
+    the kernel is forward only, so None when a gradient is needed (``"kernel"`` then raises); None where the PyTorch
+    path runs. ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads ``HF_EFFICIENT_KERNELS``.
     """
     name = "centroid_topk"
     for label, x in (("cent", cent), ("k", k), ("v", v)):

@@ -270,8 +270,16 @@ def causal_linear_feature_map(
     """Causal normalised linear attention with a built-in map (``elu``, ``relu``) the CPU kernel applies to
     each chunk itself; elsewhere the map's features go through :func:`causal_linear_normalized`.
 
-    Arguments and result as in :func:`causal_linear_feature_map_reference`, plus ``implementation`` as in
-    :func:`causal_linear`.
+    Args:
+        q, k: ``(batch, heads, n, d)`` raw queries and keys; v: ``(batch, heads, n, d_v)``.
+        feature_map: ``"elu"`` (elu(x) + 1) or ``"relu"``.
+        eps: added to the normaliser; chunk_size: the PyTorch path's block size.
+        initial: optional packed ``(batch, heads, d, d_v + 1)`` state (k_sum as the last column).
+        key_mask: optional ``(batch, n)`` bool, False = padded key.
+        implementation: as in :func:`causal_linear`.
+
+    Returns:
+        out ``(batch, heads, n, d_v)`` in float32 (float64 for float64 inputs) and the final packed state.
     """
     kernel = dispatch.causal_linear_feature_map_kernel(q, k, v, feature_map, eps, initial, key_mask,
                                                        implementation=implementation) if dispatch else None
@@ -435,26 +443,10 @@ def _favor_quadratic(a, b, v, eps, causal):
     return y[..., :-1] / (y[..., -1:] + eps)
 
 
-def causal_linear_feature_map_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: str,
-    eps: float = 1e-6,
-    initial: torch.Tensor | None = None,
-    chunk_size: int = 64,
-    key_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch path of :func:`causal_linear_feature_map`: the built-in map (``elu``/``relu``) in float32
-    (float64 stays float64), then :func:`causal_linear_normalized_reference`.
-
-    q, k: ``(batch, heads, n, d)`` raw; v: ``(batch, heads, n, d_v)``; initial: packed ``(batch, heads, d,
-    d_v + 1)``; key_mask: optional ``(batch, n)`` bool, False = padded key. Returns out ``(batch, heads, n,
-    d_v)`` and the final packed state.
-    """
-    fmap = FEATURE_MAPS[feature_map](q.shape[-1])
-    phi_q, phi_k, vf = _features(q, k, v, fmap, fmap, key_mask, "causal_linear_feature_map_reference")
-    return causal_linear_normalized_reference(phi_q, phi_k, vf, eps, initial, chunk_size)
+def causal_linear_feature_map_reference(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_linear_feature_map` on its PyTorch path only: the built-in map (``elu``/``relu``) in
+    float32 (float64 stays float64), then :func:`causal_linear_normalized_reference`. Same arguments."""
+    return causal_linear_feature_map(*args, **kwargs, implementation="reference")
 
 
 # --------------------------------------------------------------------------- public functions
@@ -705,44 +697,41 @@ def fold_favor_scale(q: torch.Tensor, feature_map: str, scale: float | None) -> 
     return q
 
 
+def _knobs(q, params: LinearAttentionParams, scale, module, key_padding_mask) -> tuple[torch.Tensor, dict]:
+    """The query with a favor map's scale folded in, and the keyword arguments of the kind's functions (a
+    learned feature map lives on the attention module)."""
+    feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
+    return fold_favor_scale(q, params.feature_map, scale), dict(
+        feature_map=feature_map, key_padding_mask=key_padding_mask, eps=params.eps, chunk_size=params.chunk_size)
+
+
 def _forward(q, k, v, params: LinearAttentionParams, *, causal=False, key_padding_mask=None,
              query_padding_mask=None, scale=None, module=None):
-    feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
-    q = fold_favor_scale(q, params.feature_map, scale)
-    return linear_attention(q, k, v, causal=causal, feature_map=feature_map, key_padding_mask=key_padding_mask,
-                            eps=params.eps, chunk_size=params.chunk_size)
+    q, knobs = _knobs(q, params, scale, module, key_padding_mask)
+    return linear_attention(q, k, v, causal=causal, **knobs)
 
 
 def linear_attention_decode(
-    state: LinearAttentionState | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    feature_map="elu",
-    key_padding_mask: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    chunk_size: int = 64,
+    state: LinearAttentionState | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int = 64,
+    **knobs,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """Causal linear attention of T new tokens after ``state``: one recurrent step for T == 1 (decoding),
     the chunked form seeded with the state for T > 1 (prefill).
 
-    q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``; key_padding_mask: ``(batch, T)``.
-    Returns out ``(batch, heads, T, d_v)`` and the state after these tokens.
+    q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``; knobs: ``feature_map``, ``key_padding_mask``
+    (``(batch, T)``) and ``eps`` of :func:`linear_attention_step`. Returns out ``(batch, heads, T, d_v)`` and
+    the state after these tokens.
     """
     if q.shape[2] == 1:
-        new, out = linear_attention_step(state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask,
-                                         eps=eps)
+        new, out = linear_attention_step(state, q, k, v, **knobs)
         return out, new
-    return linear_attention(q, k, v, causal=True, feature_map=feature_map, key_padding_mask=key_padding_mask,
-                            eps=eps, chunk_size=chunk_size, initial_state=state, return_state=True)
+    return linear_attention(q, k, v, causal=True, chunk_size=chunk_size, initial_state=state, return_state=True,
+                            **knobs)
 
 
 def _decode(state, q, k, v, params: LinearAttentionParams, *, key_padding_mask=None, scale=None, module=None):
-    feature_map = getattr(module, "hf_efficient_feature_map", None) or params.feature_map
-    q = fold_favor_scale(q, params.feature_map, scale)  # as _forward does
-    return linear_attention_decode(state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask,
-                                   eps=params.eps, chunk_size=params.chunk_size)
+    q, knobs = _knobs(q, params, scale, module, key_padding_mask)
+    return linear_attention_decode(state, q, k, v, **knobs)
 
 
 register_attention_kind(

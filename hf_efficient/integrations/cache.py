@@ -216,31 +216,20 @@ class LinearStateLayer(RecurrentStateLayer):
     def __init__(self, **kwargs) -> None:
         super().__init__("linear", **kwargs)
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        feature_map="elu",
-        key_padding_mask: torch.Tensor | None = None,
-        eps: float = 1e-6,
-        chunk_size: int = 64,
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **knobs) -> torch.Tensor:
         """Causal linear attention of the new tokens over everything seen so far; updates the state.
 
         Args:
             q, k: ``(batch, heads, T, d)``; v: ``(batch, heads, T, d_v)``: the T new tokens only.
-            feature_map: a registry name or a feature-map module.
-            key_padding_mask: ``(batch, T)``, True/1 = real token; padded tokens add nothing to the state.
+            knobs: ``feature_map`` (a registry name or a feature-map module), ``key_padding_mask``
+                (``(batch, T)``, True/1 = real token; padded tokens add nothing to the state), ``eps``,
+                ``chunk_size``: those of :func:`~hf_efficient.attention.linear.linear_attention_decode`.
 
         Returns:
             ``(batch, heads, T, d_v)``. T > 1 (prefill) runs the chunked form seeded with the
             stored state; T == 1 (decoding) runs one recurrent step.
         """
-        return self.advance(lambda state: linear_attention_decode(
-            state, q, k, v, feature_map=feature_map, key_padding_mask=key_padding_mask, eps=eps,
-            chunk_size=chunk_size), q, k, v)
+        return self.advance(lambda state: linear_attention_decode(state, q, k, v, **knobs), q, k, v)
 
 
 def _layers_for_config(config) -> list:
