@@ -69,13 +69,16 @@ def inputs(n: int, grad: bool):
     return [torch.randn(B, H, n, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def timer(stmt: Callable[[], object], setup: Callable[[], object] | None = None) -> benchmark.Timer:
+def timer(stmt: Callable[[], object], setup: Callable[[], object] | None = None,
+          clock: Callable[[], float] = time.perf_counter) -> benchmark.Timer:
     """A ``torch.utils.benchmark.Timer`` of ``stmt()`` at this process's thread count; with ``setup``, each
-    timed block first runs ``x = setup()`` untimed and then times ``stmt(x)``."""
+    timed block first runs ``x = setup()`` untimed and then times ``stmt(x)``. ``clock`` is wall time by
+    default; ``time.process_time`` counts this process's CPU time only (steadier on a shared machine)."""
     if setup is None:
-        return benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
+        return benchmark.Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads(),
+                               timer=clock)
     return benchmark.Timer(stmt="stmt(x)", setup="x = setup()", globals={"stmt": stmt, "setup": setup},
-                           num_threads=torch.get_num_threads())
+                           num_threads=torch.get_num_threads(), timer=clock)
 
 
 def interleaved_times(timers: Mapping[Hashable, benchmark.Timer], rounds: int, number: int = 1) -> dict:

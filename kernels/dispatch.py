@@ -465,3 +465,47 @@ def _check_key_mask(key_mask: torch.Tensor | None, b: int, n_k: int, name: str) 
         _tensor(key_mask, name, "key_mask", 2, torch.bool)
         if tuple(key_mask.shape) != (b, n_k):
             raise ValueError(f"{name}: key_mask must be (batch, n_k) = {(b, n_k)}, got {tuple(key_mask.shape)}")
+
+
+# --------------------------------------------------------------------------- non-causal linear attention
+def linear_feature_map_kernel(x: torch.Tensor, feature_map: str, implementation: str | None = None):
+    """The compiled non-causal linear attention with a built-in feature map, for tensors like ``x``, or None.
+
+    Returns ``run(q, k, v, eps, key_mask=None) -> out``: q ``(batch, heads, n_q, d)``, k ``(batch, heads, n_k,
+    d)`` raw queries and keys, v ``(batch, heads, n_k, d_v)``, key_mask optional ``(batch, n_k)`` bool (False =
+    padded key, skipped); out ``(batch, heads, n_q, d_v)`` in the inputs' dtype (accumulated in float32,
+    float64 for float64), differentiable. None when the map is not ``elu``/``relu``, ``x`` is not a CPU tensor
+    of a kernel dtype or the kernel cannot be built (then the caller runs its PyTorch path); with
+    ``implementation="kernel"`` those cases raise ``RuntimeError`` instead.
+    """
+    wanted = _requested(implementation)
+    if wanted == "reference":
+        return None
+    reason = None
+    if feature_map not in FUSED_FEATURE_MAPS:
+        reason = f"feature map {feature_map!r} is not built in (accepted: {', '.join(FUSED_FEATURE_MAPS)})"
+    elif x.device.type != "cpu":
+        reason = f"no non-causal kernel for device {x.device.type}"
+    elif select_implementation(x, implementation) != "kernel":
+        return None
+    if reason is not None:
+        if wanted == "kernel":
+            raise RuntimeError(f"linear_feature_map_kernel: implementation='kernel' was requested but {reason}")
+        return None
+    from .ops import FUSED_FEATURES, linear_fused_op
+
+    feature = FUSED_FEATURES[feature_map]
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float,
+            key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        name = "linear_feature_map_kernel"
+        for label, t in (("q", q), ("k", k), ("v", v)):
+            _tensor(t, name, label, 4, x.dtype)
+        b, h, _, d = q.shape
+        if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"{name}: expected q (b, h, n_q, d), k (b, h, n_k, d), v (b, h, n_k, d_v); got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        _check_key_mask(key_mask, b, k.shape[2], name)
+        return linear_fused_op(q, k, v, float(eps), feature, key_mask)[0]
+
+    return run

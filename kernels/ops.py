@@ -28,6 +28,8 @@ __all__ = [
     "clustered_topk_backward_op",
     "clustered_topk_op",
     "hamming_kmeans_op",
+    "linear_fused_backward_op",
+    "linear_fused_op",
     "causal_linear_normalized_backward_op",
     "causal_linear_normalized_op",
     "causal_linear_op",
@@ -495,3 +497,82 @@ def centroid_topk_op(
 def _(cent, k, v, key_mask, scale, t):
     b, h, c, _ = cent.shape
     return cent.new_empty(b, h, c, t, dtype=torch.long), cent.new_empty(b, h, c), cent.new_empty(b, h, c, v.shape[-1])
+
+
+# --------------------------------------------------------------------------- non-causal, feature map fused in
+@torch.library.custom_op("hf_efficient::linear_fused", mutates_args=())
+def linear_fused_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-6,
+    feature: int = 1,
+    key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-causal normalised linear attention, ``out_i = phi(q_i) S / (phi(q_i) . z + eps)``, phi applied
+    inside the kernel (one pass over the keys builds ``S = sum_j phi(k_j) v_j^T`` and ``z = sum_j phi(k_j)``,
+    one pass over the queries reads them). CPU only.
+
+    Args:
+        q: ``(batch, heads, n_q, d)``; k: ``(batch, heads, n_k, d)`` raw queries and keys;
+            v: ``(batch, heads, n_k, d_v)``; all of one dtype (float32/64, bfloat16, float16).
+        feature: 1 = elu(x) + 1, 2 = relu(x) (:data:`FUSED_FEATURES`).
+        key_mask: optional ``(batch, n_k)`` bool, False = padded key (skipped: no weight, no gradient).
+
+    Returns:
+        out ``(batch, heads, n_q, d_v)`` in the inputs' dtype, the packed state ``(batch, heads, d, d_v + 1)``
+        (``[S z]``) and the denominators ``phi(q_i) . z`` ``(batch, heads, n_q)``, both in float32 (float64
+        for float64 inputs) and without gradient.
+    """
+    out, state, den = _cpu_module().linear_fused_forward(q, k, v, eps, feature, key_mask)
+    return out, state, den
+
+
+@linear_fused_op.register_fake
+def _(q, k, v, eps=1e-6, feature=1, key_mask=None):
+    b, h, n_q, m = q.shape
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return (v.new_empty(b, h, n_q, v.shape[-1]), v.new_empty(b, h, m, v.shape[-1] + 1, dtype=acc),
+            v.new_empty(b, h, n_q, dtype=acc))
+
+
+@torch.library.custom_op("hf_efficient::linear_fused_backward", mutates_args=())
+def linear_fused_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    den: torch.Tensor,
+    state: torch.Tensor,
+    grad_out: torch.Tensor,
+    eps: float = 1e-6,
+    feature: int = 1,
+    key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`linear_fused_op` w.r.t. the raw q, k, v (phi recomputed, not stored)."""
+    dq, dk, dv = _cpu_module().linear_fused_backward(q, k, v, out, den, state, grad_out, eps, feature, key_mask)
+    return dq, dk, dv
+
+
+@linear_fused_backward_op.register_fake
+def _(q, k, v, out, den, state, grad_out, eps=1e-6, feature=1, key_mask=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_linear_fused(ctx, inputs, output):
+    q, k, v, eps, feature, key_mask = inputs
+    out, state, den = output
+    ctx.save_for_backward(q, k, v, out, den, state, key_mask)
+    ctx.eps, ctx.feature = eps, feature
+    ctx.mark_non_differentiable(state, den)
+
+
+def _backward_linear_fused(ctx, grad_out, _grad_state, _grad_den):
+    q, k, v, out, den, state, key_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = linear_fused_backward_op(q, k, v, out, den, state, grad_out, ctx.eps, ctx.feature, key_mask)
+    return dq, dk, dv, None, None, None
+
+
+linear_fused_op.register_autograd(_backward_linear_fused, setup_context=_setup_linear_fused)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -82,15 +83,63 @@ def flops(n: int, bh: int, m: int = D, e: int = D + 1, chunk: int = 64) -> dict[
     return {"useful": useful, "chunked": chunked}
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def time_interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
     """``{name: (setup, run)}`` -> per case the median/min/max seconds of ``run(setup())`` (setup untimed),
     interleaved over the cases after ``warmup`` untimed rounds (torch.utils.benchmark Timer)."""
-    timers = {name: timer(run, setup) for name, (setup, run) in cases.items()}
+    timers = {name: timer(run, setup, clock) for name, (setup, run) in cases.items()}
     interleaved_times(timers, warmup)
     return {name: summary(ts) for name, ts in interleaved_times(timers, repeats).items()}
 
 
-def make_cases(n: int, backward: bool, matmul_size: int) -> dict:
+def load_older(src: str | None):
+    """The older fast-transformers CPU causal product (``causal_product_cpu.cpp`` of its source distribution),
+    compiled into a temporary folder with its own flags plus -O3; None without ``src``. Never shipped here."""
+    if not src:
+        return None
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+
+    build = Path(tempfile.gettempdir()) / "older_causal_product_build"
+    build.mkdir(exist_ok=True)
+    return load(name="older_causal_product_cpu", sources=[src], build_directory=str(build),
+                extra_cflags=["-O3", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+
+
+def older_module_fn(older):
+    """The older library's causal linear attention on (batch, heads, n, d) tensors: elu + 1 features in PyTorch,
+    its compiled causal product on the values, the normaliser from a cumulative sum of the keys (its module
+    also permutes from (batch, n, heads, d) first; that copy is left out here, in its favour)."""
+
+    class OlderCausalProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, fq, fk, fv):
+            ctx.save_for_backward(fq, fk, fv)
+            out = torch.zeros_like(fv)
+            older.causal_dot_product(fq, fk, fv, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, gy):
+            fq, fk, fv = ctx.saved_tensors
+            dq, dk, dv = torch.zeros_like(fq), torch.zeros_like(fk), torch.zeros_like(fv)
+            older.causal_dot_backward(fq, fk, fv, gy.contiguous(), dq, dk, dv)
+            return dq, dk, dv
+
+    def run(x):
+        q, k, v = x
+        fq, fk = elu1(q), elu1(k)
+        z = 1.0 / (torch.einsum("bhnm,bhnm->bhn", fq, fk.cumsum(2)) + 1e-6)
+        return OlderCausalProduct.apply(fq, fk, v) * z[..., None]
+
+    return run
+
+
+def make_cases(n: int, backward: bool, matmul_size: int, older=None) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
     a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
@@ -107,6 +156,8 @@ def make_cases(n: int, backward: bool, matmul_size: int) -> dict:
                                                                             implementation="kernel")[0],
         "chunk_loop": lambda x: chunk_loop(*x),
     }
+    if older is not None:
+        fns["older_module"] = older_module_fn(older)
     if not backward:
         cases = {name: (plain, torch.no_grad()(fn)) for name, fn in fns.items()}
     else:
@@ -125,12 +176,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="sequence length (default 16384, quick 2048)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5, quick 3)")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--older-causal-product-src", default=None,
+                        help="the older fast-transformers causal_product_cpu.cpp (from its source distribution): "
+                             "also time its causal linear attention (with --backward: forward+backward)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (all its threads), steadier when "
+                             "other work shares the machine")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench_linear_end_to_end.json"))
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.n is not None and args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
+    global clock
+    clock = CLOCKS[args.clock]
     n = args.n or (2048 if args.quick else 16384)
     repeats = args.repeats or (3 if args.quick else 5)
     report = kernels.available()
@@ -138,14 +197,16 @@ def main() -> None:
         raise SystemExit(f"the CPU kernel is not available here: {report['cpu_error']}")
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    older = load_older(args.older_causal_product_src)
     size = 512 if args.quick else 1024
     fl = flops(n, B * H)
     results = {"torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(), "n": n,
+               "clock": args.clock,
                "batch": B, "heads": H, "head_dim": D, "repeats": repeats, "matmul_size": size, "flops_forward": fl,
                "phases": {}}
     phases = [("forward", False, 1.0)] + ([("forward_backward", True, 3.0)] if args.backward else [])
     for phase, backward, mult in phases:
-        timed = time_interleaved(make_cases(n, backward, size), repeats)
+        timed = time_interleaved(make_cases(n, backward, size, older), repeats)
         mm = 2.0 * size**3 / timed.pop("matmul")["median_s"] / 1e9
         loop = timed["chunk_loop"]["median_s"]
         for r in timed.values():
@@ -153,6 +214,9 @@ def main() -> None:
             for count, value in fl.items():
                 r[f"gflops_{count}"] = mult * value / r["median_s"] / 1e9
                 r[f"fraction_of_matmul_{count}"] = r[f"gflops_{count}"] / mm
+        if older is not None:
+            for r in timed.values():
+                r["speedup_over_older_module"] = timed["older_module"]["median_s"] / r["median_s"]
         results["phases"][phase] = {"matmul_gflops": mm, "cases": timed}
 
     # Non-causal: the user-facing call against the formulation it replaced (a column of ones appended to v,
@@ -169,14 +233,16 @@ def main() -> None:
     results["non_causal_forward"] = nc
 
     print(f"B={B} H={H} N={n} D={D} causal, elu+1, {results['threads']} thread, {results['cpu']}, "
-          f"torch {results['torch']}, median of {repeats} (min-max)")
+          f"torch {results['torch']}, median of {repeats} (min-max), {args.clock} clock")
     for phase, r in results["phases"].items():
         print(f"\n{phase}: torch.matmul fp32 {r['matmul_gflops']:.1f} GFLOP/s")
-        print(f"{'case':>22} {'ms (min-max)':>22} {'x chunk loop':>13} {'of matmul (useful/chunked)':>28}")
+        print(f"{'case':>22} {'ms (min-max)':>22} {'x chunk loop':>13} {'of matmul (useful/chunked)':>28}"
+              + (f" {'x older':>8}" if older is not None else ""))
         for name, x in r["cases"].items():
             spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"
             frac = f"{x['fraction_of_matmul_useful']:.0%} / {x['fraction_of_matmul_chunked']:.0%}"
-            print(f"{name:>22} {spread:>22} {x['speedup_over_chunk_loop']:>12.2f}x {frac:>28}")
+            extra = f" {x['speedup_over_older_module']:>7.2f}x" if older is not None else ""
+            print(f"{name:>22} {spread:>22} {x['speedup_over_chunk_loop']:>12.2f}x {frac:>28}{extra}")
     print("\nnon-causal forward")
     for name, x in nc.items():
         spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"

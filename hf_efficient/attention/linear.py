@@ -571,8 +571,18 @@ def linear_attention(
         out, state = causal_linear_feature_map(q, k, v, fused, eps, init, chunk_size, mask)
         out = out.to(q.dtype)
         return (out, LinearAttentionState.unpack(state)) if return_state else out
+    if not causal and fused is not None:
+        # elu/relu: one pass over the keys builds the state and key sum, one over the queries reads them, the
+        # map applied inside the kernel (kernels/dispatch.py); None when no kernel runs here
+        from hf_efficient_kernels.dispatch import linear_feature_map_kernel
+
+        kernel = linear_feature_map_kernel(q, fused)
+        if kernel is not None:
+            return kernel(q, k, v, eps, None if mask is None or bool(mask.all()) else mask)
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
     if not causal:
+        if mask is not None:  # a padded key is skipped: even a non-finite value under it changes nothing
+            vf = vf.masked_fill(~mask[:, None, :, None], 0.0)
         # Through the (b, h, m, d_v) state and the (b, h, m) key sum, without a column of ones: no
         # (b, h, n, d_v + 1) copies of v and of the output.
         kv = torch.matmul(phi_k.transpose(-1, -2), vf)

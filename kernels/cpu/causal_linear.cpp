@@ -22,7 +22,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -32,8 +37,8 @@ constexpr int kMR = 6;  // 6 rows x 4 vectors = 24 accumulators of the 32 zmm re
 constexpr int kNV = 4;
 #elif defined(__AVX__)
 constexpr int kVecBytes = 32;
-constexpr int kMR = 4;  // 4 x 3 = 12 accumulators of the 16 ymm registers
-constexpr int kNV = 3;
+constexpr int kMR = 6;  // 6 x 2 = 12 accumulators of the 16 ymm registers
+constexpr int kNV = 2;
 #else
 constexpr int kVecBytes = 16;
 constexpr int kMR = 4;
@@ -127,12 +132,51 @@ void mask_square(T* X, int64_t C, bool keep_upper) {
   }
 }
 
+#if defined(__AVX__)
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block of floats, in registers: the element-wise transposes
+// below were a third of the causal forward's time (a strided gather per element).
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+// Rows r < 8 of d (stride ld) times s[r].
+inline void scale_rows8(float* d, int64_t ld, const float* s) {
+  for (int64_t r = 0; r < 8; ++r) _mm256_storeu_ps(d + r * ld, _mm256_mul_ps(_mm256_loadu_ps(d + r * ld), _mm256_set1_ps(s[r])));
+}
+constexpr bool kTranspose8 = true;
+#else
+inline void transpose8(const float*, int64_t, float*, int64_t) {}
+inline void scale_rows8(float*, int64_t, const float*) {}
+constexpr bool kTranspose8 = false;
+#endif
+
 // Copy rows [t0, t0 + L) of a (n, w) matrix into dst, transposed to (w, C) (token index fastest).
 template <typename In, typename T>
 void load_t(const In* src, int64_t t0, int64_t L, int64_t w, T* dst, int64_t C) {
+  int64_t f8 = 0, i8 = 0;  // [0, f8) x [0, i8) goes by 8 x 8 blocks, the rest element by element
+  if constexpr (kTranspose8 && std::is_same_v<In, float> && std::is_same_v<T, float>) {
+    f8 = w / 8 * 8;
+    i8 = L / 8 * 8;
+    for (int64_t f = 0; f < f8; f += 8)
+      for (int64_t i = 0; i < i8; i += 8) transpose8(src + (t0 + i) * w + f, w, dst + f * C + i, C);
+  }
   for (int64_t f = 0; f < w; ++f) {
     T* d = dst + f * C;
-    for (int64_t i = 0; i < L; ++i) d[i] = static_cast<T>(src[(t0 + i) * w + f]);
+    for (int64_t i = f < f8 ? i8 : 0; i < L; ++i) d[i] = static_cast<T>(src[(t0 + i) * w + f]);
     std::fill(d + L, d + C, T(0));
   }
 }
@@ -148,12 +192,25 @@ void load_rows(const In* src, int64_t t0, int64_t L, int64_t w, T* dst, int64_t 
   }
 }
 
-// dst rows [t0, t0 + L) of a (n, w) matrix = transpose of the (w, C) buffer.
+// dst rows [t0, t0 + L) of a (n, w) matrix = transpose of the (w, C) buffer, each row times scale[i] when
+// scale is given.
 template <typename Out, typename T>
-void store_t(const T* buf, int64_t t0, int64_t L, int64_t w, Out* dst, int64_t C) {
+void store_t(const T* buf, int64_t t0, int64_t L, int64_t w, Out* dst, int64_t C, const T* scale = nullptr) {
+  int64_t f8 = 0, i8 = 0;
+  if constexpr (kTranspose8 && std::is_same_v<Out, float> && std::is_same_v<T, float>) {
+    f8 = w / 8 * 8;
+    i8 = L / 8 * 8;
+    for (int64_t f = 0; f < f8; f += 8)
+      for (int64_t i = 0; i < i8; i += 8) {
+        float* d = dst + (t0 + i) * w + f;
+        transpose8(buf + f * C + i, C, d, w);
+        if (scale) scale_rows8(d, w, scale + i);
+      }
+  }
   for (int64_t i = 0; i < L; ++i) {
     Out* d = dst + (t0 + i) * w;
-    for (int64_t f = 0; f < w; ++f) d[f] = static_cast<Out>(buf[f * C + i]);
+    const T s = scale ? scale[i] : T(1);
+    for (int64_t f = i < i8 ? f8 : 0; f < w; ++f) d[f] = static_cast<Out>(scale ? buf[f * C + i] * s : buf[f * C + i]);
   }
 }
 
@@ -325,8 +382,9 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
                   int64_t m, int64_t e, int64_t C, const Norm<In>& nrm, int64_t feature, const bool* key_ok) {
   const int64_t mp = round_up(m, kPad);
   const int64_t blk = Vec<T>::W * kNV;
-  Buffer<T> bQt(m * C), bK(C * mp), bVt(e * C), bA(C * C), bYt(e * C), bSt(e * mp);
+  Buffer<T> bQt(m * C), bK(C * mp), bVt(e * C), bA(C * C), bYt(e * C), bSt(e * mp), bInv(C);
   T *Qt = bQt.get(), *Kc = bK.get(), *Vt = bVt.get(), *At = bA.get(), *Yt = bYt.get(), *St = bSt.get();
+  T* Inv = bInv.get();
   std::fill(St, St + e * mp, T(0));
   if (init)  // St = init^T
     for (int64_t p = 0; p < m; ++p)
@@ -363,11 +421,10 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
       const int64_t d = e - 1;
       for (int64_t i = 0; i < L; ++i) {
         const T den = Yt[d * C + i];
-        const T inv = T(1) / (den + static_cast<T>(nrm.eps));
+        Inv[i] = T(1) / (den + static_cast<T>(nrm.eps));
         nrm.den_out[t0 + i] = den;
-        In* o = y + (t0 + i) * d;
-        for (int64_t f = 0; f < d; ++f) o[f] = static_cast<In>(Yt[f * C + i] * inv);
       }
+      store_t(Yt, t0, L, d, y, C, Inv);
     } else {
       store_t(Yt, t0, L, e, y, C);
     }
@@ -471,6 +528,123 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
   }
   for (int64_t p = 0; p < m; ++p)
     for (int64_t f = 0; f < e; ++f) dinit[p * e + f] = static_cast<In>(Rt[f * mp + p]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Non-causal linear attention with the built-in feature map inside: out_i = phi(q_i) S / (phi(q_i) . z + eps)
+// with S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j), carried together as one e x mp buffer St (e = d_v + 1:
+// the last row is z, from the column of ones load_v appends). One pass over the keys builds St, one pass over
+// the queries reads it; phi(q), phi(k) only ever exist one chunk at a time, and the backward recomputes them.
+// Padded keys (key_ok false) are skipped outright: their features and values are zeroed in the chunk, so even
+// a NaN value under the mask changes nothing.
+
+// Zero the token columns i of a (w x C) buffer whose key is padded.
+template <typename T>
+void zero_padded_cols(T* Xt, int64_t t0, int64_t L, int64_t w, int64_t C, const bool* key_ok) {
+  if (!key_ok) return;
+  for (int64_t i = 0; i < L; ++i)
+    if (!key_ok[t0 + i])
+      for (int64_t f = 0; f < w; ++f) Xt[f * C + i] = T(0);
+}
+
+// St (e x mp) = [sum_j v_j phi(k_j)^T ; sum_j phi(k_j)^T] over the nk keys.
+template <typename In, typename T>
+void noncausal_state(const In* k, const In* v, int64_t nk, int64_t m, int64_t e, int64_t C, int64_t feature,
+                     const bool* key_ok, T* St) {
+  const int64_t mp = round_up(m, kPad);
+  const int64_t blk = Vec<T>::W * kNV;
+  Buffer<T> bK(C * mp), bVt(e * C);
+  T *Kc = bK.get(), *Vt = bVt.get();
+  std::fill(St, St + e * mp, T(0));
+  for (int64_t t0 = 0; t0 < nk; t0 += C) {
+    const int64_t L = std::min(C, nk - t0);
+    load_rows(k, t0, L, m, Kc, C, mp);
+    for (int64_t i = 0; i < L; ++i) apply_phi(Kc + i * mp, m, feature);
+    zero_padded_rows(Kc, t0, L, m, mp, key_ok);
+    load_v(v, t0, L, e, Vt, C, true);
+    zero_padded_cols(Vt, t0, L, e, C, key_ok);
+    gemm_acc<T>(e, mp, L, Vt, C, 1, Kc, mp, St, mp, KRange::kFull, blk);
+  }
+}
+
+template <typename In, typename T>
+void noncausal_forward_head(const In* q, const In* k, const In* v, In* out, T* state, T* den, int64_t nq, int64_t nk,
+                            int64_t m, int64_t e, int64_t C, double eps, int64_t feature, const bool* key_ok) {
+  const int64_t mp = round_up(m, kPad);
+  const int64_t d = e - 1;
+  const int64_t blk = Vec<T>::W * kNV;
+  Buffer<T> bSt(e * mp), bQt(m * C), bYt(e * C), bInv(C);
+  T *St = bSt.get(), *Qt = bQt.get(), *Yt = bYt.get(), *Inv = bInv.get();
+  noncausal_state(k, v, nk, m, e, C, feature, key_ok, St);
+  for (int64_t t0 = 0; t0 < nq; t0 += C) {
+    const int64_t L = std::min(C, nq - t0);
+    load_t(q, t0, L, m, Qt, C);
+    for (int64_t f = 0; f < m; ++f) apply_phi(Qt + f * C, L, feature);
+    std::fill(Yt, Yt + e * C, T(0));
+    gemm_acc<T>(e, C, m, St, mp, 1, Qt, C, Yt, C, KRange::kFull, blk);
+    for (int64_t i = 0; i < L; ++i) {
+      const T dn = Yt[d * C + i];
+      Inv[i] = T(1) / (dn + static_cast<T>(eps));
+      den[t0 + i] = dn;
+    }
+    store_t(Yt, t0, L, d, out, C, Inv);
+  }
+  for (int64_t p = 0; p < m; ++p)  // (m, e): the layout of the causal kernels' packed state
+    for (int64_t f = 0; f < e; ++f) state[p * e + f] = St[f * mp + p];
+}
+
+// Gradients: with G the gradient of the unnormalised product [num, den] (load_g),
+//   dphi(q_i) = [S z] G_i,   R = sum_i phi(q_i) G_i^T (m x e),   dphi(k_j) = R [v_j; 1],   dv_j = R_num^T phi(k_j).
+template <typename In, typename T>
+void noncausal_backward_head(const In* q, const In* k, const In* v, const In* gy, const T* state, In* dq, In* dk,
+                             In* dv, int64_t nq, int64_t nk, int64_t m, int64_t e, int64_t C, const Norm<In>& nrm,
+                             int64_t feature, const bool* key_ok) {
+  const int64_t mp = round_up(m, kPad);
+  const int64_t d = e - 1;
+  const int64_t blk = Vec<T>::W * kNV;
+  Buffer<T> bSt(e * mp), bRt(e * mp), bQt(m * C), bQc(C * mp), bGt(e * C), bOut(std::max(m, e) * C);
+  T *St = bSt.get(), *Rt = bRt.get(), *Qt = bQt.get(), *Qc = bQc.get(), *Gt = bGt.get(), *Out = bOut.get();
+  std::fill(St, St + e * mp, T(0));
+  for (int64_t p = 0; p < m; ++p)
+    for (int64_t f = 0; f < e; ++f) St[f * mp + p] = state[p * e + f];
+  std::fill(Rt, Rt + e * mp, T(0));
+  std::fill(Qc, Qc + C * mp, T(0));
+  // Pass 1, over the queries: dq, and R accumulated as Rt = R^T (e x mp).
+  for (int64_t t0 = 0; t0 < nq; t0 += C) {
+    const int64_t L = std::min(C, nq - t0);
+    load_t(q, t0, L, m, Qt, C);
+    for (int64_t f = 0; f < m; ++f) apply_phi(Qt + f * C, L, feature);
+    for (int64_t f = 0; f < m; ++f)
+      for (int64_t i = 0; i < L; ++i) Qc[i * mp + f] = Qt[f * C + i];
+    load_g(gy, t0, L, e, Gt, C, nrm);
+    std::fill(Out, Out + m * C, T(0));  // dphi(q) (m x C) = S^T-layout St read column-wise, times Gt
+    gemm_acc<T>(m, C, e, St, 1, mp, Gt, C, Out, C, KRange::kFull, blk);
+    for (int64_t f = 0; f < m; ++f) apply_dphi(Out + f * C, Qt + f * C, L, feature);
+    store_t(Out, t0, L, m, dq, C);
+    gemm_acc<T>(e, mp, L, Gt, C, 1, Qc, mp, Rt, mp, KRange::kFull, blk);
+  }
+  // Pass 2, over the keys: dk and dv from R.
+  T* Kt = Qt;
+  T* Vt = Gt;
+  Buffer<T> bOut2(e * C);
+  T* Out2 = bOut2.get();
+  for (int64_t t0 = 0; t0 < nk; t0 += C) {
+    const int64_t L = std::min(C, nk - t0);
+    load_t(k, t0, L, m, Kt, C);
+    for (int64_t f = 0; f < m; ++f) apply_phi(Kt + f * C, L, feature);
+    zero_padded_cols(Kt, t0, L, m, C, key_ok);
+    load_v(v, t0, L, e, Vt, C, true);
+    zero_padded_cols(Vt, t0, L, e, C, key_ok);
+    std::fill(Out, Out + m * C, T(0));  // dphi(k) = R [v; 1]
+    gemm_acc<T>(m, C, e, Rt, 1, mp, Vt, C, Out, C, KRange::kFull, blk);
+    for (int64_t f = 0; f < m; ++f) apply_dphi(Out + f * C, Kt + f * C, L, feature);
+    zero_padded_cols(Out, t0, L, m, C, key_ok);
+    store_t(Out, t0, L, m, dk, C);
+    std::fill(Out2, Out2 + e * C, T(0));  // dv = R_num^T phi(k): the first d rows of Rt times Kt
+    gemm_acc<T>(d, C, m, Rt, mp, 1, Kt, C, Out2, C, KRange::kFull, blk);
+    zero_padded_cols(Out2, t0, L, d, C, key_ok);
+    store_t(Out2, t0, L, d, dv, C);
+  }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -618,6 +792,103 @@ std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, 
   return {dq, dk, dv, dinit};
 }
 
+
+// Shapes and dtypes of the non-causal ops, checked before any pointer is read: q (B, H, nq, m), k (B, H, nk, m),
+// v (B, H, nk, d), key_mask (B, nk) bool.
+void check_noncausal(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& key_mask, int64_t feature) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "linear_fused: q, k, v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "linear_fused (cpu kernel): tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "linear_fused: q, k, v must share a dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "linear_fused: k must be (batch, heads, n_k, d) matching q");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == k.size(2),
+              "linear_fused: v must be (batch, heads, n_k, d_v) matching k");
+  TORCH_CHECK(feature == kElu || feature == kRelu, "linear_fused: feature must be 1 (elu + 1) or 2 (relu), got ",
+              feature);
+  if (key_mask.has_value() && key_mask->defined())
+    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == q.size(0) &&
+                    key_mask->size(1) == k.size(2),
+                "linear_fused: key_mask must be a (batch, n_k) bool tensor");
+}
+
+std::vector<at::Tensor> linear_fused_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                             double eps, int64_t feature, const std::optional<at::Tensor>& key_mask) {
+  check_noncausal(q_in, k_in, v_in, key_mask, feature);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), m = q.size(3), d = v.size(3);
+  const int64_t e = d + 1;
+  at::Tensor mask_c;
+  if (key_mask.has_value() && key_mask->defined()) mask_c = key_mask->contiguous();
+  const bool* pmask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty({B, H, nq, d}, v.options());
+  auto state = at::empty({B, H, m, e}, v.options().dtype(acc_dtype));
+  auto den = at::empty({B, H, nq}, v.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "linear_fused_forward", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    const int64_t C = 64;
+    const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
+    In* po = out.data_ptr<In>();
+    T *ps = state.data_ptr<T>(), *pden = den.data_ptr<T>();
+    at::parallel_for(0, B * H, grain(std::max(nq, nk), m, e), [&](int64_t lo, int64_t hi) {
+      for (int64_t bh = lo; bh < hi; ++bh)
+        noncausal_forward_head<In, T>(pq + bh * nq * m, pk + bh * nk * m, pv + bh * nk * d, po + bh * nq * d,
+                                      ps + bh * m * e, pden + bh * nq, nq, nk, m, e, C, eps, feature,
+                                      pmask ? pmask + (bh / H) * nk : nullptr);
+    });
+  });
+  return {out, state, den};
+}
+
+std::vector<at::Tensor> linear_fused_backward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                              const at::Tensor& out_in, const at::Tensor& den_in,
+                                              const at::Tensor& state_in, const at::Tensor& grad_out, double eps,
+                                              int64_t feature, const std::optional<at::Tensor>& key_mask) {
+  check_noncausal(q_in, k_in, v_in, key_mask, feature);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto dtype = q.scalar_type();
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), nk = k.size(2), m = q.size(3), d = v.size(3);
+  const int64_t e = d + 1;
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef({B, H, nq, d}) && grad_out.sizes() == out_in.sizes(),
+              "linear_fused_backward: out and grad_out must be (batch, heads, n_q, d_v)");
+  TORCH_CHECK(den_in.sizes() == at::IntArrayRef({B, H, nq}), "linear_fused_backward: den must be (batch, heads, n_q)");
+  TORCH_CHECK(state_in.sizes() == at::IntArrayRef({B, H, m, e}),
+              "linear_fused_backward: state must be (batch, heads, d, d_v + 1)");
+  const at::Tensor out = out_in.to(dtype).contiguous(), gy = grad_out.to(dtype).contiguous();
+  const at::Tensor den = den_in.to(acc_dtype).contiguous(), state = state_in.to(acc_dtype).contiguous();
+  at::Tensor mask_c;
+  if (key_mask.has_value() && key_mask->defined()) mask_c = key_mask->contiguous();
+  const bool* pmask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "linear_fused_backward", [&] {
+    using In = scalar_t;
+    using T = Acc<In>;
+    const int64_t C = 64;
+    const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>(), *pg = gy.data_ptr<In>();
+    const In* pout = out.data_ptr<In>();
+    const T *pden = den.data_ptr<T>(), *ps = state.data_ptr<T>();
+    In *pdq = dq.data_ptr<In>(), *pdk = dk.data_ptr<In>(), *pdv = dv.data_ptr<In>();
+    at::parallel_for(0, B * H, grain(std::max(nq, nk), m, e), [&](int64_t lo, int64_t hi) {
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        Norm<In> nrm;
+        nrm.on = true;
+        nrm.eps = eps;
+        nrm.den = pden + bh * nq;
+        nrm.out = pout + bh * nq * d;
+        noncausal_backward_head<In, T>(pq + bh * nq * m, pk + bh * nk * m, pv + bh * nk * d, pg + bh * nq * d,
+                                       ps + bh * m * e, pdq + bh * nq * m, pdk + bh * nk * m, pdv + bh * nk * d, nq,
+                                       nk, m, e, C, nrm, feature, pmask ? pmask + (bh / H) * nk : nullptr);
+      }
+    });
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> causal_linear_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -688,5 +959,11 @@ TORCH_LIBRARY(hf_efficient_cpu, lib) {
       "causal_linear_fused_backward(Tensor q, Tensor k, Tensor v, Tensor? initial, Tensor out, Tensor den, "
       "Tensor grad_out, Tensor? grad_state, float eps, int chunk, int feature, Tensor? key_mask) -> Tensor[]",
       &causal_linear_fused_backward);
+  lib.def("linear_fused_forward(Tensor q, Tensor k, Tensor v, float eps, int feature, Tensor? key_mask) -> Tensor[]",
+          &linear_fused_forward);
+  lib.def(
+      "linear_fused_backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor den, Tensor state, Tensor grad_out, "
+      "float eps, int feature, Tensor? key_mask) -> Tensor[]",
+      &linear_fused_backward);
   lib.def("vector_bytes() -> int", [] { return static_cast<int64_t>(kVecBytes); });
 }
