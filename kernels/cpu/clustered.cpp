@@ -11,6 +11,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -321,16 +323,23 @@ struct Sequence {
   }
 };
 
+// One vector register: 64 bytes with AVX-512, 32 bytes otherwise. Wider GCC vectors than the hardware's
+// are split by the compiler into pieces shuffled through memory, several times slower than native ones.
+#ifdef __AVX512F__
+constexpr int64_t kVecBytes = 64;
+#else
+constexpr int64_t kVecBytes = 32;
+#endif
 template <typename T>
-constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(T));  // one 512-bit vector (two 256-bit ones)
-constexpr int64_t kRows = 8;                                      // queries per block
+constexpr int64_t kLanes = kVecBytes / static_cast<int64_t>(sizeof(T));
+constexpr int64_t kRows = 8;  // queries per block: 8 accumulators + one row of B fit 16 registers
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// One 64-byte vector of T (GCC vector extension; unaligned loads and stores are allowed).
+// One vector register of T (GCC vector extension; unaligned loads and stores are allowed).
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+  typedef T type __attribute__((vector_size(kVecBytes), aligned(sizeof(T))));
 };
 
 // C[r, n] (+)= sum_k A[r * rsa + k * csa] B[k * ldb + n] for r < MR, n < N (N a multiple of the lanes).
@@ -388,6 +397,32 @@ inline float exp_nonpositive(float x_in) {
   return x_in == x_in ? p : x_in;
 }
 inline double exp_nonpositive(double x) { return std::exp(std::min(x, 0.0)); }  // NaN stays NaN
+
+// exp_nonpositive on a whole vector of floats (same steps, lane by lane, min(x, 0) included): the
+// scalar function is not vectorised by the compiler inside loops that also accumulate.
+inline Vec<float>::type exp_nonpositive_vec(Vec<float>::type x_in) {
+  using V = Vec<float>::type;
+  using I = Vec<int32_t>::type;
+  const V lo = V{} - 87.0f, zero = V{};
+  V x = x_in > lo ? x_in : lo;  // NaN -> -87 here, restored below
+  x = x < zero ? x : zero;
+  const V t = x * 1.44269504088896341f;
+  const V n = (t + 12582912.0f) - 12582912.0f;
+  const V f = (t - n) * 0.693147180559945309f;
+  V p = V{} + 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  I bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += __builtin_convertvector(n, I) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof(p));
+  return x_in == x_in ? p : x_in;
+}
 
 template <typename In, typename T>
 struct TopBuffers {
@@ -625,24 +660,33 @@ std::vector<at::Tensor> clustered_topk_backward(const at::Tensor& q_in, const at
 // rest_c = sum_{j not in T_c} p_j v_j. This is the centroid half of improved clustered attention without
 // the (C, n_k) weight tensor ever leaving the thread (one buffer reused for every sequence). Forward only.
 template <typename T>
-struct TopSet {  // the t largest (value, index) pairs seen, as a binary min-heap
-  std::vector<std::pair<T, int64_t>> heap;
+struct TopSet {  // the t largest (value, index) pairs seen: candidates, cut back to the t best when 2t are held
+  std::vector<std::pair<T, int64_t>> heap;  // the t best are heap[0 .. t) after finish()
   int64_t t;
-  explicit TopSet(int64_t t_) : t(t_) { heap.reserve(t_); }
+  explicit TopSet(int64_t t_) : t(t_) { heap.reserve(2 * t_); }
   void clear() { heap.clear(); }
   static bool greater(const std::pair<T, int64_t>& a, const std::pair<T, int64_t>& b) { return a.first > b.first; }
-  // NaN counts as -inf: the comparisons stay a strict weak order, and every key is taken while fewer
-  // than t are held, so the heap always ends with exactly t entries (given at least t keys).
-  void offer(T value, int64_t index) {
+  // Keep the t largest; returns the smallest value kept (nothing at or below it can enter any more).
+  T cut() {
+    std::nth_element(heap.begin(), heap.begin() + (t - 1), heap.end(), greater);
+    heap.resize(t);
+    return heap[t - 1].first;
+  }
+  // NaN counts as -inf: the comparisons stay a strict weak order. Returns the new entry threshold when a
+  // cut happened, else `thr` unchanged. Amortised O(1) per entry (one nth_element per t entries).
+  T offer(T value, int64_t index, T thr) {
     if (value != value) value = -std::numeric_limits<T>::infinity();
-    if (static_cast<int64_t>(heap.size()) < t) {
-      heap.emplace_back(value, index);
-      std::push_heap(heap.begin(), heap.end(), greater);
-    } else if (value > heap.front().first) {
-      std::pop_heap(heap.begin(), heap.end(), greater);
-      heap.back() = {value, index};
-      std::push_heap(heap.begin(), heap.end(), greater);
-    }
+    heap.emplace_back(value, index);
+    return static_cast<int64_t>(heap.size()) == 2 * t ? cut() : thr;
+  }
+  // The smallest value held (called once t entries are held).
+  T minimum() const {
+    T m = heap[0].first;
+    for (const auto& x : heap) m = x.first < m ? x.first : m;
+    return m;
+  }
+  void finish() {
+    if (static_cast<int64_t>(heap.size()) > t) cut();
   }
 };
 
@@ -685,6 +729,10 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
       std::vector<T> mx(Cp), sum(Cp), thr(Cp);
       std::vector<char> ok(nk);
       std::vector<TopSet<T>> best(C, TopSet<T>(t));
+      const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+      // views of the buffers above (no copies; from_blob never owns or frees them)
+      auto st_t = at::from_blob(st.data(), {nk, Cp}, opts), csT_t = at::from_blob(csT.data(), {d, Cp}, opts);
+      auto vp_t = at::from_blob(vp.data(), {nk, ep}, opts), out_t = at::from_blob(out.data(), {C, ep}, opts);
       for (int64_t bh = lo; bh < hi; ++bh) {
         const In* ks = pk + bh * nk * d;
         const In* vs = pv + bh * nk * e;
@@ -705,7 +753,9 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
         }
         for (int64_t c = 0; c < C; ++c)
           for (int64_t x = 0; x < d; ++x) csT[x * Cp + c] = static_cast<T>(pc[(bh * C + c) * d + x]) * static_cast<T>(scale);
-        gemm<T>(nk, d, Cp, keys, d, 1, csT.data(), Cp, st.data(), Cp, false);
+        // the two products are most of the work: BLAS (single-threaded inside this parallel region) runs
+        // them several times faster than the register-blocked loops used for the small top-k products
+        at::mm_out(st_t, at::from_blob(const_cast<T*>(keys), {nk, d}, opts), csT_t);
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
         for (int64_t j = 0; j < nk; ++j) {
           if (!ok[j]) continue;
@@ -713,35 +763,56 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           for (int64_t c = 0; c < Cp; ++c) mx[c] = row[c] > mx[c] ? row[c] : mx[c];
         }
         std::fill(sum.begin(), sum.end(), T(0));
+        T* __restrict psum = sum.data();  // restrict: lets the compiler vectorise across centroids
+        const T* __restrict pmx = mx.data();
         for (int64_t j = 0; j < nk; ++j) {
-          T* row = st.data() + j * Cp;
+          T* __restrict row = st.data() + j * Cp;
           if (!ok[j]) {  // padded key: zero weight
             std::fill(row, row + Cp, T(0));
             continue;
           }
-          for (int64_t c = 0; c < Cp; ++c) {
-            row[c] = exp_nonpositive(std::min(row[c] - mx[c], T(0)));
-            sum[c] += row[c];
-          }
-        }
-        for (int64_t c = 0; c < Cp; ++c) sum[c] = real > 0 ? T(1) / sum[c] : T(0);
-        // top-t per centroid: a heap each, entered only by a weight above its current t-th largest;
-        // padded keys (weight 0) come after every real key, as in the PyTorch path
-        for (int64_t c = 0; c < C; ++c) best[c].clear();
-        std::fill(thr.begin(), thr.end(), -std::numeric_limits<T>::infinity());
-        for (int64_t j = 0; j < nk; ++j) {
-          T* row = st.data() + j * Cp;
-          for (int64_t c = 0; c < Cp; ++c) row[c] *= sum[c];
-          const T shift = ok[j] ? T(0) : T(1);
-          for (int64_t c = 0; c < C; ++c) {
-            const T value = row[c] - shift;
-            // thr stays -inf until the heap is full; until then every key enters, even a -inf or NaN one
-            if (value > thr[c] || static_cast<int64_t>(best[c].heap.size()) < t) {
-              best[c].offer(value, j);
-              if (static_cast<int64_t>(best[c].heap.size()) == t) thr[c] = best[c].heap.front().first;
+          if constexpr (std::is_same_v<T, float>) {
+            using V = typename Vec<float>::type;
+            for (int64_t c = 0; c < Cp; c += L) {  // Cp is a multiple of the lanes
+              V x = *reinterpret_cast<const V*>(row + c) - *reinterpret_cast<const V*>(pmx + c);
+              const V p = exp_nonpositive_vec(x);
+              *reinterpret_cast<V*>(row + c) = p;
+              *reinterpret_cast<V*>(psum + c) += p;
+            }
+          } else {
+            for (int64_t c = 0; c < Cp; ++c) {
+              const T p = exp_nonpositive(std::min(row[c] - pmx[c], T(0)));
+              row[c] = p;
+              psum[c] += p;
             }
           }
         }
+        for (int64_t c = 0; c < Cp; ++c) psum[c] = real > 0 ? T(1) / psum[c] : T(0);
+        for (int64_t j = 0; j < nk; ++j) {
+          T* __restrict row = st.data() + j * Cp;
+          for (int64_t c = 0; c < Cp; ++c) row[c] *= psum[c];
+        }
+        // top-t per centroid: a heap each. The first t keys enter every heap (even a -inf or NaN weight),
+        // so from key t on every heap is full and a key enters only above its current t-th largest, one
+        // compare per (key, centroid). Padded keys (weight 0 shifted to -1) come after every real key, as
+        // in the PyTorch path.
+        for (int64_t c = 0; c < C; ++c) best[c].clear();
+        for (int64_t j = 0; j < nk; ++j) {
+          const T* row = st.data() + j * Cp;
+          const T shift = ok[j] ? T(0) : T(1);
+          if (j < t) {
+            for (int64_t c = 0; c < C; ++c) best[c].offer(row[c] - shift, j, T(0));
+            if (j == t - 1)
+              for (int64_t c = 0; c < C; ++c) thr[c] = best[c].minimum();
+            continue;
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const T value = row[c] - shift;
+            // false for NaN: a NaN counts as -inf, never above the t-th largest of t held values
+            if (value > thr[c]) thr[c] = best[c].offer(value, j, thr[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) best[c].finish();
         for (int64_t c = 0; c < C; ++c) {
           T m = 0;
           int64_t* tc = ptop + (bh * C + c) * t;
@@ -756,7 +827,7 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           pmass[bh * C + c] = static_cast<In>(m);
         }
         // rest (C, ep) = weights^T (C, nk) . values (nk, ep)
-        gemm<T>(C, nk, ep, st.data(), 1, Cp, vp.data(), ep, out.data(), ep, false);
+        at::mm_out(out_t, st_t.narrow(1, 0, C).t(), vp_t);
         for (int64_t c = 0; c < C; ++c)
           for (int64_t x = 0; x < e; ++x) prest[(bh * C + c) * e + x] = static_cast<In>(out[c * ep + x]);
       }
