@@ -574,9 +574,7 @@ def linear_attention(
     if not causal and fused is not None:
         # elu/relu: one pass over the keys builds the state and key sum, one over the queries reads them, the
         # map applied inside the kernel (kernels/dispatch.py); None when no kernel runs here
-        from hf_efficient_kernels.dispatch import linear_feature_map_kernel
-
-        kernel = linear_feature_map_kernel(q, fused)
+        kernel = dispatch.linear_feature_map_kernel(q, fused) if dispatch else None
         if kernel is not None:
             return kernel(q, k, v, eps, None if mask is None or bool(mask.all()) else mask)
     phi_q, phi_k, vf = _features(q, k, v, q_map, k_map, mask, name)
