@@ -2,6 +2,9 @@
 
     python scripts/train_attention_sampling.py            # full: 3 seeds at 256x256
     python scripts/train_attention_sampling.py --quick    # seconds: tiny data, one seed
+    # the paper's scale: 1500x1500 megaNIST on disk (written on first use, never overwritten)
+    python scripts/train_attention_sampling.py --data-dir data/megamnist-1500 --seeds 0 \
+        --low-res-scale 0.12 --patch-size 50 --num-patches 10 --max-steps 400
 
 Defaults (the measured run): 3,000 training images of 256x256, 20 epochs (1,880 steps of batch 32),
 16 patches of 40x40 per image, 64x64 attention map, cosine learning-rate decay from 3e-3. The
@@ -28,14 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_efficient.benchmarking import cpu_model
 from hf_efficient.vision import (
     AttentionSamplingConfig,
     AttentionSamplingForImageClassification,
     AttentionSamplingImageProcessor,
+    load_megamnist,
     make_megamnist,
+    write_megamnist,
 )
 
 
@@ -46,9 +51,27 @@ class Collator:
         self.processor = processor
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        # in-memory megaNIST rows hold arrays, on-disk rows PIL images (mode L): the processor takes both
         batch = dict(self.processor([r["image"] for r in rows]))
         batch["labels"] = torch.tensor([int(r["label"]) for r in rows])
         return batch
+
+
+class Budget(TrainerCallback):
+    """Stop training once this process has used ``cpu_seconds`` of CPU or ``wall_seconds`` of wall time."""
+
+    def __init__(self, cpu_seconds: float | None, wall_seconds: float | None) -> None:
+        self.cpu_seconds, self.wall_seconds = cpu_seconds, wall_seconds
+        self.cpu0, self.wall0, self.stopped_at = time.process_time(), time.perf_counter(), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        cpu, wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+        if (self.cpu_seconds is not None and cpu >= self.cpu_seconds) or (
+            self.wall_seconds is not None and wall >= self.wall_seconds
+        ):
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+        return control
 
 
 def evaluate(model, processor, dataset, batch_size: int, seed: int) -> tuple[float, dict]:
@@ -82,7 +105,7 @@ def save_overlay(first: dict, config: AttentionSamplingConfig, path: Path, count
     ph, pw = config.patch_size
     for k in range(count):
         ax = axes[k]
-        image = first["rows"][k]["image"]
+        image = np.asarray(first["rows"][k]["image"])
         size = image.shape[0]
         ax.imshow(image, cmap="gray")
         att = out.attention_map[k].numpy()
@@ -124,6 +147,7 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
             output_dir=tmp,
             per_device_train_batch_size=args.batch_size,
             num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
             learning_rate=args.lr,
             lr_scheduler_type=args.lr_scheduler,
             warmup_steps=20,
@@ -137,7 +161,10 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
             use_cpu=True,
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=Collator(processor))
+        budget = Budget(args.max_train_cpu_minutes and 60 * args.max_train_cpu_minutes,
+                        args.max_train_wall_minutes and 60 * args.max_train_wall_minutes)
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=Collator(processor),
+                          callbacks=[budget])
         start, cpu_start = time.perf_counter(), time.process_time()
         trainer.train()
         train_seconds = time.perf_counter() - start
@@ -157,6 +184,8 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
         "train_cpu_seconds": train_cpu_seconds,
         "patch_on_digit_rate": float(np.mean(hits)),
         "final_train_loss": trainer.state.log_history[-1].get("train_loss"),
+        "steps": trainer.state.global_step,
+        "stopped_by_budget_at_step": budget.stopped_at,
     }
 
 
@@ -165,6 +194,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data, one seed, one epoch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="megaNIST on disk: read it if it holds megamnist.json, else write it there first "
+                             "(--canvas, --train-size, --test-size; an existing non-empty folder is never overwritten)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
+    parser.add_argument("--max-train-cpu-minutes", type=float, default=None,
+                        help="stop training once the process has used this much CPU time (the schedule is not cut)")
+    parser.add_argument("--max-train-wall-minutes", type=float, default=None,
+                        help="stop training after this much wall time (the schedule is not cut)")
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--epochs", type=float, default=20)
@@ -196,8 +233,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
-    train = make_megamnist(args.train_size, args.canvas, "train", seed=100)
-    test = make_megamnist(args.test_size, args.canvas, "test", seed=200)
+    if args.data_dir is not None:
+        if not (args.data_dir / "megamnist.json").is_file():
+            write_megamnist(args.data_dir, canvas_size=args.canvas, num_train=args.train_size,
+                            num_test=args.test_size)
+        train, test = load_megamnist(args.data_dir, "train"), load_megamnist(args.data_dir, "test")
+        args.data_params = json.loads((args.data_dir / "megamnist.json").read_text())
+    else:
+        train = make_megamnist(args.train_size, args.canvas, "train", seed=100)
+        test = make_megamnist(args.test_size, args.canvas, "test", seed=200)
     runs = []
     for seed in args.seeds:
         run = run_seed(seed, args, train, test, args.output.parent)

@@ -249,12 +249,15 @@ def _shard_rows(
 def _card(params: dict, shards: dict[str, int]) -> str:
     """The dataset card (README.md): YAML front matter that ``datasets.load_dataset(folder)`` reads, then prose."""
     size = params["canvas_size"]
+    total = params["num_train"] + params["num_test"]
+    bins = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
+    size_category = next((name for bound, name in bins if total < bound), "n>1M")
     return f"""---
 pretty_name: megaNIST {size}x{size}
 task_categories:
 - image-classification
 size_categories:
-- 1K<n<10K
+- {size_category}
 configs:
 - config_name: default
   data_files:
