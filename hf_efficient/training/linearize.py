@@ -487,6 +487,12 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     if not causal and config.finetune_steps and config.finetune_loss == "lm":
         raise ValueError("linearize: finetune_loss='lm' is next-token cross-entropy, for causal LMs; this model "
                          "is an encoder, so use finetune_loss='distill'")
+    if config.finetune_steps and config.finetune_params == "feature_maps+qk":
+        for module in modules:  # refused now rather than after the transfer
+            if not any(isinstance(getattr(module, name, None), nn.Module) for name in _QK_PROJECTIONS):
+                raise ValueError(f"finetune_params='feature_maps+qk': the attention module {type(module).__name__} "
+                                 f"has no separate query/key projection (looked for {', '.join(_QK_PROJECTIONS)}); "
+                                 "use finetune_params='feature_maps' or 'lora'")
     windows = _windows(dataset, _vocab_size(model))
     device = next(model.parameters()).device
     started = time.process_time()

@@ -78,3 +78,13 @@ def test_mapping_without_input_ids_and_bad_shapes_are_refused():
         linearize(llama(), [torch.zeros(1, 2, 3, dtype=torch.long)])
     with pytest.raises(ValueError, match="shape"):
         linearize(llama(), [torch.zeros(0, dtype=torch.long)])
+
+
+def test_qk_finetune_refused_before_training_where_query_and_key_are_one_projection():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64)).eval()
+    with pytest.raises(ValueError, match="feature_maps\\+qk.*GPT2Attention.*no separate query/key projection"):
+        linearize(model, [torch.arange(8)], finetune_steps=1, finetune_params="feature_maps+qk")
+    assert untouched(model)
