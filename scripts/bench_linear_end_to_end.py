@@ -10,8 +10,15 @@ Compares, in one process, one thread, interleaved (A B C ... A B C ...), after a
 * ``chunk_loop``: a plain PyTorch causal linear attention, 128-token chunks, elu + 1 features, the
   normaliser carried beside the state: what one writes without this package;
 * ``matmul``: a square fp32 ``torch.matmul``, this machine's reachable FLOP/s in the same run;
-* non-causal: ``linear_attention(q, k, v)`` against the formulation it replaced (a column of ones appended
-  to v, the normaliser sliced off the product).
+* ``older_module`` (with ``--older-causal-product-src``): the older fast-transformers causal linear attention,
+  elu + 1 features in PyTorch, its compiled CPU causal product, the normaliser from a cumulative sum of the
+  keys. Its source is the ``fast_transformers/causal_product/causal_product_cpu.cpp`` of the
+  ``pytorch-fast-transformers`` 0.4.0 source distribution (``TMPDIR=$PWD pip download --no-deps
+  --no-build-isolation --no-binary :all: --no-clean pytorch-fast-transformers==0.4.0``: its metadata step fails
+  without CUDA, and the unpacked source stays under ``$PWD/pip-download-*``); it is compiled into a temp
+  folder, never shipped here;
+* non-causal: ``linear_attention(q, k, v)`` (the CPU kernel with elu + 1 inside) against the formulation it
+  replaced (a column of ones appended to v, the normaliser sliced off the product).
 
 Shapes: batch 1, 8 heads, head dim 64 (features m = 64, values d_v = 64 plus the normaliser: e = 65).
 FLOP counts as in ``bench_kernels.py``: ``useful`` = 4 n m e per head (the recurrent form; the
@@ -20,6 +27,8 @@ forward+backward (counted as 3x the forward FLOPs).
 
     python scripts/bench_linear_end_to_end.py --quick       # seconds
     python scripts/bench_linear_end_to_end.py               # N = 16384, about a minute
+    python scripts/bench_linear_end_to_end.py --backward --clock cpu \
+        --older-causal-product-src /path/to/causal_product_cpu.cpp
 
 Writes ``results/bench_linear_end_to_end.json``.
 """

@@ -3,7 +3,8 @@
 softmax(q k^T) v is replaced by phi(q) (phi(k)^T v) / (phi(q) . sum_j phi(k_j)), which costs
 O(N d m) instead of O(N^2 d). Three forms, one result:
 
-* non-causal: two matrix products with the summed state;
+* non-causal: two matrix products with the summed state (for elu/relu on the CPU, a kernel that applies the
+  map itself: one pass over the keys, one over the queries);
 * causal, chunked-parallel (training and prefill): within a chunk of C tokens a masked C x C
   product, across chunks a carried state; memory O(N C + (N / C) m d_v), never N x m x d_v;
 * causal, recurrent (decoding): ``state += phi(k_t) v_t^T``, constant work per token.

@@ -294,7 +294,32 @@ void apply_phi(T* x, int64_t len, int64_t feature) {
 // g[0, len) *= phi'(x) given phi[0, len) = phi(x).
 template <typename T>
 void apply_dphi(T* g, const T* phi, int64_t len, int64_t feature) {
-  for (int64_t i = 0; i < len; ++i) g[i] *= dphi_scalar(phi[i], feature);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {  // the same selects as dphi_scalar, a vector at a time
+    constexpr int W = Vec<float>::W;
+    const VF zero{}, one = splat(1.0f);
+    for (; i + W <= len; i += W) {
+      const VF p = *reinterpret_cast<const VF*>(phi + i);
+      const VF d = feature == kElu ? (p > one ? one : p) : (p > zero ? one : zero);
+      *reinterpret_cast<VF*>(g + i) *= d;
+    }
+  }
+  for (; i < len; ++i) g[i] *= dphi_scalar(phi[i], feature);
+}
+
+// dst (cols x ldd) = transpose of src (rows x lds), the first rows x cols block; 8 x 8 blocks in registers
+// where it can.
+template <typename T>
+void transpose_buf(const T* src, int64_t rows, int64_t cols, int64_t lds, T* dst, int64_t ldd) {
+  int64_t r8 = 0, c8 = 0;
+  if constexpr (kTranspose8 && std::is_same_v<T, float>) {
+    r8 = rows / 8 * 8;
+    c8 = cols / 8 * 8;
+    for (int64_t r = 0; r < r8; r += 8)
+      for (int64_t c = 0; c < c8; c += 8) transpose8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
 // Rows of padded keys (key_ok false) get zero features: they add nothing to any sum. rows: (C, mp).
@@ -364,16 +389,18 @@ void load_g(const In* gy, int64_t t0, int64_t L, int64_t e, T* Gt, int64_t C, co
   const int64_t d = e - 1;
   load_t(gy, t0, L, d, Gt, C);
   T* gden = Gt + d * C;
-  for (int64_t i = 0; i < L; ++i) {
-    const T inv = T(1) / (static_cast<T>(nrm.den[t0 + i]) + static_cast<T>(nrm.eps));
+  thread_local std::vector<T> inv;
+  inv.resize(L);
+  for (int64_t i = 0; i < L; ++i) {  // rows of grad_out and out are contiguous: the dot products go by rows
+    inv[i] = T(1) / (static_cast<T>(nrm.den[t0 + i]) + static_cast<T>(nrm.eps));
     const In* o = nrm.out + (t0 + i) * d;
+    const In* g = gy + (t0 + i) * d;
     T dot = 0;
-    for (int64_t f = 0; f < d; ++f) {
-      Gt[f * C + i] *= inv;
-      dot += Gt[f * C + i] * static_cast<T>(o[f]);
-    }
-    gden[i] = -dot;
+    for (int64_t f = 0; f < d; ++f) dot += static_cast<T>(g[f]) * static_cast<T>(o[f]);
+    gden[i] = -dot * inv[i];
   }
+  for (int64_t f = 0; f < d; ++f)
+    for (int64_t i = 0; i < L; ++i) Gt[f * C + i] *= inv[i];
   std::fill(gden + L, gden + C, T(0));
 }
 
@@ -492,12 +519,15 @@ void backward_head(const In* q, const In* k, const In* v, const In* init, const 
           if (!key_ok[t0 + i])
             for (int64_t f = 0; f < m; ++f) Kt[f * C + i] = T(0);
       std::fill(Qc, Qc + C * mp, T(0));  // Qc = Qt^T
-      for (int64_t f = 0; f < m; ++f)
-        for (int64_t i = 0; i < L; ++i) Qc[i * mp + f] = Qt[f * C + i];
+      transpose_buf(Qt, m, L, C, Qc, mp);
       for (int64_t i = 0; i < L; ++i) {  // dq of pass 1 was the gradient of phi(q)
         In* row = dq + (t0 + i) * m;
-        for (int64_t f = 0; f < m; ++f)
-          row[f] = static_cast<In>(static_cast<T>(row[f]) * dphi_scalar(Qt[f * C + i], feature));
+        if constexpr (std::is_same_v<In, T>) {
+          apply_dphi(row, Qc + i * mp, m, feature);
+        } else {
+          for (int64_t f = 0; f < m; ++f)
+            row[f] = static_cast<In>(static_cast<T>(row[f]) * dphi_scalar(Qc[i * mp + f], feature));
+        }
       }
     } else {
       load_rows(q, t0, L, m, Qc, C, mp);
@@ -567,27 +597,51 @@ void noncausal_state(const In* k, const In* v, int64_t nk, int64_t m, int64_t e,
   }
 }
 
+// a . b over len entries, len a multiple of the vector width.
+template <typename T>
+inline T dot_padded(const T* a, const T* b, int64_t len) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V acc{};
+  for (int64_t i = 0; i < len; i += W) acc += *reinterpret_cast<const V*>(a + i) * *reinterpret_cast<const V*>(b + i);
+  T total = 0;
+  for (int w = 0; w < W; ++w) total += acc[w];
+  return total;
+}
+
+// The query pass works token-major: Y (C x dp) = phi(Q) (C x mp) times S (mp x dp), so the queries are copied
+// row by row and the output rows are written straight out, with no transpose on either side; the normaliser
+// phi(q_i) . z is a dot product per row.
 template <typename In, typename T>
 void noncausal_forward_head(const In* q, const In* k, const In* v, In* out, T* state, T* den, int64_t nq, int64_t nk,
                             int64_t m, int64_t e, int64_t C, double eps, int64_t feature, const bool* key_ok) {
   const int64_t mp = round_up(m, kPad);
   const int64_t d = e - 1;
+  const int64_t dp = round_up(d, kPad);
   const int64_t blk = Vec<T>::W * kNV;
-  Buffer<T> bSt(e * mp), bQt(m * C), bYt(e * C), bInv(C);
-  T *St = bSt.get(), *Qt = bQt.get(), *Yt = bYt.get(), *Inv = bInv.get();
+  Buffer<T> bSt(e * mp), bS(mp * dp), bZ(mp), bQc(C * mp), bY(C * dp);
+  T *St = bSt.get(), *S = bS.get(), *Z = bZ.get(), *Qc = bQc.get(), *Y = bY.get();
   noncausal_state(k, v, nk, m, e, C, feature, key_ok, St);
+  std::fill(S, S + mp * dp, T(0));
+  std::fill(Z, Z + mp, T(0));
+  for (int64_t p = 0; p < m; ++p) {
+    for (int64_t f = 0; f < d; ++f) S[p * dp + f] = St[f * mp + p];
+    Z[p] = St[d * mp + p];
+  }
   for (int64_t t0 = 0; t0 < nq; t0 += C) {
     const int64_t L = std::min(C, nq - t0);
-    load_t(q, t0, L, m, Qt, C);
-    for (int64_t f = 0; f < m; ++f) apply_phi(Qt + f * C, L, feature);
-    std::fill(Yt, Yt + e * C, T(0));
-    gemm_acc<T>(e, C, m, St, mp, 1, Qt, C, Yt, C, KRange::kFull, blk);
+    load_rows(q, t0, L, m, Qc, C, mp);
+    for (int64_t i = 0; i < L; ++i) apply_phi(Qc + i * mp, m, feature);
+    std::fill(Y, Y + L * dp, T(0));
+    gemm_acc<T>(L, dp, m, Qc, mp, 1, S, dp, Y, dp, KRange::kFull, blk);
     for (int64_t i = 0; i < L; ++i) {
-      const T dn = Yt[d * C + i];
-      Inv[i] = T(1) / (dn + static_cast<T>(eps));
+      const T dn = dot_padded(Qc + i * mp, Z, mp);
+      const T inv = T(1) / (dn + static_cast<T>(eps));
       den[t0 + i] = dn;
+      const T* y = Y + i * dp;
+      In* o = out + (t0 + i) * d;
+      for (int64_t f = 0; f < d; ++f) o[f] = static_cast<In>(y[f] * inv);
     }
-    store_t(Yt, t0, L, d, out, C, Inv);
   }
   for (int64_t p = 0; p < m; ++p)  // (m, e): the layout of the causal kernels' packed state
     for (int64_t f = 0; f < e; ++f) state[p * e + f] = St[f * mp + p];
@@ -614,8 +668,7 @@ void noncausal_backward_head(const In* q, const In* k, const In* v, const In* gy
     const int64_t L = std::min(C, nq - t0);
     load_t(q, t0, L, m, Qt, C);
     for (int64_t f = 0; f < m; ++f) apply_phi(Qt + f * C, L, feature);
-    for (int64_t f = 0; f < m; ++f)
-      for (int64_t i = 0; i < L; ++i) Qc[i * mp + f] = Qt[f * C + i];
+    transpose_buf(Qt, m, L, C, Qc, mp);
     load_g(gy, t0, L, e, Gt, C, nrm);
     std::fill(Out, Out + m * C, T(0));  // dphi(q) (m x C) = S^T-layout St read column-wise, times Gt
     gemm_acc<T>(m, C, e, St, 1, mp, Gt, C, Out, C, KRange::kFull, blk);
