@@ -18,6 +18,8 @@ right before each setting (ratio reported), one thread.
     python scripts/eval_fidelity.py --quick      # a few settings, 1 window per length, seconds
     python scripts/eval_fidelity.py              # the sweep (several minutes)
     python scripts/eval_fidelity.py --quick --seeds 5   # clustered kinds averaged over hash seeds 0..4
+    python scripts/eval_fidelity.py --quick --seeds 5 --task-settings \
+        improved-clustered:clusters=25,topk=32,clustering=queries,iterations=3
 
 Writes ``results/eval_fidelity.json`` and ``results/eval_fidelity.png``.
 """
@@ -40,14 +42,19 @@ from hf_efficient.assets import load_rotten_tomatoes, minilm_path
 from hf_efficient.benchmarking import cpu_model
 from hf_efficient.evaluation import agreement, hamlet_windows, hidden_states, pack_reviews, span_embeddings
 
+# k-means on the queries themselves (clustering="queries") instead of on LSH codes; a few Lloyd rounds suffice
+QUERIES = {"clustering": "queries", "iterations": 3}
 QUICK_SETTINGS = [
     ("improved-clustered", {"clusters": 25, "topk": 32}),
+    ("improved-clustered", {"clusters": 25, "topk": 32, **QUERIES}),
     ("clustered", {"clusters": 25}),
     ("linear", {"feature_map": "elu"}),
 ]
 FULL_SETTINGS = (
     [("improved-clustered", {"clusters": c, "topk": k}) for c in (10, 25, 100, 200) for k in (8, 32, 64)]
+    + [("improved-clustered", {"clusters": c, "topk": 32, **QUERIES}) for c in (10, 25, 100)]
     + [("clustered", {"clusters": c}) for c in (10, 25, 100, 200)]
+    + [("clustered", {"clusters": 25, **QUERIES})]
     + [("linear", {"feature_map": f}) for f in ("elu", "relu", "favor", "hedgehog")]
 )
 # The task metric costs a pass over every test document, so it runs on the settings that matter most.
@@ -217,6 +224,7 @@ def plot(result: dict, path: Path) -> None:
         if "clusters" not in row["params"] or "512" not in row:
             continue
         key = row["kind"] + (f" top-{row['params']['topk']}" if "topk" in row["params"] else "")
+        key += f" ({row['params']['clustering']})" if "clustering" in row["params"] else ""
         groups.setdefault(key, []).append(row)
     for key, rows in sorted(groups.items()):
         rows = sorted(rows, key=lambda r: r["params"]["clusters"])

@@ -6,6 +6,11 @@ clusters by k-means in Hamming space; each cluster's centroid (the mean of its m
 query space) attends over all keys with softmax, and every query receives its centroid's output.
 Cost O(N C d) instead of O(N^2 d); memory O(N C).
 
+With ``clustering="queries"`` the k-means runs on the query vectors themselves (Euclidean,
+:mod:`.query_kmeans`) instead of on their hashes: closer to exact attention (measured on the offline
+MiniLM, 25 clusters / top-32, 256 tokens: pooled cosine 0.989 against 0.980) for a costlier clustering;
+a few Lloyd rounds (``iterations=2`` or 3) give almost all of the gain.
+
 Improved clustered: for each cluster the ``topk`` keys with the largest centroid attention are
 re-scored exactly for every member query. With ``A^c`` the centroid's attention and ``T`` its top
 keys, query i of the cluster gets
@@ -54,6 +59,7 @@ from .hashing import (
     hash_queries,
     pack_bits,
 )
+from .query_kmeans import draw_uniforms, query_kmeans, query_kmeans_reference
 from .registry import AttentionKind, register_attention_kind
 
 __all__ = [
@@ -65,6 +71,8 @@ __all__ = [
 ]
 
 _TILE = 64  # most queries per tile in the improved products (fewer when clusters are small)
+# How queries are grouped: k-means on LSH codes in Hamming space (the paper's), or on the queries themselves.
+CLUSTERINGS = ("hamming", "queries")
 
 
 # --------------------------------------------------------------------------- validation
@@ -77,7 +85,17 @@ def _check_int(value, name: str, what: str, low: int, high: int | None = None) -
     return value
 
 
-def _check_knobs(name, clusters, bits, iterations, seed, topk=None):
+def _check_clustering(name: str, clustering) -> str:
+    if not isinstance(clustering, str):
+        raise TypeError(f"{name}: clustering must be a str (one of {', '.join(map(repr, CLUSTERINGS))}), "
+                        f"got {type(clustering).__name__}")
+    if clustering not in CLUSTERINGS:
+        raise ValueError(f"{name}: clustering must be one of {', '.join(map(repr, CLUSTERINGS))}, got {clustering!r}")
+    return clustering
+
+
+def _check_knobs(name, clusters, bits, iterations, seed, topk=None, clustering="hamming"):
+    _check_clustering(name, clustering)
     _check_int(clusters, name, "clusters", 1)
     _check_int(bits, name, "bits", 1, MAX_BITS)
     _check_int(iterations, name, "iterations", 0)
@@ -212,9 +230,12 @@ def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
 
 
-def _cluster(q, clusters, bits, iterations, seed, valid):
+def _cluster(q, clusters, bits, iterations, seed, valid, clustering="hamming"):
     """Cluster assignment ``(b, h, n_q)`` int64 in ``[0, C)``, -1 where ``valid`` ``(b, h, n_q)`` is False."""
     b, h, n, d = q.shape
+    if clustering == "queries":  # Euclidean k-means on the queries themselves (:mod:`.query_kmeans`)
+        assign = query_kmeans(q.detach().reshape(b * h, n, d), valid.reshape(b * h, n), clusters, iterations, seed)
+        return assign.reshape(b, h, n)
     w, _ = draw_hyperplanes(d, bits, seed, q.device)
     codes = hash_queries(q.detach(), valid, w)  # (b, h, n, bits), planes through the queries' mean
     valid_bh = valid.reshape(b * h, n)
@@ -289,7 +310,7 @@ def _spoiled_by_keys(q, k, bad_k, valid_q, block: int = 1 << 22):
 
 
 def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask, scale, seed,
-             topk=None) -> _Prepared:
+             topk=None, clustering="hamming") -> _Prepared:
     """Validate, cast to the accumulation dtype, confine non-finite values and cluster the queries.
 
     Non-finite values are confined as softmax attention confines them: a query with a NaN or inf entry
@@ -300,7 +321,7 @@ def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_
     Per-head key masks are needed then: the heads are folded into the batch for that call.
     """
     check_qkv(q, k, v, name)
-    _check_knobs(name, clusters, bits, iterations, seed, topk)
+    _check_knobs(name, clusters, bits, iterations, seed, topk, clustering)
     check_scale(scale, name)
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
@@ -352,7 +373,7 @@ def _prepare(name, q, k, v, clusters, bits, iterations, key_padding_mask, query_
         key_mask = good_k.reshape(b * h, n_k)
         valid_q = valid_q.reshape(b * h, 1, n_q)
     c = min(clusters, n_q)  # more clusters than queries: every query is its own cluster
-    assign = _cluster(q, c, bits, iterations, seed, valid_q)
+    assign = _cluster(q, c, bits, iterations, seed, valid_q, clustering)
     return _Prepared(q, k, v, key_mask, scale, c, assign, nan_rows, (b, h))
 
 
@@ -381,6 +402,7 @@ def clustered_attention(
     scale: float | None = None,
     seed: int | None = None,
     return_clusters: bool = False,
+    clustering: str = "hamming",
 ):
     """Clustered attention: each query receives the softmax attention output of its cluster's centroid.
 
@@ -394,16 +416,20 @@ def clustered_attention(
         key_padding_mask: optional ``(batch, n_k)`` bool or 0/1, True/1 = real key.
         query_padding_mask: optional ``(batch, n_q)`` bool or 0/1, True/1 = real query.
         scale: softmax temperature on q.k; default ``d ** -0.5``.
-        seed: fixes the hyperplanes (see the module docstring); None draws fresh ones each call.
+        seed: fixes the hyperplanes, or the k-means++ draws with ``clustering="queries"`` (see the module
+            docstring); None draws fresh ones each call.
         return_clusters: also return the assignment ``(batch, heads, n_q)`` int64 (-1 = padded or
             non-finite query).
+        clustering: ``"hamming"`` (default): k-means on ``bits``-bit LSH codes; ``"queries"``: Euclidean
+            k-means on the queries themselves (:mod:`.query_kmeans`; ``bits`` is unused), closer to exact
+            attention for a higher clustering cost.
 
     Returns:
         ``(batch, heads, n_q, d_v)`` in the dtype of q (and the assignment if ``return_clusters``).
     """
     p = _prepare(
         "clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask, query_padding_mask,
-        scale, seed,
+        scale, seed, clustering=clustering,
     )
     q32, k32, v32, key_mask, scale, c, assign = p.q, p.k, p.v, p.key_mask, p.scale, p.clusters, p.assign
     if c == 0:  # no queries
@@ -438,6 +464,7 @@ def improved_clustered_attention(
     scale: float | None = None,
     seed: int | None = None,
     return_clusters: bool = False,
+    clustering: str = "hamming",
 ):
     """Improved clustered attention: clustered attention plus exact scores on each cluster's top-k keys.
 
@@ -451,7 +478,7 @@ def improved_clustered_attention(
     _check_int(topk, "improved_clustered_attention", "topk", 1)
     p = _prepare(
         "improved_clustered_attention", q, k, v, clusters, bits, iterations, key_padding_mask,
-        query_padding_mask, scale, seed, topk=topk,
+        query_padding_mask, scale, seed, topk=topk, clustering=clustering,
     )
     q32, k32, v32, key_mask, scale, c, assign = p.q, p.k, p.v, p.key_mask, p.scale, p.clusters, p.assign
     if c == 0:  # no queries
@@ -525,21 +552,24 @@ def clustered_attention_reference(
     query_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     seed: int | None = None,
+    clustering: str = "hamming",
 ) -> torch.Tensor:
     """Loop-per-sequence, loop-per-cluster definition of (improved, when ``topk`` is set) clustered attention.
 
     Hashes each sequence's real queries on its own, packs the bits, runs
-    :func:`~.hashing.hamming_kmeans_reference` on popcounts, then attends cluster by cluster.
+    :func:`~.hashing.hamming_kmeans_reference` on popcounts (with ``clustering="queries"``:
+    :func:`~.query_kmeans.query_kmeans_reference` on the queries), then attends cluster by cluster.
     Shapes as in :func:`clustered_attention`. Slow; for tests.
     """
     name = "clustered_attention_reference"
     check_qkv(q, k, v, name)
-    _check_knobs(name, clusters, bits, iterations, seed, topk)
+    _check_knobs(name, clusters, bits, iterations, seed, topk, clustering)
     b, h, n_q, d = q.shape
     key_mask = check_padding_mask(key_padding_mask, b, k.shape[2], name, "key_padding_mask")
     query_mask = check_padding_mask(query_padding_mask, b, n_q, name, "query_padding_mask")
     scale = d**-0.5 if scale is None else float(scale)
     w, _ = draw_hyperplanes(d, bits, seed)
+    u = draw_uniforms(clusters, seed) if clustering == "queries" else None
     out = q.new_zeros(b, h, n_q, v.shape[-1])
     for bi in range(b):
         real_q = query_mask[bi] if query_mask is not None else torch.ones(n_q, dtype=torch.bool)
@@ -559,20 +589,24 @@ def clustered_attention_reference(
                 nan_rows[qi[spoiled]] = True
             if len(qi) > 0 and len(ki) > 0:
                 out[bi, hi] = _reference_sequence(q[bi, hi], k[bi, hi], v[bi, hi], qi, ki, w, bits, clusters,
-                                                  iterations, scale, topk)
+                                                  iterations, scale, topk, u)
             out[bi, hi][nan_rows] = float("nan")
     return out
 
 
-def _reference_sequence(q, k, v, qi, ki, w, bits, clusters, iterations, scale, topk):
-    """One sequence and head of :func:`clustered_attention_reference`: rows ``qi`` attend over keys ``ki``."""
+def _reference_sequence(q, k, v, qi, ki, w, bits, clusters, iterations, scale, topk, u=None):
+    """One sequence and head of :func:`clustered_attention_reference`: rows ``qi`` attend over keys ``ki``;
+    ``u``: the k-means++ uniforms when clustering the queries themselves, None for Hamming clustering."""
     out = q.new_zeros(q.shape[0], v.shape[-1])
     qs, ks, vs = q[qi], k[ki], v[ki]
     dt = torch.float64 if qs.dtype == torch.float64 else torch.float32
-    proj = qs.to(dt) @ w.to(dt)
-    mean = qs.to(dt).mean(0) @ w.to(dt)  # planes through the queries' mean
-    codes = pack_bits(proj > mean)
-    assign = hamming_kmeans_reference(codes, bits, min(clusters, len(qi)), iterations)
+    if u is not None:
+        assign = query_kmeans_reference(qs.to(dt), min(clusters, len(qi)), iterations, u)
+    else:
+        proj = qs.to(dt) @ w.to(dt)
+        mean = qs.to(dt).mean(0) @ w.to(dt)  # planes through the queries' mean
+        codes = pack_bits(proj > mean)
+        assign = hamming_kmeans_reference(codes, bits, min(clusters, len(qi)), iterations)
     for c in assign.unique():
         members = (assign == c).nonzero().flatten()
         centroid = qs[members].mean(0)
@@ -598,18 +632,22 @@ class ClusteredAttentionParams:
         clusters: query clusters per sequence and head.
         bits: hash length (1 ... 1024).
         iterations: Lloyd rounds of k-means.
-        seed: hyperplane seed. The default 0 makes a patched pretrained model give the same output
-            on every forward (and the same vector for a text whatever batch it is in); None draws new
-            planes each forward, like the original library.
+        seed: hyperplane seed (k-means++ seed with ``clustering="queries"``). The default 0 makes a patched
+            pretrained model give the same output on every forward (and the same vector for a text
+            whatever batch it is in); None draws new planes each forward, like the original library.
+        clustering: ``"hamming"`` (k-means on LSH codes, the paper's) or ``"queries"`` (Euclidean
+            k-means on the queries: closer to exact attention, costlier clustering; ``bits`` unused).
     """
 
     clusters: int = 100
     bits: int = 63
     iterations: int = 10
     seed: int | None = 0
+    clustering: str = "hamming"
 
     def __post_init__(self) -> None:
-        _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed)
+        _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed,
+                     clustering=self.clustering)
 
 
 @dataclass
@@ -620,7 +658,8 @@ class ImprovedClusteredAttentionParams(ClusteredAttentionParams):
 
     def __post_init__(self) -> None:
         _check_int(self.topk, type(self).__name__, "topk", 1)  # None is not "no top-k" here: refuse it
-        _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed, self.topk)
+        _check_knobs(type(self).__name__, self.clusters, self.bits, self.iterations, self.seed, self.topk,
+                     self.clustering)
 
 
 def _no_causal(causal: bool, kind: str) -> None:
@@ -636,7 +675,7 @@ def _forward_clustered(q, k, v, params: ClusteredAttentionParams, *, causal=Fals
     _no_causal(causal, "clustered")
     return clustered_attention(q, k, v, clusters=params.clusters, bits=params.bits, iterations=params.iterations,
                                key_padding_mask=key_padding_mask, query_padding_mask=query_padding_mask,
-                               scale=scale, seed=params.seed)
+                               scale=scale, seed=params.seed, clustering=params.clustering)
 
 
 def _forward_improved(q, k, v, params: ImprovedClusteredAttentionParams, *, causal=False, key_padding_mask=None,
@@ -644,7 +683,8 @@ def _forward_improved(q, k, v, params: ImprovedClusteredAttentionParams, *, caus
     _no_causal(causal, "improved-clustered")
     return improved_clustered_attention(q, k, v, clusters=params.clusters, topk=params.topk, bits=params.bits,
                                         iterations=params.iterations, key_padding_mask=key_padding_mask,
-                                        query_padding_mask=query_padding_mask, scale=scale, seed=params.seed)
+                                        query_padding_mask=query_padding_mask, scale=scale, seed=params.seed,
+                                        clustering=params.clustering)
 
 
 register_attention_kind(

@@ -29,6 +29,13 @@ from hf_efficient.attention.hashing import (
     popcount64,
     unpack_bits,
 )
+from hf_efficient.attention.query_kmeans import (
+    draw_uniforms,
+    kmeans_plus_plus,
+    query_kmeans,
+    query_kmeans_reference,
+    seeding_rounds,
+)
 
 F64 = torch.float64
 
@@ -449,3 +456,115 @@ def test_registry_kinds():
         ClusteredAttentionParams(bits=2000)
     with pytest.raises(TypeError, match="unknown parameter"):
         get_attention_kind("clustered").make_params(topk=3)
+
+
+# --------------------------------------------------------------------------- clustering="queries"
+def _group_queries(seed, d=16, groups=8, per=16):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(groups, d, generator=g) * 3
+    member = torch.arange(groups).repeat_interleave(per)[torch.randperm(groups * per, generator=g)]
+    q = centres[member] + 0.05 * torch.randn(groups * per, d, generator=g)
+    return q, member
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 5])
+@pytest.mark.parametrize("clusters", [3, 10])
+def test_query_kmeans_equals_loop_reference(iterations, clusters):
+    """The batched k-means (products, doubling k-means++ rounds, vectorised re-seeding) assigns exactly as the
+    per-sequence loops with explicit distances, padded and NaN rows left out."""
+    g = torch.Generator().manual_seed(clusters + iterations)
+    x = torch.randn(5, 40, 6, generator=g, dtype=F64)
+    x[1, ::3] = x[1, 1]  # duplicates: empty clusters to re-seed
+    valid = torch.rand(5, 40, generator=g) > 0.2
+    valid[3, 4:] = False  # at most C real queries: each its own cluster
+    x[2, 7] = float("nan")
+    valid[2, 7] = False
+    got = query_kmeans(x, valid, clusters, iterations, seed=11)
+    u = draw_uniforms(clusters, 11)
+    for s in range(5):
+        real = valid[s].nonzero().flatten()
+        want = query_kmeans_reference(x[s, real], min(clusters, len(real)), iterations, u)
+        assert torch.equal(got[s, real], want), s
+        assert (got[s, ~valid[s]] == -1).all()
+
+
+def test_query_kmeans_start_is_kmeans_plus_plus_in_doubling_rounds():
+    assert seeding_rounds(1) == []
+    assert seeding_rounds(3) == [(1, 2), (2, 3)]
+    assert seeding_rounds(100)[14:] == [(15, 16), (16, 32), (32, 64), (64, 100)]
+    # D^2 sampling: a far outlier is (almost surely) among the first centres
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 50, 4, generator=g, dtype=F64)
+    x[0, 17] += 1000
+    centres = kmeans_plus_plus(x, torch.ones(1, 50, dtype=torch.bool), 4, draw_uniforms(4, 0))
+    assert (centres[0] == x[0, 17]).all(-1).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_query_clustering_finds_separated_groups(seed):
+    """8 tight groups and 8 clusters: k-means on the queries gives one cluster per group, so the output is
+    close to softmax attention."""
+    q, member = _group_queries(seed)
+    q = q[None, None]
+    g = torch.Generator().manual_seed(seed + 10)
+    k, v = torch.randn(1, 1, 64, 16, generator=g), torch.randn(1, 1, 64, 16, generator=g)
+    out, assign = clustered_attention(q, k, v, clusters=8, seed=seed, clustering="queries", return_clusters=True)
+    for c in range(8):
+        assert assign[0, 0, member == c].unique().numel() == 1
+    assert assign.unique().numel() == 8
+    want = torch.softmax(q @ k.transpose(-1, -2) * 16**-0.5, -1) @ v
+    assert float((out - want).norm() / want.norm()) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+def test_query_clustering_matches_loop_reference_with_padding(kind):
+    q, k, v = qkv()
+    key_mask = torch.ones(2, 27, dtype=torch.bool)
+    key_mask[0, -8:] = False
+    query_mask = torch.ones(2, 24, dtype=torch.bool)
+    query_mask[1, :6] = False
+    kw = dict(clusters=5, iterations=3, seed=3, key_padding_mask=key_mask, query_padding_mask=query_mask,
+              clustering="queries")
+    ref = clustered_attention_reference(q, k, v, topk=4 if kind == "improved" else None, **kw)
+    out = run(kind, q, k, v, topk=4, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    hamming = run(kind, q, k, v, topk=4, **{**kw, "clustering": "hamming"})
+    assert not torch.allclose(out, hamming)  # the option changes the clusters
+
+
+@pytest.mark.parametrize("kind", ["clustered", "improved"])
+def test_query_clustering_confines_non_finite_queries(kind):
+    """A NaN or inf query gets a NaN row and takes no part in any centroid: the other rows equal those of the
+    same input without that query (it padded out)."""
+    q, k, v = qkv(b=1, h=2, n_q=30)
+    bad = q.clone()
+    bad[0, 0, 4, 1] = float("nan")
+    bad[0, 1, 9, 0] = float("inf")
+    kw = dict(clusters=4, seed=0, clustering="queries", topk=3)
+    out = run(kind, bad, k, v, **kw)
+    nan = torch.isnan(out).any(-1)
+    want = torch.zeros_like(nan)
+    want[0, 0, 4] = want[0, 1, 9] = True
+    assert torch.equal(nan, want)
+    for h, i in ((0, 4), (1, 9)):
+        keep = torch.ones(30, dtype=torch.bool)
+        keep[i] = False
+        clean = run(kind, q[:, h : h + 1, keep], k[:, h : h + 1], v[:, h : h + 1], **kw)
+        torch.testing.assert_close(out[:, h : h + 1, keep], clean, rtol=1e-12, atol=1e-12)
+
+
+def test_clustering_param_round_trips_and_patches(tmp_path):
+    import dataclasses
+    import json
+
+    params = ImprovedClusteredAttentionParams(clusters=4, clustering="queries")
+    data = json.loads(json.dumps(dataclasses.asdict(params)))
+    assert data["clustering"] == "queries"
+    assert get_attention_kind("improved-clustered").make_params(**data) == params
+    assert ClusteredAttentionParams().clustering == "hamming"  # default unchanged
+    with pytest.raises(ValueError, match="clustering must be one of 'hamming', 'queries', got 'euclid'"):
+        ClusteredAttentionParams(clustering="euclid")
+    with pytest.raises(TypeError, match="clustering must be a str"):
+        ImprovedClusteredAttentionParams(clustering=1)
+    with pytest.raises(ValueError, match="clustering"):
+        clustered_attention(*qkv(), clusters=2, clustering="kmeans")
