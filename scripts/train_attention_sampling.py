@@ -3,7 +3,7 @@
     python scripts/train_attention_sampling.py            # full: 3 seeds at 256x256
     python scripts/train_attention_sampling.py --quick    # seconds: tiny data, one seed
     # the paper's scale: 1500x1500 megaNIST on disk (written on first use, never overwritten)
-    python scripts/train_attention_sampling.py --data-dir data/megamnist-1500 --seeds 0 \
+    python scripts/train_attention_sampling.py --data-dir /tmp/megamnist-1500 --seeds 0 \
         --low-res-scale 0.12 --patch-size 50 --num-patches 10 --max-steps 320
 
 Defaults (the measured run): 3,000 training images of 256x256, 20 epochs (1,880 steps of batch 32),
