@@ -45,7 +45,7 @@ def clustered_sweep(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--clusters", type=int, default=100)
     parser.add_argument("--topk", type=int, default=32)
-    parser.add_argument("--query-iterations", type=int, default=3, help="Lloyd rounds of clustering='queries'")
+    parser.add_argument("--query-iterations", type=int, default=1, help="Lloyd rounds of clustering='queries'")
     parser.add_argument("--out", type=Path, default=Path("results/bench_clustered.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -90,18 +90,19 @@ def hash_queries(
     w = w.to(dt)
     # The projections' mean (and variance) follow from the queries' mean (and covariance): w is
     # linear, so the statistics cost O(n d^2) instead of touching every (query, bit) pair twice.
+    if valid is not None and bool(valid.all()):
+        valid = None  # nothing left out: skip the masking passes over q
     if valid is None:
         mean_q = q.mean(dim=2, keepdim=True)  # (b, h, 1, d)
-        centred = q - mean_q
         count = q.shape[2]
     else:
         m = valid[:, None, :, None] if valid.dim() == 2 else valid[..., None]
         q = torch.where(m, q, 0)  # a left-out row never reaches the statistics, even a non-finite one
         count = m.sum(dim=2, keepdim=True).clamp(min=1)
-        mean_q = torch.where(m, q, 0).sum(dim=2, keepdim=True) / count
-        centred = torch.where(m, q - mean_q, 0)
+        mean_q = q.sum(dim=2, keepdim=True) / count
     threshold = torch.matmul(mean_q, w)  # (b, h, 1, bits)
     if z is not None:
+        centred = q - mean_q if valid is None else torch.where(m, q - mean_q, 0)
         cov = torch.matmul(centred.transpose(-1, -2), centred) / count  # (b, h, d, d)
         var = (torch.matmul(cov, w) * w).sum(dim=-2, keepdim=True)  # (b, h, 1, bits) = w_j^T cov w_j
         threshold = threshold + var.clamp(min=0).sqrt() * z.to(dt)

@@ -18,7 +18,12 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,6 +46,19 @@ using Acc = typename AccOf<T>::type;
 
 inline int64_t popcount(uint64_t x) { return static_cast<int64_t>(__builtin_popcountll(x)); }
 
+#ifdef __AVX2__
+// Set bits of each 64-bit lane: a 16-entry table per nibble (vpshufb), then byte sums per lane (vpsadbw).
+// AVX2 has no vector popcount; this counts four words in about as many instructions as one scalar popcount.
+inline __m256i popcount4(__m256i v) {
+  const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(v, nibble));
+  const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble));
+  return _mm256_sad_epu8(_mm256_add_epi8(lo, hi), _mm256_setzero_si256());
+}
+#endif
+
 // --------------------------------------------------------------------------- Hamming k-means
 // Same algorithm, start and tie rules as hf_efficient.attention.hashing.hamming_kmeans:
 // * start: farthest-first: the first real query, then repeatedly the one farthest from its closest
@@ -49,6 +67,17 @@ inline int64_t popcount(uint64_t x) { return static_cast<int64_t>(__builtin_popc
 // * update: bit b of a centre is 1 when more than half of its members have it (a tie gives 0); the j-th
 //   empty cluster takes the code of the j-th farthest query from its own centre (lowest rank first on
 //   ties) unless that distance is 0; stop after `iterations` updates or at a fixed point.
+// spread[v][j] = bit j of byte v: the counters of a byte's 8 bits in one 8-lane addition
+inline const std::array<std::array<int32_t, 8>, 256>& byte_bits() {
+  static const auto table = [] {
+    std::array<std::array<int32_t, 8>, 256> t{};
+    for (int v = 0; v < 256; ++v)
+      for (int j = 0; j < 8; ++j) t[v][j] = (v >> j) & 1;
+    return t;
+  }();
+  return table;
+}
+
 struct KMeans {
   int64_t C, W;
   std::vector<uint64_t> centres;  // word-major: centres[w * C + c], so the inner loop runs over centres
@@ -87,6 +116,42 @@ struct KMeans {
 
   int64_t nearest(const uint64_t* x, int64_t* best_dist) {
     const uint64_t* c0 = centres.data();
+    if (W == 1) {  // one word (up to 64 bits, the default 63): distance and minimum in one pass, no stores
+      // four independent running minima: one chain of compare-and-moves would wait on each step
+      constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+      uint64_t b0 = kMax, b1 = kMax, b2 = kMax, b3 = kMax;
+      const uint64_t x0 = x[0];
+      auto key = [&](int64_t c) {
+        return (static_cast<uint64_t>(popcount(x0 ^ c0[c])) << 32) | static_cast<uint64_t>(c);
+      };
+      int64_t c = 0;
+#ifdef __AVX2__
+      {  // keys (distance << 32 | index) < 2^39: the signed 64-bit compare orders them
+        const __m256i x4 = _mm256_set1_epi64x(static_cast<int64_t>(x0));
+        __m256i index = _mm256_setr_epi64x(0, 1, 2, 3), best4 = _mm256_set1_epi64x(std::numeric_limits<int64_t>::max());
+        const __m256i step = _mm256_set1_epi64x(4);
+        for (; c + 4 <= C; c += 4) {
+          const __m256i centre = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + c));
+          const __m256i k4 = _mm256_or_si256(_mm256_slli_epi64(popcount4(_mm256_xor_si256(x4, centre)), 32), index);
+          best4 = _mm256_blendv_epi8(best4, k4, _mm256_cmpgt_epi64(best4, k4));
+          index = _mm256_add_epi64(index, step);
+        }
+        alignas(32) uint64_t lanes[4];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), best4);
+        b0 = std::min(std::min(lanes[0], lanes[1]), std::min(lanes[2], lanes[3]));
+      }
+#endif
+      for (; c + 4 <= C; c += 4) {
+        b0 = std::min(b0, key(c));
+        b1 = std::min(b1, key(c + 1));
+        b2 = std::min(b2, key(c + 2));
+        b3 = std::min(b3, key(c + 3));
+      }
+      for (; c < C; ++c) b0 = std::min(b0, key(c));
+      const uint64_t best = std::min(std::min(b0, b1), std::min(b2, b3));
+      *best_dist = static_cast<int64_t>(best >> 32);
+      return static_cast<int64_t>(best & 0xffffffffu);
+    }
     int64_t* d = dist.data();
     for (int64_t c = 0; c < C; ++c) d[c] = popcount(x[0] ^ c0[c]);
     for (int64_t w = 1; w < W; ++w) {
@@ -116,12 +181,18 @@ struct KMeans {
     std::fill(ones.begin(), ones.end(), 0);
     std::fill(count.begin(), count.end(), 0);
     const int64_t nb = 64 * W;
+    const auto& spread = byte_bits();
     for (int64_t i = 0; i < n; ++i) {
       int32_t* o = ones.data() + assign[i] * nb;
       count[assign[i]] += 1;
       for (int64_t w = 0; w < W; ++w) {
         const uint64_t x = codes[i * W + w];
-        for (int b = 0; b < 64; ++b) o[w * 64 + b] += static_cast<int32_t>((x >> b) & 1u);
+        // byte by byte: add the byte's 8 bits as 8 counters at once (a vectorisable loop of 8)
+        for (int byte = 0; byte < 8; ++byte) {
+          const int32_t* bits8 = spread[(x >> (8 * byte)) & 0xffu].data();
+          int32_t* ob = o + w * 64 + 8 * byte;
+          for (int j = 0; j < 8; ++j) ob[j] += bits8[j];
+        }
       }
     }
     int64_t empty = 0;
@@ -140,7 +211,10 @@ struct KMeans {
     if (empty == 0) return;
     order.resize(n);
     for (int64_t i = 0; i < n; ++i) order[i] = i;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return best[x] > best[y]; });
+    // only the `empty` farthest queries are needed: a partial sort, ties to the lowest rank (as a stable sort)
+    std::partial_sort(order.begin(), order.begin() + std::min(empty, n), order.end(), [&](int64_t x, int64_t y) {
+      return best[x] > best[y] || (best[x] == best[y] && x < y);
+    });
     int64_t j = 0;  // empty clusters seen so far; n > C, so order[j] exists
     for (int64_t c = 0; c < C; ++c) {
       if (count[c] != 0) continue;
