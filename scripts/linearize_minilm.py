@@ -40,7 +40,8 @@ held-out Hamlet at 256 / 512 tokens and on packed reviews at 256; transfer 300 s
 
 Runs differ by about 0.005 from the choice of windows alone. Long-document review accuracy
 (``--accuracy full``: 3,000 training / 1,000 held-out reviews in 512-token documents; unpatched
-0.674, majority class 0.559): linearised 0.682 (8 x 256 + 4 x 512, distill), 0.683 (16 x 256 +
+0.674, majority class 0.559): linearised 0.680 with the defaults (``--accuracy full``: 325 CPU s
+with 2 threads in all), 0.682 (8 x 256 + 4 x 512, distill), 0.683 (16 x 256 +
 8 x 512), but 0.634 with packed reviews among the training documents: closer pooled embeddings of
 packed reviews (0.878), yet 4 points lost. So the defaults train on Hamlet only.
 """
