@@ -44,6 +44,23 @@ def _set_implementation(model: nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
+def _register_output_capture(model: nn.Module) -> None:
+    """Let ``output_hidden_states`` / ``output_attentions`` work after the model's class was swapped.
+
+    transformers collects those outputs through hooks looked up by the model's class, registered when a
+    model of that class is built; a class the instance was switched to (the ``Efficient*`` class, or the
+    base class on unpatching a model that was built efficient) may never have been built, and the model
+    would then silently return None for them.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - transformers without hook-based output capture
+        return
+    recordable = getattr(model, "_can_record_outputs", None)
+    if recordable and not _CAN_RECORD_REGISTRY.get(model):
+        _CAN_RECORD_REGISTRY[model] = recordable
+
+
 def as_efficient_config(config, config_class: type) -> None:
     """Turn ``config`` into an instance of ``config_class`` (a subclass of its class) in place."""
     config.__class__ = config_class
@@ -117,6 +134,7 @@ def patch_model(
     _set_implementation(model, implementation_name(record["kind"]))
     as_efficient_config(config, config_class)
     model.__class__ = model_class
+    _register_output_capture(model)
     model._hf_efficient_original = original
     logger.info("hf_efficient: patched %s: %s", type(model).__name__, summarize_plan(plan))
     return model
@@ -144,6 +162,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if original.get("model_type") is not None:
         config.__dict__["model_type"] = original["model_type"]
     model.__class__ = model_class
+    _register_output_capture(model)
     _set_implementation(model, original.get("attn_implementation") or record.get("base_attn_implementation")
                         or "sdpa")
     if hasattr(model, "_hf_efficient_original"):
