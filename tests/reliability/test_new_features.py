@@ -263,3 +263,23 @@ def test_tau_does_not_depend_on_the_scores_scale(scores):
 
     s = torch.tensor(scores, dtype=torch.float64)
     assert tau_from_scores(s) == pytest.approx(_tau_literal(s / s.max()), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- non-causal linear attention
+@pytest.mark.xfail(strict=True, reason="the non-causal CPU kernel's backward (hf_efficient::linear_fused_backward) has "
+                                       "no autograd formula, so second derivatives raise; the PyTorch path it "
+                                       "replaced had them (HF_EFFICIENT_KERNELS=reference still does)")
+def test_noncausal_linear_attention_has_second_derivatives(monkeypatch):
+    from hf_efficient_kernels.cpu import load_extension
+
+    from hf_efficient.attention.linear import linear_attention
+
+    if load_extension() is None:
+        pytest.skip("the CPU kernel cannot be built here (the PyTorch path has second derivatives)")
+    monkeypatch.delenv("HF_EFFICIENT_KERNELS", raising=False)  # the default choice: the kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, n, 3, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 6))
+    v = torch.randn(1, 2, 6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, True, True]])
+    assert torch.autograd.gradgradcheck(lambda q, k, v: linear_attention(q, k, v, key_padding_mask=mask), (q, k, v))
