@@ -270,9 +270,8 @@ def test_tau_does_not_depend_on_the_scores_scale(scores):
                                        "no autograd formula, so second derivatives raise; the PyTorch path it "
                                        "replaced had them (HF_EFFICIENT_KERNELS=reference still does)")
 def test_noncausal_linear_attention_has_second_derivatives(monkeypatch):
-    from hf_efficient_kernels.cpu import load_extension
-
     from hf_efficient.attention.linear import linear_attention
+    from hf_efficient_kernels.cpu import load_extension
 
     if load_extension() is None:
         pytest.skip("the CPU kernel cannot be built here (the PyTorch path has second derivatives)")
