@@ -15,6 +15,7 @@ The model keeps its weights and modules. Patching is the chain of this package's
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -59,6 +60,22 @@ def _register_output_capture(model: nn.Module) -> None:
     recordable = getattr(model, "_can_record_outputs", None)
     if recordable and not _CAN_RECORD_REGISTRY.get(model):
         _CAN_RECORD_REGISTRY[model] = recordable
+
+
+def _own_config(model: nn.Module):
+    """Give the model (and its submodules) a copy of its config before the patch changes it; return it.
+
+    transformers models keep a reference to the config they were built from, so two models built from one
+    config object share it: changing it in place would mark the other model as patched as well (its
+    ``save_pretrained`` would then write a checkpoint that reloads with this model's attention).
+    """
+    memo: dict = {}
+    config = copy.deepcopy(model.config, memo)  # memo: id of every original (sub-)config -> its copy
+    for module in model.modules():
+        old = module.__dict__.get("config")
+        if old is not None and id(old) in memo:
+            module.config = memo[id(old)]
+    return config
 
 
 def as_efficient_config(config, config_class: type) -> None:
@@ -121,6 +138,7 @@ def patch_model(
     if len(plan) != len(modules):
         raise ValueError(f"the config lists {len(plan)} attention layers but {type(model).__name__} has {len(modules)}")
     register_with_transformers()
+    config = _own_config(model)  # the plan is written into this model's copy only
     apply_plan(model, plan, ignore_logit_softcap=ignore_logit_softcap)  # checks everything before changing
     original = {
         "config_class": type(config),

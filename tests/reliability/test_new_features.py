@@ -282,3 +282,30 @@ def test_noncausal_linear_attention_has_second_derivatives(monkeypatch):
     v = torch.randn(1, 2, 6, 2, generator=g, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True, True, False, True, True, True]])
     assert torch.autograd.gradgradcheck(lambda q, k, v: linear_attention(q, k, v, key_padding_mask=mask), (q, k, v))
+
+
+# --------------------------------------------------------------------------- a config shared by two models
+def test_patching_one_model_leaves_another_built_from_the_same_config_alone(tmp_path):
+    from hf_efficient.integrations import is_patched
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    patched, other = transformers.LlamaForCausalLM(config).eval(), transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected, before = other(ids).logits, patched(ids).logits
+    patch_model(patched, "linear")
+    assert is_patched(patched) and not is_patched(other)
+    assert type(other.config) is transformers.LlamaConfig
+    # every submodule of the patched model reads the patched config
+    assert all(m.config is patched.config for m in patched.modules() if "config" in m.__dict__)
+    # was: the other model's checkpoint reloaded with linear attention (logits off by ~10)
+    other.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is transformers.LlamaForCausalLM
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected)
+    unpatch_model(patched)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids).logits, before)
