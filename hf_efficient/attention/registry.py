@@ -93,6 +93,9 @@ _KINDS: dict[str, AttentionKind] = {}
 
 def register_attention_kind(kind: AttentionKind) -> AttentionKind:
     """Add a kind to the registry (re-registering a name replaces it)."""
+    if not isinstance(kind, AttentionKind):
+        raise TypeError(f"register_attention_kind needs an AttentionKind (name, params_class, forward, ...), got "
+                        f"{type(kind).__name__}")
     _KINDS[kind.name] = kind
     return kind
 

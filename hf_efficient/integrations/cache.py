@@ -73,10 +73,11 @@ class RecurrentStateLayer(CacheLayerMixin):
 
     def __init__(self, kind: str, **kwargs) -> None:
         super().__init__()
-        if get_attention_kind(kind).decode is None:
-            raise ValueError(f"attention kind {kind!r} has no decoding form; the kinds that have one: "
+        found = get_attention_kind(kind)
+        if found.decode is None:
+            raise ValueError(f"attention kind {found.name!r} has no decoding form; the kinds that have one: "
                              f"{', '.join(recurrent_kind_names())}")
-        self.kind = kind
+        self.kind = found.name  # the name, also when given the AttentionKind itself (layouts compare names)
         self.state = None
         self.seen_tokens = 0
         self.dtype: torch.dtype | None = None
@@ -92,10 +93,26 @@ class RecurrentStateLayer(CacheLayerMixin):
         """Run ``step(state) -> (out, new_state)`` for the T new tokens ``q, k`` ``(batch, heads, T, d)``, ``v``
         ``(batch, heads, T, d_v)`` once they are checked to continue this state; keep the new state."""
         self._begin(q, k, v)
-        out, self.state = step(self.state)
+        out, state = step(self.state)
+        self._check_step(out, state, q, v)
+        self.state = state
         self.seen_tokens += q.shape[2]
         self._unread = False
         return out
+
+    def _check_step(self, out, state, q: torch.Tensor, v: torch.Tensor) -> None:
+        """A decoding form's result must be what the cache relies on: ``out`` ``(batch, heads, T, d_v)`` and a
+        state with ``map(fn)`` and ``nbytes()`` (beam search and the size reports go through them)."""
+        where = f"attention kind {self.kind!r}: its decoding form (AttentionKind.decode)"
+        expected = (*q.shape[:3], v.shape[-1])
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{where} returned an output of shape {got}; expected (batch, heads, T, d_v) = {expected}")
+        missing = [name for name in ("map", "nbytes") if not callable(getattr(state, name, None))]
+        if missing:
+            raise TypeError(f"{where} returned a state of type {type(state).__name__} without {' and '.join(missing)}"
+                            "(); the state must be an object with map(fn) (fn applied to each of its tensors) and "
+                            "nbytes(), e.g. a NamedTuple of tensors with those two methods")
 
     def attend_with(self, params, q, k, v, *, module=None, key_padding_mask=None, scale=None) -> torch.Tensor:
         """The kind's decoding form with its parameter dataclass (the stock-decoder path).

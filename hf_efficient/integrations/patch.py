@@ -15,6 +15,7 @@ The model keeps its weights and modules. Patching is the chain of this package's
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,6 +43,39 @@ def _set_implementation(model: nn.Module, implementation: str) -> None:
         model.set_attn_implementation(implementation)
     else:  # pragma: no cover - every PreTrainedModel has it
         model.config._attn_implementation = implementation
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """Let ``output_hidden_states`` / ``output_attentions`` work after the model's class was swapped.
+
+    transformers collects those outputs through hooks looked up by the model's class, registered when a
+    model of that class is built; a class the instance was switched to (the ``Efficient*`` class, or the
+    base class on unpatching a model that was built efficient) may never have been built, and the model
+    would then silently return None for them.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - transformers without hook-based output capture
+        return
+    recordable = getattr(model, "_can_record_outputs", None)
+    if recordable and not _CAN_RECORD_REGISTRY.get(model):
+        _CAN_RECORD_REGISTRY[model] = recordable
+
+
+def _own_config(model: nn.Module):
+    """Give the model (and its submodules) a copy of its config before the patch changes it; return it.
+
+    transformers models keep a reference to the config they were built from, so two models built from one
+    config object share it: changing it in place would mark the other model as patched as well (its
+    ``save_pretrained`` would then write a checkpoint that reloads with this model's attention).
+    """
+    memo: dict = {}
+    config = copy.deepcopy(model.config, memo)  # memo: id of every original (sub-)config -> its copy
+    for module in model.modules():
+        old = module.__dict__.get("config")
+        if old is not None and id(old) in memo:
+            module.config = memo[id(old)]
+    return config
 
 
 def as_efficient_config(config, config_class: type) -> None:
@@ -104,6 +138,7 @@ def patch_model(
     if len(plan) != len(modules):
         raise ValueError(f"the config lists {len(plan)} attention layers but {type(model).__name__} has {len(modules)}")
     register_with_transformers()
+    config = _own_config(model)  # the plan is written into this model's copy only
     apply_plan(model, plan, ignore_logit_softcap=ignore_logit_softcap)  # checks everything before changing
     original = {
         "config_class": type(config),
@@ -117,6 +152,7 @@ def patch_model(
     _set_implementation(model, implementation_name(record["kind"]))
     as_efficient_config(config, config_class)
     model.__class__ = model_class
+    _register_output_capture(model)
     model._hf_efficient_original = original
     logger.info("hf_efficient: patched %s: %s", type(model).__name__, summarize_plan(plan))
     return model
@@ -144,6 +180,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if original.get("model_type") is not None:
         config.__dict__["model_type"] = original["model_type"]
     model.__class__ = model_class
+    _register_output_capture(model)
     _set_implementation(model, original.get("attn_implementation") or record.get("base_attn_implementation")
                         or "sdpa")
     if hasattr(model, "_hf_efficient_original"):
