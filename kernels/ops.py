@@ -14,6 +14,7 @@ C++ kernel of :mod:`hf_efficient_kernels.cpu`; CUDA tensors go to the Triton ker
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .cpu import build_error, load_extension
 
@@ -567,10 +568,29 @@ def _setup_linear_fused(ctx, inputs, output):
     ctx.mark_non_differentiable(state, den)
 
 
+def _linear_fused_differentiable(q, k, v, eps, feature, key_mask):
+    """The forward of :func:`linear_fused_op` in PyTorch operations, only for gradients of gradients (the
+    kernel's backward has no derivative of its own); the attention modules hold the user-facing path."""
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    phi = (lambda x: F.elu(x.to(acc)) + 1.0) if feature == 1 else (lambda x: F.relu(x.to(acc)))
+    phi_q, phi_k, vf = phi(q), phi(k), v.to(acc)
+    if key_mask is not None:
+        keep = key_mask[:, None, :, None]
+        phi_k, vf = torch.where(keep, phi_k, 0.0), torch.where(keep, vf, 0.0)
+    den = torch.matmul(phi_q, phi_k.sum(2).unsqueeze(-1)) + eps
+    return (torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), vf)) / den).to(v.dtype)
+
+
 def _backward_linear_fused(ctx, grad_out, _grad_state, _grad_den):
     q, k, v, out, den, state, key_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient itself must be differentiable
+        with torch.enable_grad():
+            leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (q, k, v)]
+            again = _linear_fused_differentiable(*leaves, ctx.eps, ctx.feature, key_mask)
+            dq, dk, dv = torch.autograd.grad(again, leaves, grad_out, create_graph=True)
+        return dq, dk, dv, None, None, None
     dq, dk, dv = linear_fused_backward_op(q, k, v, out, den, state, grad_out, ctx.eps, ctx.feature, key_mask)
     return dq, dk, dv, None, None, None
 

@@ -156,6 +156,11 @@ def query_kmeans(x: torch.Tensor, valid: torch.Tensor, clusters: int, iterations
         xs = xs.to(_accumulation(x))
         if not bool(vs.all()):  # left-out rows (padded, or NaN) become zeros that no sum or distance sees
             xs = torch.where(vs[..., None], xs, 0.0)
+        # Squared distances of very large or very small queries overflow or underflow; k-means is the same
+        # for a sequence scaled as a whole, so bring each one's largest |q| into [0.5, 1) by a power of two
+        # (exact: no rounding, so the clustering is unchanged wherever the squares were representable).
+        _, exponent = torch.frexp(xs.abs().amax(dim=(1, 2), keepdim=True))
+        xs = torch.ldexp(xs, -exponent)
         found = _lloyd(xs, vs, clusters, iterations, u)
         if every:
             assign = found

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from ..attention import get_attention_kind
 from ..attention.registry import recurrent_kind_names
@@ -288,8 +289,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-# Query/key projections by the names transformers' models give them (Llama-style, BERT-style).
-_QK_PROJECTIONS = ("q_proj", "k_proj", "query", "key")
+# Query/key projections by the names transformers' models give them (Llama-style, BERT-style,
+# DistilBERT-style).
+_QK_PROJECTIONS = ("q_proj", "k_proj", "query", "key", "q_lin", "k_lin")
 
 
 def _finetune_parameters(model: nn.Module, modules: list[nn.Module], which: str) -> list[nn.Parameter]:
@@ -405,21 +407,6 @@ def _vocab_size(model: nn.Module) -> int | None:
     return getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
 
 
-def _record_outputs_of_patched_class(model: nn.Module) -> None:
-    """Let the patched model return ``hidden_states`` again.
-
-    transformers collects ``output_hidden_states`` through hooks registered per model class (by class
-    name, when a model is built); ``patch_model`` swaps the instance's class for its efficient
-    subclass, which was never registered, so the patched model would silently return none.
-    """
-    try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-    except ImportError:  # transformers without hook-based output capture: nothing to do
-        return
-    if not _CAN_RECORD_REGISTRY.get(model) and getattr(model, "_can_record_outputs", None):
-        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
-
-
 def _teacher_target(output, layers: bool = False) -> torch.Tensor:
     """What the fine-tune distils: every layer's hidden states ``(layers, batch, seq, hidden)`` (the
     embeddings left out: linearisation does not change them) when ``layers``, else log-probabilities
@@ -530,8 +517,6 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
     extra = {"window": config.window} if windowed else {}
     patch_model(model, config.kind, feature_map=config.feature_map, chunk_size=config.chunk_size,
                 keep_softmax_first=config.keep_softmax_first, keep_softmax_last=config.keep_softmax_last, **extra)
-    if layers:
-        _record_outputs_of_patched_class(model)
     window = config.window if windowed else None
     gen = torch.Generator().manual_seed(config.seed)
     for index, module in enumerate(modules):
@@ -544,8 +529,8 @@ def linearize(model: nn.Module, dataset: Iterable, config: LinearizeConfig | Non
         for _ in range(config.transfer_steps):
             pick = int(torch.randint(len(windows), (1,), generator=gen))
             q, k, scaling = captured[pick][module]
-            if k.shape[1] != q.shape[1]:
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves a group of query heads
+                k = repeat_kv(k, q.shape[1] // k.shape[1])
             loss = attention_transfer_loss(fmap, q, k, scaling if scaling is not None else q.shape[-1] ** -0.5,
                                            window, causal=causal, key_padding_mask=windows[pick][1])
             optimizer.zero_grad(set_to_none=True)

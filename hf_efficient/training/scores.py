@@ -161,6 +161,9 @@ def tau_from_scores(scores: torch.Tensor) -> float:
         raise ValueError("tau needs at least one score")
     # One pass and one host read: the two sums, and a check (NaN >= 0 and inf < inf are False).
     valid = ((scores >= 0) & (scores < math.inf)).all()
+    # tau does not change when every score is scaled alike; dividing by the largest keeps the squares
+    # representable for scores near float64's range (1e-200 or 1e200).
+    scores = scores / scores.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
     total, total_sq, ok = torch.stack([scores.sum(), scores.square().sum(), valid.double()]).tolist()
     if not ok:
         raise ValueError("importance scores must be finite and non-negative")

@@ -11,6 +11,7 @@ seen in training whatever the seeds.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -246,6 +247,14 @@ def _shard_rows(
         yield {"image": {"bytes": buffer.getvalue(), "path": None}, "label": label, "digit_boxes": boxes}
 
 
+def _config_name(params: dict) -> str:
+    """The card's one config name, made from the generation parameters: ``datasets.load_dataset(folder)``
+    caches a folder under its name and config, so two megaNIST folders of one name but other contents
+    must differ here or the second would be read from the first one's cache."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"megamnist-{params['canvas_size']}-{digest}"
+
+
 def _card(params: dict, shards: dict[str, int]) -> str:
     """The dataset card (README.md): YAML front matter that ``datasets.load_dataset(folder)`` reads, then prose."""
     size = params["canvas_size"]
@@ -259,7 +268,7 @@ task_categories:
 size_categories:
 - {size_category}
 configs:
-- config_name: default
+- config_name: {_config_name(params)}
   data_files:
   - split: train
     path: data/train-*.parquet

@@ -199,8 +199,6 @@ def test_a_cache_layer_built_from_the_kind_object_matches_the_models_layout():
 
 
 # --------------------------------------------------------------------------- clustering="queries"
-@pytest.mark.xfail(strict=True, reason="query_kmeans squares the queries in float32: |q|^2 overflows above "
-                                       "~1e19 (all distances inf/NaN, one cluster) and underflows below ~1e-22")
 @pytest.mark.parametrize("scale", [1e20, 1e-25])
 def test_query_kmeans_does_not_depend_on_the_queries_scale(scale):
     # k-means is scale invariant: the clusters of c * x are those of x (the Hamming clustering is too)
@@ -214,9 +212,6 @@ def test_query_kmeans_does_not_depend_on_the_queries_scale(scale):
 
 
 # --------------------------------------------------------------------------- megaNIST on disk
-@pytest.mark.xfail(strict=True, reason="datasets caches load_dataset(folder) under the folder's name and a hash "
-                                       "of the card's patterns only, so a second megaNIST folder of the same name "
-                                       "reads the first one's data; the card gives it nothing to tell them apart")
 def test_two_megamnist_folders_of_one_name_load_as_themselves(tmp_path):
     datasets = pytest.importorskip("datasets")
     from hf_efficient.vision.megamnist import write_megamnist
@@ -230,8 +225,6 @@ def test_two_megamnist_folders_of_one_name_load_as_themselves(tmp_path):
 
 
 # --------------------------------------------------------------------------- linearize
-@pytest.mark.xfail(strict=True, reason="linearize looks for q_proj/k_proj/query/key only; DistilBERT's separate "
-                                       "projections are q_lin/k_lin, so feature_maps+qk refuses it as 'fused'")
 def test_finetune_qk_trains_distilberts_separate_query_and_key_projections():
     from hf_efficient.training.linearize import linearize
 
@@ -255,8 +248,6 @@ def _tau_literal(scores: torch.Tensor) -> float:
     return 1.0 / float((1.0 - ((g - u) ** 2).sum() / (g**2).sum()).clamp_min(1e-12).sqrt())
 
 
-@pytest.mark.xfail(strict=True, reason="tau_from_scores squares the raw float64 scores: total_sq underflows to 0 "
-                                       "below ~1e-162 (tau 1 instead of 2) and overflows above ~1e154 (tau NaN)")
 @pytest.mark.parametrize("scores", [[1e-200, 0.0, 0.0, 0.0], [3e-170, 1e-170, 0.0], [1e200, 1e200]])
 def test_tau_does_not_depend_on_the_scores_scale(scores):
     from hf_efficient.training.scores import tau_from_scores
@@ -266,9 +257,6 @@ def test_tau_does_not_depend_on_the_scores_scale(scores):
 
 
 # --------------------------------------------------------------------------- non-causal linear attention
-@pytest.mark.xfail(strict=True, reason="the non-causal CPU kernel's backward (hf_efficient::linear_fused_backward) has "
-                                       "no autograd formula, so second derivatives raise; the PyTorch path it "
-                                       "replaced had them (HF_EFFICIENT_KERNELS=reference still does)")
 def test_noncausal_linear_attention_has_second_derivatives(monkeypatch):
     from hf_efficient.attention.linear import linear_attention
     from hf_efficient_kernels.cpu import load_extension
