@@ -91,6 +91,45 @@ def interleaved_times(timers: Mapping[Hashable, benchmark.Timer], rounds: int, n
     return times
 
 
+def load_older_causal_product(src: str | None):
+    """The older fast-transformers CPU causal product (``causal_product_cpu.cpp`` of its source
+    distribution), compiled into a temporary folder with its own flags (-fopenmp -ffast-math) plus -O3;
+    None without ``src``. For the comparison benchmarks only; never shipped here."""
+    if not src:
+        return None
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+
+    build = Path(tempfile.gettempdir()) / "older_causal_product_build"
+    build.mkdir(exist_ok=True)
+    return load(name="older_causal_product_cpu", sources=[src], build_directory=str(build),
+                extra_cflags=["-O3", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+
+
+def older_causal_product(older) -> type[torch.autograd.Function]:
+    """An autograd function around the older fast-transformers CPU causal product (``older``: its compiled
+    extension, with ``causal_dot_product`` and ``causal_dot_backward``), for the comparisons in the kernel
+    benchmarks: ``apply(phi_q, phi_k, v)`` -> ``(batch, heads, n, d_v)`` unnormalised causal products."""
+
+    class OlderCausalProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, fq, fk, fv):
+            ctx.save_for_backward(fq, fk, fv)
+            out = torch.zeros_like(fv)
+            older.causal_dot_product(fq, fk, fv, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, gy):
+            fq, fk, fv = ctx.saved_tensors
+            dq, dk, dv = torch.zeros_like(fq), torch.zeros_like(fk), torch.zeros_like(fv)
+            older.causal_dot_backward(fq, fk, fv, gy.contiguous(), dq, dk, dv)
+            return dq, dk, dv
+
+    return OlderCausalProduct
+
+
 def summary(times: list[float]) -> dict:
     """``median_s`` (what we report), ``min_s``, ``max_s`` (the spread) and ``repeats`` of a list of seconds."""
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from hf_efficient import kernels
 from hf_efficient.attention.linear import causal_linear_chunked
-from hf_efficient.benchmarking import cpu_model
+from hf_efficient.benchmarking import cpu_model, load_older_causal_product, older_causal_product
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,17 +69,7 @@ def matmul_case(size: int):
     return (lambda: (a, b)), (lambda x: torch.matmul(*x))
 
 
-def load_older(src: str | None):
-    """The older library's raw CPU causal product, compiled from its source file into a temp folder."""
-    if not src:
-        return None
-    from torch.utils.cpp_extension import load
-
-    build = Path(tempfile.gettempdir()) / "older_causal_product_build"
-    build.mkdir(exist_ok=True)
-    # Its own build flags (-fopenmp -ffast-math) plus -O3.
-    return load(name="older_causal_product_cpu", sources=[src], build_directory=str(build),
-                extra_cflags=["-O3", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+load_older = load_older_causal_product
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:
@@ -137,20 +127,7 @@ def make_cases(n: int, older, with_backward: bool, sdpa_backward: bool):
         fb["sdpa"] = (lambda: tuple(t.detach().clone().requires_grad_() for t in (q, k, v)),
                       backward_of(lambda x: F.scaled_dot_product_attention(*x, is_causal=True)))
     if older is not None:
-        class OlderCausalProduct(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, fq, fk, fv):
-                ctx.save_for_backward(fq, fk, fv)
-                out = torch.zeros_like(fv)
-                older.causal_dot_product(fq, fk, fv, out)
-                return out
-
-            @staticmethod
-            def backward(ctx, gy):
-                fq, fk, fv = ctx.saved_tensors
-                dq, dk, dv = torch.zeros_like(fq), torch.zeros_like(fk), torch.zeros_like(fv)
-                older.causal_dot_backward(fq, fk, fv, gy.contiguous(), dq, dk, dv)
-                return dq, dk, dv
+        OlderCausalProduct = older_causal_product(older)
 
         # The older library's causal linear attention: the product on the d_v value columns, and the
         # normaliser from a cumulative sum of the keys. Our side of this comparison is "module".

@@ -46,7 +46,14 @@ import torch.nn.functional as F
 
 import hf_efficient
 from hf_efficient import kernels
-from hf_efficient.benchmarking import cpu_model, interleaved_times, summary, timer
+from hf_efficient.benchmarking import (
+    cpu_model,
+    interleaved_times,
+    load_older_causal_product,
+    older_causal_product,
+    summary,
+    timer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H, D = 1, 8, 64
@@ -104,19 +111,7 @@ def time_interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, di
     return {name: summary(ts) for name, ts in interleaved_times(timers, repeats).items()}
 
 
-def load_older(src: str | None):
-    """The older fast-transformers CPU causal product (``causal_product_cpu.cpp`` of its source distribution),
-    compiled into a temporary folder with its own flags plus -O3; None without ``src``. Never shipped here."""
-    if not src:
-        return None
-    import tempfile
-
-    from torch.utils.cpp_extension import load
-
-    build = Path(tempfile.gettempdir()) / "older_causal_product_build"
-    build.mkdir(exist_ok=True)
-    return load(name="older_causal_product_cpu", sources=[src], build_directory=str(build),
-                extra_cflags=["-O3", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+load_older = load_older_causal_product
 
 
 def older_module_fn(older):
@@ -124,20 +119,7 @@ def older_module_fn(older):
     its compiled causal product on the values, the normaliser from a cumulative sum of the keys (its module
     also permutes from (batch, n, heads, d) first; that copy is left out here, in its favour)."""
 
-    class OlderCausalProduct(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, fq, fk, fv):
-            ctx.save_for_backward(fq, fk, fv)
-            out = torch.zeros_like(fv)
-            older.causal_dot_product(fq, fk, fv, out)
-            return out
-
-        @staticmethod
-        def backward(ctx, gy):
-            fq, fk, fv = ctx.saved_tensors
-            dq, dk, dv = torch.zeros_like(fq), torch.zeros_like(fk), torch.zeros_like(fv)
-            older.causal_dot_backward(fq, fk, fv, gy.contiguous(), dq, dk, dv)
-            return dq, dk, dv
+    OlderCausalProduct = older_causal_product(older)
 
     def run(x):
         q, k, v = x

@@ -445,6 +445,20 @@ void gemm(int64_t M, int64_t K, int64_t N, const T* A, int64_t rsa, int64_t csa,
   for (; r < M; ++r) small_gemm<T, 1>(K, N, A + r * rsa, rsa, csa, B, ldb, Cm + r * ldc, ldc, accumulate);
 }
 
+// e^f for |f| <= ln 2 / 2 by its degree-7 Taylor polynomial (Horner), for a float or a vector of floats.
+template <typename F>
+inline F exp_reduced(F f) {
+  F p = F{} + 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  return p;
+}
+
 // exp(x) for x <= 0 by 2^(x log2 e): round to the nearest integer n, a degree-7 Taylor polynomial of
 // 2^f on |f| <= 1/2 (relative error about 1e-8, below float rounding) and n added to the exponent
 // bits. Branch-free so that the loop over the keys vectorises. x is clamped to [-87, 0] first, so the
@@ -456,14 +470,7 @@ inline float exp_nonpositive(float x_in) {
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   const float f = (t - n) * 0.693147180559945309f;  // e^f, |f| <= ln 2 / 2
-  float p = 1.0f / 5040.0f;
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  float p = exp_reduced(f);
   int32_t bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(n) * (1 << 23);
@@ -483,14 +490,7 @@ inline Vec<float>::type exp_nonpositive_vec(Vec<float>::type x_in) {
   const V t = x * 1.44269504088896341f;
   const V n = (t + 12582912.0f) - 12582912.0f;
   const V f = (t - n) * 0.693147180559945309f;
-  V p = V{} + 1.0f / 5040.0f;
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  V p = exp_reduced(f);
   I bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += __builtin_convertvector(n, I) * (1 << 23);
