@@ -239,9 +239,15 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
     if args.data_dir is not None:
+        wanted = {"canvas_size": args.canvas, "num_train": args.train_size, "num_test": args.test_size}
         if not (args.data_dir / "megamnist.json").is_file():
-            write_megamnist(args.data_dir, canvas_size=args.canvas, num_train=args.train_size,
-                            num_test=args.test_size)
+            write_megamnist(args.data_dir, **wanted)
+        else:  # an existing dataset is reused only if it is the one asked for
+            found = json.loads((args.data_dir / "megamnist.json").read_text())
+            differs = {key: (found.get(key), value) for key, value in wanted.items() if found.get(key) != value}
+            if differs:
+                parser.error(f"--data-dir {args.data_dir} holds another megaNIST (found vs asked: {differs}); "
+                             "pass a new folder, or the settings it was written with")
         train, test = load_megamnist(args.data_dir, "train"), load_megamnist(args.data_dir, "test")
         args.data_params = json.loads((args.data_dir / "megamnist.json").read_text())
     else:
