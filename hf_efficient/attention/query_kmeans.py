@@ -157,10 +157,13 @@ def query_kmeans(x: torch.Tensor, valid: torch.Tensor, clusters: int, iterations
         if not bool(vs.all()):  # left-out rows (padded, or NaN) become zeros that no sum or distance sees
             xs = torch.where(vs[..., None], xs, 0.0)
         # Squared distances of very large or very small queries overflow or underflow; k-means is the same
-        # for a sequence scaled as a whole, so bring each one's largest |q| into [0.5, 1) by a power of two
-        # (exact: no rounding, so the clustering is unchanged wherever the squares were representable).
-        _, exponent = torch.frexp(xs.abs().amax(dim=(1, 2), keepdim=True))
-        xs = torch.ldexp(xs, -exponent)
+        # for a sequence scaled as a whole, so where some sequence's largest |q| lies outside [2^-40, 2^40],
+        # bring each one's into [0.5, 1) by a power of two (exact: no rounding, so the clustering is
+        # unchanged wherever the squares were representable).
+        largest = xs.abs().amax(dim=(1, 2), keepdim=True)  # (s, 1, 1)
+        if not bool(((largest > 2.0**-40) & (largest < 2.0**40) | (largest == 0)).all()):
+            _, exponent = torch.frexp(largest)
+            xs = xs * torch.pow(2.0, -exponent.to(xs.dtype))  # (s, 1, 1) factors: cheap, unlike ldexp's
         found = _lloyd(xs, vs, clusters, iterations, u)
         if every:
             assign = found

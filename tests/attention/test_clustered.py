@@ -568,3 +568,21 @@ def test_clustering_param_round_trips_and_patches(tmp_path):
         ImprovedClusteredAttentionParams(clustering=1)
     with pytest.raises(ValueError, match="clustering"):
         clustered_attention(*qkv(), clusters=2, clustering="kmeans")
+
+
+def test_iterations_default_follows_the_clustering():
+    """iterations=None means 10 Lloyd rounds on Hamming codes and 1 on the queries themselves."""
+    from hf_efficient.attention.clustered import DEFAULT_ITERATIONS
+
+    assert DEFAULT_ITERATIONS == {"hamming": 10, "queries": 1}
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=g) for _ in range(3))
+    knobs = dict(clusters=6, topk=4, seed=0)
+    for clustering, rounds in DEFAULT_ITERATIONS.items():
+        default = improved_clustered_attention(q, k, v, clustering=clustering, **knobs)
+        assert torch.equal(default, improved_clustered_attention(q, k, v, clustering=clustering, iterations=rounds,
+                                                                 **knobs))
+    # the two settings differ on this data, so the equalities above can fail
+    assert not torch.equal(improved_clustered_attention(q, k, v, clustering="queries", iterations=0, **knobs),
+                           improved_clustered_attention(q, k, v, clustering="queries", iterations=10, **knobs))
+    assert ImprovedClusteredAttentionParams().iterations is None
