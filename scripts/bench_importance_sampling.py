@@ -280,25 +280,20 @@ def make_evaluator(task: dict):
     return evaluate
 
 
+def _trainer_settings(out_dir: str, batch: int, lr: float, seed: int, max_steps: int = 10**7, **extra) -> dict:
+    """TrainingArguments keywords shared by every arm: constant lr, CPU, no saving, logging or progress bar;
+    the run ends on its CPU budget (a callback), not on ``max_steps``."""
+    return dict(output_dir=out_dir, per_device_train_batch_size=batch, learning_rate=lr,
+                lr_scheduler_type="constant", max_steps=max_steps, logging_steps=10**7, save_strategy="no",
+                report_to=[], disable_tqdm=True, use_cpu=True, seed=seed, dataloader_pin_memory=False, **extra)
+
+
 def run(task: dict, method: str, lr: float, seed: int, budget: float, batch: int, out_dir: str) -> dict:
     torch.manual_seed(seed)
     model = BenchModel(task["config"])
     if "init_state" in task:  # warm start: every run continues from the same partly trained model
         model.load_state_dict(task["init_state"])
-    common = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=batch,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        max_steps=10**7,
-        logging_steps=10**7,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=seed,
-        dataloader_pin_memory=False,
-    )
+    common = _trainer_settings(out_dir, batch, lr, seed)
     clock = Clock(budget, budget / 6, make_evaluator(task))
     if method == "uniform":
         trainer = Trainer(
@@ -625,21 +620,8 @@ def paper_run(
     model = BenchModel(task["config"])
     if "init_state" in task:
         model.load_state_dict(task["init_state"])
-    common = dict(
-        output_dir=out_dir,
-        per_device_train_batch_size=task["settings"]["batch"],
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        max_steps=max_steps or 10**7,
-        logging_steps=10**7,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=seed,
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,  # the columns are the model's inputs; keeps the batched collate
-    )
+    common = _trainer_settings(out_dir, task["settings"]["batch"], lr, seed, max_steps or 10**7,
+                               remove_unused_columns=False)  # the columns are the model's inputs
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     kw = dict(model=model, train_dataset=task["train"], data_collator=collate, optimizers=(optimizer, None))
     if method == "uniform":

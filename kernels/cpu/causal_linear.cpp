@@ -722,6 +722,17 @@ int64_t grain(int64_t n, int64_t m, int64_t e) {
 namespace {
 
 // e: columns of the unnormalised product (v's width, plus one when normalising).
+// The (B, n) bool key mask of the causal kernels, contiguous (true = real key), or an undefined tensor
+// without one; only a built-in feature map takes a mask.
+at::Tensor causal_key_mask(const std::optional<at::Tensor>& key_mask, int64_t feature, int64_t B, int64_t n) {
+  if (!key_mask.has_value() || !key_mask->defined()) return at::Tensor();
+  TORCH_CHECK(feature != kGiven, "causal_linear: key_mask needs a built-in feature map");
+  TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
+                  key_mask->size(1) == n,
+              "causal_linear: key_mask must be a (batch, n) bool tensor");
+  return key_mask->contiguous();
+}
+
 std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, const std::optional<at::Tensor>& initial,
                                      int64_t chunk, bool normalize, double eps, int64_t feature = kGiven,
                                      const std::optional<at::Tensor>& key_mask = std::nullopt) {
@@ -731,14 +742,7 @@ std::vector<at::Tensor> forward_impl(at::Tensor q, at::Tensor k, at::Tensor v, c
   k = k.contiguous();
   v = v.contiguous();
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), w = v.size(3);
-  at::Tensor mask_c;  // (B, n) bool, true = real key; only with a built-in feature map
-  if (key_mask.has_value() && key_mask->defined()) {
-    TORCH_CHECK(feature != kGiven, "causal_linear: key_mask needs a built-in feature map");
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
-                    key_mask->size(1) == n,
-                "causal_linear: key_mask must be a (batch, n) bool tensor");
-    mask_c = key_mask->contiguous();
-  }
+  const at::Tensor mask_c = causal_key_mask(key_mask, feature, B, n);
   const bool* pmask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   const int64_t e = normalize ? w + 1 : w;
   at::Tensor init;
@@ -787,14 +791,7 @@ std::vector<at::Tensor> backward_impl(at::Tensor q, at::Tensor k, at::Tensor v, 
   const auto dtype = q.scalar_type();
   grad_y = grad_y.to(dtype).contiguous();
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), m = q.size(3), w = v.size(3);
-  at::Tensor mask_c;  // (B, n) bool, true = real key; only with a built-in feature map
-  if (key_mask.has_value() && key_mask->defined()) {
-    TORCH_CHECK(feature != kGiven, "causal_linear: key_mask needs a built-in feature map");
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 && key_mask->size(0) == B &&
-                    key_mask->size(1) == n,
-                "causal_linear: key_mask must be a (batch, n) bool tensor");
-    mask_c = key_mask->contiguous();
-  }
+  const at::Tensor mask_c = causal_key_mask(key_mask, feature, B, n);
   const bool* pmask = mask_c.defined() ? mask_c.data_ptr<bool>() : nullptr;
   const int64_t e = normalize ? w + 1 : w;
   TORCH_CHECK(grad_y.numel() == B * H * n * w, "causal_linear_backward: grad_y must have the output's shape");

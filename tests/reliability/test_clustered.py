@@ -366,3 +366,17 @@ def test_fuzz_attention_non_finite_rows_match_softmax(b, h, n, m, d, clusters, t
         else:
             out = improved_clustered_attention(q, k, v, clusters=clusters, topk=topk, seed=seed)
     assert torch.equal(nan_rows(out), nan_rows(softmax_reference(q.detach(), k.detach(), v)))
+
+
+@pytest.mark.parametrize("clustering", ["hamming", "queries"])
+@pytest.mark.parametrize("iterations", [-1, 1.5, True, "1"])
+def test_iterations_that_are_not_a_count_are_refused(clustering, iterations):
+    """iterations=None picks the clustering's default; anything but None or an int >= 0 is refused by name."""
+    from hf_efficient.attention import improved_clustered_attention
+    from hf_efficient.attention.clustered import ImprovedClusteredAttentionParams
+
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises((TypeError, ValueError), match="iterations"):
+        improved_clustered_attention(q, q, q, clusters=2, topk=2, clustering=clustering, iterations=iterations)
+    with pytest.raises((TypeError, ValueError), match="iterations"):
+        ImprovedClusteredAttentionParams(clustering=clustering, iterations=iterations)
