@@ -13,6 +13,11 @@ the PyTorch reference.
 process must then load the ASan runtime first, e.g.
 ``LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/kernels``.
 There is no fallback build in that mode, so a failed sanitizer build shows up as a missing kernel.
+
+``HF_EFFICIENT_KERNEL_ARCH=<arch>`` replaces ``-march=native`` by ``-march=<arch>`` (for instance
+``x86-64-v3`` for AVX2 without AVX-512, or ``x86-64`` for no vector extensions beyond SSE2), with no
+fallback either. The kernels pick their vector code at compile time, so this is how the narrower code
+paths are tested on a machine that has wider vectors.
 """
 
 from __future__ import annotations
@@ -55,8 +60,20 @@ _SANITIZE_FLAG_SETS = (
 )
 
 
+ARCH_ENV = "HF_EFFICIENT_KERNEL_ARCH"
+
+
 def _flag_sets() -> tuple[tuple[list[str], list[str]], ...]:
-    return _SANITIZE_FLAG_SETS if os.environ.get(SANITIZE_ENV) == "1" else _FLAG_SETS
+    sets = _SANITIZE_FLAG_SETS if os.environ.get(SANITIZE_ENV) == "1" else _FLAG_SETS
+    arch = os.environ.get(ARCH_ENV)
+    if not arch:
+        return sets
+    if not arch.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"{ARCH_ENV}={arch!r}: expected a GCC -march name such as 'x86-64-v3' or 'native'")
+    # one set, no fallback: a build that silently fell back would not test the asked-for code path
+    cflags, ldflags = sets[0]
+    cflags = [f for f in cflags if not f.startswith("-march=")] + [f"-march={arch}"]
+    return ((cflags, ldflags),)
 
 
 def _cpu_signature() -> str:

@@ -463,3 +463,22 @@ def test_sanitizer_build_is_separate(monkeypatch):
     plain_dir = loader._build_dir(plain[0][0], loader._CLUSTERED_SOURCE)[1]
     asan_dir = loader._build_dir(sanitized[0][0], loader._CLUSTERED_SOURCE)[1]
     assert plain_dir != asan_dir and "asan" in asan_dir.name
+
+
+def test_kernel_arch_override(monkeypatch):
+    """HF_EFFICIENT_KERNEL_ARCH swaps -march=native for the named target, with no fallback set, and a
+    name that is not a -march value is refused before any compiler runs."""
+    monkeypatch.delenv(loader.SANITIZE_ENV, raising=False)
+    monkeypatch.delenv(loader.ARCH_ENV, raising=False)
+    native = loader._flag_sets()
+    assert len(native) == 2 and "-march=native" in native[0][0]
+    monkeypatch.setenv(loader.ARCH_ENV, "x86-64-v3")
+    (only,) = loader._flag_sets()
+    assert "-march=x86-64-v3" in only[0] and "-march=native" not in only[0]
+    assert loader._build_dir(only[0], loader._SOURCE)[1] != loader._build_dir(native[0][0], loader._SOURCE)[1]
+    monkeypatch.setenv(loader.SANITIZE_ENV, "1")
+    (sanitized,) = loader._flag_sets()
+    assert "-march=x86-64-v3" in sanitized[0] and "-fsanitize=address,undefined" in sanitized[0]
+    monkeypatch.setenv(loader.ARCH_ENV, "x86-64; rm -rf /")
+    with pytest.raises(ValueError, match="HF_EFFICIENT_KERNEL_ARCH"):
+        loader._flag_sets()
