@@ -572,8 +572,10 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
       for (int64_t f = 0; f < w; ++f) S[p * wp + f] = static_cast<T>(init[p * e + f]);
       if (nrm.on) Z[p] = static_cast<T>(init[p * e + w]);
     }
-  // Rows go straight from the registers to the output when no conversion or column padding stands between.
-  const bool direct = std::is_same_v<In, T> && w % W == 0;
+  // The blocks compute wv columns, v's rounded up to the vector width (the buffers' rows are padded further,
+  // to kPad). Rows go straight from the registers to the output when no conversion or padding stands between.
+  const int64_t wv = round_up(w, W);
+  const bool direct = std::is_same_v<In, T> && wv == w;
   for (int64_t t0 = 0; t0 < n; t0 += C) {
     const int64_t L = std::min(C, n - t0);
     Prefetch pf;
@@ -616,8 +618,8 @@ void forward_head(const In* q, const In* k, const In* v, const In* init, In* y, 
       c.out = Y;
       c.ldo = wp;
     }
-    for (int64_t f0 = 0; m > 0 && f0 < wp; f0 += kRNV * W) {
-      switch (std::min<int64_t>(kRNV, (wp - f0) / W)) {
+    for (int64_t f0 = 0; m > 0 && f0 < wv; f0 += kRNV * W) {
+      switch (std::min<int64_t>(kRNV, (wv - f0) / W)) {
         case 4: recurrent_columns<T, (4 <= kRNV ? 4 : 1)>(L, m, c, f0, S, wp, pf); break;
         case 3: recurrent_columns<T, (3 <= kRNV ? 3 : 1)>(L, m, c, f0, S, wp, pf); break;
         case 2: recurrent_columns<T, 2>(L, m, c, f0, S, wp, pf); break;
