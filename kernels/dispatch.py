@@ -45,6 +45,7 @@ ENV_VAR = "HF_EFFICIENT_KERNELS"
 IMPLEMENTATIONS = ("auto", "reference", "kernel")
 # Tokens per block inside the CPU kernel when it applies the feature map itself (a speed knob; the result does
 # not depend on it): 32 measured 6-15% faster than 64 at N = 8k-16k, d = 64, one thread (bench_linear_end_to_end).
+# Only the backward uses it now: the forward runs the recurrence token by token in blocks it sizes by cache.
 FUSED_CHUNK = 32
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

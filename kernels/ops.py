@@ -60,7 +60,8 @@ def causal_linear_op(
         phi_q, phi_k: ``(batch, heads, n, m)`` features.
         v: ``(batch, heads, n, e)``.
         initial: optional ``(batch, heads, m, e)`` state of earlier tokens.
-        chunk: tokens per block inside the kernel (a speed knob; the result does not depend on it).
+        chunk: tokens per block of the backward on the CPU (a speed knob; the result does not depend on it).
+            The CPU forward runs the recurrence token by token and sizes its own blocks by cache.
 
     Returns:
         y ``(batch, heads, n, e)`` and the final state ``(batch, heads, m, e)``, in the input dtype,

@@ -9,7 +9,8 @@ Compares, in one process, one thread, interleaved (A B C ... A B C ...), after a
   path before the map was fused: what fusing saves);
 * ``chunk_loop``: a plain PyTorch causal linear attention, 128-token chunks, elu + 1 features, the
   normaliser carried beside the state: what one writes without this package;
-* ``matmul``: a square fp32 ``torch.matmul``, this machine's reachable FLOP/s in the same run;
+* ``matmul``: square fp32 ``torch.matmul`` of several sizes (256, 1024, 2048; 256, 512 with --quick), this machine's
+  reachable FLOP/s in the same run, one thread: the fastest is the baseline (the strongest), per round;
 * ``older_module`` (with ``--older-causal-product-src``): the older fast-transformers causal linear attention,
   elu + 1 features in PyTorch, its compiled CPU causal product, the normaliser from a cumulative sum of the
   keys. Its source is the ``fast_transformers/causal_product/causal_product_cpu.cpp`` of the
@@ -21,9 +22,14 @@ Compares, in one process, one thread, interleaved (A B C ... A B C ...), after a
   replaced (a column of ones appended to v, the normaliser sliced off the product).
 
 Shapes: batch 1, 8 heads, head dim 64 (features m = 64, values d_v = 64 plus the normaliser: e = 65).
-FLOP counts as in ``bench_kernels.py``: ``useful`` = 4 n m e per head (the recurrent form; the
-conservative count), ``chunked`` = what a 64-token chunked form executes. With --backward also
-forward+backward (counted as 3x the forward FLOPs).
+FLOP counts as in ``bench_kernels.py``: ``useful`` = 4 n m e per head, what the recurrence itself needs and the
+count the fraction of matmul is quoted with: per token 2 m d for the state update phi(k) v^T, 2 m d for
+phi(q)^T S, and for the normaliser m (the key sum) + 2 m (phi(q) . z) + d (the division), which is 4 m (d + 1)
+exactly when m = d; the feature map's exp is not counted. ``chunked`` = what a 64-token chunked form executes
+(the masked square inside each chunk as well), shown for comparison only: it is larger, so it flatters. With
+--backward also forward+backward (counted as 3x the forward FLOPs). The fraction of matmul is given as the
+median over the interleaved rounds of (useful FLOP/s in that round) / (matmul FLOP/s in that round), with its
+min-max spread.
 
     python scripts/bench_linear_end_to_end.py --quick       # seconds
     python scripts/bench_linear_end_to_end.py               # N = 16384, about a minute
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -103,12 +110,16 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
-def time_interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+def time_interleaved(cases: dict, repeats: int, warmup: int = 1, raw: dict | None = None) -> dict[str, dict]:
     """``{name: (setup, run)}`` -> per case the median/min/max seconds of ``run(setup())`` (setup untimed),
-    interleaved over the cases after ``warmup`` untimed rounds (torch.utils.benchmark Timer)."""
+    interleaved over the cases after ``warmup`` untimed rounds (torch.utils.benchmark Timer). ``raw``, when
+    given, receives the per-round seconds ``{name: [...]}``."""
     timers = {name: timer(run, setup, clock) for name, (setup, run) in cases.items()}
     interleaved_times(timers, warmup)
-    return {name: summary(ts) for name, ts in interleaved_times(timers, repeats).items()}
+    times = interleaved_times(timers, repeats)
+    if raw is not None:
+        raw.update(times)
+    return {name: summary(ts) for name, ts in times.items()}
 
 
 load_older = load_older_causal_product
@@ -130,10 +141,9 @@ def older_module_fn(older):
     return run
 
 
-def make_cases(n: int, backward: bool, matmul_size: int, older=None) -> dict:
+def make_cases(n: int, backward: bool, matmul_sizes: tuple[int, ...], older=None) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
-    a, b = torch.randn(matmul_size, matmul_size), torch.randn(matmul_size, matmul_size)
 
     def plain():
         return q, k, v
@@ -157,7 +167,9 @@ def make_cases(n: int, backward: bool, matmul_size: int, older=None) -> dict:
                 fn(x).sum().backward()
             return go
         cases = {name: (with_grad, fwd_bwd(fn)) for name, fn in fns.items()}
-    cases["matmul"] = (lambda: (a, b), lambda x: torch.matmul(*x))
+    for size in matmul_sizes:
+        ab = (torch.randn(size, size), torch.randn(size, size))
+        cases[f"matmul_{size}"] = (lambda ab=ab: ab, lambda x: torch.matmul(*x))
     return cases
 
 
@@ -189,26 +201,34 @@ def main() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     older = load_older(args.older_causal_product_src)
-    size = 512 if args.quick else 1024
+    sizes = (256, 512) if args.quick else (256, 1024, 2048)
     fl = flops(n, B * H)
     results = {"torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(), "n": n,
-               "clock": args.clock,
-               "batch": B, "heads": H, "head_dim": D, "repeats": repeats, "matmul_size": size, "flops_forward": fl,
+               "clock": args.clock, "load_average": os.getloadavg(),
+               "batch": B, "heads": H, "head_dim": D, "repeats": repeats, "matmul_sizes": sizes, "flops_forward": fl,
                "phases": {}}
     phases = [("forward", False, 1.0)] + ([("forward_backward", True, 3.0)] if args.backward else [])
     for phase, backward, mult in phases:
-        timed = time_interleaved(make_cases(n, backward, size, older), repeats)
-        mm = 2.0 * size**3 / timed.pop("matmul")["median_s"] / 1e9
+        raw: dict = {}
+        timed = time_interleaved(make_cases(n, backward, sizes, older), repeats, raw=raw)
+        # per round: the fastest matmul size of that round (the strongest baseline)
+        mm_rounds = [max(2.0 * s**3 / raw[f"matmul_{s}"][i] for s in sizes) / 1e9 for i in range(repeats)]
+        mm_sizes = {s: 2.0 * s**3 / timed.pop(f"matmul_{s}")["median_s"] / 1e9 for s in sizes}
+        mm = max(mm_sizes.values())
         loop = timed["chunk_loop"]["median_s"]
-        for r in timed.values():
+        for name, r in timed.items():
             r["speedup_over_chunk_loop"] = loop / r["median_s"]
             for count, value in fl.items():
                 r[f"gflops_{count}"] = mult * value / r["median_s"] / 1e9
                 r[f"fraction_of_matmul_{count}"] = r[f"gflops_{count}"] / mm
+            paired = [mult * fl["useful"] / t / 1e9 / m for t, m in zip(raw[name], mm_rounds)]
+            r["fraction_of_matmul_useful_paired"] = {"median": statistics.median(paired), "min": min(paired),
+                                                     "max": max(paired), "per_round": paired}
         if older is not None:
             for r in timed.values():
                 r["speedup_over_older_module"] = timed["older_module"]["median_s"] / r["median_s"]
-        results["phases"][phase] = {"matmul_gflops": mm, "cases": timed}
+        results["phases"][phase] = {"matmul_gflops": mm, "matmul_gflops_by_size": mm_sizes,
+                                    "matmul_gflops_per_round": mm_rounds, "cases": timed}
 
     # Non-causal: the user-facing call against the formulation it replaced (a column of ones appended to v,
     # features out of place), forward only.
@@ -224,16 +244,20 @@ def main() -> None:
     results["non_causal_forward"] = nc
 
     print(f"B={B} H={H} N={n} D={D} causal, elu+1, {results['threads']} thread, {results['cpu']}, "
-          f"torch {results['torch']}, median of {repeats} (min-max), {args.clock} clock")
+          f"torch {results['torch']}, median of {repeats} (min-max), {args.clock} clock, "
+          f"load average {results['load_average'][0]:.1f}")
     for phase, r in results["phases"].items():
-        print(f"\n{phase}: torch.matmul fp32 {r['matmul_gflops']:.1f} GFLOP/s")
-        print(f"{'case':>22} {'ms (min-max)':>22} {'x chunk loop':>13} {'of matmul (useful/chunked)':>28}"
-              + (f" {'x older':>8}" if older is not None else ""))
+        by_size = ", ".join(f"{s}: {g:.1f}" for s, g in r["matmul_gflops_by_size"].items())
+        print(f"\n{phase}: torch.matmul fp32 {r['matmul_gflops']:.1f} GFLOP/s (the fastest of {by_size})")
+        print(f"{'case':>22} {'ms (min-max)':>22} {'x chunk loop':>13} {'of matmul, useful (min-max)':>28}"
+              f" {'chunked':>8}" + (f" {'x older':>8}" if older is not None else ""))
         for name, x in r["cases"].items():
             spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"
-            frac = f"{x['fraction_of_matmul_useful']:.0%} / {x['fraction_of_matmul_chunked']:.0%}"
+            p = x["fraction_of_matmul_useful_paired"]
+            frac = f"{p['median']:.0%} ({p['min']:.0%}-{p['max']:.0%})"
             extra = f" {x['speedup_over_older_module']:>7.2f}x" if older is not None else ""
-            print(f"{name:>22} {spread:>22} {x['speedup_over_chunk_loop']:>12.2f}x {frac:>28}{extra}")
+            print(f"{name:>22} {spread:>22} {x['speedup_over_chunk_loop']:>12.2f}x {frac:>28}"
+                  f" {x['fraction_of_matmul_chunked']:>8.0%}{extra}")
     print("\nnon-causal forward")
     for name, x in nc.items():
         spread = f"{1e3 * x['median_s']:.1f} ({1e3 * x['min_s']:.1f}-{1e3 * x['max_s']:.1f})"

@@ -390,3 +390,92 @@ def test_fused_feature_map_key_mask(kernel_ops, feature):
     assert torch.autograd.gradcheck(fn, args)
     dk = torch.autograd.grad(fn(*args)[0].sum(), args[1])[0]
     assert (dk[~mask[:, None, :, None].expand_as(dk)] == 0).all()
+
+
+# --------------------------------------------------------------------------- the token-major forward
+@pytest.mark.parametrize("shape,dtype,tol", [
+    ((1, 2, 300, 64, 64), torch.float32, 2e-5),  # several forward blocks; rows written straight out
+    ((1, 1, 700, 6, 40), torch.float32, 2e-5),  # state rows not a multiple of the register block, padded columns
+    ((1, 1, 300, 64, 64), torch.float64, 1e-12),  # two groups of value columns (8 lanes a vector)
+    ((1, 2, 150, 5, 24), torch.float64, 1e-12),  # a whole number of vectors, not of the 16-column padding
+    ((2, 1, 333, 9, 24), torch.bfloat16, 2e-2),  # converted on the way in and out
+])
+def test_fused_forward_blocks_match_quadratic(kernel_ops, shape, dtype, tol):
+    from hf_efficient_kernels.ops import causal_linear_fused_op
+
+    b, h, n, d, e = shape
+    q, k, v = raw_inputs(b, h, n, d, e, dtype=dtype, scale=1.0)
+    init = torch.rand(b, h, d, e + 1, dtype=torch.float64).to(dtype)
+    phi = _phi("elu")
+    for initial in (None, init):
+        out, state, den = causal_linear_fused_op(q, k, v, initial, 1e-3, 64, 1)
+        ref, state_ref = quadratic_normalized(phi(q.double()), phi(k.double()), v, initial, 1e-3)
+        assert (out.double() - ref).abs().max() / ref.abs().max() < tol
+        assert (state.double() - state_ref).abs().max() / state_ref.abs().max() < tol
+        den_ref = torch.einsum("bhim,bhim->bhi", phi(q.double()), phi(k.double()).cumsum(2))
+        if initial is not None:  # the packed state's last column is the initial key sum
+            den_ref = den_ref + (phi(q.double()) @ initial.double()[..., -1:]).squeeze(-1)
+        assert ((den.double() - den_ref).abs() / den_ref).max() < tol
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_forward_non_finite_stays_in_the_rows_that_see_it(kernel_ops, where, bad):
+    from hf_efficient_kernels.ops import causal_linear_fused_op
+
+    q, k, v = raw_inputs(1, 2, 300, 64, 64, scale=1.0)  # token 200 lies in the second forward block
+    clean = causal_linear_fused_op(q, k, v, None, 1e-6, 64, 1)[0]
+    x = {"query": q, "key": k, "value": v}[where].clone()
+    x[0, 1, 200, 5] = bad
+    args = {"query": (x, k, v), "key": (q, x, v), "value": (q, k, x)}[where]
+    out = causal_linear_fused_op(*args, None, 1e-6, 64, 1)[0]
+    assert torch.equal(out[0, 0], clean[0, 0])  # the other head
+    assert torch.equal(out[0, 1, :200], clean[0, 1, :200])  # earlier rows, bit for bit
+    if where == "query":
+        torch.testing.assert_close(out[0, 1, 201:], clean[0, 1, 201:], rtol=0, atol=0)
+        if bad != -float("inf"):  # phi(-inf) is finite: exp(-87) for the kernel, 0 for the definition
+            assert not torch.isfinite(out[0, 1, 200]).all()
+    elif bad == -float("inf") and where == "key":
+        pass  # a finite feature again
+    else:
+        assert not torch.isfinite(out[0, 1, 200:]).all(-1).any()
+
+
+def test_fused_forward_padded_keys_change_nothing_even_nan_values(kernel_ops):
+    from hf_efficient_kernels.ops import causal_linear_fused_op
+
+    q, k, v = raw_inputs(2, 2, 300, 64, 64, scale=1.0)
+    mask = torch.rand(2, 300, generator=torch.Generator().manual_seed(5)) > 0.25
+    hidden = ~mask[:, None, :, None]
+    out, state, den = causal_linear_fused_op(q, k, v, None, 1e-3, 64, 1, mask)
+    phi = _phi("elu")
+    ref, state_ref = quadratic_normalized(phi(q.double()), phi(k.double()) * ~hidden, v * ~hidden, None, 1e-3)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 2e-5
+    assert (state.double() - state_ref).abs().max() / state_ref.abs().max() < 2e-5
+    k2, v2 = k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("inf"))
+    out2, state2, den2 = causal_linear_fused_op(q, k2, v2, None, 1e-3, 64, 1, mask)
+    assert torch.equal(out2, out) and torch.equal(state2, state) and torch.equal(den2, den)
+
+
+def test_fused_large_outputs_values_and_gradients(kernel_ops):
+    """Outputs of 4 MiB and more (the kernel asks for huge pages for them) against the float64 PyTorch path."""
+    import hf_efficient
+
+    q, k, v = raw_inputs(1, 1, 16384, 64, 64, scale=1.0)
+    gy = torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+
+    def run(tensors):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        out = hf_efficient.linear_attention(*tensors, causal=True)
+        return out, torch.autograd.grad((out * gy.to(out.dtype)).sum(), tensors)
+
+    out, grads = run((q, k, v))
+    os.environ["HF_EFFICIENT_KERNELS"] = "reference"
+    try:
+        ref_out, ref_grads = run((q.double(), k.double(), v.double()))
+    finally:
+        del os.environ["HF_EFFICIENT_KERNELS"]
+    assert (out.double() - ref_out).abs().max() / ref_out.abs().max() < 2e-5
+    for name, a, b in zip("qkv", grads, ref_grads):
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < 1e-4, f"d{name}: relative error {err:.2e}"
