@@ -79,9 +79,16 @@ def linear_cache(model, context: int, batch: int = 1) -> LinearAttentionCache:
     return cache
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the distinct parameter tensors a decoding step reads (tied weights counted once)."""
+def weight_bytes(model, batch: int = 1) -> int:
+    """Bytes of weights one decoding step reads: every distinct parameter tensor once (tied weights counted
+    once), except an input embedding table that no other module reads, of which a step reads only ``batch``
+    rows (counting the whole table would raise the floor and flatter the decoder)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
     seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    if not tied:
+        seen[embedding.data_ptr()] = min(batch, embedding.shape[0]) * embedding.shape[1] * embedding.element_size()
     return sum(seen.values())
 
 
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
                       for name, model in models.items()} for n in contexts}
         bandwidth = read_bandwidth_gbs()
         # the weight-read floor of one step: every weight read once from memory at the measured bandwidth
-        floors = {name: 1e3 * weight_bytes(model) / (bandwidth * 1e9) for name, model in models.items()}
+        floors = {name: 1e3 * weight_bytes(model, args.batch) / (bandwidth * 1e9) for name, model in models.items()}
         # interleaved over lengths and models, so load changes hit all alike; the first pass is a warm-up
         timers = {(n, name): decoder(model, caches[n][name], args.batch) for n in contexts
                   for name, model in models.items()}

@@ -17,12 +17,14 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from hf_efficient_kernels import dispatch
+
 from ...attention.feature_maps import FEATURE_MAPS
 from ...attention.linear import linear_attention
 from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
 
-__all__ = ["LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
+__all__ = ["DecodeLinear", "LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -30,6 +32,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and checkpoints) whose decoding steps read the weight at memory speed.
+
+    A decoding step at batch 1 multiplies a few rows by each weight, so its time is the time to read the
+    weights. For up to ``DECODE_MAX_ROWS`` rows of float32 on a CPU, with no gradient needed, the compiled
+    matrix-vector product of ``hf_efficient_kernels.dispatch.decode_gemv_kernel`` runs (it streams each
+    weight row once; the BLAS product measured at about half that speed here); everything else, training
+    included, is ``torch.nn.functional.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch is not None and x.numel() <= dispatch.DECODE_MAX_ROWS * self.in_features:
+            kernel = dispatch.decode_gemv_kernel(x, self.weight, self.bias)
+            if kernel is not None:
+                return kernel()
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class LinearLMAttention(nn.Module):
@@ -43,10 +63,10 @@ class LinearLMAttention(nn.Module):
         self.eps = config.attention_eps
         self.chunk_size = config.chunk_size
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, h, bias=False)
-        self.v_proj = nn.Linear(h, h, bias=False)
-        self.o_proj = nn.Linear(h, h, bias=False)
+        self.q_proj = DecodeLinear(h, h, bias=False)
+        self.k_proj = DecodeLinear(h, h, bias=False)
+        self.v_proj = DecodeLinear(h, h, bias=False)
+        self.o_proj = DecodeLinear(h, h, bias=False)
         fmap = FEATURE_MAPS[config.feature_map](self.head_dim, self.num_heads)
         # Learnable maps (hedgehog) are submodules so they train and save; fixed ones stay a name.
         self.feature_map = fmap if any(True for _ in fmap.parameters()) else None
@@ -79,9 +99,9 @@ class LinearLMAttention(nn.Module):
 class LinearLMMLP(nn.Module):
     def __init__(self, config: LinearLMConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = DecodeLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = DecodeLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = DecodeLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +228,7 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
     def __init__(self, config: LinearLMConfig) -> None:
         super().__init__(config)
         self.model = LinearLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
