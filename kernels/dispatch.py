@@ -40,6 +40,7 @@ __all__ = [
     "decode_gemv_kernel",
     "hamming_kmeans_kernel",
     "linear_decode_step_kernel",
+    "linear_lm_decode_layer_kernel",
     "select_clustered_implementation",
     "select_implementation",
 ]
@@ -599,3 +600,37 @@ def linear_decode_step_kernel(
         return None
     return partial(torch.ops.hf_efficient_decode_cpu.linear_decode_step, q, k, v, kv, k_sum, key_mask,
                    _DECODE_FEATURES[feature_map], float(eps))
+
+
+def linear_lm_decode_layer_kernel(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    heads: int,
+    feature_map: str,
+    eps: float,
+    rms_eps: float,
+    *,
+    implementation: str | None = None,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
+    """One whole decoder block of a ``linear-lm`` model for one new token, compiled, or None.
+
+    x ``(batch, 1, hidden)`` with batch <= :data:`DECODE_MAX_ROWS`; weights ``(norm1, q, k, v, o, norm2, gate, up,
+    down)`` of a pre-norm block (RMSNorm -> q/k/v -> rotary -> causal linear attention with elu/relu -> o ->
+    residual; RMSNorm -> SwiGLU (silu) MLP -> residual), no biases; rotary ``(cos, sin)`` ``(batch or 1, 1, 1,
+    head_dim)`` or None; the attention state kv ``(batch, heads, head_dim, head_dim)``, k_sum ``(batch, heads,
+    head_dim)``; all float32 CPU tensors needing no gradient. The call gives the block's output ``(batch, 1,
+    hidden)`` and the new packed state ``(batch, heads, head_dim, head_dim + 1)``; no input is written. None where
+    the module path runs.
+    """
+    tensors = (x, *weights, kv, k_sum) + (tuple(rotary) if rotary is not None else ())
+    if (feature_map not in _DECODE_FEATURES or x.dim() != 3 or x.shape[1] != 1
+            or not 1 <= x.shape[0] <= DECODE_MAX_ROWS or len(weights) != 9
+            or any(t.dtype != torch.float32 for t in tensors) or any(not w.is_contiguous() for w in weights)
+            or not _decode_kernel_ready(tensors, implementation, "linear_lm_decode_layer")):
+        return None
+    cos, sin = rotary if rotary is not None else (None, None)
+    return partial(torch.ops.hf_efficient_decode_cpu.linear_lm_decode_layer, x, *weights, cos, sin, kv, k_sum, None,
+                   int(heads), _DECODE_FEATURES[feature_map], float(eps), float(rms_eps))

@@ -142,6 +142,37 @@ inline float feature(float x, int64_t kind) {
   return x > 0.0f ? x : (x == x ? 0.0f : x);
 }
 
+// One (batch, head) of the step on float inputs: q, k (M), v (E); the state before the token kv (M x E, strides
+// kv_m, kv_e) and z (M, stride z_m); writes the new packed state s (M x (E + 1)) and out (E). phi_q, phi_k and
+// num are scratch of M, M and E floats.
+void attend_one(const float* q, const float* k, const float* v, const float* kv, int64_t kv_m, int64_t kv_e,
+                const float* z, int64_t z_m, bool real, int64_t M, int64_t E, int64_t kind, float eps, float* s,
+                float* out, float* phi_q, float* phi_k, float* num) {
+  for (int64_t m = 0; m < M; ++m) {
+    phi_q[m] = feature(q[m], kind);
+    // a padded key is skipped, not multiplied by 0: a NaN under the mask changes nothing
+    phi_k[m] = real ? feature(k[m], kind) : 0.0f;
+  }
+  for (int64_t e = 0; e < E; ++e) num[e] = 0.0f;
+  float den = 0.0f;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = kv + m * kv_m;
+    float* dst = s + m * (E + 1);
+    const float pk = phi_k[m], pq = phi_q[m];
+    if (real) {
+      for (int64_t e = 0; e < E; ++e) dst[e] = src[e * kv_e] + pk * v[e];
+      dst[E] = z[m * z_m] + pk;
+    } else {
+      for (int64_t e = 0; e < E; ++e) dst[e] = src[e * kv_e];
+      dst[E] = z[m * z_m];
+    }
+    for (int64_t e = 0; e < E; ++e) num[e] += pq * dst[e];
+    den += pq * dst[E];
+  }
+  const float inv = 1.0f / (den + eps);
+  for (int64_t e = 0; e < E; ++e) out[e] = num[e] * inv;
+}
+
 template <typename scalar_t>
 void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv,
                  const at::Tensor& k_sum, const bool* mask, int64_t kind, float eps, at::Tensor& out,
@@ -154,43 +185,20 @@ void step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   const float* zp = k_sum.data_ptr<float>();
   scalar_t* op = out.data_ptr<scalar_t>();
   float* sp = state.data_ptr<float>();
-  const int64_t kv_b = kv.stride(0), kv_h = kv.stride(1), kv_m = kv.stride(2), kv_e = kv.stride(3);
-  const int64_t z_b = k_sum.stride(0), z_h = k_sum.stride(1), z_m = k_sum.stride(2);
-  std::vector<float> phi_q(M), phi_k(M), vv(E), num(E);
+  std::vector<float> qf(M), kf(M), vf(E), of(E), phi_q(M), phi_k(M), num(E);
   for (int64_t b = 0; b < B; ++b) {
     const bool real = mask == nullptr || mask[b];
     for (int64_t h = 0; h < H; ++h) {
       const int64_t qk_off = (b * H + h) * M, v_off = (b * H + h) * E;
       for (int64_t m = 0; m < M; ++m) {
-        phi_q[m] = feature(static_cast<float>(qp[qk_off + m]), kind);
-        // a padded key is skipped, not multiplied by 0: a NaN under the mask changes nothing
-        phi_k[m] = real ? feature(static_cast<float>(kp[qk_off + m]), kind) : 0.0f;
+        qf[m] = static_cast<float>(qp[qk_off + m]);
+        kf[m] = static_cast<float>(kp[qk_off + m]);
       }
-      for (int64_t e = 0; e < E; ++e) {
-        vv[e] = static_cast<float>(vp[v_off + e]);
-        num[e] = 0.0f;
-      }
-      float den = 0.0f;
-      const float* kv_bh = kvp + b * kv_b + h * kv_h;
-      const float* z_bh = zp + b * z_b + h * z_h;
-      float* s_bh = sp + (b * H + h) * M * (E + 1);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* src = kv_bh + m * kv_m;
-        float* dst = s_bh + m * (E + 1);
-        const float pk = phi_k[m], pq = phi_q[m];
-        if (real) {
-          for (int64_t e = 0; e < E; ++e) dst[e] = src[e * kv_e] + pk * vv[e];
-          dst[E] = z_bh[m * z_m] + pk;
-        } else {
-          for (int64_t e = 0; e < E; ++e) dst[e] = src[e * kv_e];
-          dst[E] = z_bh[m * z_m];
-        }
-        for (int64_t e = 0; e < E; ++e) num[e] += pq * dst[e];
-        den += pq * dst[E];
-      }
-      const float inv = 1.0f / (den + eps);
-      scalar_t* o_bh = op + v_off;
-      for (int64_t e = 0; e < E; ++e) o_bh[e] = static_cast<scalar_t>(num[e] * inv);
+      for (int64_t e = 0; e < E; ++e) vf[e] = static_cast<float>(vp[v_off + e]);
+      attend_one(qf.data(), kf.data(), vf.data(), kvp + b * kv.stride(0) + h * kv.stride(1), kv.stride(2),
+                 kv.stride(3), zp + b * k_sum.stride(0) + h * k_sum.stride(1), k_sum.stride(2), real, M, E, kind, eps,
+                 sp + (b * H + h) * M * (E + 1), of.data(), phi_q.data(), phi_k.data(), num.data());
+      for (int64_t e = 0; e < E; ++e) op[v_off + e] = static_cast<scalar_t>(of[e]);
     }
   }
 }
@@ -241,6 +249,148 @@ std::vector<at::Tensor> linear_decode_step(const at::Tensor& q, const at::Tensor
   return {out, state};
 }
 
+// ------------------------------------------------------------------ one decoder layer of linear-lm
+void check_matrix(const at::Tensor& w, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(0) == rows &&
+                  w.size(1) == cols && w.is_contiguous(),
+              "linear_lm_decode_layer: ", name, " must be a contiguous float32 (", rows, ", ", cols, ") CPU tensor");
+}
+
+void check_vector(const at::Tensor& w, int64_t n, const char* name) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 1 && w.size(0) == n &&
+                  w.is_contiguous(),
+              "linear_lm_decode_layer: ", name, " must be a contiguous float32 (", n, ",) CPU tensor");
+}
+
+void gemv(const float* x, int64_t rows, int64_t in, const at::Tensor& w, float* y) {
+  const int64_t out = w.size(0);
+  const float* wp = w.data_ptr<float>();
+  switch (rows) {
+    case 1: gemv_rows<1>(x, in, wp, in, out, nullptr, y); break;
+    case 2: gemv_rows<2>(x, in, wp, in, out, nullptr, y); break;
+    case 3: gemv_rows<3>(x, in, wp, in, out, nullptr, y); break;
+    default: gemv_rows<4>(x, in, wp, in, out, nullptr, y); break;
+  }
+}
+
+// y = x / sqrt(mean(x^2) + eps) * weight, per row of n (torch.nn.RMSNorm in float32)
+void rms_norm(const float* x, int64_t rows, int64_t n, const float* weight, float eps, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; ++i) ss += x[r * n + i] * x[r * n + i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] = x[r * n + i] * inv * weight[i];
+  }
+}
+
+// x * cos + rotate_half(x) * sin on each head of D features, rotate_half(x) = (-x[D/2:], x[:D/2])
+void rotate(float* x, int64_t heads, int64_t D, const float* cos, const float* sin, float* scratch) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * D;
+    for (int64_t j = 0; j < D; ++j) scratch[j] = j < half ? -xh[j + half] : xh[j - half];
+    for (int64_t j = 0; j < D; ++j) xh[j] = xh[j] * cos[j] + scratch[j] * sin[j];
+  }
+}
+
+// x: (B, 1, C) hidden states of one new token per row; the weights of one pre-norm block (RMSNorm -> q, k, v ->
+// rotary -> causal linear attention step -> o -> residual; RMSNorm -> SwiGLU MLP -> residual); cos/sin (B or 1,
+// 1, 1, D) or undefined (no rotary); the attention state kv (B, H, D, D), k_sum (B, H, D) float32. Returns the
+// block's output (B, 1, C) and the new packed state (B, H, D, D + 1); the inputs are not written.
+std::vector<at::Tensor> linear_lm_decode_layer(
+    const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
+    const at::Tensor& wo, const at::Tensor& norm2, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
+    const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, const at::Tensor& kv,
+    const at::Tensor& k_sum, const c10::optional<at::Tensor>& key_mask, int64_t heads, int64_t feature_kind,
+    double eps, double rms_eps) {
+  TORCH_CHECK(feature_kind == 1 || feature_kind == 2, "linear_lm_decode_layer: feature must be 1 (elu) or 2 (relu)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(1) == 1,
+              "linear_lm_decode_layer: x must be a float32 (batch, 1, hidden) CPU tensor");
+  const int64_t B = x.size(0), C = x.size(2);
+  TORCH_CHECK(B >= 1 && B <= kMaxRows, "linear_lm_decode_layer: 1 to ", kMaxRows, " rows, got ", B);
+  TORCH_CHECK(heads >= 1 && C % heads == 0 && C / heads > 0, "linear_lm_decode_layer: hidden ", C,
+              " is not a multiple of heads ", heads);
+  const int64_t H = heads, D = C / heads, I = wg.dim() == 2 ? wg.size(0) : -1;
+  TORCH_CHECK(I > 0, "linear_lm_decode_layer: gate weight must be (intermediate, hidden)");
+  check_vector(norm1, C, "norm1");
+  check_vector(norm2, C, "norm2");
+  check_matrix(wq, C, C, "q weight");
+  check_matrix(wk, C, C, "k weight");
+  check_matrix(wv, C, C, "v weight");
+  check_matrix(wo, C, C, "o weight");
+  check_matrix(wg, I, C, "gate weight");
+  check_matrix(wu, I, C, "up weight");
+  check_matrix(wd, C, I, "down weight");
+  const bool rotary = cos.has_value() && cos->defined();
+  TORCH_CHECK(rotary == (sin.has_value() && sin->defined()), "linear_lm_decode_layer: pass both cos and sin or neither");
+  at::Tensor cc, sc;
+  if (rotary) {
+    TORCH_CHECK(D % 2 == 0, "linear_lm_decode_layer: rotary needs an even head dimension");
+    cc = cos->contiguous();
+    sc = sin->contiguous();
+    for (const at::Tensor* t : {&cc, &sc})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->dim() == 4 &&
+                      (t->size(0) == B || t->size(0) == 1) && t->size(1) == 1 && t->size(2) == 1 && t->size(3) == D,
+                  "linear_lm_decode_layer: cos/sin must be float32 (batch or 1, 1, 1, head_dim)");
+    TORCH_CHECK(cc.size(0) == sc.size(0), "linear_lm_decode_layer: cos and sin must have the same shape");
+  }
+  TORCH_CHECK(kv.device().is_cpu() && kv.scalar_type() == at::kFloat && kv.dim() == 4 && kv.size(0) == B &&
+                  kv.size(1) == H && kv.size(2) == D && kv.size(3) == D,
+              "linear_lm_decode_layer: kv must be float32 (batch, heads, head_dim, head_dim)");
+  TORCH_CHECK(k_sum.device().is_cpu() && k_sum.scalar_type() == at::kFloat && k_sum.dim() == 3 &&
+                  k_sum.size(0) == B && k_sum.size(1) == H && k_sum.size(2) == D,
+              "linear_lm_decode_layer: k_sum must be float32 (batch, heads, head_dim)");
+  for (const at::Tensor* t : {&kv, &k_sum})
+    for (int64_t d = 0; d < t->dim(); ++d) TORCH_CHECK(t->stride(d) >= 0, "linear_lm_decode_layer: negative stride");
+  const bool* mask = nullptr;
+  at::Tensor mc;
+  if (key_mask.has_value() && key_mask->defined()) {
+    mc = key_mask->contiguous();
+    TORCH_CHECK(mc.scalar_type() == at::kBool && mc.numel() == B, "linear_lm_decode_layer: key_mask must be (batch,) bool");
+    mask = mc.data_ptr<bool>();
+  }
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  at::Tensor y = at::empty({B, 1, C}, x.options());
+  at::Tensor state = at::empty({B, H, D, D + 1}, kv.options());
+  float* yp = y.data_ptr<float>();
+  float* sp = state.data_ptr<float>();
+  const float e = static_cast<float>(eps), re = static_cast<float>(rms_eps);
+
+  std::vector<float> h(B * C), q(B * C), k(B * C), v(B * C), att(B * C), o(B * C), g(B * I), u(B * I);
+  std::vector<float> scratch(D), phi_q(D), phi_k(D), num(D);
+  rms_norm(xp, B, C, norm1.data_ptr<float>(), re, h.data());
+  gemv(h.data(), B, C, wq, q.data());
+  gemv(h.data(), B, C, wk, k.data());
+  gemv(h.data(), B, C, wv, v.data());
+  const float* kvp = kv.data_ptr<float>();
+  const float* zp = k_sum.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    if (rotary) {
+      const int64_t rb = cc.size(0) == 1 ? 0 : b;
+      rotate(q.data() + b * C, H, D, cc.data_ptr<float>() + rb * D, sc.data_ptr<float>() + rb * D, scratch.data());
+      rotate(k.data() + b * C, H, D, cc.data_ptr<float>() + rb * D, sc.data_ptr<float>() + rb * D, scratch.data());
+    }
+    const bool real = mask == nullptr || mask[b];
+    for (int64_t hh = 0; hh < H; ++hh) {
+      const int64_t off = b * C + hh * D;
+      attend_one(q.data() + off, k.data() + off, v.data() + off, kvp + b * kv.stride(0) + hh * kv.stride(1),
+                 kv.stride(2), kv.stride(3), zp + b * k_sum.stride(0) + hh * k_sum.stride(1), k_sum.stride(2), real, D,
+                 D, feature_kind, e, sp + (b * H + hh) * D * (D + 1), att.data() + off, phi_q.data(), phi_k.data(),
+                 num.data());
+    }
+  }
+  gemv(att.data(), B, C, wo, o.data());
+  for (int64_t i = 0; i < B * C; ++i) o[i] += xp[i];  // the residual: o is now the block's middle state
+  rms_norm(o.data(), B, C, norm2.data_ptr<float>(), re, h.data());
+  gemv(h.data(), B, C, wg, g.data());
+  gemv(h.data(), B, C, wu, u.data());
+  for (int64_t i = 0; i < B * I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // silu(gate) * up
+  gemv(g.data(), B, I, wd, yp);
+  for (int64_t i = 0; i < B * C; ++i) yp[i] += o[i];
+  return {y, state};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_efficient_decode_cpu, lib) {
@@ -249,4 +399,9 @@ TORCH_LIBRARY(hf_efficient_decode_cpu, lib) {
       "linear_decode_step(Tensor q, Tensor k, Tensor v, Tensor kv, Tensor k_sum, Tensor? key_mask, int feature, "
       "float eps) -> Tensor[]",
       &linear_decode_step);
+  lib.def(
+      "linear_lm_decode_layer(Tensor x, Tensor norm1, Tensor wq, Tensor wk, Tensor wv, Tensor wo, Tensor norm2, "
+      "Tensor wg, Tensor wu, Tensor wd, Tensor? cos, Tensor? sin, Tensor kv, Tensor k_sum, Tensor? key_mask, "
+      "int heads, int feature, float eps, float rms_eps) -> Tensor[]",
+      &linear_lm_decode_layer);
 }

@@ -1,6 +1,6 @@
-"""Float32 decoding through the compiled decoding kernels (``DecodeLinear``, ``linear_decode_step``) against the
-uncached model and against the same model on its PyTorch path (``HF_EFFICIENT_KERNELS=reference``): greedy,
-left padding, beam search (states reordered) and a reused cache."""
+"""Float32 decoding through the compiled decoding kernels (the whole block in one call; or ``DecodeLinear`` and
+``linear_decode_step``) against the uncached model and against the same model on its PyTorch path
+(``HF_EFFICIENT_KERNELS=reference``): greedy, left padding, beam search (states reordered) and a reused cache."""
 
 from __future__ import annotations
 
@@ -28,22 +28,34 @@ def tiny(feature_map: str = "elu", position_embedding: str = "rope", seed: int =
     return LinearLMForCausalLM(config).eval()
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts of the decoding kernels that ran."""
-    counts = {"gemv": 0, "step": 0}
-    gemv, step = dispatch.decode_gemv_kernel, dispatch.linear_decode_step_kernel
+@pytest.fixture(params=["block", "step"])
+def counted(request, monkeypatch):
+    """Counts of the decoding kernels that ran: with "block" the whole block runs as one compiled call (the
+    default); with "step" that kernel is switched off, so the linear layers and the attention step run theirs."""
+    counts = {"gemv": 0, "step": 0, "block": 0}
+    originals = {"gemv": dispatch.decode_gemv_kernel, "step": dispatch.linear_decode_step_kernel,
+                 "block": dispatch.linear_lm_decode_layer_kernel}
+    attributes = {"gemv": "decode_gemv_kernel", "step": "linear_decode_step_kernel",
+                  "block": "linear_lm_decode_layer_kernel"}
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
-            kernel = fn(*args, **kwargs)
+            kernel = None if name == "block" and request.param == "step" else fn(*args, **kwargs)
             counts[name] += kernel is not None
             return kernel
         return wrapped
 
-    monkeypatch.setattr(dispatch, "decode_gemv_kernel", count("gemv", gemv))
-    monkeypatch.setattr(dispatch, "linear_decode_step_kernel", count("step", step))
+    for name, fn in originals.items():
+        monkeypatch.setattr(dispatch, attributes[name], count(name, fn))
+    counts["mode"] = request.param
     return counts
+
+
+def ran(counts) -> bool:
+    """The kernels of this mode ran."""
+    if counts["mode"] == "block":
+        return counts["block"] > 0
+    return counts["gemv"] > 0 and counts["step"] > 0 and counts["block"] == 0
 
 
 def on_reference_path(monkeypatch, fn):
@@ -57,7 +69,7 @@ def test_greedy_tokens_equal_uncached_argmax(counted, feature_map, position):
     model = tiny(feature_map, position)
     ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    assert counted["gemv"] > 0 and counted["step"] > 0  # the kernels ran
+    assert ran(counted)
     seq = ids
     with torch.no_grad():  # argmax of the full forward over the whole prefix at every step (no cache)
         for _ in range(12):
@@ -78,7 +90,7 @@ def test_step_logits_equal_the_pytorch_path(counted, monkeypatch):
         return torch.cat(logits, dim=1), cache
 
     fast, fast_cache = run()
-    assert counted["step"] == 5 * 2
+    assert counted[counted["mode"]] == 5 * 2  # five steps of two layers
     slow, slow_cache = on_reference_path(monkeypatch, run)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     for i in range(2):
@@ -96,7 +108,7 @@ def test_left_padded_batch_and_beam_search_equal_the_pytorch_path(counted, monke
     greedy = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
     beams = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, early_stopping=True)
     fast = [model.generate(ids, **greedy), model.generate(ids[:1], **beams)]
-    assert counted["gemv"] > 0 and counted["step"] > 0  # 2 rows, 3 beams: both within DECODE_MAX_ROWS
+    assert ran(counted)  # 2 rows, 3 beams: both within DECODE_MAX_ROWS
     slow = on_reference_path(monkeypatch, lambda: [model.generate(ids, **greedy), model.generate(ids[:1], **beams)])
     assert torch.equal(fast[0], slow[0])
     assert torch.equal(fast[1], slow[1])
@@ -118,7 +130,7 @@ def test_reused_cache_is_not_corrupted(counted):
         held_before = held.packed().clone()
         runs.append(model.generate(prompt.sequences, cache=cache, max_new_tokens=6, do_sample=False))
         assert torch.equal(held.packed(), held_before)  # the state object handed out earlier is unchanged
-    assert counted["step"] > 0
+    assert ran(counted)
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(prompt.cache.recurrent_state(0).packed(), before)
     assert torch.equal(runs[0], model.generate(ids, max_new_tokens=7, do_sample=False))

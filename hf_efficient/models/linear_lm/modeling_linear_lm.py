@@ -20,7 +20,7 @@ from transformers.modeling_utils import PreTrainedModel
 from hf_efficient_kernels import dispatch
 
 from ...attention.feature_maps import FEATURE_MAPS
-from ...attention.linear import linear_attention
+from ...attention.linear import LinearAttentionState, linear_attention
 from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
 
@@ -103,6 +103,7 @@ class LinearLMMLP(nn.Module):
         self.up_proj = DecodeLinear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = DecodeLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.hidden_act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -117,8 +118,36 @@ class LinearLMDecoderLayer(nn.Module):
         self.mlp = LinearLMMLP(config)
 
     def forward(self, x, rotary, padding_mask, cache_layer):
+        if cache_layer is not None and x.shape[1] == 1 and padding_mask is None:
+            out = self._fused_step(x, rotary, cache_layer)
+            if out is not None:
+                return out
         x = x + self.self_attn(self.input_layernorm(x), rotary, padding_mask, cache_layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_step(self, x: torch.Tensor, rotary, cache_layer: LinearStateLayer) -> torch.Tensor | None:
+        """One decoding token through the whole block in one compiled call (``linear_lm_decode_layer_kernel``):
+        a step is bound by reading the weights, and the block's two dozen small PyTorch ops cost about as much
+        again. The same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) for learnable
+        feature maps, another activation than silu, no state yet, or tensors the kernel does not take."""
+        attn, mlp = self.self_attn, self.mlp
+        state = cache_layer.state
+        if (dispatch is None or attn.feature_map is not None or mlp.hidden_act != "silu"
+                or not isinstance(state, LinearAttentionState) or state.key_shift is not None):
+            return None
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
+        if norms[1].eps != norms[0].eps or any(n.weight is None for n in norms):
+            return None
+        weights = (norms[0].weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                   norms[1].weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, attn.num_heads,
+                                                        attn.feature_map_name, attn.eps, rms_eps)
+        if kernel is None:
+            return None
+        out, packed = kernel()
+        cache_layer.commit(LinearAttentionState.unpack(packed), x)
+        return out
 
 
 class LinearLMPreTrainedModel(PreTrainedModel):
