@@ -22,6 +22,15 @@ On a CPU, decoding one token is bound by memory traffic: every step reads all we
 softmax model also reads its whole cache. So the speed-up of a constant-size state over a growing
 cache is about (weight bytes + cache bytes) / weight bytes, and it grows with the batch, whose
 caches add up while the weights are read once.
+
+The weight-read floor of a step is the bytes of weights it reads (every parameter once; of an input
+embedding not tied to the output, only its ``--batch`` rows) over this machine's read bandwidth: the
+fastest of the streaming reads (a sum over 256 MiB of float32, on the bench's threads, with its clock)
+measured before the decoding timings and interleaved with them, so the floor is never inflated by a
+slow moment. ``--reference`` also times each linear model on its PyTorch path
+(``HF_EFFICIENT_KERNELS=reference``: no compiled decoding kernel), interleaved in the same run: the
+before/after of the kernels under the same load. ``--clock cpu`` counts this process's CPU time (a
+shared machine's other work then costs less, though memory traffic still competes).
 """
 
 from __future__ import annotations

@@ -207,3 +207,95 @@ def test_linear_attention_step_uses_the_kernel_and_agrees(ops, monkeypatch):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new.packed().double(), ref_state.packed(), rtol=1e-5, atol=1e-5)
     assert new.key_shift is None and new.kv.shape == (2, 4, 8, 8) and new.k_sum.shape == (2, 4, 8)
+
+
+# --------------------------------------------------------------------------- linear_lm_decode_layer
+def _block_reference(x, weights, rotary, state, heads, feature, eps, rms_eps):
+    """A linear-lm block for one token, written out in float64: RMSNorm, q/k/v, rotary, the step, o, SwiGLU."""
+    n1, wq, wk, wv, wo, n2, wg, wu, wd = (w.double() for w in weights)
+    x = x.double()
+    b, _, c = x.shape
+    d = c // heads
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + rms_eps) * w
+
+    def heads_of(t):
+        return t.view(b, 1, heads, d).transpose(1, 2)
+
+    h = rms(x, n1)
+    q, k, v = heads_of(h @ wq.T), heads_of(h @ wk.T), heads_of(h @ wv.T)
+    if rotary is not None:
+        cos, sin = (t.double() for t in rotary)
+
+        def rot(t):
+            return t * cos + torch.cat([-t[..., d // 2:], t[..., : d // 2]], dim=-1) * sin
+
+        q, k = rot(q), rot(k)
+    phi = (lambda t: torch.nn.functional.elu(t) + 1) if feature == "elu" else torch.relu
+    pq, pk = phi(q)[:, :, 0], phi(k)[:, :, 0]  # (b, h, d)
+    kv = state.kv.double() + pk[..., None] * v[:, :, 0, None, :]
+    z = state.k_sum.double() + pk
+    att = torch.einsum("bhm,bhme->bhe", pq, kv) / (torch.einsum("bhm,bhm->bh", pq, z)[..., None] + eps)
+    x1 = x + att.reshape(b, 1, c) @ wo.T
+    h2 = rms(x1, n2)
+    g = h2 @ wg.T
+    out = x1 + (torch.nn.functional.silu(g) * (h2 @ wu.T)) @ wd.T
+    return out, torch.cat([kv, z[..., None]], dim=-1)
+
+
+def _block_inputs(b, heads, d, inter, rope):
+    c = heads * d
+    g = torch.Generator().manual_seed(b * 100 + heads * 10 + d)
+    weights = (1 + 0.1 * torch.randn(c, generator=g), *(0.2 * torch.randn(c, c, generator=g) for _ in range(4)),
+               1 + 0.1 * torch.randn(c, generator=g), 0.2 * torch.randn(inter, c, generator=g),
+               0.2 * torch.randn(inter, c, generator=g), 0.2 * torch.randn(c, inter, generator=g))
+    rotary = None
+    if rope:
+        angle = torch.rand(b, 1, 1, d // 2, generator=g) * 6
+        rotary = (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin())
+    x = torch.randn(b, 1, c, generator=g)
+    return x, weights, rotary, _state(b, heads, d, d)
+
+
+@pytest.mark.parametrize("feature", ["elu", "relu"])
+@pytest.mark.parametrize("b,heads,d,inter,rope", [(1, 8, 64, 176, True), (3, 2, 6, 20, True), (4, 3, 5, 7, False),
+                                                   (2, 1, 2, 3, True)])
+def test_block_matches_float64_reference(ops, feature, b, heads, d, inter, rope):
+    x, weights, rotary, state = _block_inputs(b, heads, d, inter, rope)
+    before = state.packed().clone()
+    kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, heads, feature, EPS,
+                                                    1e-6)
+    assert kernel is not None
+    out, packed = kernel()
+    ref_out, ref_state = _block_reference(x, weights, rotary, state, heads, feature, EPS, 1e-6)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed.double(), ref_state, rtol=1e-4, atol=1e-4)
+    assert torch.equal(state.packed(), before)  # the state passed in is not written
+
+
+def test_block_nan_stays_in_its_row(ops):
+    x, weights, rotary, state = _block_inputs(3, 2, 4, 8, True)
+    x[1, 0, 3] = float("nan")
+    out, packed = ops.linear_lm_decode_layer(x, *weights, *rotary, state.kv, state.k_sum, None, 2, 1, EPS, 1e-6)
+    assert out[1].isnan().all() and packed[1].isnan().any()
+    assert out[[0, 2]].isfinite().all() and packed[[0, 2]].isfinite().all()
+
+
+def test_block_refuses_bad_input(ops):
+    x, weights, rotary, state = _block_inputs(1, 2, 4, 8, True)
+    args = (state.kv, state.k_sum, None, 2, 1, EPS, 1e-6)
+    with pytest.raises(RuntimeError, match="q weight"):
+        ops.linear_lm_decode_layer(x, weights[0], weights[1][:, :7], *weights[2:], *rotary, *args)
+    with pytest.raises(RuntimeError, match="rows"):
+        ops.linear_lm_decode_layer(x.expand(5, 1, 8).contiguous(), *weights, *rotary, *args)
+    with pytest.raises(RuntimeError, match="both cos and sin"):
+        ops.linear_lm_decode_layer(x, *weights, rotary[0], None, *args)
+    with pytest.raises(RuntimeError, match="multiple of heads"):
+        ops.linear_lm_decode_layer(x, *weights, *rotary, state.kv, state.k_sum, None, 3, 1, EPS, 1e-6)
+    with pytest.raises(RuntimeError, match="kv must be"):
+        ops.linear_lm_decode_layer(x, *weights, *rotary, state.kv[:, :, :2], state.k_sum, None, 2, 1, EPS, 1e-6)
+    assert dispatch.linear_lm_decode_layer_kernel(x.double(), weights, rotary, state.kv, state.k_sum, 2, "elu", EPS,
+                                                  1e-6) is None
+    assert dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, 2, "favor", EPS,
+                                                  1e-6) is None

@@ -151,3 +151,17 @@ def test_decode_linear_is_a_linear():
     plain(xs.detach().requires_grad_()).square().sum().backward()
     torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
     assert layer(torch.randn(7, 24)).shape == (7, 10)
+
+
+def test_commit_refuses_a_state_it_cannot_continue():
+    model = tiny()
+    cache = LinearAttentionCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(torch.randint(1, VOCAB, (1, 5)), cache=cache)
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match="batch"):
+        layer.commit(layer.state, torch.zeros(2, 1, 32))
+    with pytest.raises(ValueError, match="dtype"):
+        layer.commit(layer.state, torch.zeros(1, 1, 32, dtype=torch.float64))
+    layer.commit(layer.state, torch.zeros(1, 1, 32))
+    assert cache.get_seq_length() == 6
