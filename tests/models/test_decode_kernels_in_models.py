@@ -165,3 +165,26 @@ def test_commit_refuses_a_state_it_cannot_continue():
         layer.commit(layer.state, torch.zeros(1, 1, 32, dtype=torch.float64))
     layer.commit(layer.state, torch.zeros(1, 1, 32))
     assert cache.get_seq_length() == 6
+
+
+def test_hooks_and_adapters_keep_the_module_path(counted, monkeypatch):
+    """A hook on a projection (as an adapter or a probe adds) must see the token: the compiled block steps aside."""
+    model = tiny()
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda module, args, out: out + 0.5)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    counted["block"] = 0
+
+    def run():
+        cache = LinearAttentionCache(model.config.num_hidden_layers)
+        with torch.no_grad():
+            model(ids[:, :5], cache=cache)
+            return model(ids[:, 5:], cache=cache).logits
+
+    fast = run()
+    if counted["mode"] == "block":
+        assert counted["block"] == 1  # layer 0 (no hook) fused, layer 1 through its modules
+    slow = on_reference_path(monkeypatch, run)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    unhooked = run()
+    assert (unhooked - fast).abs().max() > 1e-3  # the hook mattered

@@ -109,6 +109,15 @@ class LinearLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward hook (global or on one of ``modules``) would see these modules run."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class LinearLMDecoderLayer(nn.Module):
     def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -136,9 +145,14 @@ class LinearLMDecoderLayer(nn.Module):
                 or not isinstance(state, LinearAttentionState) or state.key_shift is not None):
             return None
         norms = [self.input_layernorm, self.post_attention_layernorm]
-        rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
-        if norms[1].eps != norms[0].eps or any(n.weight is None for n in norms):
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        # Only the block as built: an adapter wrapped around a projection (LoRA), a bias or a hook would be
+        # skipped by the compiled block, so any of them sends the token through the modules.
+        if (any(type(p) is not DecodeLinear or p.bias is not None for p in projections)
+                or any(type(n) is not nn.RMSNorm or n.weight is None for n in norms) or norms[1].eps != norms[0].eps
+                or _hooked([self, attn, mlp, *norms, *projections])):
             return None
+        rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
         weights = (norms[0].weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
                    norms[1].weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, attn.num_heads,
