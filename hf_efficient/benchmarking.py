@@ -162,12 +162,12 @@ def matmul_gflops() -> float:
     return 2 * 2048**3 / timer(lambda: a @ b).blocked_autorange(min_run_time=0.5).median / 1e9
 
 
-def read_bandwidth_gbs(megabytes: int = 256) -> float:
+def read_bandwidth_gbs(megabytes: int = 256, clock: Callable[[], float] = time.perf_counter) -> float:
     """This machine's memory read bandwidth as torch sees it (GB/s): the fastest of the sums over a float32
-    tensor far larger than the caches that ``blocked_autorange`` times. The floor of a decoding step is its
-    weight bytes over it."""
+    tensor far larger than the caches that ``blocked_autorange`` times (with ``clock``, as :func:`timer`). The
+    floor of a decoding step is its weight bytes over it."""
     x = torch.ones(megabytes * 2**20 // 4)
-    return x.numel() * 4 / min(timer(x.sum).blocked_autorange(min_run_time=0.5).times) / 1e9
+    return x.numel() * 4 / min(timer(x.sum, clock=clock).blocked_autorange(min_run_time=0.5).times) / 1e9
 
 
 def linear_flops(n: int, causal: bool, backward: bool, chunk: int = 64) -> float:

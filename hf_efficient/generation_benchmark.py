@@ -22,13 +22,26 @@ On a CPU, decoding one token is bound by memory traffic: every step reads all we
 softmax model also reads its whole cache. So the speed-up of a constant-size state over a growing
 cache is about (weight bytes + cache bytes) / weight bytes, and it grows with the batch, whose
 caches add up while the weights are read once.
+
+The weight-read floor of a step is the bytes of weights it reads (every parameter once; of an input
+embedding not tied to the output, only its ``--batch`` rows) over this machine's read bandwidth: the
+fastest of the streaming reads (a sum over 256 MiB of float32, on the bench's threads, with its clock)
+measured before the decoding timings and interleaved with them, so the floor is never inflated by a
+slow moment. ``--reference`` also times each linear model on its PyTorch path
+(``HF_EFFICIENT_KERNELS=reference``: no compiled decoding kernel), interleaved in the same run: the
+before/after of the kernels under the same load. ``--clock cpu`` counts this process's CPU time (a
+shared machine's other work then costs less, though memory traffic still competes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
+import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +50,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from hf_efficient import LinearAttentionCache, LinearLMConfig, LinearLMForCausalLM
 from hf_efficient.arguments import non_negative_int, positive_int
 from hf_efficient.benchmarking import interleaved_times, machine_info, read_bandwidth_gbs, timer
+from hf_efficient_kernels import dispatch
 
 
 def build(layers: int, width: int, heads: int, intermediate: int, vocab: int):
@@ -79,9 +93,16 @@ def linear_cache(model, context: int, batch: int = 1) -> LinearAttentionCache:
     return cache
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the distinct parameter tensors a decoding step reads (tied weights counted once)."""
+def weight_bytes(model, batch: int = 1) -> int:
+    """Bytes of weights one decoding step reads: every distinct parameter tensor once (tied weights counted
+    once), except an input embedding table that no other module reads, of which a step reads only ``batch``
+    rows (counting the whole table would raise the floor and flatter the decoder)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
     seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    if not tied:
+        seen[embedding.data_ptr()] = min(batch, embedding.shape[0]) * embedding.shape[1] * embedding.element_size()
     return sum(seen.values())
 
 
@@ -91,17 +112,42 @@ def cache_bytes(cache) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
-def decoder(model, cache, batch: int = 1):
+@contextlib.contextmanager
+def kernels(implementation: str | None):
+    """``HF_EFFICIENT_KERNELS=implementation`` inside the block (None: as it is); the dispatcher reads it per call."""
+    if implementation is None:
+        yield
+        return
+    old = os.environ.get(dispatch.ENV_VAR)
+    os.environ[dispatch.ENV_VAR] = implementation
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[dispatch.ENV_VAR]
+        else:
+            os.environ[dispatch.ENV_VAR] = old
+
+
+def decoder(model, cache, batch: int = 1, clock=time.perf_counter, implementation: str | None = None):
     """A timer of one decoding step (one new token for each of ``batch`` sequences, the greedy choice of
-    the step before) continuing ``cache``: ``decoder(...).timeit(steps).mean`` is seconds per step."""
+    the step before) continuing ``cache``: ``decoder(...).timeit(steps).mean`` is seconds per step.
+    ``implementation="reference"`` times the PyTorch path (no compiled kernel), as before the kernels."""
     token = torch.zeros(batch, 1, dtype=torch.long)
 
     def step() -> None:
         nonlocal token
-        logits = model(token, cache=cache, use_cache=True).logits
+        with kernels(implementation):
+            logits = model(token, cache=cache, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
 
-    return timer(step)
+    return timer(step, clock=clock)
+
+
+def read_timer(clock, megabytes: int = 256):
+    """A timer of one streaming read (a sum) of ``megabytes`` of float32, and its bytes."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    return timer(x.sum, clock=clock), x.numel() * 4
 
 
 def main(argv=None) -> int:
@@ -119,6 +165,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together")
     parser.add_argument("--window", type=non_negative_int, default=64,
                         help="also time window-linear with this window (0: no)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine); the read "
+                             "bandwidth of the floor is measured with the same clock")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the linear models on their PyTorch path (HF_EFFICIENT_KERNELS=reference: "
+                             "no compiled decoding kernel), interleaved with the rest")
     parser.add_argument("--out", type=Path, default=Path("results/bench_generate.json"))
     args = parser.parse_args(argv)
     if args.width % args.heads:
@@ -130,31 +182,44 @@ def main(argv=None) -> int:
     contexts = args.contexts or [512, 1024, 2048, 4096, 8192, 16384]
     torch.set_num_threads(args.threads)
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     llama, linear = build(args.layers, args.width, args.heads, args.intermediate, args.vocab)
     models = {"softmax": llama, "linear": linear}
     if args.window:
         models["window"] = window_model(llama, args.window)
+    # (timed name, model name, implementation): the reference rows run the same model without the kernels
+    arms = [(name, name, None) for name in models]
+    if args.reference:
+        arms += [(f"{name}_reference", name, "reference") for name in models if name != "softmax"]
     rows = {}
     with torch.inference_mode():
         caches = {n: {name: softmax_cache(model, n, args.batch) if name == "softmax" else
                       linear_cache(model, n, args.batch)
                       for name, model in models.items()} for n in contexts}
-        bandwidth = read_bandwidth_gbs()
-        # the weight-read floor of one step: every weight read once from memory at the measured bandwidth
-        floors = {name: 1e3 * weight_bytes(model) / (bandwidth * 1e9) for name, model in models.items()}
+        # the floor's read bandwidth: the fastest streaming read seen, measured before and interleaved with the
+        # decoding timings (the same load), with the same clock; the fastest read gives the lowest floor
+        read, read_bytes = read_timer(clock)
+        bandwidths = [read_bandwidth_gbs(clock=clock)]
         # interleaved over lengths and models, so load changes hit all alike; the first pass is a warm-up
-        timers = {(n, name): decoder(model, caches[n][name], args.batch) for n in contexts
-                  for name, model in models.items()}
+        timers = {(n, arm): decoder(models[name], caches[n][name] if impl is None else copy.deepcopy(caches[n][name]),
+                                    args.batch, clock, impl)
+                  for n in contexts for arm, name, impl in arms}
+        timers["read"] = read
         interleaved_times(timers, 1, args.steps)
         times = interleaved_times(timers, args.repeats, args.steps)
+        bandwidths += [read_bytes / t / 1e9 for t in times.pop("read")]
+        bandwidth = max(bandwidths)
+        # the weight-read floor of one step: every weight read once from memory at the measured bandwidth
+        floors = {name: 1e3 * weight_bytes(model, args.batch) / (bandwidth * 1e9) for name, model in models.items()}
         for n in contexts:
             row = {"context": n}
+            for arm, name, _ in arms:
+                ts = times[n, arm]
+                row[f"{arm}_ms"] = 1e3 * statistics.median(ts)
+                row[f"{arm}_ms_min"], row[f"{arm}_ms_max"] = 1e3 * min(ts), 1e3 * max(ts)
+                row[f"{arm}_over_floor"] = row[f"{arm}_ms"] / floors[name]
             for name in models:
-                ts = times[n, name]
-                row[f"{name}_ms"] = 1e3 * statistics.median(ts)
-                row[f"{name}_ms_min"], row[f"{name}_ms_max"] = 1e3 * min(ts), 1e3 * max(ts)
                 row[f"{name}_cache_bytes"] = cache_bytes(caches[n][name])
-                row[f"{name}_over_floor"] = row[f"{name}_ms"] / floors[name]
             row["speedup"] = row["softmax_ms"] / row["linear_ms"]
             if "window" in models:
                 row["window_speedup"] = row["softmax_ms"] / row["window_ms"]
@@ -162,10 +227,14 @@ def main(argv=None) -> int:
 
     first, last = rows[contexts[0]], rows[contexts[-1]]
     summary = {
+        "clock": args.clock,
         "read_bandwidth_gbs": bandwidth,
+        "read_bandwidth_samples_gbs": bandwidths,
         "weight_read_floor_ms": floors,
         "linear_over_floor_max": max(r["linear_over_floor"] for r in rows.values()),
         **({"window_over_floor_max": max(r["window_over_floor"] for r in rows.values())} if "window" in models else {}),
+        **{f"{arm}_over_floor_max": max(r[f"{arm}_over_floor"] for r in rows.values())
+           for arm, _, impl in arms if impl is not None},
         "speedup_at_longest": last["speedup"],
         "linear_longest_over_shortest": last["linear_ms"] / first["linear_ms"],
         "softmax_longest_over_shortest": last["softmax_ms"] / first["softmax_ms"],
@@ -190,8 +259,14 @@ def main(argv=None) -> int:
                  f"{row['window_cache_bytes'] / 2**20:>16.3f}" if window else ""))
     print(f"weight-read floor per token at {bandwidth:.1f} GB/s: "
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in floors.items())
-          + "; time over floor: " + ", ".join(f"{name} {max(r[f'{name}_over_floor'] for r in rows.values()):.2f}x"
-                                               for name in models if name != "softmax"))
+          + "; time over floor (largest over contexts): "
+          + ", ".join(f"{arm} {max(r[f'{arm}_over_floor'] for r in rows.values()):.2f}x"
+                      for arm, name, _ in arms if name != "softmax"))
+    print(f"{'context':>8} " + " ".join(f"{arm + ' /floor':>20}" for arm, name, _ in arms if name != "softmax"))
+    for row in rows.values():
+        print(f"{row['context']:>8} " + " ".join(
+            f"{row[f'{arm}_over_floor']:>9.2f} [{row[f'{arm}_ms_min'] / floors[name]:.2f}-"
+            f"{row[f'{arm}_ms_max'] / floors[name]:.2f}]" for arm, name, _ in arms if name != "softmax"))
     print(json.dumps(summary, indent=1))
 
     record = {
@@ -205,6 +280,9 @@ def main(argv=None) -> int:
         "softmax_cache": "random keys/values of the real shape (DynamicCache)",
         "linear_cache": "real chunked prefill (LinearAttentionCache)",
         "window": args.window or None,
+        "clock": args.clock,
+        "floor": "weight bytes one step reads (input embedding: batch rows unless tied) / fastest streaming read "
+                 "(sum of 256 MiB float32, one thread as the decoding), measured before and interleaved with it",
         **machine_info(),
         "rows": list(rows.values()),
         "summary": summary,

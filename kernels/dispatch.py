@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "CLUSTERED_OPS",
+    "DECODE_MAX_ROWS",
     "ENV_VAR",
     "FUSED_FEATURE_MAPS",
     "IMPLEMENTATIONS",
@@ -36,7 +37,10 @@ __all__ = [
     "cluster_broadcast_kernel",
     "cluster_mean_kernel",
     "clustered_topk_kernel",
+    "decode_gemv_kernel",
     "hamming_kmeans_kernel",
+    "linear_decode_step_kernel",
+    "linear_lm_decode_layer_kernel",
     "select_clustered_implementation",
     "select_implementation",
 ]
@@ -510,3 +514,124 @@ def linear_feature_map_kernel(x: torch.Tensor, feature_map: str, implementation:
         return linear_fused_op(q, k, v, float(eps), feature, key_mask)[0]
 
     return run
+
+
+# --------------------------------------------------------------------------- decoding at batch 1
+# Rows of x (batch x new tokens) up to which a linear layer runs the compiled matrix-vector product: a decoding
+# step is bound by reading each weight once, which this kernel does in memory order; with more rows the BLAS
+# matrix product, bound by arithmetic, is the faster one.
+DECODE_MAX_ROWS = 4
+_DECODE_FEATURES = {"elu": 1, "relu": 2}
+
+
+def _decode_cpu_kernel() -> tuple[bool, str | None]:
+    from .cpu import decode_build_error, load_decode_extension
+
+    return load_decode_extension() is not None, decode_build_error()
+
+
+def _decode_kernel_ready(tensors, implementation: str | None, name: str) -> bool:
+    """Whether the decoding kernels run these tensors (CPU, no gradient needed, the extension built). Only a
+    failed build under ``implementation="kernel"`` raises: the other cases are routing (the step is not a
+    decoding step), for which the PyTorch path is the right one even when the kernels are forced."""
+    wanted = _requested(implementation)
+    if wanted == "reference":
+        return False
+    if any(t.device.type != "cpu" for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # no backward: training and gradient checks take the PyTorch path
+    ok, err = _decode_cpu_kernel()
+    if not ok and wanted == "kernel":
+        raise RuntimeError(f"{name}: implementation='kernel' was requested but the CPU decoding kernels could not "
+                           f"be built: {err}")
+    return ok
+
+
+def decode_gemv_kernel(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, implementation: str | None = None
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled ``torch.nn.functional.linear(x, weight, bias)`` of a decoding step, or None.
+
+    x ``(..., in)`` with at most :data:`DECODE_MAX_ROWS` rows, weight ``(out, in)``, bias ``(out,)`` or None, all
+    float32 CPU tensors that need no gradient; the call gives ``(..., out)``. None where the PyTorch path runs
+    (more rows, another dtype or device, a gradient needed); ``implementation="kernel"`` raises ``RuntimeError``
+    only when the kernels cannot be built. ``implementation``: ``"auto"``, ``"reference"`` or ``"kernel"``; None reads
+    ``HF_EFFICIENT_KERNELS``.
+    """
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if (any(t.dtype != torch.float32 for t in tensors) or weight.dim() != 2 or x.dim() < 1
+            or x.shape[-1] != weight.shape[1] or weight.stride(-1) != 1
+            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))
+            or x.numel() > DECODE_MAX_ROWS * max(1, x.shape[-1])
+            or not _decode_kernel_ready(tensors, implementation, "decode_gemv")):
+        return None
+    return partial(torch.ops.hf_efficient_decode_cpu.decode_gemv, x, weight, bias)
+
+
+def linear_decode_step_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    feature_map: str,
+    eps: float = 1e-6,
+    key_mask: torch.Tensor | None = None,
+    *,
+    implementation: str | None = None,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
+    """The compiled step of causal linear attention for one new token, or None.
+
+    q, k ``(batch, heads, 1, d)`` raw (the map, one of :data:`FUSED_FEATURE_MAPS`, is applied inside), v ``(batch,
+    heads, 1, d_v)``, float32 or bfloat16; the state before the token: kv ``(batch, heads, d, d_v)`` and k_sum
+    ``(batch, heads, d)`` float32 (any strides); key_mask ``(batch,)`` bool (False: the token is padding and adds
+    nothing) or None. The call gives ``(out (batch, heads, 1, d_v) in q's dtype, the new packed state (batch,
+    heads, d, d_v + 1) float32)``; the state passed in is not written. None where the PyTorch path runs.
+    """
+    if q.dim() != 4:
+        return None
+    b, h, t, d = q.shape
+    if (feature_map not in _DECODE_FEATURES or q.dtype not in (torch.float32, torch.bfloat16)
+            or k.dtype != q.dtype or v.dtype != q.dtype or kv.dtype != torch.float32 or k_sum.dtype != torch.float32
+            or t != 1 or d == 0 or tuple(k.shape) != (b, h, 1, d) or v.dim() != 4 or tuple(v.shape[:3]) != (b, h, 1)
+            or v.shape[3] == 0 or tuple(kv.shape) != (b, h, d, v.shape[3]) or tuple(k_sum.shape) != (b, h, d)
+            or (key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b,)))
+            or not _decode_kernel_ready((q, k, v, kv, k_sum), implementation, "linear_decode_step")):
+        return None
+    return partial(torch.ops.hf_efficient_decode_cpu.linear_decode_step, q, k, v, kv, k_sum, key_mask,
+                   _DECODE_FEATURES[feature_map], float(eps))
+
+
+def linear_lm_decode_layer_kernel(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    kv: torch.Tensor,
+    k_sum: torch.Tensor,
+    heads: int,
+    feature_map: str,
+    eps: float,
+    rms_eps: float,
+    *,
+    implementation: str | None = None,
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
+    """One whole decoder block of a ``linear-lm`` model for one new token, compiled, or None.
+
+    x ``(batch, 1, hidden)`` with batch <= :data:`DECODE_MAX_ROWS`; weights ``(norm1, q, k, v, o, norm2, gate, up,
+    down)`` of a pre-norm block (RMSNorm -> q/k/v -> rotary -> causal linear attention with elu/relu -> o ->
+    residual; RMSNorm -> SwiGLU (silu) MLP -> residual), no biases; rotary ``(cos, sin)`` ``(batch or 1, 1, 1,
+    head_dim)`` or None; the attention state kv ``(batch, heads, head_dim, head_dim)``, k_sum ``(batch, heads,
+    head_dim)``; all float32 CPU tensors needing no gradient. The call gives the block's output ``(batch, 1,
+    hidden)`` and the new packed state ``(batch, heads, head_dim, head_dim + 1)``; no input is written. None where
+    the module path runs.
+    """
+    tensors = (x, *weights, kv, k_sum) + (tuple(rotary) if rotary is not None else ())
+    if (feature_map not in _DECODE_FEATURES or x.dim() != 3 or x.shape[1] != 1
+            or not 1 <= x.shape[0] <= DECODE_MAX_ROWS or len(weights) != 9
+            or any(t.dtype != torch.float32 for t in tensors) or any(not w.is_contiguous() for w in weights)
+            or not _decode_kernel_ready(tensors, implementation, "linear_lm_decode_layer")):
+        return None
+    cos, sin = rotary if rotary is not None else (None, None)
+    return partial(torch.ops.hf_efficient_decode_cpu.linear_lm_decode_layer, x, *weights, cos, sin, kv, k_sum, None,
+                   int(heads), _DECODE_FEATURES[feature_map], float(eps), float(rms_eps))

@@ -627,6 +627,16 @@ def linear_attention_step(
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{name}: needs as many new queries as keys, got {q.shape[2]} and {k.shape[2]}")
     b, h, _, d_v = v.shape
+    fused = _fused_name(q_map, k_map)
+    if (fused is not None and isinstance(state, LinearAttentionState) and state.key_shift is None and q.shape[2] == 1
+            and dispatch):
+        # one decoding token with elu/relu: one compiled call (features, state update, read-out) that returns a
+        # fresh state; None when it does not run here (then the PyTorch path below, which also checks the state)
+        kernel = dispatch.linear_decode_step_kernel(q, k, v, state.kv, state.k_sum, fused, eps,
+                                                    None if mask is None else mask[:, 0])
+        if kernel is not None:
+            out, packed = kernel()
+            return LinearAttentionState.unpack(packed), out
     if _is_favor(q_map, k_map):
         a, bk = _favor_logits(q, k, q_map, k_map, mask, name)
         init, shift = _state_in(state, q, a.shape[-1], d_v, True, a.dtype, name, "state")

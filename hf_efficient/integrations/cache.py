@@ -100,6 +100,15 @@ class RecurrentStateLayer(CacheLayerMixin):
         self._unread = False
         return out
 
+    def commit(self, state, x: torch.Tensor) -> None:
+        """Keep ``state``, the state after the new tokens of ``x`` ``(batch, T, hidden)``, computed from this layer's
+        state by a fused decoding step (a whole block in one compiled call, see ``linear-lm``); checked like
+        :meth:`advance` to continue this state (batch, device, dtype)."""
+        self._begin(x, x, x)
+        self.state = state
+        self.seen_tokens += x.shape[1]
+        self._unread = False
+
     def _check_step(self, out, state, q: torch.Tensor, v: torch.Tensor) -> None:
         """A decoding form's result must be what the cache relies on: ``out`` ``(batch, heads, T, d_v)`` and a
         state with ``map(fn)`` and ``nbytes()`` (beam search and the size reports go through them)."""

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_error", "clustered_build_error", "load_clustered_extension", "load_extension"]
+__all__ = ["build_error", "clustered_build_error", "decode_build_error", "load_clustered_extension",
+           "load_decode_extension", "load_extension"]
 
 _SOURCE = Path(__file__).with_name("causal_linear.cpp")
 _CLUSTERED_SOURCE = Path(__file__).with_name("clustered.cpp")
@@ -45,6 +46,11 @@ _tried = False
 _clustered_module: Any = None
 _clustered_error: str | None = None
 _clustered_tried = False
+# the decoding kernels (decode.cpp) are a third extension, for the same reason
+_DECODE_SOURCE = Path(__file__).with_name("decode.cpp")
+_decode_module: Any = None
+_decode_error: str | None = None
+_decode_tried = False
 
 # Tried in order: the fast build, then one without CPU-specific instructions.
 _FLAG_SETS = (
@@ -164,6 +170,25 @@ def load_clustered_extension() -> Any:
         _clustered_module, _clustered_error = _compile(_CLUSTERED_SOURCE, "hf_efficient_clustered_cpu")
         _clustered_tried = True
         return _clustered_module
+
+
+def load_decode_extension() -> Any:
+    """``torch.ops.hf_efficient_decode_cpu`` (the matrix-vector product and the linear-attention step of one
+    decoding token), built from ``decode.cpp`` on the first call; None if it cannot be built."""
+    global _decode_module, _decode_error, _decode_tried
+    if _decode_tried:
+        return _decode_module
+    with _lock:
+        if _decode_tried:
+            return _decode_module
+        _decode_module, _decode_error = _compile(_DECODE_SOURCE, "hf_efficient_decode_cpu")
+        _decode_tried = True
+        return _decode_module
+
+
+def decode_build_error() -> str | None:
+    """Why the decoding extension failed to build (None if it succeeded or was never tried)."""
+    return _decode_error
 
 
 def clustered_build_error() -> str | None:

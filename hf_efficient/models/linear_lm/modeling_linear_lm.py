@@ -17,12 +17,14 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
+from hf_efficient_kernels import dispatch
+
 from ...attention.feature_maps import FEATURE_MAPS
-from ...attention.linear import linear_attention
+from ...attention.linear import LinearAttentionState, linear_attention
 from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
 
-__all__ = ["LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
+__all__ = ["DecodeLinear", "LinearLMForCausalLM", "LinearLMModel", "LinearLMPreTrainedModel"]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -30,6 +32,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and checkpoints) whose decoding steps read the weight at memory speed.
+
+    A decoding step at batch 1 multiplies a few rows by each weight, so its time is the time to read the
+    weights. For up to ``DECODE_MAX_ROWS`` rows of float32 on a CPU, with no gradient needed, the compiled
+    matrix-vector product of ``hf_efficient_kernels.dispatch.decode_gemv_kernel`` runs (it streams each
+    weight row once; the BLAS product measured at about half that speed here); everything else, training
+    included, is ``torch.nn.functional.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch is not None and x.numel() <= dispatch.DECODE_MAX_ROWS * self.in_features:
+            kernel = dispatch.decode_gemv_kernel(x, self.weight, self.bias)
+            if kernel is not None:
+                return kernel()
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class LinearLMAttention(nn.Module):
@@ -43,10 +63,10 @@ class LinearLMAttention(nn.Module):
         self.eps = config.attention_eps
         self.chunk_size = config.chunk_size
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, h, bias=False)
-        self.v_proj = nn.Linear(h, h, bias=False)
-        self.o_proj = nn.Linear(h, h, bias=False)
+        self.q_proj = DecodeLinear(h, h, bias=False)
+        self.k_proj = DecodeLinear(h, h, bias=False)
+        self.v_proj = DecodeLinear(h, h, bias=False)
+        self.o_proj = DecodeLinear(h, h, bias=False)
         fmap = FEATURE_MAPS[config.feature_map](self.head_dim, self.num_heads)
         # Learnable maps (hedgehog) are submodules so they train and save; fixed ones stay a name.
         self.feature_map = fmap if any(True for _ in fmap.parameters()) else None
@@ -79,13 +99,23 @@ class LinearLMAttention(nn.Module):
 class LinearLMMLP(nn.Module):
     def __init__(self, config: LinearLMConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = DecodeLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = DecodeLinear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = DecodeLinear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.hidden_act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward hook (global or on one of ``modules``) would see these modules run."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class LinearLMDecoderLayer(nn.Module):
@@ -97,8 +127,41 @@ class LinearLMDecoderLayer(nn.Module):
         self.mlp = LinearLMMLP(config)
 
     def forward(self, x, rotary, padding_mask, cache_layer):
+        if cache_layer is not None and x.shape[1] == 1 and padding_mask is None:
+            out = self._fused_step(x, rotary, cache_layer)
+            if out is not None:
+                return out
         x = x + self.self_attn(self.input_layernorm(x), rotary, padding_mask, cache_layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_step(self, x: torch.Tensor, rotary, cache_layer: LinearStateLayer) -> torch.Tensor | None:
+        """One decoding token through the whole block in one compiled call (``linear_lm_decode_layer_kernel``):
+        a step is bound by reading the weights, and the block's two dozen small PyTorch ops cost about as much
+        again. The same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) for learnable
+        feature maps, another activation than silu, no state yet, or tensors the kernel does not take."""
+        attn, mlp = self.self_attn, self.mlp
+        state = cache_layer.state
+        if (dispatch is None or attn.feature_map is not None or mlp.hidden_act != "silu"
+                or not isinstance(state, LinearAttentionState) or state.key_shift is not None):
+            return None
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        # Only the block as built: an adapter wrapped around a projection (LoRA), a bias or a hook would be
+        # skipped by the compiled block, so any of them sends the token through the modules.
+        if (any(type(p) is not DecodeLinear or p.bias is not None for p in projections)
+                or any(type(n) is not nn.RMSNorm or n.weight is None for n in norms) or norms[1].eps != norms[0].eps
+                or _hooked([self, attn, mlp, *norms, *projections])):
+            return None
+        rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
+        weights = (norms[0].weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                   norms[1].weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, attn.num_heads,
+                                                        attn.feature_map_name, attn.eps, rms_eps)
+        if kernel is None:
+            return None
+        out, packed = kernel()
+        cache_layer.commit(LinearAttentionState.unpack(packed), x)
+        return out
 
 
 class LinearLMPreTrainedModel(PreTrainedModel):
@@ -208,7 +271,7 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
     def __init__(self, config: LinearLMConfig) -> None:
         super().__init__(config)
         self.model = LinearLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
