@@ -99,18 +99,35 @@ struct KMeans {
     for (int64_t w = 0; w < W; ++w) centres[w * C + c] = x[w];
   }
 
-  // farthest-first start on the n codes (n > C)
+  // Farthest-first start on the n codes (n > C, n < 2^32). Each round lowers every query's distance to its
+  // closest chosen centre and finds the next pick in the same pass: the largest key (distance << 32 |
+  // (2^32 - 1 - i)) is the farthest query, the lowest rank on ties; one branch-free loop that vectorises.
+  std::vector<int64_t> far;
   void start(const uint64_t* codes, int64_t n) {
-    std::vector<int64_t> far(n);
-    set_centre(0, codes);
-    for (int64_t i = 0; i < n; ++i) far[i] = distance(codes + i * W, codes, W);
-    for (int64_t c = 1; c < C; ++c) {
-      int64_t pick = 0;
-      for (int64_t i = 1; i < n; ++i)
-        if (far[i] > far[pick]) pick = i;  // strictly: the first on ties
-      const uint64_t* x = codes + pick * W;
+    far.assign(n, std::numeric_limits<int64_t>::max());
+    const uint64_t* x = codes;  // centre 0: the first query
+    for (int64_t c = 0; c < C; ++c) {
       set_centre(c, x);
-      for (int64_t i = 0; i < n; ++i) far[i] = std::min(far[i], distance(codes + i * W, x, W));
+      if (c + 1 == C) break;
+      uint64_t best = 0;
+      int64_t* f = far.data();
+      if (W == 1) {
+        const uint64_t x0 = x[0];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t dd = popcount(codes[i] ^ x0);
+          const int64_t m = dd < f[i] ? dd : f[i];
+          f[i] = m;
+          const uint64_t key = (static_cast<uint64_t>(m) << 32) | (0xffffffffu - static_cast<uint64_t>(i));
+          best = key > best ? key : best;
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t m = std::min(f[i], distance(codes + i * W, x, W));
+          f[i] = m;
+          best = std::max(best, (static_cast<uint64_t>(m) << 32) | (0xffffffffu - static_cast<uint64_t>(i)));
+        }
+      }
+      x = codes + static_cast<int64_t>(0xffffffffu - (best & 0xffffffffu)) * W;
     }
   }
 
@@ -125,7 +142,22 @@ struct KMeans {
         return (static_cast<uint64_t>(popcount(x0 ^ c0[c])) << 32) | static_cast<uint64_t>(c);
       };
       int64_t c = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+      {  // eight centres per step with the native 64-bit popcount; the last partial step under a lane mask
+        const __m512i x8 = _mm512_set1_epi64(static_cast<int64_t>(x0));
+        const __m512i step = _mm512_set1_epi64(8);
+        __m512i index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+        __m512i best8 = _mm512_set1_epi64(-1);  // all ones: the largest unsigned key
+        for (; c < C; c += 8) {
+          const __mmask8 lanes = C - c >= 8 ? __mmask8(0xff) : static_cast<__mmask8>((1u << (C - c)) - 1);
+          const __m512i centre = _mm512_maskz_loadu_epi64(lanes, c0 + c);
+          const __m512i k8 = _mm512_or_si512(_mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_xor_si512(x8, centre)), 32), index);
+          best8 = _mm512_mask_min_epu64(best8, lanes, best8, k8);
+          index = _mm512_add_epi64(index, step);
+        }
+        b0 = _mm512_reduce_min_epu64(best8);
+      }
+#elif defined(__AVX2__)
       {  // keys (distance << 32 | index) < 2^39: the signed 64-bit compare orders them
         const __m256i x4 = _mm256_set1_epi64x(static_cast<int64_t>(x0));
         __m256i index = _mm256_setr_epi64x(0, 1, 2, 3), best4 = _mm256_set1_epi64x(std::numeric_limits<int64_t>::max());
@@ -187,6 +219,17 @@ struct KMeans {
       count[assign[i]] += 1;
       for (int64_t w = 0; w < W; ++w) {
         const uint64_t x = codes[i * W + w];
+#ifdef __AVX512F__
+        // 16 counters per step: add 1 under the code's 16 bits as a lane mask
+        const __m512i one = _mm512_set1_epi32(1);
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          int32_t* oq = o + w * 64 + 16 * quarter;
+          const __m512i cnt16 = _mm512_loadu_si512(oq);
+          const auto lanes = static_cast<__mmask16>((x >> (16 * quarter)) & 0xffffu);
+          _mm512_storeu_si512(oq, _mm512_mask_add_epi32(cnt16, lanes, cnt16, one));
+        }
+        continue;
+#endif
         // byte by byte: add the byte's 8 bits as 8 counters at once (a vectorisable loop of 8)
         for (int byte = 0; byte < 8; ++byte) {
           const int32_t* bits8 = spread[(x >> (8 * byte)) & 0xffu].data();
@@ -204,6 +247,17 @@ struct KMeans {
       const int32_t* o = ones.data() + c * nb;
       for (int64_t w = 0; w < W; ++w) {
         uint64_t word = 0;
+#ifdef __AVX512F__
+        if (count[c] <= std::numeric_limits<int32_t>::max() / 2) {  // 2 * ones fits int32: 16 compares at once
+          const __m512i half = _mm512_set1_epi32(static_cast<int32_t>(count[c]));
+          for (int quarter = 0; quarter < 4; ++quarter) {
+            const __m512i twice = _mm512_slli_epi32(_mm512_loadu_si512(o + w * 64 + 16 * quarter), 1);
+            word |= static_cast<uint64_t>(_mm512_cmpgt_epi32_mask(twice, half)) << (16 * quarter);
+          }
+          centres[w * C + c] = word;
+          continue;
+        }
+#endif
         for (int b = 0; b < 64; ++b) word |= static_cast<uint64_t>(2 * static_cast<int64_t>(o[w * 64 + b]) > count[c]) << b;
         centres[w * C + c] = word;
       }
@@ -233,6 +287,8 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
   TORCH_CHECK(clusters >= 1 && iterations >= 0, "hamming_kmeans: clusters >= 1 and iterations >= 0");
   // nearest() packs the centre index into 32 bits
   TORCH_CHECK(clusters <= std::numeric_limits<int32_t>::max(), "hamming_kmeans: clusters must be < 2^31");
+  // start() packs the query rank into 32 bits
+  TORCH_CHECK(bits_in.size(1) <= std::numeric_limits<int32_t>::max(), "hamming_kmeans: n must be < 2^31");
   const auto bits = bits_in.contiguous();
   const auto valid = valid_in.contiguous();
   const int64_t S = bits.size(0), n = bits.size(1), nb = bits.size(2), W = (nb + 63) / 64;
@@ -261,7 +317,14 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
       for (int64_t r = 0; r < nr; ++r) {
         const bool* x = pb + (s * n + pos[r]) * nb;
         uint64_t* cw = codes.data() + r * W;
-        for (int64_t b = 0; b < nb; ++b) cw[b >> 6] |= static_cast<uint64_t>(x[b]) << (b & 63);
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8) {  // eight bools (bytes) at a time: one multiply gathers their low bits
+          uint64_t eight;
+          std::memcpy(&eight, x + b, 8);
+          eight &= 0x0101010101010101ull;
+          cw[b >> 6] |= ((eight * 0x0102040810204080ull) >> 56) << (b & 63);
+        }
+        for (; b < nb; ++b) cw[b >> 6] |= static_cast<uint64_t>(reinterpret_cast<const uint8_t*>(x)[b] & 1u) << (b & 63);
       }
       km.start(codes.data(), nr);
       assign.assign(nr, -1);
