@@ -23,6 +23,7 @@
 #endif
 
 #include <algorithm>
+#include <functional>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -827,6 +828,94 @@ struct TopSet {  // the t largest (value, index) pairs seen: candidates, cut bac
   }
 };
 
+// Order-preserving integer key of a float: a larger float has a larger key; NaN gets 0, below -inf (a NaN
+// weight counts as the smallest, as in the PyTorch path's topk of a NaN-free row).
+inline Vec<uint32_t>::type order_keys(Vec<float>::type w) {
+  using VU = Vec<uint32_t>::type;
+  using VI = Vec<int32_t>::type;
+  VI s;
+  std::memcpy(&s, &w, sizeof(s));
+  VU u;
+  std::memcpy(&u, &w, sizeof(u));
+  u ^= reinterpret_cast<VU>(s >> 31) | 0x80000000u;  // negative: all bits flipped; positive: the sign bit set
+  return u & reinterpret_cast<VU>(w == w);
+}
+
+struct Selection {  // buffers of normalise_and_select, reused across sequences
+  std::vector<uint32_t> gmax, tau;
+  std::vector<std::vector<uint64_t>> cand;
+};
+
+// Float weights: scale each row of st (nk, Cp) by inv (Cp) in place and write each centroid's t largest
+// weights' key indices to top (C, t); padded keys (ok 0, weight 0) rank as -1, after every real key.
+// Exact and without a heap: the keys are dealt into t groups (key j to group j mod t); the smallest of the
+// t group maxima is at most the t-th largest weight (the t maxima are t distinct keys), so only keys at or
+// above it are candidates (about 4 t of nk for random scores), and one selection among them gives the top t,
+// ties to the lowest key index. Both passes run across centroids, one vector of lanes at a time.
+// (A template so that the float-only body is compiled for float alone; the caller uses it for float.)
+template <typename F>
+void normalise_and_select(F* st, const char* ok, const std::vector<F>& inv, int64_t nk, int64_t C, int64_t Cp,
+                          int64_t t, Selection& sel, int64_t* top) {
+  if constexpr (!std::is_same_v<F, float>) {
+    TORCH_CHECK(false, "normalise_and_select: float weights only");
+  } else {
+  using V = Vec<float>::type;
+  using VU = Vec<uint32_t>::type;
+  constexpr int64_t L = kLanes<float>;
+  sel.gmax.assign(t * Cp, 0u);
+  sel.tau.assign(Cp, ~0u);
+  const V minus_one = V{} - 1.0f;
+  for (int64_t j = 0, g = 0; j < nk; ++j, g = g + 1 == t ? 0 : g + 1) {
+    float* __restrict row = st + j * Cp;
+    uint32_t* __restrict gm = sel.gmax.data() + g * Cp;
+    for (int64_t c = 0; c < Cp; c += L) {
+      const V w = *reinterpret_cast<const V*>(row + c) * *reinterpret_cast<const V*>(inv.data() + c);
+      *reinterpret_cast<V*>(row + c) = w;
+      const VU key = order_keys(ok[j] ? w : minus_one);
+      VU& m = *reinterpret_cast<VU*>(gm + c);
+      m = key > m ? key : m;
+    }
+  }
+  for (int64_t g = 0; g < t; ++g)
+    for (int64_t c = 0; c < Cp; c += L) {
+      VU& lo = *reinterpret_cast<VU*>(sel.tau.data() + c);
+      const VU m = *reinterpret_cast<const VU*>(sel.gmax.data() + g * Cp + c);
+      lo = m < lo ? m : lo;
+    }
+  sel.cand.resize(C);
+  for (int64_t c = 0; c < C; ++c) sel.cand[c].clear();
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* row = st + j * Cp;
+    const uint64_t rank = 0xffffffffu - static_cast<uint64_t>(j);  // ties: the lower index is the larger
+    for (int64_t c = 0; c < Cp; c += L) {
+      alignas(64) uint32_t key[L];
+      const VU k = order_keys(ok[j] ? *reinterpret_cast<const V*>(row + c) : minus_one);
+      std::memcpy(key, &k, sizeof(key));
+#ifdef __AVX512F__
+      static_assert(L == 16, "one mask bit per float lane");
+      __mmask16 hit = _mm512_cmpge_epu32_mask(_mm512_load_si512(key), _mm512_loadu_si512(sel.tau.data() + c));
+      if (C - c < 16) hit &= static_cast<__mmask16>((1u << (C - c)) - 1);  // pad lanes
+      while (hit) {
+        const int lane = __builtin_ctz(hit);
+        hit &= hit - 1;
+        sel.cand[c + lane].push_back((static_cast<uint64_t>(key[lane]) << 32) | rank);
+      }
+#else
+      for (int64_t lane = 0; lane < L && c + lane < C; ++lane)
+        if (key[lane] >= sel.tau[c + lane]) sel.cand[c + lane].push_back((static_cast<uint64_t>(key[lane]) << 32) | rank);
+#endif
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    auto& cs = sel.cand[c];
+    TORCH_CHECK(static_cast<int64_t>(cs.size()) >= t, "centroid_topk: internal error, ", cs.size(), " candidates for ",
+                t, " top keys");
+    std::nth_element(cs.begin(), cs.begin() + (t - 1), cs.end(), std::greater<uint64_t>());
+    for (int64_t i = 0; i < t; ++i) top[c * t + i] = static_cast<int64_t>(0xffffffffu - (cs[i] & 0xffffffffu));
+  }
+  }
+}
+
 std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       const std::optional<at::Tensor>& key_mask, double scale, int64_t t) {
   TORCH_CHECK(cent_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "centroid_topk: cent, k, v must be 4-d");
@@ -836,6 +925,8 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
   TORCH_CHECK(cent_in.scalar_type() == k_in.scalar_type() && cent_in.scalar_type() == v_in.scalar_type(),
               "centroid_topk: cent, k, v must share a dtype");
   TORCH_CHECK(t >= 1 && t <= k_in.size(2), "centroid_topk: need 1 <= t <= n_k");
+  // the selection packs a key index into 32 bits
+  TORCH_CHECK(k_in.size(2) <= std::numeric_limits<int32_t>::max(), "centroid_topk: n_k must be < 2^31");
   const auto cent = cent_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor km;
   if (key_mask.has_value() && key_mask->defined()) {
@@ -865,7 +956,8 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
       std::vector<T> st(nk * Cp), csT(d * Cp, T(0)), kf(direct ? 0 : nk * d), vp(nk * ep, T(0)), out(C * ep);
       std::vector<T> mx(Cp), sum(Cp), thr(Cp);
       std::vector<char> ok(nk);
-      std::vector<TopSet<T>> best(C, TopSet<T>(t));
+      std::vector<TopSet<T>> best(std::is_same_v<T, float> ? 0 : C, TopSet<T>(t));
+      Selection sel;
       const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
       // views of the buffers above (no copies; from_blob never owns or frees them)
       auto st_t = at::from_blob(st.data(), {nk, Cp}, opts), csT_t = at::from_blob(csT.data(), {d, Cp}, opts);
@@ -925,39 +1017,46 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           }
         }
         for (int64_t c = 0; c < Cp; ++c) psum[c] = real > 0 ? T(1) / psum[c] : T(0);
-        for (int64_t j = 0; j < nk; ++j) {
-          T* __restrict row = st.data() + j * Cp;
-          for (int64_t c = 0; c < Cp; ++c) row[c] *= psum[c];
-        }
-        // top-t per centroid: a heap each. The first t keys enter every heap (even a -inf or NaN weight),
-        // so from key t on every heap is full and a key enters only above its current t-th largest, one
-        // compare per (key, centroid). Padded keys (weight 0 shifted to -1) come after every real key, as
-        // in the PyTorch path.
-        for (int64_t c = 0; c < C; ++c) best[c].clear();
-        for (int64_t j = 0; j < nk; ++j) {
-          const T* row = st.data() + j * Cp;
-          const T shift = ok[j] ? T(0) : T(1);
-          if (j < t) {
-            for (int64_t c = 0; c < C; ++c) best[c].offer(row[c] - shift, j, T(0));
-            if (j == t - 1)
-              for (int64_t c = 0; c < C; ++c) thr[c] = best[c].minimum();
-            continue;
+        if constexpr (std::is_same_v<T, float>) {
+          normalise_and_select(st.data(), ok.data(), sum, nk, C, Cp, t, sel, ptop + bh * C * t);
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            T* __restrict row = st.data() + j * Cp;
+            for (int64_t c = 0; c < Cp; ++c) row[c] *= psum[c];
+          }
+          // top-t per centroid: a heap each. The first t keys enter every heap (even a -inf or NaN weight),
+          // so from key t on every heap is full and a key enters only above its current t-th largest, one
+          // compare per (key, centroid). Padded keys (weight 0 shifted to -1) come after every real key, as
+          // in the PyTorch path.
+          for (int64_t c = 0; c < C; ++c) best[c].clear();
+          for (int64_t j = 0; j < nk; ++j) {
+            const T* row = st.data() + j * Cp;
+            const T shift = ok[j] ? T(0) : T(1);
+            if (j < t) {
+              for (int64_t c = 0; c < C; ++c) best[c].offer(row[c] - shift, j, T(0));
+              if (j == t - 1)
+                for (int64_t c = 0; c < C; ++c) thr[c] = best[c].minimum();
+              continue;
+            }
+            for (int64_t c = 0; c < C; ++c) {
+              const T value = row[c] - shift;
+              // false for NaN: a NaN counts as -inf, never above the t-th largest of t held values
+              if (value > thr[c]) thr[c] = best[c].offer(value, j, thr[c]);
+            }
           }
           for (int64_t c = 0; c < C; ++c) {
-            const T value = row[c] - shift;
-            // false for NaN: a NaN counts as -inf, never above the t-th largest of t held values
-            if (value > thr[c]) thr[c] = best[c].offer(value, j, thr[c]);
+            best[c].finish();
+            TORCH_CHECK(static_cast<int64_t>(best[c].heap.size()) == t, "centroid_topk: internal error, ",
+                        best[c].heap.size(), " of ", t, " top keys");
+            int64_t* tc = ptop + (bh * C + c) * t;
+            for (int64_t j = 0; j < t; ++j) tc[j] = best[c].heap[j].second;
           }
         }
-        for (int64_t c = 0; c < C; ++c) best[c].finish();
         for (int64_t c = 0; c < C; ++c) {
           T m = 0;
-          int64_t* tc = ptop + (bh * C + c) * t;
-          TORCH_CHECK(static_cast<int64_t>(best[c].heap.size()) == t, "centroid_topk: internal error, ",
-                      best[c].heap.size(), " of ", t, " top keys");
+          const int64_t* tc = ptop + (bh * C + c) * t;
           for (int64_t j = 0; j < t; ++j) {
-            const int64_t key = best[c].heap[j].second;
-            tc[j] = key;
+            const int64_t key = tc[j];
             m += st[key * Cp + c];
             st[key * Cp + c] = T(0);  // the rest leaves the top keys out
           }
