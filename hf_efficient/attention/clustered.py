@@ -511,6 +511,11 @@ def improved_clustered_attention(
     e = v32.shape[-1]
     cent = cluster_mean(q32, assign, c)
     top, mass, rest = centroid_topk(cent, k32, v32, key_mask, scale, min(topk, k32.shape[2]))
+    fused = dispatch.improved_topk_kernel(q32, k32, v32, assign, top, key_mask, scale, mass, rest) \
+        if dispatch else None
+    if fused:  # inference on the CPU: products and combination in one pass, no per-query copies
+        out, assign = p.finish(fused(), q.dtype)
+        return (out, assign) if return_clusters else out
     exact_top = clustered_topk(q32, k32, v32, assign, top, key_mask, scale)
     # mass and rest ride together through one per-query gather
     per_query = cluster_broadcast(torch.cat([mass.unsqueeze(-1), rest], dim=-1), assign)

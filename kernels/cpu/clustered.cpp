@@ -617,6 +617,40 @@ void softmax_rows(T* s, int64_t rows, int64_t tp, const T* ok, int64_t real) {
   }
 }
 
+// The float rows one vector at a time (tp is a multiple of the lanes); same steps as the generic loop.
+template <>
+void softmax_rows<float>(float* s, int64_t rows, int64_t tp, const float* ok, int64_t real) {
+  using V = Vec<float>::type;
+  constexpr int64_t L = kLanes<float>;
+  const V minus_inf = V{} - std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * tp;
+    if (real == 0) {
+      std::fill(row, row + tp, 0.0f);
+      continue;
+    }
+    V mv = minus_inf;
+    for (int64_t j = 0; j < tp; j += L) {
+      const V x = *reinterpret_cast<const V*>(row + j);
+      const V keep = *reinterpret_cast<const V*>(ok + j);
+      const V y = keep != 0.0f ? x : minus_inf;
+      mv = y > mv ? y : mv;
+    }
+    float mx = mv[0];
+    for (int64_t l = 1; l < L; ++l) mx = std::max(mx, static_cast<float>(mv[l]));
+    V sv = V{};
+    for (int64_t j = 0; j < tp; j += L) {
+      V& x = *reinterpret_cast<V*>(row + j);
+      x = exp_nonpositive_vec(x - mx) * *reinterpret_cast<const V*>(ok + j);
+      sv += x;
+    }
+    float sum = 0.0f;
+    for (int64_t l = 0; l < L; ++l) sum += sv[l];
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < tp; j += L) *reinterpret_cast<V*>(row + j) *= inv;
+  }
+}
+
 void check_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& assign,
                 const at::Tensor& top, const std::optional<at::Tensor>& key_mask) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "clustered_topk: q, k, v must be 4-d");
@@ -644,9 +678,13 @@ void zero_padded(const int64_t* a, int64_t n, int64_t C, X* rows, int64_t width)
   }
 }
 
-std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                               const at::Tensor& assign_in, const at::Tensor& top_in,
-                                               const std::optional<at::Tensor>& key_mask, double scale) {
+// The forward of the top-k products; with mass (b, h, C) and rest (b, h, C, e) given it writes the
+// improved-clustered output itself, out_i = mass_c out_i + rest_c for query i of cluster c, and keeps no
+// weights (inference: no (b, h, n, t) weights, no per-query copies of mass and rest).
+std::vector<at::Tensor> topk_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                     const at::Tensor& assign_in, const at::Tensor& top_in,
+                                     const std::optional<at::Tensor>& key_mask, double scale, const at::Tensor* mass_in,
+                                     const at::Tensor* rest_in) {
   check_topk(q_in, k_in, v_in, assign_in, top_in, key_mask);
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const auto assign = assign_in.contiguous(), top = top_in.contiguous();
@@ -654,31 +692,50 @@ std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at:
   if (key_mask.has_value() && key_mask->defined()) km = key_mask->contiguous();
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2), e = v.size(3);
   const int64_t C = top.size(2), t = top.size(3);
+  const bool combine = mass_in != nullptr;
+  at::Tensor mass, rest;
+  if (combine) {
+    TORCH_CHECK(mass_in->dim() == 3 && mass_in->size(0) == B && mass_in->size(1) == H && mass_in->size(2) == C &&
+                    rest_in->dim() == 4 && rest_in->size(0) == B && rest_in->size(1) == H && rest_in->size(2) == C &&
+                    rest_in->size(3) == e,
+                "improved_topk: expected mass (b, h, C) and rest (b, h, C, e) matching top and v");
+    TORCH_CHECK(mass_in->scalar_type() == q.scalar_type() && rest_in->scalar_type() == q.scalar_type(),
+                "improved_topk: mass and rest must have q's dtype");
+    mass = mass_in->contiguous();
+    rest = rest_in->contiguous();
+  }
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({B, H, n, e}, q.options());
-  auto w = at::empty({B, H, n, t}, q.options().dtype(acc));
+  auto w = at::empty({combine ? 0 : B, H, n, t}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "clustered_topk_forward", [&] {
     using In = scalar_t;
     using T = Acc<In>;
     const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
     const int64_t *pa = assign.data_ptr<int64_t>(), *pt = top.data_ptr<int64_t>();
     const bool* pm = km.defined() ? km.data_ptr<bool>() : nullptr;
+    const In* pmass = combine ? mass.data_ptr<In>() : nullptr;
+    const In* prest = combine ? rest.data_ptr<In>() : nullptr;
     In* po = out.data_ptr<In>();
-    T* pw = w.data_ptr<T>();
+    T* pw = combine ? nullptr : w.data_ptr<T>();
     at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
       TopBuffers<In, T> buf(t, d, e);
       const int64_t tp = buf.tp, ep = buf.ep;
       Sequence seq;
-      std::vector<T> qb(kRows * d), s(kRows * tp), o(kRows * ep);
+      std::vector<T> qb(kRows * d), s(kRows * tp), o(kRows * ep), rc(e);
       for (int64_t bh = lo; bh < hi; ++bh) {
         const int64_t* a = pa + bh * n;
         zero_padded(a, n, C, po + bh * n * e, e);
-        zero_padded(a, n, C, pw + bh * n * t, t);
+        if (!combine) zero_padded(a, n, C, pw + bh * n * t, t);
         seq.build(a, n, C);
         const bool* mask = pm ? pm + (bh / H) * nk : nullptr;
         for (int64_t c = 0; c < C; ++c) {
           if (seq.start[c] == seq.start[c + 1]) continue;
           const int64_t real = buf.load(pk + bh * nk * d, pv + bh * nk * e, pt + (bh * C + c) * t, mask, nk, true);
+          T mc = T(1);
+          if (combine) {
+            mc = static_cast<T>(pmass[bh * C + c]);
+            for (int64_t x = 0; x < e; ++x) rc[x] = static_cast<T>(prest[(bh * C + c) * e + x]);
+          }
           for (int64_t r0 = seq.start[c]; r0 < seq.start[c + 1]; r0 += kRows) {
             const int64_t rows = std::min(kRows, seq.start[c + 1] - r0);
             for (int64_t r = 0; r < rows; ++r) {
@@ -691,15 +748,35 @@ std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at:
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t i = seq.order[r0 + r];
               In* orow = po + (bh * n + i) * e;
-              for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(o[r * ep + x]);
-              std::copy(s.data() + r * tp, s.data() + r * tp + t, pw + (bh * n + i) * t);
+              const T* orr = o.data() + r * ep;
+              if (combine) {
+                for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(mc * orr[x] + rc[x]);
+              } else {
+                for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(orr[x]);
+                std::copy(s.data() + r * tp, s.data() + r * tp + t, pw + (bh * n + i) * t);
+              }
             }
           }
         }
       }
     });
   });
+  if (combine) return {out};
   return {out, w};
+}
+
+std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& assign, const at::Tensor& top,
+                                               const std::optional<at::Tensor>& key_mask, double scale) {
+  return topk_forward(q, k, v, assign, top, key_mask, scale, nullptr, nullptr);
+}
+
+// Improved clustered attention's output from the centroid half (mass, rest) and the top-k products, in one
+// pass; forward only.
+at::Tensor improved_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& assign,
+                         const at::Tensor& top, const std::optional<at::Tensor>& key_mask, double scale,
+                         const at::Tensor& mass, const at::Tensor& rest) {
+  return topk_forward(q, k, v, assign, top, key_mask, scale, &mass, &rest)[0];
 }
 
 // Gradients of clustered_topk_forward w.r.t. q, k and v, from the saved softmax weights w.
@@ -1089,4 +1166,8 @@ TORCH_LIBRARY(hf_efficient_clustered_cpu, lib) {
       &clustered_topk_backward);
   lib.def("centroid_topk(Tensor cent, Tensor k, Tensor v, Tensor? key_mask, float scale, int t) -> Tensor[]",
           &centroid_topk);
+  lib.def(
+      "improved_topk(Tensor q, Tensor k, Tensor v, Tensor assign, Tensor top, Tensor? key_mask, float scale, "
+      "Tensor mass, Tensor rest) -> Tensor",
+      &improved_topk);
 }
