@@ -210,7 +210,78 @@ struct KMeans {
     return changed;
   }
 
+  // After an update, reassign only against what changed: a query whose centre kept its code keeps its
+  // distance to it, and every other unchanged centre is still no nearer (nor equally near with a lower
+  // index), so its nearest centre is the best of its own and the moved ones; a query whose centre moved
+  // is assigned afresh. The result is that of assign_all. Returns whether any assignment changed.
+  std::vector<uint64_t> before;  // centres before the update (word-major, as centres)
+  std::vector<char> moved;
+  std::vector<int64_t> moved_list;
+  std::vector<uint64_t> moved_codes, moved_index;
+  bool reassign(const uint64_t* codes, int64_t n, int64_t* assign) {
+    moved.assign(C, 0);
+    moved_list.clear();
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t w = 0; w < W; ++w) moved[c] |= centres[w * C + c] != before[w * C + c];
+      if (moved[c]) moved_list.push_back(c);
+    }
+    if (moved_list.empty()) return false;  // same centres: same assignment (a fixed point)
+    const int64_t m = static_cast<int64_t>(moved_list.size());
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+    const bool vector = W == 1;  // the moved centres' codes and indices side by side, eight per step
+    if (vector) {
+      moved_codes.resize(m);
+      moved_index.resize(m);
+      for (int64_t j = 0; j < m; ++j) {
+        moved_codes[j] = centres[moved_list[j]];
+        moved_index[j] = static_cast<uint64_t>(moved_list[j]);
+      }
+    }
+#else
+    if (m * 8 > C) return assign_all(codes, n, assign);  // scalar: worth it for a few moved centres only
+#endif
+    bool changed = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t* x = codes + i * W;
+      int64_t a;
+      if (moved[assign[i]]) {
+        a = nearest(x, &best[i]);
+      }
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+      else if (vector) {
+        const __m512i x8 = _mm512_set1_epi64(static_cast<int64_t>(x[0]));
+        __m512i best8 = _mm512_set1_epi64(static_cast<int64_t>((static_cast<uint64_t>(best[i]) << 32) |
+                                                               static_cast<uint64_t>(assign[i])));
+        for (int64_t j = 0; j < m; j += 8) {
+          const __mmask8 lanes = m - j >= 8 ? __mmask8(0xff) : static_cast<__mmask8>((1u << (m - j)) - 1);
+          const __m512i centre = _mm512_maskz_loadu_epi64(lanes, moved_codes.data() + j);
+          const __m512i index = _mm512_maskz_loadu_epi64(lanes, moved_index.data() + j);
+          const __m512i k8 = _mm512_or_si512(_mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_xor_si512(x8, centre)), 32), index);
+          best8 = _mm512_mask_min_epu64(best8, lanes, best8, k8);
+        }
+        const uint64_t key = _mm512_reduce_min_epu64(best8);
+        best[i] = static_cast<int64_t>(key >> 32);
+        a = static_cast<int64_t>(key & 0xffffffffu);
+      }
+#endif
+      else {
+        uint64_t key = (static_cast<uint64_t>(best[i]) << 32) | static_cast<uint64_t>(assign[i]);
+        for (const int64_t c : moved_list) {
+          int64_t dd = 0;
+          for (int64_t w = 0; w < W; ++w) dd += popcount(x[w] ^ centres[w * C + c]);
+          key = std::min(key, (static_cast<uint64_t>(dd) << 32) | static_cast<uint64_t>(c));
+        }
+        best[i] = static_cast<int64_t>(key >> 32);
+        a = static_cast<int64_t>(key & 0xffffffffu);
+      }
+      changed |= a != assign[i];
+      assign[i] = a;
+    }
+    return changed;
+  }
+
   void update(const uint64_t* codes, int64_t n, const int64_t* assign) {
+    before = centres;
     std::fill(ones.begin(), ones.end(), 0);
     std::fill(count.begin(), count.end(), 0);
     const int64_t nb = 64 * W;
@@ -332,7 +403,7 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
       km.assign_all(codes.data(), nr, assign.data());
       for (int64_t it = 0; it < iterations; ++it) {
         km.update(codes.data(), nr, assign.data());
-        if (!km.assign_all(codes.data(), nr, assign.data())) break;
+        if (!km.reassign(codes.data(), nr, assign.data())) break;
       }
       for (int64_t r = 0; r < nr; ++r) os[pos[r]] = assign[r];
     }
