@@ -1092,7 +1092,7 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
     constexpr int64_t L = kLanes<T>;
     // Scores are computed transposed, keys x centroids, so that the key rows are read in place and every
     // per-centroid reduction (max, sum) is a vector operation across centroids.
-    const int64_t Cp = round_up(C, L), ep = round_up(e, L);
+    const int64_t Cp = round_up(C, L);
     const In *pc = cent.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
     const bool* pm = km.defined() ? km.data_ptr<bool>() : nullptr;
     int64_t* ptop = top.data_ptr<int64_t>();
@@ -1101,7 +1101,7 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
     at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
       // st (nk, Cp): scores, then weights; csT (d, Cp): scaled centroids transposed; kf (nk, d) and
       // vp (nk, ep): keys and values in the accumulation type where a copy is needed
-      std::vector<T> st(nk * Cp), csT(d * Cp, T(0)), kf(direct ? 0 : nk * d), vp(nk * ep, T(0)), out(C * ep);
+      std::vector<T> st(nk * Cp), csT(d * Cp, T(0)), kf(direct ? 0 : nk * d), vp(direct ? 0 : nk * e), out(C * e);
       std::vector<T> mx(Cp), sum(Cp), thr(Cp);
       std::vector<char> ok(nk);
       std::vector<TopSet<T>> best(std::is_same_v<T, float> ? 0 : C, TopSet<T>(t));
@@ -1109,7 +1109,7 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
       const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
       // views of the buffers above (no copies; from_blob never owns or frees them)
       auto st_t = at::from_blob(st.data(), {nk, Cp}, opts), csT_t = at::from_blob(csT.data(), {d, Cp}, opts);
-      auto vp_t = at::from_blob(vp.data(), {nk, ep}, opts), out_t = at::from_blob(out.data(), {C, ep}, opts);
+      auto out_t = at::from_blob(out.data(), {C, e}, opts);
       for (int64_t bh = lo; bh < hi; ++bh) {
         const In* ks = pk + bh * nk * d;
         const In* vs = pv + bh * nk * e;
@@ -1120,8 +1120,13 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           for (int64_t r = 0; r < nk * d; ++r) kf[r] = static_cast<T>(ks[r]);
           keys = kf.data();
         }
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t x = 0; x < e; ++x) vp[j * ep + x] = static_cast<T>(vs[j * e + x]);
+        const T* values;  // (nk, e): BLAS reads float/double values in place
+        if constexpr (direct) {
+          values = reinterpret_cast<const T*>(vs);
+        } else {
+          for (int64_t r = 0; r < nk * e; ++r) vp[r] = static_cast<T>(vs[r]);
+          values = vp.data();
+        }
         const bool* mask = pm ? pm + (bh / H) * nk : nullptr;
         int64_t real = 0;
         for (int64_t j = 0; j < nk; ++j) {
@@ -1211,9 +1216,9 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           pmass[bh * C + c] = static_cast<In>(m);
         }
         // rest (C, ep) = weights^T (C, nk) . values (nk, ep)
-        at::mm_out(out_t, st_t.narrow(1, 0, C).t(), vp_t);
+        at::mm_out(out_t, st_t.narrow(1, 0, C).t(), at::from_blob(const_cast<T*>(values), {nk, e}, opts));
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t x = 0; x < e; ++x) prest[(bh * C + c) * e + x] = static_cast<In>(out[c * ep + x]);
+          for (int64_t x = 0; x < e; ++x) prest[(bh * C + c) * e + x] = static_cast<In>(out[c * e + x]);
       }
     });
   });
