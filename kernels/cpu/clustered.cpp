@@ -642,7 +642,7 @@ struct TopBuffers {
   std::vector<T> ok;  // 1 for a real key, 0 for a padded one (or a pad lane)
   TopBuffers(int64_t t_, int64_t d_, int64_t e_)
       : t(t_), d(d_), e(e_), tp(round_up(t_, kLanes<T>)), dp(round_up(d_, kLanes<T>)), ep(round_up(e_, kLanes<T>)),
-        kt(d * tp, T(0)), vr(t * ep, T(0)), vt(e * tp, T(0)), kr(t * dp, T(0)), ok(tp, T(0)) {}
+        kt(d * tp, T(0)), vr(t * ep, T(0)), vt(e * tp, T(0)), kr(t * dp, T(0)), ok(tp, T(0)), rows(t_) {}
 
   // Load the cluster's keys and values; returns the number of real keys among them.
   int64_t load(const In* ks, const In* vs, const int64_t* top, const bool* kmask, int64_t nk, bool forward) {
@@ -654,15 +654,29 @@ struct TopBuffers {
       real += ok[j] != T(0);
       const In* krow = ks + key * d;
       const In* vrow = vs + key * e;
-      if (forward) {
-        for (int64_t x = 0; x < d; ++x) kt[x * tp + j] = static_cast<T>(krow[x]);
+      if (forward) {  // keys: transposed below, eight rows at a time
+        rows[j] = krow;
         for (int64_t x = 0; x < e; ++x) vr[j * ep + x] = static_cast<T>(vrow[x]);
       } else {
         for (int64_t x = 0; x < d; ++x) kr[j * dp + x] = static_cast<T>(krow[x]);
         for (int64_t x = 0; x < e; ++x) vt[x * tp + j] = static_cast<T>(vrow[x]);
       }
     }
+    if (forward) transpose_keys();
     return real;
+  }
+
+  // kt (d, tp) = the t key rows transposed, eight rows at a time: contiguous stores along each kt row.
+  std::vector<const In*> rows;
+  void transpose_keys() {
+    constexpr int64_t B = 8;
+    for (int64_t j0 = 0; j0 < t; j0 += B) {
+      const int64_t jn = std::min(B, t - j0);
+      for (int64_t x = 0; x < d; ++x) {
+        T* dst = kt.data() + x * tp + j0;
+        for (int64_t j = 0; j < jn; ++j) dst[j] = static_cast<T>(rows[j0 + j][x]);
+      }
+    }
   }
 };
 
