@@ -1010,10 +1010,10 @@ struct Selection {  // buffers of normalise_and_select, reused across sequences
 
 // Float weights: scale each row of st (nk, Cp) by inv (Cp) in place and write each centroid's t largest
 // weights' key indices to top (C, t); padded keys (ok 0, weight 0) rank as -1, after every real key.
-// Exact and without a heap: the keys are dealt into t groups (key j to group j mod t); the smallest of the
-// t group maxima is at most the t-th largest weight (the t maxima are t distinct keys), so only keys at or
-// above it are candidates (about 4 t of nk for random scores), and one selection among them gives the top t,
-// ties to the lowest key index. Both passes run across centroids, one vector of lanes at a time.
+// Exact and without a heap: the keys are dealt into G = 2t groups (key j to group j mod G); the t-th
+// largest of the G group maxima is at most the t-th largest weight (those t maxima are t distinct keys), so
+// only keys at or above it are candidates (about 1.3 t of nk for random scores), and one selection among
+// them gives the top t, ties to the lowest key index. The passes run across centroids, a vector at a time.
 // (A template so that the float-only body is compiled for float alone; the caller uses it for float.)
 template <typename F>
 void normalise_and_select(F* st, const char* ok, const std::vector<F>& inv, int64_t nk, int64_t C, int64_t Cp,
@@ -1024,10 +1024,11 @@ void normalise_and_select(F* st, const char* ok, const std::vector<F>& inv, int6
   using V = Vec<float>::type;
   using VU = Vec<uint32_t>::type;
   constexpr int64_t L = kLanes<float>;
-  sel.gmax.assign(t * Cp, 0u);
-  sel.tau.assign(Cp, ~0u);
+  const int64_t G = std::min(2 * t, nk);  // groups, each with at least one key (t <= nk)
+  sel.gmax.assign(G * Cp, 0u);
+  sel.tau.assign(Cp, 0u);
   const V minus_one = V{} - 1.0f;
-  for (int64_t j = 0, g = 0; j < nk; ++j, g = g + 1 == t ? 0 : g + 1) {
+  for (int64_t j = 0, g = 0; j < nk; ++j, g = g + 1 == G ? 0 : g + 1) {
     float* __restrict row = st + j * Cp;
     uint32_t* __restrict gm = sel.gmax.data() + g * Cp;
     for (int64_t c = 0; c < Cp; c += L) {
@@ -1038,12 +1039,19 @@ void normalise_and_select(F* st, const char* ok, const std::vector<F>& inv, int6
       m = key > m ? key : m;
     }
   }
-  for (int64_t g = 0; g < t; ++g)
-    for (int64_t c = 0; c < Cp; c += L) {
-      VU& lo = *reinterpret_cast<VU*>(sel.tau.data() + c);
-      const VU m = *reinterpret_cast<const VU*>(sel.gmax.data() + g * Cp + c);
-      lo = m < lo ? m : lo;
+  // tau: the t-th largest of the G group maxima, bit by bit from the top (the largest T with at least t
+  // maxima >= T), for a vector of centroids at once
+  for (int64_t c = 0; c < Cp; c += L) {
+    VU T = VU{};
+    for (int bit = 31; bit >= 0; --bit) {
+      const VU trial = T | (1u << bit);
+      VU count = VU{};
+      for (int64_t g = 0; g < G; ++g)
+        count -= reinterpret_cast<VU>(*reinterpret_cast<const VU*>(sel.gmax.data() + g * Cp + c) >= trial);
+      T = count >= static_cast<uint32_t>(t) ? trial : T;
     }
+    *reinterpret_cast<VU*>(sel.tau.data() + c) = T;
+  }
   sel.cand.resize(C);
   for (int64_t c = 0; c < C; ++c) sel.cand[c].clear();
   for (int64_t j = 0; j < nk; ++j) {
