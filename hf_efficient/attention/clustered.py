@@ -10,8 +10,8 @@ With ``clustering="queries"`` the k-means runs on the query vectors themselves (
 :mod:`.query_kmeans`) instead of on their hashes: closer to exact attention (measured on the offline
 MiniLM, 25 clusters / top-32, 256 tokens, 5 seeds: pooled cosine 0.984 with ``iterations=1``, 0.987
 with 2, against 0.980) for a costlier clustering: one or two Lloyd rounds after the k-means++ start give
-most of the gain, so one round is its default (N = 4096, 25 clusters, one thread: 1.07x the time of the
-default Hamming clustering with one round, 1.44x with three).
+most of the gain, so one round is its default (N = 4096, 25 clusters, one thread: 1.7x the time of the
+default Hamming clustering with one round).
 
 Improved clustered: for each cluster the ``topk`` keys with the largest centroid attention are
 re-scored exactly for every member query. With ``A^c`` the centroid's attention and ``T`` its top
