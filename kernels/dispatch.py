@@ -39,6 +39,7 @@ __all__ = [
     "clustered_topk_kernel",
     "decode_gemv_kernel",
     "hamming_kmeans_kernel",
+    "improved_topk_kernel",
     "linear_decode_step_kernel",
     "linear_lm_decode_layer_kernel",
     "select_clustered_implementation",
@@ -463,6 +464,43 @@ def centroid_topk_kernel(
     from .ops import centroid_topk_op
 
     return partial(centroid_topk_op, cent, k, v, key_mask, float(scale), t)
+
+
+def improved_topk_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    top: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    mass: torch.Tensor,
+    rest: torch.Tensor,
+    *,
+    implementation: str | None = None,
+) -> Callable[[], torch.Tensor] | None:
+    """The CPU kernel for improved clustered attention's last step, forward only: ``clustered_topk`` (arguments as
+    in :func:`clustered_topk_kernel`) combined with the centroid half, ``mass_c * out_i + rest_c`` for query i of
+    cluster c (mass ``(b, h, C)``, rest ``(b, h, C, e)`` in q's dtype), in one pass. None when a gradient is
+    needed, on CUDA (the caller then runs the separate steps) or where the PyTorch path runs.
+    """
+    name = "improved_topk"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, mass, rest)):
+        return None
+    if q.device.type != "cpu":
+        return None
+    run = clustered_topk_kernel(q, k, v, assign, top, key_mask, scale, implementation=implementation)
+    if run is None:
+        return None
+    b, h, c = top.shape[:3]
+    if tuple(mass.shape) != (b, h, c) or tuple(rest.shape) != (b, h, c, v.shape[-1]) \
+            or mass.dtype != q.dtype or rest.dtype != q.dtype:
+        raise ValueError(f"{name}: expected mass (b, h, C) = {(b, h, c)} and rest (b, h, C, e) = "
+                         f"{(b, h, c, v.shape[-1])} in {q.dtype}; got {tuple(mass.shape)} {mass.dtype}, "
+                         f"{tuple(rest.shape)} {rest.dtype}")
+    from .ops import improved_topk_op
+
+    return partial(improved_topk_op, q, k, v, assign, top, key_mask, float(scale), mass, rest)
 
 
 def _check_key_mask(key_mask: torch.Tensor | None, b: int, n_k: int, name: str) -> None:

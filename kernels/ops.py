@@ -29,6 +29,7 @@ __all__ = [
     "clustered_topk_backward_op",
     "clustered_topk_op",
     "hamming_kmeans_op",
+    "improved_topk_op",
     "linear_fused_backward_op",
     "linear_fused_op",
     "causal_linear_normalized_backward_op",
@@ -499,6 +500,33 @@ def centroid_topk_op(
 def _(cent, k, v, key_mask, scale, t):
     b, h, c, _ = cent.shape
     return cent.new_empty(b, h, c, t, dtype=torch.long), cent.new_empty(b, h, c), cent.new_empty(b, h, c, v.shape[-1])
+
+
+@torch.library.custom_op("hf_efficient::improved_topk", mutates_args=())
+def improved_topk_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    assign: torch.Tensor,
+    top: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    mass: torch.Tensor,
+    rest: torch.Tensor,
+) -> torch.Tensor:
+    """Improved clustered attention's output, forward only (no autograd): for query i of cluster c,
+    ``mass_c * out_i + rest_c`` with ``out_i`` as in :func:`clustered_topk_op` (zero rows for padded queries).
+
+    mass ``(b, h, C)`` and rest ``(b, h, C, e)`` in q's dtype (from :func:`centroid_topk_op`); other arguments as
+    in :func:`clustered_topk_op`. Returns ``(b, h, n, e)``; no weights are kept.
+    """
+    return _clustered_module().improved_topk(q, k, v, assign, top, key_mask, scale, mass, rest)
+
+
+@improved_topk_op.register_fake
+def _(q, k, v, assign, top, key_mask, scale, mass, rest):
+    b, h, n, _ = q.shape
+    return q.new_empty(b, h, n, v.shape[-1])
 
 
 # --------------------------------------------------------------------------- non-causal, feature map fused in

@@ -23,6 +23,7 @@
 #endif
 
 #include <algorithm>
+#include <functional>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -99,18 +100,35 @@ struct KMeans {
     for (int64_t w = 0; w < W; ++w) centres[w * C + c] = x[w];
   }
 
-  // farthest-first start on the n codes (n > C)
+  // Farthest-first start on the n codes (n > C, n < 2^32). Each round lowers every query's distance to its
+  // closest chosen centre and finds the next pick in the same pass: the largest key (distance << 32 |
+  // (2^32 - 1 - i)) is the farthest query, the lowest rank on ties; one branch-free loop that vectorises.
+  std::vector<int64_t> far;
   void start(const uint64_t* codes, int64_t n) {
-    std::vector<int64_t> far(n);
-    set_centre(0, codes);
-    for (int64_t i = 0; i < n; ++i) far[i] = distance(codes + i * W, codes, W);
-    for (int64_t c = 1; c < C; ++c) {
-      int64_t pick = 0;
-      for (int64_t i = 1; i < n; ++i)
-        if (far[i] > far[pick]) pick = i;  // strictly: the first on ties
-      const uint64_t* x = codes + pick * W;
+    far.assign(n, std::numeric_limits<int64_t>::max());
+    const uint64_t* x = codes;  // centre 0: the first query
+    for (int64_t c = 0; c < C; ++c) {
       set_centre(c, x);
-      for (int64_t i = 0; i < n; ++i) far[i] = std::min(far[i], distance(codes + i * W, x, W));
+      if (c + 1 == C) break;
+      uint64_t best = 0;
+      int64_t* f = far.data();
+      if (W == 1) {
+        const uint64_t x0 = x[0];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t dd = popcount(codes[i] ^ x0);
+          const int64_t m = dd < f[i] ? dd : f[i];
+          f[i] = m;
+          const uint64_t key = (static_cast<uint64_t>(m) << 32) | (0xffffffffu - static_cast<uint64_t>(i));
+          best = key > best ? key : best;
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t m = std::min(f[i], distance(codes + i * W, x, W));
+          f[i] = m;
+          best = std::max(best, (static_cast<uint64_t>(m) << 32) | (0xffffffffu - static_cast<uint64_t>(i)));
+        }
+      }
+      x = codes + static_cast<int64_t>(0xffffffffu - (best & 0xffffffffu)) * W;
     }
   }
 
@@ -125,7 +143,22 @@ struct KMeans {
         return (static_cast<uint64_t>(popcount(x0 ^ c0[c])) << 32) | static_cast<uint64_t>(c);
       };
       int64_t c = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+      {  // eight centres per step with the native 64-bit popcount; the last partial step under a lane mask
+        const __m512i x8 = _mm512_set1_epi64(static_cast<int64_t>(x0));
+        const __m512i step = _mm512_set1_epi64(8);
+        __m512i index = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+        __m512i best8 = _mm512_set1_epi64(-1);  // all ones: the largest unsigned key
+        for (; c < C; c += 8) {
+          const __mmask8 lanes = C - c >= 8 ? __mmask8(0xff) : static_cast<__mmask8>((1u << (C - c)) - 1);
+          const __m512i centre = _mm512_maskz_loadu_epi64(lanes, c0 + c);
+          const __m512i k8 = _mm512_or_si512(_mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_xor_si512(x8, centre)), 32), index);
+          best8 = _mm512_mask_min_epu64(best8, lanes, best8, k8);
+          index = _mm512_add_epi64(index, step);
+        }
+        b0 = _mm512_reduce_min_epu64(best8);
+      }
+#elif defined(__AVX2__)
       {  // keys (distance << 32 | index) < 2^39: the signed 64-bit compare orders them
         const __m256i x4 = _mm256_set1_epi64x(static_cast<int64_t>(x0));
         __m256i index = _mm256_setr_epi64x(0, 1, 2, 3), best4 = _mm256_set1_epi64x(std::numeric_limits<int64_t>::max());
@@ -177,7 +210,78 @@ struct KMeans {
     return changed;
   }
 
+  // After an update, reassign only against what changed: a query whose centre kept its code keeps its
+  // distance to it, and every other unchanged centre is still no nearer (nor equally near with a lower
+  // index), so its nearest centre is the best of its own and the moved ones; a query whose centre moved
+  // is assigned afresh. The result is that of assign_all. Returns whether any assignment changed.
+  std::vector<uint64_t> before;  // centres before the update (word-major, as centres)
+  std::vector<char> moved;
+  std::vector<int64_t> moved_list;
+  std::vector<uint64_t> moved_codes, moved_index;
+  bool reassign(const uint64_t* codes, int64_t n, int64_t* assign) {
+    moved.assign(C, 0);
+    moved_list.clear();
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t w = 0; w < W; ++w) moved[c] |= centres[w * C + c] != before[w * C + c];
+      if (moved[c]) moved_list.push_back(c);
+    }
+    if (moved_list.empty()) return false;  // same centres: same assignment (a fixed point)
+    const int64_t m = static_cast<int64_t>(moved_list.size());
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+    const bool vector = W == 1;  // the moved centres' codes and indices side by side, eight per step
+    if (vector) {
+      moved_codes.resize(m);
+      moved_index.resize(m);
+      for (int64_t j = 0; j < m; ++j) {
+        moved_codes[j] = centres[moved_list[j]];
+        moved_index[j] = static_cast<uint64_t>(moved_list[j]);
+      }
+    }
+#else
+    if (m * 8 > C) return assign_all(codes, n, assign);  // scalar: worth it for a few moved centres only
+#endif
+    bool changed = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t* x = codes + i * W;
+      int64_t a;
+      if (moved[assign[i]]) {
+        a = nearest(x, &best[i]);
+      }
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+      else if (vector) {
+        const __m512i x8 = _mm512_set1_epi64(static_cast<int64_t>(x[0]));
+        __m512i best8 = _mm512_set1_epi64(static_cast<int64_t>((static_cast<uint64_t>(best[i]) << 32) |
+                                                               static_cast<uint64_t>(assign[i])));
+        for (int64_t j = 0; j < m; j += 8) {
+          const __mmask8 lanes = m - j >= 8 ? __mmask8(0xff) : static_cast<__mmask8>((1u << (m - j)) - 1);
+          const __m512i centre = _mm512_maskz_loadu_epi64(lanes, moved_codes.data() + j);
+          const __m512i index = _mm512_maskz_loadu_epi64(lanes, moved_index.data() + j);
+          const __m512i k8 = _mm512_or_si512(_mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_xor_si512(x8, centre)), 32), index);
+          best8 = _mm512_mask_min_epu64(best8, lanes, best8, k8);
+        }
+        const uint64_t key = _mm512_reduce_min_epu64(best8);
+        best[i] = static_cast<int64_t>(key >> 32);
+        a = static_cast<int64_t>(key & 0xffffffffu);
+      }
+#endif
+      else {
+        uint64_t key = (static_cast<uint64_t>(best[i]) << 32) | static_cast<uint64_t>(assign[i]);
+        for (const int64_t c : moved_list) {
+          int64_t dd = 0;
+          for (int64_t w = 0; w < W; ++w) dd += popcount(x[w] ^ centres[w * C + c]);
+          key = std::min(key, (static_cast<uint64_t>(dd) << 32) | static_cast<uint64_t>(c));
+        }
+        best[i] = static_cast<int64_t>(key >> 32);
+        a = static_cast<int64_t>(key & 0xffffffffu);
+      }
+      changed |= a != assign[i];
+      assign[i] = a;
+    }
+    return changed;
+  }
+
   void update(const uint64_t* codes, int64_t n, const int64_t* assign) {
+    before = centres;
     std::fill(ones.begin(), ones.end(), 0);
     std::fill(count.begin(), count.end(), 0);
     const int64_t nb = 64 * W;
@@ -187,6 +291,17 @@ struct KMeans {
       count[assign[i]] += 1;
       for (int64_t w = 0; w < W; ++w) {
         const uint64_t x = codes[i * W + w];
+#ifdef __AVX512F__
+        // 16 counters per step: add 1 under the code's 16 bits as a lane mask
+        const __m512i one = _mm512_set1_epi32(1);
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          int32_t* oq = o + w * 64 + 16 * quarter;
+          const __m512i cnt16 = _mm512_loadu_si512(oq);
+          const auto lanes = static_cast<__mmask16>((x >> (16 * quarter)) & 0xffffu);
+          _mm512_storeu_si512(oq, _mm512_mask_add_epi32(cnt16, lanes, cnt16, one));
+        }
+        continue;
+#endif
         // byte by byte: add the byte's 8 bits as 8 counters at once (a vectorisable loop of 8)
         for (int byte = 0; byte < 8; ++byte) {
           const int32_t* bits8 = spread[(x >> (8 * byte)) & 0xffu].data();
@@ -204,6 +319,17 @@ struct KMeans {
       const int32_t* o = ones.data() + c * nb;
       for (int64_t w = 0; w < W; ++w) {
         uint64_t word = 0;
+#ifdef __AVX512F__
+        if (count[c] <= std::numeric_limits<int32_t>::max() / 2) {  // 2 * ones fits int32: 16 compares at once
+          const __m512i half = _mm512_set1_epi32(static_cast<int32_t>(count[c]));
+          for (int quarter = 0; quarter < 4; ++quarter) {
+            const __m512i twice = _mm512_slli_epi32(_mm512_loadu_si512(o + w * 64 + 16 * quarter), 1);
+            word |= static_cast<uint64_t>(_mm512_cmpgt_epi32_mask(twice, half)) << (16 * quarter);
+          }
+          centres[w * C + c] = word;
+          continue;
+        }
+#endif
         for (int b = 0; b < 64; ++b) word |= static_cast<uint64_t>(2 * static_cast<int64_t>(o[w * 64 + b]) > count[c]) << b;
         centres[w * C + c] = word;
       }
@@ -233,6 +359,8 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
   TORCH_CHECK(clusters >= 1 && iterations >= 0, "hamming_kmeans: clusters >= 1 and iterations >= 0");
   // nearest() packs the centre index into 32 bits
   TORCH_CHECK(clusters <= std::numeric_limits<int32_t>::max(), "hamming_kmeans: clusters must be < 2^31");
+  // start() packs the query rank into 32 bits
+  TORCH_CHECK(bits_in.size(1) <= std::numeric_limits<int32_t>::max(), "hamming_kmeans: n must be < 2^31");
   const auto bits = bits_in.contiguous();
   const auto valid = valid_in.contiguous();
   const int64_t S = bits.size(0), n = bits.size(1), nb = bits.size(2), W = (nb + 63) / 64;
@@ -261,14 +389,21 @@ at::Tensor hamming_kmeans(const at::Tensor& bits_in, const at::Tensor& valid_in,
       for (int64_t r = 0; r < nr; ++r) {
         const bool* x = pb + (s * n + pos[r]) * nb;
         uint64_t* cw = codes.data() + r * W;
-        for (int64_t b = 0; b < nb; ++b) cw[b >> 6] |= static_cast<uint64_t>(x[b]) << (b & 63);
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8) {  // eight bools (bytes) at a time: one multiply gathers their low bits
+          uint64_t eight;
+          std::memcpy(&eight, x + b, 8);
+          eight &= 0x0101010101010101ull;
+          cw[b >> 6] |= ((eight * 0x0102040810204080ull) >> 56) << (b & 63);
+        }
+        for (; b < nb; ++b) cw[b >> 6] |= static_cast<uint64_t>(reinterpret_cast<const uint8_t*>(x)[b] & 1u) << (b & 63);
       }
       km.start(codes.data(), nr);
       assign.assign(nr, -1);
       km.assign_all(codes.data(), nr, assign.data());
       for (int64_t it = 0; it < iterations; ++it) {
         km.update(codes.data(), nr, assign.data());
-        if (!km.assign_all(codes.data(), nr, assign.data())) break;
+        if (!km.reassign(codes.data(), nr, assign.data())) break;
       }
       for (int64_t r = 0; r < nr; ++r) os[pos[r]] = assign[r];
     }
@@ -507,7 +642,7 @@ struct TopBuffers {
   std::vector<T> ok;  // 1 for a real key, 0 for a padded one (or a pad lane)
   TopBuffers(int64_t t_, int64_t d_, int64_t e_)
       : t(t_), d(d_), e(e_), tp(round_up(t_, kLanes<T>)), dp(round_up(d_, kLanes<T>)), ep(round_up(e_, kLanes<T>)),
-        kt(d * tp, T(0)), vr(t * ep, T(0)), vt(e * tp, T(0)), kr(t * dp, T(0)), ok(tp, T(0)) {}
+        kt(d * tp, T(0)), vr(t * ep, T(0)), vt(e * tp, T(0)), kr(t * dp, T(0)), ok(tp, T(0)), rows(t_) {}
 
   // Load the cluster's keys and values; returns the number of real keys among them.
   int64_t load(const In* ks, const In* vs, const int64_t* top, const bool* kmask, int64_t nk, bool forward) {
@@ -519,15 +654,29 @@ struct TopBuffers {
       real += ok[j] != T(0);
       const In* krow = ks + key * d;
       const In* vrow = vs + key * e;
-      if (forward) {
-        for (int64_t x = 0; x < d; ++x) kt[x * tp + j] = static_cast<T>(krow[x]);
+      if (forward) {  // keys: transposed below, eight rows at a time
+        rows[j] = krow;
         for (int64_t x = 0; x < e; ++x) vr[j * ep + x] = static_cast<T>(vrow[x]);
       } else {
         for (int64_t x = 0; x < d; ++x) kr[j * dp + x] = static_cast<T>(krow[x]);
         for (int64_t x = 0; x < e; ++x) vt[x * tp + j] = static_cast<T>(vrow[x]);
       }
     }
+    if (forward) transpose_keys();
     return real;
+  }
+
+  // kt (d, tp) = the t key rows transposed, eight rows at a time: contiguous stores along each kt row.
+  std::vector<const In*> rows;
+  void transpose_keys() {
+    constexpr int64_t B = 8;
+    for (int64_t j0 = 0; j0 < t; j0 += B) {
+      const int64_t jn = std::min(B, t - j0);
+      for (int64_t x = 0; x < d; ++x) {
+        T* dst = kt.data() + x * tp + j0;
+        for (int64_t j = 0; j < jn; ++j) dst[j] = static_cast<T>(rows[j0 + j][x]);
+      }
+    }
   }
 };
 
@@ -550,6 +699,40 @@ void softmax_rows(T* s, int64_t rows, int64_t tp, const T* ok, int64_t real) {
     }
     const T inv = T(1) / sum;
     for (int64_t j = 0; j < tp; ++j) row[j] *= inv;
+  }
+}
+
+// The float rows one vector at a time (tp is a multiple of the lanes); same steps as the generic loop.
+template <>
+void softmax_rows<float>(float* s, int64_t rows, int64_t tp, const float* ok, int64_t real) {
+  using V = Vec<float>::type;
+  constexpr int64_t L = kLanes<float>;
+  const V minus_inf = V{} - std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * tp;
+    if (real == 0) {
+      std::fill(row, row + tp, 0.0f);
+      continue;
+    }
+    V mv = minus_inf;
+    for (int64_t j = 0; j < tp; j += L) {
+      const V x = *reinterpret_cast<const V*>(row + j);
+      const V keep = *reinterpret_cast<const V*>(ok + j);
+      const V y = keep != 0.0f ? x : minus_inf;
+      mv = y > mv ? y : mv;
+    }
+    float mx = mv[0];
+    for (int64_t l = 1; l < L; ++l) mx = std::max(mx, static_cast<float>(mv[l]));
+    V sv = V{};
+    for (int64_t j = 0; j < tp; j += L) {
+      V& x = *reinterpret_cast<V*>(row + j);
+      x = exp_nonpositive_vec(x - mx) * *reinterpret_cast<const V*>(ok + j);
+      sv += x;
+    }
+    float sum = 0.0f;
+    for (int64_t l = 0; l < L; ++l) sum += sv[l];
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < tp; j += L) *reinterpret_cast<V*>(row + j) *= inv;
   }
 }
 
@@ -580,9 +763,13 @@ void zero_padded(const int64_t* a, int64_t n, int64_t C, X* rows, int64_t width)
   }
 }
 
-std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                               const at::Tensor& assign_in, const at::Tensor& top_in,
-                                               const std::optional<at::Tensor>& key_mask, double scale) {
+// The forward of the top-k products; with mass (b, h, C) and rest (b, h, C, e) given it writes the
+// improved-clustered output itself, out_i = mass_c out_i + rest_c for query i of cluster c, and keeps no
+// weights (inference: no (b, h, n, t) weights, no per-query copies of mass and rest).
+std::vector<at::Tensor> topk_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                     const at::Tensor& assign_in, const at::Tensor& top_in,
+                                     const std::optional<at::Tensor>& key_mask, double scale, const at::Tensor* mass_in,
+                                     const at::Tensor* rest_in) {
   check_topk(q_in, k_in, v_in, assign_in, top_in, key_mask);
   const auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const auto assign = assign_in.contiguous(), top = top_in.contiguous();
@@ -590,31 +777,50 @@ std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at:
   if (key_mask.has_value() && key_mask->defined()) km = key_mask->contiguous();
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), d = q.size(3), nk = k.size(2), e = v.size(3);
   const int64_t C = top.size(2), t = top.size(3);
+  const bool combine = mass_in != nullptr;
+  at::Tensor mass, rest;
+  if (combine) {
+    TORCH_CHECK(mass_in->dim() == 3 && mass_in->size(0) == B && mass_in->size(1) == H && mass_in->size(2) == C &&
+                    rest_in->dim() == 4 && rest_in->size(0) == B && rest_in->size(1) == H && rest_in->size(2) == C &&
+                    rest_in->size(3) == e,
+                "improved_topk: expected mass (b, h, C) and rest (b, h, C, e) matching top and v");
+    TORCH_CHECK(mass_in->scalar_type() == q.scalar_type() && rest_in->scalar_type() == q.scalar_type(),
+                "improved_topk: mass and rest must have q's dtype");
+    mass = mass_in->contiguous();
+    rest = rest_in->contiguous();
+  }
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({B, H, n, e}, q.options());
-  auto w = at::empty({B, H, n, t}, q.options().dtype(acc));
+  auto w = at::empty({combine ? 0 : B, H, n, t}, q.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "clustered_topk_forward", [&] {
     using In = scalar_t;
     using T = Acc<In>;
     const In *pq = q.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
     const int64_t *pa = assign.data_ptr<int64_t>(), *pt = top.data_ptr<int64_t>();
     const bool* pm = km.defined() ? km.data_ptr<bool>() : nullptr;
+    const In* pmass = combine ? mass.data_ptr<In>() : nullptr;
+    const In* prest = combine ? rest.data_ptr<In>() : nullptr;
     In* po = out.data_ptr<In>();
-    T* pw = w.data_ptr<T>();
+    T* pw = combine ? nullptr : w.data_ptr<T>();
     at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
       TopBuffers<In, T> buf(t, d, e);
       const int64_t tp = buf.tp, ep = buf.ep;
       Sequence seq;
-      std::vector<T> qb(kRows * d), s(kRows * tp), o(kRows * ep);
+      std::vector<T> qb(kRows * d), s(kRows * tp), o(kRows * ep), rc(e);
       for (int64_t bh = lo; bh < hi; ++bh) {
         const int64_t* a = pa + bh * n;
         zero_padded(a, n, C, po + bh * n * e, e);
-        zero_padded(a, n, C, pw + bh * n * t, t);
+        if (!combine) zero_padded(a, n, C, pw + bh * n * t, t);
         seq.build(a, n, C);
         const bool* mask = pm ? pm + (bh / H) * nk : nullptr;
         for (int64_t c = 0; c < C; ++c) {
           if (seq.start[c] == seq.start[c + 1]) continue;
           const int64_t real = buf.load(pk + bh * nk * d, pv + bh * nk * e, pt + (bh * C + c) * t, mask, nk, true);
+          T mc = T(1);
+          if (combine) {
+            mc = static_cast<T>(pmass[bh * C + c]);
+            for (int64_t x = 0; x < e; ++x) rc[x] = static_cast<T>(prest[(bh * C + c) * e + x]);
+          }
           for (int64_t r0 = seq.start[c]; r0 < seq.start[c + 1]; r0 += kRows) {
             const int64_t rows = std::min(kRows, seq.start[c + 1] - r0);
             for (int64_t r = 0; r < rows; ++r) {
@@ -627,15 +833,35 @@ std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q_in, const at:
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t i = seq.order[r0 + r];
               In* orow = po + (bh * n + i) * e;
-              for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(o[r * ep + x]);
-              std::copy(s.data() + r * tp, s.data() + r * tp + t, pw + (bh * n + i) * t);
+              const T* orr = o.data() + r * ep;
+              if (combine) {
+                for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(mc * orr[x] + rc[x]);
+              } else {
+                for (int64_t x = 0; x < e; ++x) orow[x] = static_cast<In>(orr[x]);
+                std::copy(s.data() + r * tp, s.data() + r * tp + t, pw + (bh * n + i) * t);
+              }
             }
           }
         }
       }
     });
   });
+  if (combine) return {out};
   return {out, w};
+}
+
+std::vector<at::Tensor> clustered_topk_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& assign, const at::Tensor& top,
+                                               const std::optional<at::Tensor>& key_mask, double scale) {
+  return topk_forward(q, k, v, assign, top, key_mask, scale, nullptr, nullptr);
+}
+
+// Improved clustered attention's output from the centroid half (mass, rest) and the top-k products, in one
+// pass; forward only.
+at::Tensor improved_topk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& assign,
+                         const at::Tensor& top, const std::optional<at::Tensor>& key_mask, double scale,
+                         const at::Tensor& mass, const at::Tensor& rest) {
+  return topk_forward(q, k, v, assign, top, key_mask, scale, &mass, &rest)[0];
 }
 
 // Gradients of clustered_topk_forward w.r.t. q, k and v, from the saved softmax weights w.
@@ -764,6 +990,102 @@ struct TopSet {  // the t largest (value, index) pairs seen: candidates, cut bac
   }
 };
 
+// Order-preserving integer key of a float: a larger float has a larger key; NaN gets 0, below -inf (a NaN
+// weight counts as the smallest, as in the PyTorch path's topk of a NaN-free row).
+inline Vec<uint32_t>::type order_keys(Vec<float>::type w) {
+  using VU = Vec<uint32_t>::type;
+  using VI = Vec<int32_t>::type;
+  VI s;
+  std::memcpy(&s, &w, sizeof(s));
+  VU u;
+  std::memcpy(&u, &w, sizeof(u));
+  u ^= reinterpret_cast<VU>(s >> 31) | 0x80000000u;  // negative: all bits flipped; positive: the sign bit set
+  return u & reinterpret_cast<VU>(w == w);
+}
+
+struct Selection {  // buffers of normalise_and_select, reused across sequences
+  std::vector<uint32_t> gmax, tau;
+  std::vector<std::vector<uint64_t>> cand;
+};
+
+// Float weights: scale each row of st (nk, Cp) by inv (Cp) in place and write each centroid's t largest
+// weights' key indices to top (C, t); padded keys (ok 0, weight 0) rank as -1, after every real key.
+// Exact and without a heap: the keys are dealt into G = 2t groups (key j to group j mod G); the t-th
+// largest of the G group maxima is at most the t-th largest weight (those t maxima are t distinct keys), so
+// only keys at or above it are candidates (about 1.3 t of nk for random scores), and one selection among
+// them gives the top t, ties to the lowest key index. The passes run across centroids, a vector at a time.
+// (A template so that the float-only body is compiled for float alone; the caller uses it for float.)
+template <typename F>
+void normalise_and_select(F* st, const char* ok, const std::vector<F>& inv, int64_t nk, int64_t C, int64_t Cp,
+                          int64_t t, Selection& sel, int64_t* top) {
+  if constexpr (!std::is_same_v<F, float>) {
+    TORCH_CHECK(false, "normalise_and_select: float weights only");
+  } else {
+  using V = Vec<float>::type;
+  using VU = Vec<uint32_t>::type;
+  constexpr int64_t L = kLanes<float>;
+  const int64_t G = std::min(2 * t, nk);  // groups, each with at least one key (t <= nk)
+  sel.gmax.assign(G * Cp, 0u);
+  sel.tau.assign(Cp, 0u);
+  const V minus_one = V{} - 1.0f;
+  for (int64_t j = 0, g = 0; j < nk; ++j, g = g + 1 == G ? 0 : g + 1) {
+    float* __restrict row = st + j * Cp;
+    uint32_t* __restrict gm = sel.gmax.data() + g * Cp;
+    for (int64_t c = 0; c < Cp; c += L) {
+      const V w = *reinterpret_cast<const V*>(row + c) * *reinterpret_cast<const V*>(inv.data() + c);
+      *reinterpret_cast<V*>(row + c) = w;
+      const VU key = order_keys(ok[j] ? w : minus_one);
+      VU& m = *reinterpret_cast<VU*>(gm + c);
+      m = key > m ? key : m;
+    }
+  }
+  // tau: the t-th largest of the G group maxima, bit by bit from the top (the largest T with at least t
+  // maxima >= T), for a vector of centroids at once
+  for (int64_t c = 0; c < Cp; c += L) {
+    VU T = VU{};
+    for (int bit = 31; bit >= 0; --bit) {
+      const VU trial = T | (1u << bit);
+      VU count = VU{};
+      for (int64_t g = 0; g < G; ++g)
+        count -= reinterpret_cast<VU>(*reinterpret_cast<const VU*>(sel.gmax.data() + g * Cp + c) >= trial);
+      T = count >= static_cast<uint32_t>(t) ? trial : T;
+    }
+    *reinterpret_cast<VU*>(sel.tau.data() + c) = T;
+  }
+  sel.cand.resize(C);
+  for (int64_t c = 0; c < C; ++c) sel.cand[c].clear();
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* row = st + j * Cp;
+    const uint64_t rank = 0xffffffffu - static_cast<uint64_t>(j);  // ties: the lower index is the larger
+    for (int64_t c = 0; c < Cp; c += L) {
+      alignas(64) uint32_t key[L];
+      const VU k = order_keys(ok[j] ? *reinterpret_cast<const V*>(row + c) : minus_one);
+      std::memcpy(key, &k, sizeof(key));
+#ifdef __AVX512F__
+      static_assert(L == 16, "one mask bit per float lane");
+      __mmask16 hit = _mm512_cmpge_epu32_mask(_mm512_load_si512(key), _mm512_loadu_si512(sel.tau.data() + c));
+      if (C - c < 16) hit &= static_cast<__mmask16>((1u << (C - c)) - 1);  // pad lanes
+      while (hit) {
+        const int lane = __builtin_ctz(hit);
+        hit &= hit - 1;
+        sel.cand[c + lane].push_back((static_cast<uint64_t>(key[lane]) << 32) | rank);
+      }
+#else
+      for (int64_t lane = 0; lane < L && c + lane < C; ++lane)
+        if (key[lane] >= sel.tau[c + lane]) sel.cand[c + lane].push_back((static_cast<uint64_t>(key[lane]) << 32) | rank);
+#endif
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    auto& cs = sel.cand[c];
+    TORCH_CHECK(static_cast<int64_t>(cs.size()) >= t, "centroid_topk: internal error, ", cs.size(), " candidates for ",
+                t, " top keys");
+    std::nth_element(cs.begin(), cs.begin() + (t - 1), cs.end(), std::greater<uint64_t>());
+    for (int64_t i = 0; i < t; ++i) top[c * t + i] = static_cast<int64_t>(0xffffffffu - (cs[i] & 0xffffffffu));
+  }
+  }
+}
+
 std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       const std::optional<at::Tensor>& key_mask, double scale, int64_t t) {
   TORCH_CHECK(cent_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "centroid_topk: cent, k, v must be 4-d");
@@ -773,6 +1095,8 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
   TORCH_CHECK(cent_in.scalar_type() == k_in.scalar_type() && cent_in.scalar_type() == v_in.scalar_type(),
               "centroid_topk: cent, k, v must share a dtype");
   TORCH_CHECK(t >= 1 && t <= k_in.size(2), "centroid_topk: need 1 <= t <= n_k");
+  // the selection packs a key index into 32 bits
+  TORCH_CHECK(k_in.size(2) <= std::numeric_limits<int32_t>::max(), "centroid_topk: n_k must be < 2^31");
   const auto cent = cent_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor km;
   if (key_mask.has_value() && key_mask->defined()) {
@@ -790,7 +1114,7 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
     constexpr int64_t L = kLanes<T>;
     // Scores are computed transposed, keys x centroids, so that the key rows are read in place and every
     // per-centroid reduction (max, sum) is a vector operation across centroids.
-    const int64_t Cp = round_up(C, L), ep = round_up(e, L);
+    const int64_t Cp = round_up(C, L);
     const In *pc = cent.data_ptr<In>(), *pk = k.data_ptr<In>(), *pv = v.data_ptr<In>();
     const bool* pm = km.defined() ? km.data_ptr<bool>() : nullptr;
     int64_t* ptop = top.data_ptr<int64_t>();
@@ -799,14 +1123,15 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
     at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
       // st (nk, Cp): scores, then weights; csT (d, Cp): scaled centroids transposed; kf (nk, d) and
       // vp (nk, ep): keys and values in the accumulation type where a copy is needed
-      std::vector<T> st(nk * Cp), csT(d * Cp, T(0)), kf(direct ? 0 : nk * d), vp(nk * ep, T(0)), out(C * ep);
+      std::vector<T> st(nk * Cp), csT(d * Cp, T(0)), kf(direct ? 0 : nk * d), vp(direct ? 0 : nk * e), out(C * e);
       std::vector<T> mx(Cp), sum(Cp), thr(Cp);
       std::vector<char> ok(nk);
-      std::vector<TopSet<T>> best(C, TopSet<T>(t));
+      std::vector<TopSet<T>> best(std::is_same_v<T, float> ? 0 : C, TopSet<T>(t));
+      Selection sel;
       const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
       // views of the buffers above (no copies; from_blob never owns or frees them)
       auto st_t = at::from_blob(st.data(), {nk, Cp}, opts), csT_t = at::from_blob(csT.data(), {d, Cp}, opts);
-      auto vp_t = at::from_blob(vp.data(), {nk, ep}, opts), out_t = at::from_blob(out.data(), {C, ep}, opts);
+      auto out_t = at::from_blob(out.data(), {C, e}, opts);
       for (int64_t bh = lo; bh < hi; ++bh) {
         const In* ks = pk + bh * nk * d;
         const In* vs = pv + bh * nk * e;
@@ -817,8 +1142,13 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           for (int64_t r = 0; r < nk * d; ++r) kf[r] = static_cast<T>(ks[r]);
           keys = kf.data();
         }
-        for (int64_t j = 0; j < nk; ++j)
-          for (int64_t x = 0; x < e; ++x) vp[j * ep + x] = static_cast<T>(vs[j * e + x]);
+        const T* values;  // (nk, e): BLAS reads float/double values in place
+        if constexpr (direct) {
+          values = reinterpret_cast<const T*>(vs);
+        } else {
+          for (int64_t r = 0; r < nk * e; ++r) vp[r] = static_cast<T>(vs[r]);
+          values = vp.data();
+        }
         const bool* mask = pm ? pm + (bh / H) * nk : nullptr;
         int64_t real = 0;
         for (int64_t j = 0; j < nk; ++j) {
@@ -862,48 +1192,55 @@ std::vector<at::Tensor> centroid_topk(const at::Tensor& cent_in, const at::Tenso
           }
         }
         for (int64_t c = 0; c < Cp; ++c) psum[c] = real > 0 ? T(1) / psum[c] : T(0);
-        for (int64_t j = 0; j < nk; ++j) {
-          T* __restrict row = st.data() + j * Cp;
-          for (int64_t c = 0; c < Cp; ++c) row[c] *= psum[c];
-        }
-        // top-t per centroid: a heap each. The first t keys enter every heap (even a -inf or NaN weight),
-        // so from key t on every heap is full and a key enters only above its current t-th largest, one
-        // compare per (key, centroid). Padded keys (weight 0 shifted to -1) come after every real key, as
-        // in the PyTorch path.
-        for (int64_t c = 0; c < C; ++c) best[c].clear();
-        for (int64_t j = 0; j < nk; ++j) {
-          const T* row = st.data() + j * Cp;
-          const T shift = ok[j] ? T(0) : T(1);
-          if (j < t) {
-            for (int64_t c = 0; c < C; ++c) best[c].offer(row[c] - shift, j, T(0));
-            if (j == t - 1)
-              for (int64_t c = 0; c < C; ++c) thr[c] = best[c].minimum();
-            continue;
+        if constexpr (std::is_same_v<T, float>) {
+          normalise_and_select(st.data(), ok.data(), sum, nk, C, Cp, t, sel, ptop + bh * C * t);
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            T* __restrict row = st.data() + j * Cp;
+            for (int64_t c = 0; c < Cp; ++c) row[c] *= psum[c];
+          }
+          // top-t per centroid: a heap each. The first t keys enter every heap (even a -inf or NaN weight),
+          // so from key t on every heap is full and a key enters only above its current t-th largest, one
+          // compare per (key, centroid). Padded keys (weight 0 shifted to -1) come after every real key, as
+          // in the PyTorch path.
+          for (int64_t c = 0; c < C; ++c) best[c].clear();
+          for (int64_t j = 0; j < nk; ++j) {
+            const T* row = st.data() + j * Cp;
+            const T shift = ok[j] ? T(0) : T(1);
+            if (j < t) {
+              for (int64_t c = 0; c < C; ++c) best[c].offer(row[c] - shift, j, T(0));
+              if (j == t - 1)
+                for (int64_t c = 0; c < C; ++c) thr[c] = best[c].minimum();
+              continue;
+            }
+            for (int64_t c = 0; c < C; ++c) {
+              const T value = row[c] - shift;
+              // false for NaN: a NaN counts as -inf, never above the t-th largest of t held values
+              if (value > thr[c]) thr[c] = best[c].offer(value, j, thr[c]);
+            }
           }
           for (int64_t c = 0; c < C; ++c) {
-            const T value = row[c] - shift;
-            // false for NaN: a NaN counts as -inf, never above the t-th largest of t held values
-            if (value > thr[c]) thr[c] = best[c].offer(value, j, thr[c]);
+            best[c].finish();
+            TORCH_CHECK(static_cast<int64_t>(best[c].heap.size()) == t, "centroid_topk: internal error, ",
+                        best[c].heap.size(), " of ", t, " top keys");
+            int64_t* tc = ptop + (bh * C + c) * t;
+            for (int64_t j = 0; j < t; ++j) tc[j] = best[c].heap[j].second;
           }
         }
-        for (int64_t c = 0; c < C; ++c) best[c].finish();
         for (int64_t c = 0; c < C; ++c) {
           T m = 0;
-          int64_t* tc = ptop + (bh * C + c) * t;
-          TORCH_CHECK(static_cast<int64_t>(best[c].heap.size()) == t, "centroid_topk: internal error, ",
-                      best[c].heap.size(), " of ", t, " top keys");
+          const int64_t* tc = ptop + (bh * C + c) * t;
           for (int64_t j = 0; j < t; ++j) {
-            const int64_t key = best[c].heap[j].second;
-            tc[j] = key;
+            const int64_t key = tc[j];
             m += st[key * Cp + c];
             st[key * Cp + c] = T(0);  // the rest leaves the top keys out
           }
           pmass[bh * C + c] = static_cast<In>(m);
         }
         // rest (C, ep) = weights^T (C, nk) . values (nk, ep)
-        at::mm_out(out_t, st_t.narrow(1, 0, C).t(), vp_t);
+        at::mm_out(out_t, st_t.narrow(1, 0, C).t(), at::from_blob(const_cast<T*>(values), {nk, e}, opts));
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t x = 0; x < e; ++x) prest[(bh * C + c) * e + x] = static_cast<In>(out[c * ep + x]);
+          for (int64_t x = 0; x < e; ++x) prest[(bh * C + c) * e + x] = static_cast<In>(out[c * e + x]);
       }
     });
   });
@@ -927,4 +1264,8 @@ TORCH_LIBRARY(hf_efficient_clustered_cpu, lib) {
       &clustered_topk_backward);
   lib.def("centroid_topk(Tensor cent, Tensor k, Tensor v, Tensor? key_mask, float scale, int t) -> Tensor[]",
           &centroid_topk);
+  lib.def(
+      "improved_topk(Tensor q, Tensor k, Tensor v, Tensor assign, Tensor top, Tensor? key_mask, float scale, "
+      "Tensor mass, Tensor rest) -> Tensor",
+      &improved_topk);
 }

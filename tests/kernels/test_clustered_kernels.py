@@ -14,6 +14,7 @@ import torch
 
 from hf_efficient import kernels as dispatch
 from hf_efficient.attention import clustered_attention, improved_clustered_attention
+from hf_efficient.attention.clustered import clustered_attention_reference
 from hf_efficient.attention.hashing import hamming_kmeans, hamming_kmeans_reference, pack_bits
 from hf_efficient_kernels.cpu import clustered_build_error, load_clustered_extension, loader
 
@@ -482,3 +483,144 @@ def test_kernel_arch_override(monkeypatch):
     monkeypatch.setenv(loader.ARCH_ENV, "x86-64; rm -rf /")
     with pytest.raises(ValueError, match="HF_EFFICIENT_KERNEL_ARCH"):
         loader._flag_sets()
+
+
+# --------------------------------------------------------------------------- the fast paths at working sizes
+def _hashed_codes(s, n, n_bits, seed):
+    """Codes of queries drawn around a few directions (real clusters, so the k-means converges), as bools."""
+    g = _gen(seed)
+    centres = torch.randn(6, 16, generator=g)
+    x = centres[torch.randint(0, 6, (s, n), generator=g)] + 0.7 * torch.randn(s, n, 16, generator=g)
+    planes = torch.randn(16, n_bits, generator=g)
+    return (x @ planes) > 0
+
+
+@pytest.mark.parametrize("n_bits,clusters", [(63, 100), (64, 8), (130, 37), (5, 100)])
+def test_kmeans_working_size_equals_pytorch_path_and_popcount_reference(ops, n_bits, clusters):
+    """n = 700 queries: the vector start, assignment (full and partial lanes of centres), counts and majorities."""
+    bits = _hashed_codes(3, 700, n_bits, n_bits + clusters)
+    valid = torch.ones(3, 700, dtype=torch.bool)
+    valid[1, ::5] = False
+    for iterations in (0, 1, 3, 10, 40):
+        got = ops.hamming_kmeans_op(bits, valid, clusters, iterations)
+        assert torch.equal(got, hamming_kmeans(bits, valid, clusters, iterations)), iterations
+    want = hamming_kmeans_reference(pack_bits(bits[1][valid[1]]), n_bits, clusters, 10)
+    assert torch.equal(ops.hamming_kmeans_op(bits, valid, clusters, 10)[1][valid[1]], want)
+
+
+def _lloyd_all_rounds(codes, n_bits, clusters, iterations):
+    """Lloyd's k-means of hamming_kmeans_reference without its stop at a fixed point: every round runs."""
+    from hf_efficient.attention.hashing import hamming_distance, unpack_bits
+
+    n = codes.shape[0]
+    chosen = [0]
+    far = hamming_distance(codes, codes[0][None])
+    for _ in range(1, clusters):
+        chosen.append(int(far.argmax()))
+        far = torch.minimum(far, hamming_distance(codes, codes[chosen[-1]][None]))
+    centres = codes[chosen].clone()
+    best, assign = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
+    for _ in range(iterations):
+        empty = []
+        for c in range(clusters):
+            member_bits = unpack_bits(codes[assign == c], n_bits)
+            if len(member_bits):
+                centres[c] = pack_bits(member_bits.double().mean(dim=0) > 0.5)
+            else:
+                empty.append(c)
+        farthest = sorted(range(n), key=lambda i: -int(best[i]))
+        for c, i in zip(empty, farthest):
+            if best[i] > 0:
+                centres[c] = codes[i]
+        best, assign = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
+    return assign
+
+
+def test_kmeans_stop_at_fixed_point_equals_running_every_round(ops):
+    """The kernel stops once no assignment changes; the clusters are those of running all the rounds."""
+    bits = _hashed_codes(2, 300, 63, 5)
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    codes = pack_bits(bits[0])
+    runs = [_lloyd_all_rounds(codes, 63, 20, it) for it in range(0, 31, 3)]
+    assert torch.equal(runs[-1], runs[-2]) and not torch.equal(runs[0], runs[-1]), "no fixed point reached"
+    for it, want in zip(range(0, 31, 3), runs):
+        assert torch.equal(ops.hamming_kmeans_op(bits, valid, 20, it)[0], want), it
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_centroid_topk_working_size(ops, dtype, tol):
+    """C = 100 (a partial vector of centroids), t = 32, n_k = 1030 (not a multiple of t), padded keys."""
+    b, h, c, nk, d, e, t = 1, 2, 100, 1030, 16, 8, 32
+    g = _gen(31)
+    cent, k = torch.randn(b, h, c, d, generator=g), torch.randn(b, h, nk, d, generator=g)
+    v = torch.randn(b, h, nk, e, generator=g)
+    key_mask = torch.rand(b, nk, generator=g) < 0.8
+    for mask in (None, key_mask):
+        xs = [x.to(dtype) for x in (cent, k, v)]
+        top, mass, rest = ops.centroid_topk_op(*xs, mask, 0.5, t)
+        top_r, mass_r, rest_r = centroid_formula(*(x.double() for x in xs), mask, 0.5, t)
+        torch.testing.assert_close(mass.double(), mass_r, atol=tol, rtol=tol)
+        torch.testing.assert_close(rest.double(), rest_r, atol=tol, rtol=tol)
+        if dtype == torch.float32:
+            assert torch.equal(top.sort(-1).values, top_r.sort(-1).values)
+
+
+def test_centroid_topk_ties_take_the_lowest_real_keys(ops):
+    """Identical keys give every real key the same weight: the top t are the t real keys of lowest index."""
+    b, h, c, nk, d, e, t = 1, 1, 5, 50, 4, 3, 8
+    g = _gen(32)
+    cent = torch.randn(b, h, c, d, generator=g)
+    k = torch.randn(1, 1, 1, d, generator=g).expand(b, h, nk, d).contiguous()
+    v = torch.randn(b, h, nk, e, generator=g)
+    key_mask = torch.rand(b, nk, generator=g) < 0.5
+    key_mask[0, :3] = False
+    real = key_mask[0].nonzero().flatten()
+    top, mass, rest = ops.centroid_topk_op(cent, k, v, key_mask, 0.5, t)
+    for ci in range(c):
+        assert torch.equal(top[0, 0, ci].sort().values, real[:t])
+    torch.testing.assert_close(mass.double(), torch.full((b, h, c), t / len(real), dtype=torch.float64))
+    rest_r = v[0, 0, real[t:]].double().sum(0) / len(real)  # the real keys left out, each of weight 1 / n_real
+    torch.testing.assert_close(rest.double(), rest_r.expand(b, h, c, e), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.float16, 3e-3),
+                                       (torch.bfloat16, 3e-2)])
+def test_improved_topk_combines_products_with_the_centroid_half(ops, masked, dtype, tol):
+    q, k, v, assign, top, key_mask = _topk_inputs(masked=masked, n=70, nk=50, d=16, e=8, c=3, t=32)
+    g = _gen(33)
+    mass = torch.rand(*top.shape[:3], generator=g, dtype=torch.float64)
+    rest = torch.randn(*top.shape[:3], v.shape[-1], generator=g, dtype=torch.float64)
+    xs = [x.to(dtype) for x in (q, k, v, mass, rest)]
+    out = ops.improved_topk_op(*xs[:3], assign, top, key_mask, 0.4, *xs[3:])
+    x64 = [x.double() for x in xs]
+    products = topk_formula(*x64[:3], assign, top, key_mask, 0.4)
+    idx = assign.clamp(min=0)
+    m_q = x64[3].gather(2, idx)[..., None]
+    r_q = x64[4].gather(2, idx[..., None].expand(*idx.shape, v.shape[-1]))
+    want = (m_q * products + r_q) * (assign >= 0)[..., None]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    with pytest.raises(RuntimeError, match="mass"):
+        ops.improved_topk_op(*xs[:3], assign, top, key_mask, 0.4, xs[3][:, :, :-1], xs[4])
+
+
+@pytest.mark.parametrize("n,clusters", [(7, 100), (300, 100), (300, 9)])
+def test_improved_inference_equals_loop_reference(ops, n, clusters):
+    """The inference path (k-means, centroid top-k and combined products in kernels) against the loop
+    definition, with padded queries and keys, a NaN query and a NaN key; also equal to the autograd path."""
+    g = _gen(34)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for _ in range(3))
+    q[0, 1, 3, 2] = float("nan")
+    k[1, 0, 4, 0] = float("nan")
+    qm = torch.ones(2, n, dtype=torch.bool)
+    qm[1, -2:] = False
+    km = torch.ones(2, n, dtype=torch.bool)
+    km[0, -3:] = False
+    kw = dict(clusters=clusters, topk=5, seed=0, key_padding_mask=km, query_padding_mask=qm)
+    with torch.no_grad():
+        out = improved_clustered_attention(q, k, v, **kw)
+    ref = torch.as_tensor(clustered_attention_reference(q, k, v, **kw))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+    grad_path = improved_clustered_attention(q.requires_grad_(), k, v, **kw)
+    torch.testing.assert_close(out, grad_path.detach(), atol=1e-5, rtol=1e-5, equal_nan=True)
