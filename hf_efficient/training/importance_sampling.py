@@ -10,7 +10,8 @@ Importance Sampling" (ICML 2018):
    batch and ``B - b`` more drawn from the training set), score them with one
    forward pass without gradients (in bfloat16 where the hardware multiplies bfloat16 natively,
    ``score_dtype``: only the sampling distribution changes, the weights follow it), resample
-   ``b`` of them with replacement, ``p_i`` proportional to the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
+   ``b`` of them with replacement, ``p_i`` proportional to the score, and minimise the loss
+   weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
    unbiased; a row drawn ``c`` times is trained once with weight ``c / (B p_i)`` (the same
    gradient, less work); ``tau`` is updated from the presample's scores.
 
