@@ -9,7 +9,9 @@ training loss on the 10k) then runs the other seeds. Reported per seed: the CPU 
 sampling needs to reach uniform sampling's final training loss over the time uniform needs, the
 CPU cost of an importance-sampled step over a uniform step (medians), the share of active steps,
 the distinct rows trained per active step, and curves of training loss, test error and tau
-(``results/bench_importance_sampling.json`` and ``.png``).
+(``results/bench_importance_sampling.json`` and ``.png``). Arms: ``importance`` is the trainer's
+defaults (B = 3b, the paper's tau switch, a bfloat16 scoring forward on hardware with native
+bfloat16 products); ``importance_fp32_score`` scores in float32; ``importance_presample2`` has B = 2b.
 
 Text case (``--case text``): the same protocol for a Rotten Tomatoes sentiment classifier, the MLP
 384-512-512-2 over frozen all-MiniLM-L6-v2 sentence embeddings, 10,000 train / 2,808 test snippets
@@ -55,9 +57,20 @@ from hf_efficient.benchmarking import cpu_model
 from hf_efficient.training import ImportanceSamplingConfig, ImportanceSamplingTrainer
 from hf_efficient.training.scores import cross_entropy_gradient_norm, tau_from_scores
 
-METHODS = ("uniform", "importance", "importance_eager", "constant_time", "importance_presample2")
+METHODS = (
+    "uniform",
+    "importance",
+    "importance_eager",
+    "constant_time",
+    "importance_presample2",
+    "importance_fp32_score",
+)
 METHOD_ARGS = {
-    "importance": dict(presample=3.0),  # the paper's defaults: tau_th = (B + 3b) / (3b) = 2
+    # The trainer's defaults: B = 3b, tau_th = (B + 3b) / (3b) = 2, score_dtype="auto" (a bfloat16
+    # scoring forward where the hardware multiplies bfloat16 natively, else float32).
+    "importance": dict(),
+    # The same with the scoring forward in float32 whatever the hardware: what bfloat16 scoring buys.
+    "importance_fp32_score": dict(score_dtype="model"),
     "importance_eager": dict(presample=2.0, tau_threshold=1.0),  # on as soon as the smoothed tau > 1
     "constant_time": dict(constant_time=True),  # the reference code's variant, tau_th = 2
     # B = 2b: scoring costs 2/3 of the default's, tau_th = (B + 3b) / (3b) = 5/3
@@ -466,6 +479,7 @@ def plot(results: list[dict], path: Path) -> None:
         "importance": "tab:red",
         "importance_eager": "tab:orange",
         "importance_presample2": "tab:purple",
+        "importance_fp32_score": "tab:brown",
         "constant_time": "tab:green",
     }
     for row, res in zip(axes, results, strict=True):
@@ -753,6 +767,7 @@ def plot_paper(res: dict, path: Path) -> None:
         "importance": "tab:red",
         "importance_eager": "tab:orange",
         "importance_presample2": "tab:purple",
+        "importance_fp32_score": "tab:brown",
         "constant_time": "tab:green",
     }
     for method, m in res["methods"].items():
@@ -807,13 +822,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         choices=METHODS,
         help="arms (uniform always runs); default: paper case uniform importance, short case all but "
-        "importance_presample2",
+        "importance_presample2 and importance_fp32_score",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.case in ("paper", "text"):
         return main_paper(args)
-    chosen = args.methods or [m for m in METHODS if m != "importance_presample2"]
+    chosen = args.methods or [m for m in METHODS if m not in ("importance_presample2", "importance_fp32_score")]
     methods = ("uniform", *[m for m in chosen if m != "uniform"])  # uniform sets the target
     if args.out is None:
         args.out = Path("results/bench_importance_sampling_short.json")

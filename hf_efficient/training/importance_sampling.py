@@ -8,8 +8,10 @@ Importance Sampling" (ICML 2018):
    drawn samples, this batch's included (free: they come from the training forward passes);
 2. once ``tau > tau_th``: presample ``B = presample * b`` examples uniformly (the dataloader's
    batch and ``B - b`` more drawn from the training set), score them with one
-   forward pass without gradients, resample ``b`` of them with replacement, ``p_i`` proportional to
-   the score, and minimise the loss weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
+   forward pass without gradients (in bfloat16 where the hardware multiplies bfloat16 natively,
+   ``score_dtype``: only the sampling distribution changes, the weights follow it), resample
+   ``b`` of them with replacement, ``p_i`` proportional to the score, and minimise the loss
+   weighted by ``w_i = 1 / (B p_i)``, which keeps the gradient
    unbiased; a row drawn ``c`` times is trained once with weight ``c / (B p_i)`` (the same
    gradient, less work); ``tau`` is updated from the presample's scores.
 
@@ -23,6 +25,7 @@ classification, token classification and causal LM, squared error for regression
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -48,8 +51,7 @@ from .scores import (
     cross_entropy_gradient_norm,
     cross_entropy_losses_tail_accurate,
     default_tau_threshold,
-    importance_resample,
-    merge_duplicates,
+    importance_sample,
     per_sample_losses,
     tau_from_scores,
     weighted_loss,
@@ -64,6 +66,8 @@ __all__ = [
 ]
 
 STATE_NAME = "importance_sampling_state_{rank}.json"
+#: Precisions of the scoring forward (``ImportanceSamplingConfig.score_dtype``).
+SCORE_DTYPES = ("auto", "model", "bfloat16", "float16")
 _MASK64 = (1 << 64) - 1
 
 
@@ -118,6 +122,16 @@ class ImportanceSamplingConfig(TrainingArguments):
     score_batch_size: int | None = field(
         default=None, metadata={"help": "forward batch size when scoring the presample; None = all at once."}
     )
+    score_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": f"precision of the presample's scoring forward, one of {', '.join(SCORE_DTYPES)}: 'auto' = "
+            "bfloat16 autocast for a float32 model on a device with native bfloat16 matrix products (CUDA with "
+            "bf16, a CPU with AVX512-BF16 or AMX), else the model's own; 'model' = never cast. Only the "
+            "sampling distribution is affected: the weights 1 / (B p) keep the loss unbiased, and training "
+            "runs in the model's precision."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +153,8 @@ class ImportanceSamplingConfig(TrainingArguments):
             raise ValueError(f"loss_kind must be None or one of {', '.join(LOSS_KINDS)}, got {self.loss_kind!r}")
         if self.score_batch_size is not None and self.score_batch_size < 1:
             raise ValueError(f"score_batch_size must be >= 1 or None, got {self.score_batch_size!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {self.score_dtype!r}")
         # tau = sqrt(n) ||g|| <= sqrt(n) for n scores: a threshold at or above sqrt(B) would leave
         # importance sampling off for ever without saying so (the paper's (B + 3b) / (3b) does for b = 1).
         ceiling = math.sqrt(self.presample_size)
@@ -218,6 +234,39 @@ class ImportanceSamplingCallback(TrainerCallback):
         trained batch; ``indices (m,)`` / ``weights (m,)``: the ``m`` draws (with repeats) from the
         presample and their unbiasing weights ``1 / (B p)`` (``None`` when uniform; repeated rows are
         then trained once with their weights summed); ``tau``: the smoothed estimate."""
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (faster than float32): CUDA with bf16
+    support, or a CPU with AVX512-BF16 or AMX tiles."""
+    return _native_bfloat16(device.type)
+
+
+@functools.lru_cache(maxsize=8)
+def _native_bfloat16(device_type: str) -> bool:
+    try:
+        if device_type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        if device_type == "cpu":
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch build without these checks: assume not
+        return False
+    return False
+
+
+def scoring_autocast_dtype(setting: str, model: nn.Module, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the scoring forward for ``setting`` (see ``score_dtype``), or ``None``
+    for the model's own precision."""
+    if setting == "model":
+        return None
+    if setting in ("bfloat16", "float16"):
+        return getattr(torch, setting)
+    if setting != "auto":
+        raise ValueError(f"score_dtype must be one of {', '.join(SCORE_DTYPES)}, got {setting!r}")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None or param.dtype != torch.float32 or not native_bfloat16(device):
+        return None
+    return torch.bfloat16
 
 
 @functools.lru_cache(maxsize=64)
@@ -509,7 +558,7 @@ class ImportanceSamplingTrainer(Trainer):
     @torch.no_grad()
     def score_samples(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """Importance scores ``(batch,)`` of a prepared batch, in eval mode (no dropout noise, no
-        batch-norm statistics updates), by ``args.score``."""
+        batch-norm statistics updates), by ``args.score``; the forward runs in ``args.score_dtype``."""
         unwrapped = self._unwrapped(model)
         labels = self._labels(inputs)
         was_training = unwrapped.training
@@ -521,13 +570,20 @@ class ImportanceSamplingTrainer(Trainer):
                 return self._exact_gradient_norms(model, inputs, self._loss_kind(model, logits, labels))
             chunk = self.args.score_batch_size or n
             scores = []
+            dtype = scoring_autocast_dtype(self.args.score_dtype, unwrapped, labels.device)
             for start in range(0, n, chunk):
                 part = (
                     inputs
                     if chunk >= n
                     else self._rows(inputs, torch.arange(start, min(start + chunk, n), device=labels.device))
                 )
-                logits = self._logits(unwrapped(**self._model_inputs(model, part)))
+                cast = (
+                    torch.autocast(device_type=labels.device.type, dtype=dtype)
+                    if dtype is not None
+                    else contextlib.nullcontext()
+                )
+                with cast:
+                    logits = self._logits(unwrapped(**self._model_inputs(model, part)))
                 kind = self._loss_kind(model, logits, part["labels"])
                 scores.append(self._scores_from_logits(logits, part["labels"], kind).float())
             return scores[0] if len(scores) == 1 else torch.cat(scores)
@@ -543,20 +599,22 @@ class ImportanceSamplingTrainer(Trainer):
             for k, v in inputs.items()
         }
 
-    def _update_tau(self, scores: torch.Tensor, presample: bool) -> None:
+    def _update_tau(self, scores: torch.Tensor, presample: bool, tau: float | None = None) -> None:
         """Update tau from the latest ``B = args.presample_size`` uniformly drawn scores: a presample's
         own, or the uniform batches' pooled over the last steps (tau from ``b`` scores alone would be
-        biased low, and exactly 1 for ``b = 1``)."""
+        biased low, and exactly 1 for ``b = 1``). ``tau``: that of a whole presample, when known."""
         state, m = self.is_state, self.args.tau_smoothing
         window = self.args.presample_size
         latest = scores.detach().double().flatten()
         if presample or latest.numel() >= window:
             window_scores = latest[-window:]
             state.recent_scores = window_scores.tolist()
+            if tau is not None and window_scores.numel() != latest.numel():
+                tau = None  # not the scores that tau was computed from
         else:
             state.recent_scores = (state.recent_scores + latest.tolist())[-window:]
             window_scores = torch.tensor(state.recent_scores, dtype=torch.float64)
-        state.last_tau = tau_from_scores(window_scores)
+        state.last_tau = tau_from_scores(window_scores) if tau is None else tau
         state.tau = m * state.tau + (1.0 - m) * state.last_tau
 
     def _notify_scores(self, **payload: Any) -> None:
@@ -635,11 +693,11 @@ class ImportanceSamplingTrainer(Trainer):
         presample = self._draw_presample(presample_size, inputs)
         presample_size = int(presample["labels"].shape[0])  # the last loader batch of an epoch may be short
         scores = self.score_samples(model, presample)
-        self._update_tau(scores, presample=True)
-        draws, draw_weights, _ = importance_resample(scores, trained_size, generator=self.is_generator)
-        draws = draws.to(scores.device)
-        # Rows drawn several times are trained once with their weights summed: the same gradient.
-        index, weights = merge_duplicates(draws, draw_weights)
+        # One host read for tau, the draws and their weights. Rows drawn several times are trained
+        # once with their weights summed: the same gradient, less work.
+        drawn = importance_sample(scores, trained_size, generator=self.is_generator)
+        self._update_tau(scores, presample=True, tau=drawn.tau)
+        index, weights, draws, draw_weights = drawn.index, drawn.weights, drawn.draws, drawn.draw_weights
         batch = self._rows(presample, index)
         labels = batch["labels"]
         outputs = model(**self._model_inputs(model, batch))

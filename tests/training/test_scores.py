@@ -14,6 +14,7 @@ from hf_efficient.training.scores import (
     cross_entropy_losses_tail_accurate,
     default_tau_threshold,
     importance_resample,
+    importance_sample,
     merge_duplicates,
     per_sample_losses,
     tau_from_scores,
@@ -238,3 +239,37 @@ def test_tau_and_weights_for_tiny_and_spread_scores_match_float64_literals():
             tau_from_scores(spoiled)
         with pytest.raises(ValueError, match="finite and non-negative"):
             importance_resample(spoiled, 4)
+
+
+@pytest.mark.parametrize("case", ["spread", "concentrated", "tiny", "huge", "zeros", "one_positive"])
+def test_fused_importance_sample_equals_the_separate_references(case):
+    """importance_sample = importance_resample + merge_duplicates + tau_from_scores, from the same
+    generator state: the same draws and weights, the same merged rows, the same tau."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.rand(96, generator=g, dtype=torch.float64)
+    scores = {
+        "spread": base,
+        "concentrated": torch.cat([torch.tensor([40.0, 25.0], dtype=torch.float64), base * 1e-3]),
+        "tiny": base * 1e-200,
+        "huge": base * 1e200,
+        "zeros": torch.zeros(96, dtype=torch.float64),
+        "one_positive": torch.zeros(96, dtype=torch.float64).index_fill_(0, torch.tensor([17]), 3.0),
+    }[case]
+    want_draws, want_w, want_p = importance_resample(scores, 128, generator=torch.Generator().manual_seed(5))
+    got = importance_sample(scores, 128, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got.draws, want_draws)
+    torch.testing.assert_close(got.draw_weights, want_w, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(got.p, want_p, rtol=0.0, atol=0.0)
+    want_index, want_merged = merge_duplicates(want_draws, want_w)
+    assert torch.equal(got.index, want_index)
+    torch.testing.assert_close(got.weights, want_merged, rtol=1e-13, atol=0.0)
+    assert got.tau == pytest.approx(tau_from_scores(scores), rel=1e-12)
+    if case == "one_positive":
+        assert got.index.tolist() == [17] and got.tau == pytest.approx(math.sqrt(96))
+    with pytest.raises(ValueError, match="num_samples"):
+        importance_sample(scores, 0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        spoiled = scores.clone()
+        spoiled[3] = bad
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            importance_sample(spoiled, 4)

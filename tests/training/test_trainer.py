@@ -41,7 +41,10 @@ COMMON = dict(report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
 
 
 def _args(tmp_path, cls=ImportanceSamplingConfig, **kw):
-    return cls(output_dir=str(tmp_path), **{**COMMON, **kw})
+    # Scoring in the model's precision: the references below are float32/float64 on every machine
+    # (score_dtype="auto" would score in bfloat16 on hardware with native bfloat16 products).
+    precision = {"score_dtype": "model"} if issubclass(cls, ImportanceSamplingConfig) else {}
+    return cls(output_dir=str(tmp_path), **{**COMMON, **precision, **kw})
 
 
 def _model(cls=TinyClassifier, seed=0, **cfg):
@@ -401,17 +404,16 @@ def _exact_is_expectation(trainer, model, cases, b, monkeypatch):
     (weighted by the product of their p)."""
     import itertools
 
-    import hf_efficient.training.importance_sampling as module
+    import hf_efficient.training.scores as module
 
     state = {}
 
-    def enumerated_resample(scores, num_samples, generator=None):
-        p = scores.detach().double() / scores.double().sum()
+    def enumerated_draws(p, num_samples, generator=None):
         state["p"] = p
-        idx = torch.tensor(state["draws"])
-        return idx, 1.0 / (p.numel() * p[idx]), p
+        assert num_samples == len(state["draws"])
+        return torch.tensor(state["draws"])
 
-    monkeypatch.setattr(module, "importance_resample", enumerated_resample)
+    monkeypatch.setattr(module, "draw_indices", enumerated_draws)
     expectation = None
     for probability, loader_rows, extra_rows in cases:
         loader_batch = trainer.data_collator([trainer.train_dataset[i] for i in loader_rows])
@@ -613,3 +615,67 @@ def test_presample_with_a_padding_collator_is_drawn_whole(tmp_path):
         assert presample["input_ids"].shape[0] == 6
         assert presample["input_ids"].shape[1] == max((presample["labels"] != -100).sum(1).tolist())
         assert set((presample["labels"] != -100).sum(1).tolist()) <= lengths
+
+
+def test_score_dtype_resolution(tmp_path, monkeypatch):
+    """'auto' casts the scoring forward to bfloat16 only for a float32 model on hardware with native
+    bfloat16 products; 'model' never casts; an unknown setting is refused by name."""
+    import hf_efficient.training.importance_sampling as module
+
+    model = _model()
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(module, "native_bfloat16", lambda device, native=native: native)
+        assert module.scoring_autocast_dtype("auto", model, cpu) == (torch.bfloat16 if native else None)
+        assert module.scoring_autocast_dtype("auto", _model().double(), cpu) is None
+        assert module.scoring_autocast_dtype("model", model, cpu) is None
+        assert module.scoring_autocast_dtype("bfloat16", model, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="score_dtype must be one of auto, model, bfloat16, float16"):
+        _args(tmp_path, score_dtype="bf16")
+
+
+def test_bfloat16_scoring_runs_in_bfloat16_and_stays_close(tmp_path):
+    """score_dtype='bfloat16': the presample's forward runs in bfloat16 (its logits are bfloat16), the
+    scores stay within bfloat16 rounding of the float32 scores, and training stays in float32."""
+    data = make_classification_data(32, seed=3)
+    model = _model(seed=2)
+    seen = []
+    model.register_forward_hook(lambda m, i, out: seen.append(out.logits.dtype))
+    trainer = ImportanceSamplingTrainer(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=4, score_dtype="bfloat16"), train_dataset=data
+    )
+    batch = trainer.data_collator(data)
+    got = trainer.score_samples(model, batch)
+    assert seen == [torch.bfloat16] and got.dtype == torch.float32
+    with torch.no_grad():
+        want = cross_entropy_gradient_norm(model(batch["x"]).logits, batch["labels"], "classification")
+    torch.testing.assert_close(got, want, rtol=0.05, atol=1e-3)
+    assert not torch.equal(got, want)  # it did score in another precision
+    seen.clear()
+    trainer.is_state.tau = 1e9
+    trainer.compute_loss(model, batch).backward()
+    assert seen == [torch.bfloat16, torch.float32]  # scoring, then the trained rows in float32
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_exact_expectation_with_bfloat16_scores_is_the_full_gradient(tmp_path, monkeypatch):
+    """With bfloat16 scores the sampling distribution changes but the weights 1 / (B p) follow it: the
+    exact expectation over every loader batch, drawn rows and draws is still the full-set gradient
+    (float32 model, so to float32 rounding)."""
+    import itertools
+
+    data = make_classification_data(6, seed=8)
+    model = _model(seed=3)
+    with torch.no_grad():
+        model.fc2.weight.mul_(6.0)
+    args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0, score_dtype="bfloat16")
+    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
+    model.train()
+    pairs = list(itertools.combinations(range(6), 2))
+    cases = [(1.0 / len(pairs) ** 2, d, e) for d in pairs for e in pairs]
+    expectation = _exact_is_expectation(trainer, model, cases, 2, monkeypatch)
+    model.zero_grad()
+    full = trainer.data_collator(data)
+    F.cross_entropy(model(full["x"]).logits, full["labels"]).backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(expectation.float(), exact, rtol=2e-5, atol=1e-6)
