@@ -54,7 +54,7 @@ from hf_efficient.vision import (
 # without it a uniform attention map almost never puts a patch on a digit of a 1500x1500 canvas
 PAPER_RECIPE = {
     "canvas": 1500, "train_size": 5000, "test_size": 1000, "low_res_scale": 0.12, "patch_size": 50,
-    "num_patches": 10, "warmup_steps": 800, "warmup_lr": 3e-3, "lr": 1e-3, "max_steps": 1500,
+    "num_patches": 10, "warmup_steps": 300, "warmup_lr": 3e-3, "lr": 1e-3, "max_steps": 550,
     "eval_every": 100, "eval_size": 200, "seeds": [0],
 }
 
@@ -148,8 +148,10 @@ def save_overlay(first: dict, config: AttentionSamplingConfig, path: Path, count
     from matplotlib.patches import Rectangle
 
     out = first["out"]
-    count = min(count, len(first["rows"]))
-    fig, axes = plt.subplots(1, count, figsize=(4 * count, 4.3))
+    large = np.asarray(first["rows"][0]["image"]).shape[0] > 512
+    count = min(2 if large else count, len(first["rows"]))
+    inches = 8 if large else 4  # at 1500x1500 a 28-pixel digit needs about 8 inches per panel to show
+    fig, axes = plt.subplots(1, count, figsize=(inches * count, inches + 0.3))
     axes = np.atleast_1d(axes)
     ph, pw = config.patch_size
     for k in range(count):
@@ -212,6 +214,30 @@ def train_stage(model, processor, train, args, seed: int, stage: str, max_steps:
         }
 
 
+def save_curve(points: list[dict], path: Path) -> None:
+    """Test error and attention mass on digits against training CPU time, one line per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for stage, style in (("warmup", "--"), ("main", "-")):
+        pts = [p for p in points if p["stage"] == stage]
+        if pts:
+            cpu = [p["train_cpu_seconds"] / 60 for p in pts]
+            ax.plot(cpu, [p["test_error"] for p in pts], "o" + style, color="C0",
+                    label=f"test error ({stage})")
+            ax.plot(cpu, [p["attention_on_digits"] for p in pts], "s" + style, color="C1",
+                    label=f"attention mass on digits ({stage})")
+    ax.set_xlabel("training CPU minutes (one thread)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
     torch.manual_seed(seed)
     config = AttentionSamplingConfig(
@@ -251,6 +277,8 @@ def run_seed(seed: int, args, train, test, out_dir: Path) -> dict:
     error, mass, first = evaluate(model, processor, test, 100, seed)
     eval_cpu_seconds = time.process_time() - t0
     save_overlay(first, config, out_dir / f"attention_sampling_overlay_seed{seed}.png")
+    if curve.points:
+        save_curve(curve.points, out_dir / f"attention_sampling_curve_seed{seed}.png")
     # how often a sampled patch centre falls inside a digit box: did the attention find the digits?
     hits = []
     for k, row in enumerate(first["rows"]):
