@@ -8,6 +8,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "attention_sampling": ["AttentionSamplingConfig", "AttentionSamplingForImageClassification",
                                "AttentionSamplingImageProcessor", "AttentionSamplingOutput", "TiledTiffReader"],
-        "megamnist": ["load_megamnist", "make_megamnist", "write_megamnist"],
+        "megamnist": ["attention_on_digits", "load_megamnist", "make_megamnist", "write_megamnist"],
     },
 )

@@ -18,8 +18,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 DIGIT = 28
 _POOL_SEED = 1234  # fixed: the train/test digit pools must not depend on the sample seed
@@ -167,6 +171,7 @@ def make_megamnist(
     num_target: int = 3,
     num_noise_lines: int | None = None,
     test_fraction: float = 0.2,
+    num_noise_patterns: int = 0,
 ):
     """Generate megaNIST as a ``datasets.Dataset``.
 
@@ -181,6 +186,8 @@ def make_megamnist(
         num_noise_lines: scribbles per image; defaults to ``10 * (canvas_size / 256) ** 2`` (a
             constant density).
         test_fraction: share of the 5,000 MNIST digits kept for the test pool.
+        num_noise_patterns: digit-sized noise patterns (two crossing strokes, as in
+            :func:`write_megamnist`) per image, in boxes disjoint from the digits'; 0 by default.
 
     Returns:
         ``datasets.Dataset`` with ``image`` (uint8 ``(canvas_size, canvas_size)``), ``label`` (int,
@@ -197,6 +204,7 @@ def make_megamnist(
     if num_noise_lines is None:
         num_noise_lines = int(round(10 * (canvas_size / 256) ** 2))
     _check_count("make_megamnist", "num_noise_lines", num_noise_lines)
+    _check_count("make_megamnist", "num_noise_patterns", num_noise_patterns)
     digits, by_class = _pool("make_megamnist", split, test_fraction)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
 
@@ -204,7 +212,9 @@ def make_megamnist(
     labels = np.zeros(num_samples, dtype=np.int64)
     boxes = np.zeros((num_samples, num_digits, 3), dtype=np.int64)
     for i in range(num_samples):
-        labels[i], boxes[i] = _render(images[i], rng, digits, by_class, num_digits, num_target, num_noise_lines, 0)
+        labels[i], boxes[i] = _render(
+            images[i], rng, digits, by_class, num_digits, num_target, num_noise_lines, num_noise_patterns
+        )
 
     features = datasets.Features(
         {
@@ -458,3 +468,36 @@ def load_megamnist(path: str | os.PathLike, split: str = "train", streaming: boo
             f"data/{split}-*.parquet, as written by write_megamnist)"
         )
     return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=streaming)
+
+
+def attention_on_digits(
+    attention_map: torch.Tensor, digit_boxes: torch.Tensor, image_sizes: torch.Tensor,
+    low_res_sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Share of each image's attention mass on cells whose centre lies inside a digit box.
+
+    A diagnostic for training: a uniform map puts about ``num_digits * 28**2 / canvas**2`` of its mass
+    on the digits (0.17% at 1500x1500), a map that has found them puts most of it there.
+
+    Args:
+        attention_map: ``(batch, h, w)`` attention distributions (``AttentionSamplingOutput.attention_map``).
+        digit_boxes: ``(batch, k, 2 or 3)`` top-left ``(row, col[, class])`` of each 28x28 digit.
+        image_sizes: ``(batch, 2)`` full-resolution ``(height, width)``.
+        low_res_sizes: ``(batch, 2)`` valid part of the map when the view was padded (the processor's
+            ``low_res_sizes``, scaled to the map if it is smaller); None: the whole map is valid.
+
+    Returns:
+        ``(batch,)`` float mass in ``[0, 1]``.
+    """
+    import torch
+
+    b, h, w = attention_map.shape
+    valid = torch.tensor([[h, w]]).expand(b, 2) if low_res_sizes is None else low_res_sizes
+    cell = image_sizes.double() / valid.double()  # (batch, 2) full-resolution pixels per cell
+    centre_r = (torch.arange(h, dtype=torch.float64)[None] + 0.5) * cell[:, 0, None]  # (batch, h)
+    centre_c = (torch.arange(w, dtype=torch.float64)[None] + 0.5) * cell[:, 1, None]  # (batch, w)
+    top, left = digit_boxes[..., 0].double(), digit_boxes[..., 1].double()  # (batch, k)
+    in_r = (centre_r[:, None, :] >= top[..., None]) & (centre_r[:, None, :] < top[..., None] + DIGIT)  # (b, k, h)
+    in_c = (centre_c[:, None, :] >= left[..., None]) & (centre_c[:, None, :] < left[..., None] + DIGIT)  # (b, k, w)
+    inside = (in_r[..., :, None] & in_c[..., None, :]).any(dim=1)  # (batch, h, w)
+    return (attention_map.double() * inside).sum(dim=(1, 2)).to(attention_map.dtype)

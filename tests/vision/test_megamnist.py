@@ -161,3 +161,70 @@ def test_an_existing_folder_is_never_overwritten(mnist, tmp_path):
         write_megamnist(tmp_path / "y", canvas_size=256, num_noise_patterns=40)
     with pytest.raises(ValueError, match="shard_size"):
         write_megamnist(tmp_path / "z", shard_size=0)
+
+
+def _outside_digits(row) -> np.ndarray:
+    """The image with its digit boxes blanked: what is left is noise."""
+    image = np.array(row["image"])
+    for r, c, _ in row["digit_boxes"]:
+        image[r : r + 28, c : c + 28] = 0
+    return image
+
+
+@pytest.mark.parametrize("patterns", [0, 1, 6])
+def test_in_memory_noise_patterns_sit_outside_the_digits(mnist, patterns):
+    ds = make_megamnist(4, canvas_size=256, seed=5, num_noise_lines=0, num_noise_patterns=patterns)
+    train_digits, _ = _digit_pools(0.2)["train"]
+    for row in ds:
+        for r, c, _ in row["digit_boxes"]:  # patterns never touch a digit: each crop is one pool digit
+            assert (train_digits == row["image"][r : r + 28, c : c + 28]).all(axis=(1, 2)).any()
+        ink = _outside_digits(row)
+        # each pattern is two full-brightness strokes inside its own 28x28 box
+        assert set(np.unique(ink).tolist()) <= {0, 255}
+        assert (0 < (ink > 0).sum() <= patterns * 28 * 28) if patterns else not ink.any()
+
+
+def test_in_memory_noise_patterns_default_off_and_checked(mnist):
+    a = make_megamnist(2, canvas_size=256, seed=9)
+    b = make_megamnist(2, canvas_size=256, seed=9, num_noise_patterns=0)
+    assert np.array_equal(a["image"], b["image"])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_noise_patterns"):
+            make_megamnist(1, canvas_size=256, num_noise_patterns=bad)
+
+
+def _mass_on_digits_loop(attention, boxes, image_size, valid):
+    """Naive reference: visit every valid cell, test its centre against every box."""
+    h, w = valid
+    cell_h, cell_w = image_size[0] / h, image_size[1] / w
+    total = 0.0
+    for i in range(attention.shape[0]):
+        for j in range(attention.shape[1]):
+            cr, cc = (i + 0.5) * cell_h, (j + 0.5) * cell_w
+            if any(r <= cr < r + 28 and c <= cc < c + 28 for r, c in boxes):
+                total += float(attention[i, j])
+    return total
+
+
+def test_attention_on_digits_matches_a_loop():
+    import torch
+
+    from hf_efficient.vision import attention_on_digits
+
+    gen = torch.Generator().manual_seed(0)
+    b, h, w = 3, 23, 19
+    attention = torch.rand(b, h, w, generator=gen, dtype=torch.float64)
+    attention /= attention.sum(dim=(1, 2), keepdim=True)
+    boxes = torch.randint(0, 280, (b, 5, 3), generator=gen)
+    sizes = torch.tensor([[300, 250], [300, 250], [310, 260]])
+    low = torch.tensor([[23, 19], [20, 17], [23, 19]])  # the second map is padded
+    got = attention_on_digits(attention, boxes, sizes, low)
+    for k in range(b):
+        expected = _mass_on_digits_loop(attention[k], boxes[k, :, :2].tolist(), sizes[k].tolist(), low[k].tolist())
+        assert got[k].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # a map all on one digit's cell gives 1, a map off every digit gives 0
+    one = torch.zeros(1, 10, 10, dtype=torch.float64)
+    one[0, 2, 3] = 1.0  # cell centre (25, 35) with 10-pixel cells
+    box = torch.tensor([[[20, 30]]])
+    assert attention_on_digits(one, box, torch.tensor([[100, 100]])).item() == 1.0
+    assert attention_on_digits(one, torch.tensor([[[60, 60]]]), torch.tensor([[100, 100]])).item() == 0.0
