@@ -289,11 +289,14 @@ def _nearest(signs: torch.Tensor, centres: torch.Tensor, block: int = 1 << 18) -
     return out, best
 
 
-def hamming_kmeans_reference(codes: torch.Tensor, n_bits: int, clusters: int, iterations: int) -> torch.Tensor:
+def hamming_kmeans_reference(
+    codes: torch.Tensor, n_bits: int, clusters: int, iterations: int, stop_at_fixed_point: bool = True
+) -> torch.Tensor:
     """Lloyd's k-means on the packed codes of one sequence's real queries, loops and popcounts.
 
     ``codes``: int64 ``(n, W)`` -> int64 ``(n,)`` clusters. Same start, re-seeding, tie rules and
-    stopping as :func:`hamming_kmeans`.
+    stopping as :func:`hamming_kmeans`; ``stop_at_fixed_point=False`` runs every round instead (the
+    clusters must be the same: a test of the stop).
     """
     n = codes.shape[0]
     if n <= clusters:
@@ -318,7 +321,7 @@ def hamming_kmeans_reference(codes: torch.Tensor, n_bits: int, clusters: int, it
             if best[i] > 0:
                 centres[c] = codes[i]
         best, new = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
-        if torch.equal(new, assign):
+        if stop_at_fixed_point and torch.equal(new, assign):
             break
         assign = new
     return assign

@@ -508,40 +508,12 @@ def test_kmeans_working_size_equals_pytorch_path_and_popcount_reference(ops, n_b
     assert torch.equal(ops.hamming_kmeans_op(bits, valid, clusters, 10)[1][valid[1]], want)
 
 
-def _lloyd_all_rounds(codes, n_bits, clusters, iterations):
-    """Lloyd's k-means of hamming_kmeans_reference without its stop at a fixed point: every round runs."""
-    from hf_efficient.attention.hashing import hamming_distance, unpack_bits
-
-    n = codes.shape[0]
-    chosen = [0]
-    far = hamming_distance(codes, codes[0][None])
-    for _ in range(1, clusters):
-        chosen.append(int(far.argmax()))
-        far = torch.minimum(far, hamming_distance(codes, codes[chosen[-1]][None]))
-    centres = codes[chosen].clone()
-    best, assign = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
-    for _ in range(iterations):
-        empty = []
-        for c in range(clusters):
-            member_bits = unpack_bits(codes[assign == c], n_bits)
-            if len(member_bits):
-                centres[c] = pack_bits(member_bits.double().mean(dim=0) > 0.5)
-            else:
-                empty.append(c)
-        farthest = sorted(range(n), key=lambda i: -int(best[i]))
-        for c, i in zip(empty, farthest):
-            if best[i] > 0:
-                centres[c] = codes[i]
-        best, assign = hamming_distance(codes[:, None, :], centres[None, :, :]).min(dim=1)
-    return assign
-
-
 def test_kmeans_stop_at_fixed_point_equals_running_every_round(ops):
     """The kernel stops once no assignment changes; the clusters are those of running all the rounds."""
     bits = _hashed_codes(2, 300, 63, 5)
     valid = torch.ones(2, 300, dtype=torch.bool)
     codes = pack_bits(bits[0])
-    runs = [_lloyd_all_rounds(codes, 63, 20, it) for it in range(0, 31, 3)]
+    runs = [hamming_kmeans_reference(codes, 63, 20, it, stop_at_fixed_point=False) for it in range(0, 31, 3)]
     assert torch.equal(runs[-1], runs[-2]) and not torch.equal(runs[0], runs[-1]), "no fixed point reached"
     for it, want in zip(range(0, 31, 3), runs):
         assert torch.equal(ops.hamming_kmeans_op(bits, valid, 20, it)[0], want), it
