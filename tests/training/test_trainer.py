@@ -429,18 +429,26 @@ def _exact_is_expectation(trainer, model, cases, b, monkeypatch):
     return expectation
 
 
-def test_exact_expectation_of_the_importance_sampled_gradient_is_the_full_gradient(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "model_dtype,score_dtype,rtol,atol",
+    [(torch.float64, "model", 1e-10, 1e-12), (torch.float32, "bfloat16", 2e-5, 1e-6)],
+    ids=["float64", "bfloat16-scores"],
+)
+def test_exact_expectation_of_the_importance_sampled_gradient_is_the_full_gradient(
+    tmp_path, monkeypatch, model_dtype, score_dtype, rtol, atol
+):
     """Enumerable: 6 examples, b = 2, B = 4: every loader batch (all 15 pairs, as a shuffled
     dataloader gives), every pair of extra rows the trainer draws (all 15, overlaps with the loader
     batch included) and every ordered pair of draws from the presample. The exact expectation of the
-    weighted gradient equals the full-set mean gradient, to float64 rounding."""
+    weighted gradient equals the full-set mean gradient, to the model's rounding. With bfloat16 scores
+    the sampling distribution changes but the weights 1 / (B p) follow it, so the same holds."""
     import itertools
 
-    data = [{"x": e["x"].double(), "labels": e["labels"]} for e in make_classification_data(6, seed=8)]
-    model = _model(seed=3).double()
+    data = [{"x": e["x"].to(model_dtype), "labels": e["labels"]} for e in make_classification_data(6, seed=8)]
+    model = _model(seed=3).to(model_dtype)
     with torch.no_grad():
         model.fc2.weight.mul_(6.0)  # confident on some rows, wrong on others: very unequal scores
-    args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0)
+    args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0, score_dtype=score_dtype)
     trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
     model.train()
     pairs = list(itertools.combinations(range(6), 2))
@@ -450,7 +458,7 @@ def test_exact_expectation_of_the_importance_sampled_gradient_is_the_full_gradie
     full = trainer.data_collator(data)
     F.cross_entropy(model(full["x"]).logits, full["labels"]).backward()
     exact = torch.cat([p.grad.flatten() for p in model.parameters()])
-    torch.testing.assert_close(expectation, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(expectation.to(model_dtype), exact, rtol=rtol, atol=atol)
     # The sampler is not uniform: the check has teeth (uniform weights would give another mean).
     scores = trainer.score_samples(model, full)
     assert float(scores.max() / scores.min()) > 2.0
@@ -656,26 +664,3 @@ def test_bfloat16_scoring_runs_in_bfloat16_and_stays_close(tmp_path):
     trainer.compute_loss(model, batch).backward()
     assert seen == [torch.bfloat16, torch.float32]  # scoring, then the trained rows in float32
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-
-
-def test_exact_expectation_with_bfloat16_scores_is_the_full_gradient(tmp_path, monkeypatch):
-    """With bfloat16 scores the sampling distribution changes but the weights 1 / (B p) follow it: the
-    exact expectation over every loader batch, drawn rows and draws is still the full-set gradient
-    (float32 model, so to float32 rounding)."""
-    import itertools
-
-    data = make_classification_data(6, seed=8)
-    model = _model(seed=3)
-    with torch.no_grad():
-        model.fc2.weight.mul_(6.0)
-    args = _args(tmp_path, per_device_train_batch_size=2, presample=2.0, score_dtype="bfloat16")
-    trainer = ImportanceSamplingTrainer(model=model, args=args, train_dataset=data)
-    model.train()
-    pairs = list(itertools.combinations(range(6), 2))
-    cases = [(1.0 / len(pairs) ** 2, d, e) for d in pairs for e in pairs]
-    expectation = _exact_is_expectation(trainer, model, cases, 2, monkeypatch)
-    model.zero_grad()
-    full = trainer.data_collator(data)
-    F.cross_entropy(model(full["x"]).logits, full["labels"]).backward()
-    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
-    torch.testing.assert_close(expectation.float(), exact, rtol=2e-5, atol=1e-6)
