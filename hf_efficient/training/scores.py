@@ -211,9 +211,7 @@ def importance_resample(
     if not ok:
         raise ValueError("importance scores must be finite and non-negative")
     p = scores / total if total_value > 0 else torch.full_like(scores, 1.0 / n)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    indices = torch.multinomial(p.to(gen_device), num_samples, replacement=True, generator=generator)
-    indices = indices.to(scores.device)
+    indices = draw_indices(p, num_samples, generator)
     weights = (p[indices] * n).reciprocal_()
     return indices, weights, p
 
@@ -272,7 +270,7 @@ def importance_sample(
     if not ok:
         raise ValueError("importance scores must be finite and non-negative")
     if total_value > 0:
-        tau = 1.0 / math.sqrt(max(1.0 / (n * sum_sq), 1e-12))
+        tau = 1.0 / math.sqrt(max(1.0 / (n * sum_sq), 1e-12))  # as tau_from_scores, with p already normalised
     else:  # nothing to prefer: uniform draws, tau = 1
         p, tau = torch.full_like(scores, 1.0 / n), 1.0
     draws = draw_indices(p, num_samples, generator)
