@@ -192,6 +192,13 @@ def default_tau_threshold(presample_size: int, batch_size: int, backward_cost: f
     return (presample_size + step) / step
 
 
+def _check_draw(scores: torch.Tensor, num_samples: int) -> None:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if scores.numel() == 0:
+        raise ValueError("importance scores are empty: at least one scored sample is needed to draw from")
+
+
 def importance_resample(
     scores: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,8 +209,7 @@ def importance_resample(
     so that ``mean_k w_k f(x_{i_k})`` is an unbiased estimate of ``mean_i f(x_i)`` over the presample.
     """
     scores = scores.detach().double().flatten()
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_draw(scores, num_samples)
     n = scores.numel()
     total = scores.sum()
     valid = ((scores >= 0) & (scores < math.inf)).all()
@@ -260,8 +266,7 @@ def importance_sample(
     :func:`merge_duplicates` (counted with ``bincount``, not sorted), and ``tau = sqrt(B ||p||^2)``
     (``p`` lies in [0, 1], so no rescaling is needed for extreme scores)."""
     scores = scores.detach().double().flatten()
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    _check_draw(scores, num_samples)
     n = scores.numel()
     total = scores.sum()
     valid = ((scores >= 0) & (scores < math.inf)).all()

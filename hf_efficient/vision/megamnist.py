@@ -491,7 +491,16 @@ def attention_on_digits(
     """
     import torch
 
+    if attention_map.dim() != 3:
+        raise ValueError(f"attention_on_digits: attention_map must be (batch, h, w), got {tuple(attention_map.shape)}")
     b, h, w = attention_map.shape
+    if digit_boxes.dim() != 3 or digit_boxes.shape[0] != b or digit_boxes.shape[2] not in (2, 3):
+        raise ValueError(
+            f"attention_on_digits: digit_boxes must be (batch={b}, k, 2 or 3), got {tuple(digit_boxes.shape)}"
+        )
+    for name, sizes in (("image_sizes", image_sizes), ("low_res_sizes", low_res_sizes)):
+        if sizes is not None and tuple(sizes.shape) != (b, 2):
+            raise ValueError(f"attention_on_digits: {name} must be (batch={b}, 2), got {tuple(sizes.shape)}")
     valid = torch.tensor([[h, w]]).expand(b, 2) if low_res_sizes is None else low_res_sizes
     cell = image_sizes.double() / valid.double()  # (batch, 2) full-resolution pixels per cell
     centre_r = (torch.arange(h, dtype=torch.float64)[None] + 0.5) * cell[:, 0, None]  # (batch, h)
