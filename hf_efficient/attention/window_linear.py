@@ -165,6 +165,7 @@ def window_linear_attention(
         vf = torch.cat([state.values.to(dtype), vf], dim=2)
         mask = torch.cat([state.mask, mask], dim=1)
         init = state.linear.packed().to(dtype) if state.linear is not None else None
+    vf = vf.masked_fill(~mask[:, None, :, None], 0.0)  # a padded key's value: 0 * NaN would still be NaN
     n = kf.shape[2]
     front = n - t  # buffered keys precede the new queries
     if t == 0:  # an empty sequence and no state: nothing seen, nothing to carry
@@ -175,7 +176,8 @@ def window_linear_attention(
 
     q_map, k_map = resolve_feature_maps(feature_map, d, h)
     phi_q = q_map(qf).to(dtype)
-    phi_k = k_map(kf).to(dtype) * mask[:, None, :, None].to(dtype)
+    # padded keys are zeroed, not multiplied by 0: a NaN under the mask must change nothing (as softmax confines it)
+    phi_k = k_map(kf).to(dtype).masked_fill(~mask[:, None, :, None], 0.0)
     if phi_q.shape[-1] != phi_k.shape[-1]:
         raise ValueError(f"{_NAME}: query and key feature maps give different sizes "
                          f"({phi_q.shape[-1]} vs {phi_k.shape[-1]})")
@@ -244,8 +246,9 @@ def _step(q, qf, kf, vf, mask, init, feature_map, window, scale, eps, return_sta
         return out
     packed = init
     if n > window - 1:  # the oldest key leaves the window: fold it into the state
-        phi_old = k_map(kf[:, :, :1]).to(kf.dtype) * mask[:, None, :1, None].to(kf.dtype)
-        add = torch.matmul(phi_old.transpose(-1, -2), _with_ones(vf[:, :, :1]))
+        gone = ~mask[:, None, :1, None]
+        phi_old = k_map(kf[:, :, :1]).to(kf.dtype).masked_fill(gone, 0.0)
+        add = torch.matmul(phi_old.transpose(-1, -2), _with_ones(vf[:, :, :1].masked_fill(gone, 0.0)))
         packed = add if packed is None else packed + add
     linear = LinearAttentionState.unpack(packed) if packed is not None else None
     keep = slice(max(0, n - (window - 1)), n)
