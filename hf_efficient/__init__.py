@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __getattr__, __dir__, _lazy_all = lazy_loader.attach(
     __name__,
-    submodules=["attention", "integrations", "kernels", "models", "training", "vision"],
+    submodules=["attention", "decoding", "integrations", "kernels", "models", "training", "vision"],
     submod_attrs={
         "assets": ["AssetMissingError"],
         "attention.registry": ["AttentionKind", "attention_kind_names", "get_attention_kind",
@@ -31,6 +31,7 @@ __getattr__, __dir__, _lazy_all = lazy_loader.attach(
         "attention.clustered": ["ClusteredAttentionParams", "ImprovedClusteredAttentionParams",
                                 "clustered_attention", "improved_clustered_attention"],
         "attention.window_linear": ["WindowLinearParams", "WindowLinearState", "window_linear_attention"],
+        "decoding": ["DecodeLinear", "place_for_decoding"],
         "integrations.patch": ["patch_model", "unpatch_model"],
         "integrations.configs": ["efficient_config"],
         "integrations.export": ["push_to_hub"],
@@ -83,6 +84,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         register_attention_kind,
     )
     from .attention.window_linear import WindowLinearParams, WindowLinearState, window_linear_attention  # noqa: F401
+    from .decoding import DecodeLinear, place_for_decoding  # noqa: F401
     from .integrations.cache import LinearAttentionCache  # noqa: F401
     from .integrations.configs import efficient_config  # noqa: F401
     from .integrations.export import push_to_hub  # noqa: F401

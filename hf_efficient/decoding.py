@@ -1,0 +1,133 @@
+"""Decoding at batch 1 on a CPU at the speed of reading the weights.
+
+A generated token runs every weight once against a handful of rows, so a step's time is the time to stream
+the weights from memory. Two things stand between a model and that floor, and this module removes both:
+
+- :class:`DecodeLinear`: ``nn.Linear`` whose few-row products run the compiled matrix-vector kernel (the
+  BLAS this PyTorch ships reads a weight at about half the speed of a plain streaming read).
+- :func:`place_for_decoding`: the weights of the linear layers moved, in the order a step reads them, into
+  one mapping advised for huge pages (:func:`hf_efficient_kernels.memory.huge_page_empty`): over separate
+  4 KiB-paged allocations the same kernel read 20-22 GB/s here, back to back on huge pages 30 GB/s.
+
+``linear-lm`` models use both by themselves; :func:`hf_efficient.patch_model` gives a decoder patched with a
+recurrent kind (``linear``, ``window-linear``) both as well. Neither changes a parameter, a checkpoint or a
+gradient: ``DecodeLinear`` is an ``nn.Linear`` (same state dict), and placement keeps every ``nn.Parameter``
+object, swapping only the memory under it (each weight keeps a storage of its own).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from hf_efficient_kernels import dispatch
+from hf_efficient_kernels.memory import huge_page_empty
+
+__all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
+           "placed_for_decoding", "plain_linear"]
+
+# dtypes the compiled matrix-vector product reads (placement helps any dtype, but only these are streamed by it)
+_PLACED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLACEMENT = "_hf_efficient_decode_placement"
+
+
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and checkpoints) whose decoding steps read the weight at memory speed.
+
+    For up to ``DECODE_MAX_ROWS`` rows of float32 on a CPU, with no gradient needed, the compiled matrix-vector
+    product of ``hf_efficient_kernels.dispatch.decode_gemv_kernel`` runs (it streams each weight row once);
+    everything else, training included, is ``torch.nn.functional.linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= dispatch.DECODE_MAX_ROWS * self.in_features:
+            kernel = dispatch.decode_gemv_kernel(x, self.weight, self.bias)
+            if kernel is not None:
+                return kernel()
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def as_decode_linear(model: nn.Module) -> list[str]:
+    """Make every plain ``nn.Linear`` of ``model`` a :class:`DecodeLinear` in place (the same object, parameters
+    and hooks; only its class changes), and return their names. Subclasses (quantised or adapter layers) are left
+    as they are. ``type(layer) is DecodeLinear`` afterwards; to undo, set ``layer.__class__ = nn.Linear``."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear
+            names.append(name)
+    return names
+
+
+def plain_linear(model: nn.Module) -> list[str]:
+    """Undo :func:`as_decode_linear`: every :class:`DecodeLinear` of ``model`` becomes an ``nn.Linear`` again (the
+    same object); returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is DecodeLinear:
+            module.__class__ = nn.Linear
+            names.append(name)
+    return names
+
+
+def hooked(modules) -> bool:
+    """Whether a forward hook (global, or on one of ``modules``) would see these modules run: a compiled step that
+    skips them must then step aside."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def kernels_turned_off() -> bool:
+    """``HF_EFFICIENT_KERNELS=reference``: the PyTorch path as it is, without the compiled kernels or the
+    weight placement made for them."""
+    return os.environ.get(dispatch.ENV_VAR, "auto").strip().lower() == "reference"
+
+
+def _decode_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s linear layers in module order (the order a decoding step reads them), each
+    once, that live on the CPU in a dtype the decoding kernels read."""
+    seen, out = set(), []
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for p in (module.weight, module.bias):
+            if (p is None or id(p) in seen or p.device.type != "cpu" or p.dtype not in _PLACED_DTYPES
+                    or p.numel() == 0):
+                continue
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def place_for_decoding(model: nn.Module) -> int:
+    """Move the weights (and biases) of ``model``'s linear layers, in the order a decoding step reads them, into one
+    mapping of memory advised for huge pages; returns the bytes moved (0 when they are already there).
+
+    Every ``nn.Parameter`` stays the same object with the same values, dtype, shape and ``requires_grad`` (weights
+    tied between modules stay tied); only ``.data`` changes, to a copy with a storage of its own, so optimisers,
+    checkpoints and ``save_pretrained`` see no difference. CPU parameters only (others are left where they are).
+    Called by ``linear-lm`` at its first compiled decoding step and by :func:`hf_efficient.patch_model` for recurrent
+    kinds; ``HF_EFFICIENT_HUGE_PAGES=0`` keeps the copies but skips the huge-page advice.
+    """
+    params = _decode_weights(model)
+    placed = model.__dict__.get(_PLACEMENT, frozenset())
+    if params and all(p.data_ptr() in placed for p in params):
+        return 0
+    homes = huge_page_empty([(p.shape, p.dtype) for p in params])
+    with torch.inference_mode(False), torch.no_grad():
+        for p, home in zip(params, homes):  # one at a time: each old storage is freed as its copy is made
+            p.data = home.copy_(p.data)
+    model.__dict__[_PLACEMENT] = frozenset(p.data_ptr() for p in params)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def placed_for_decoding(model: nn.Module, *weights: torch.Tensor) -> bool:
+    """Whether ``weights`` (a cheap sample, checked on each decoding step) sit where :func:`place_for_decoding` put
+    ``model``'s weights; a weight loaded or assigned since then reads False, and placement runs again."""
+    placed = model.__dict__.get(_PLACEMENT)
+    return placed is not None and all(w.data_ptr() in placed for w in weights)
