@@ -38,6 +38,7 @@ __all__ = [
     "cluster_mean_kernel",
     "clustered_topk_kernel",
     "decode_gemv_kernel",
+    "decoder_block_step_kernel",
     "hamming_kmeans_kernel",
     "improved_topk_kernel",
     "linear_decode_step_kernel",
@@ -562,10 +563,17 @@ DECODE_MAX_ROWS = 4
 _DECODE_FEATURES = {"elu": 1, "relu": 2}
 
 
+_DECODE_BUILT = False  # set once the extension has loaded: a decoding step then skips the lookup
+
+
 def _decode_cpu_kernel() -> tuple[bool, str | None]:
+    global _DECODE_BUILT
+    if _DECODE_BUILT:
+        return True, None
     from .cpu import decode_build_error, load_decode_extension
 
-    return load_decode_extension() is not None, decode_build_error()
+    _DECODE_BUILT = load_decode_extension() is not None
+    return _DECODE_BUILT, decode_build_error()
 
 
 def _decode_kernel_ready(tensors, implementation: str | None, name: str) -> bool:
@@ -575,8 +583,9 @@ def _decode_kernel_ready(tensors, implementation: str | None, name: str) -> bool
     wanted = _requested(implementation)
     if wanted == "reference":
         return False
-    if any(t.device.type != "cpu" for t in tensors):
-        return False
+    for t in tensors:
+        if not t.is_cpu:
+            return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # no backward: training and gradient checks take the PyTorch path
     ok, err = _decode_cpu_kernel()
@@ -673,3 +682,50 @@ def linear_lm_decode_layer_kernel(
     cos, sin = rotary if rotary is not None else (None, None)
     return partial(torch.ops.hf_efficient_decode_cpu.linear_lm_decode_layer, x, *weights, cos, sin, kv, k_sum, None,
                    int(heads), _DECODE_FEATURES[feature_map], float(eps), float(rms_eps))
+
+
+def decoder_block_step_kernel(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    biases: tuple[torch.Tensor | None, ...],
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    state: dict,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    feature_map: str,
+    window: int,
+    scale: float,
+    eps: float,
+    rms_eps: float,
+    *,
+    implementation: str | None = None,
+) -> Callable[[], list[torch.Tensor]] | None:
+    """One decoder block (Llama, Mistral, Qwen2 layout) patched with ``linear`` (``window=0``) or ``window-linear``
+    attention, for one new token per row, compiled; or None.
+
+    x ``(batch, 1, hidden)`` with batch <= :data:`DECODE_MAX_ROWS`; weights ``(norm1, q, k, v, o, norm2, gate, up,
+    down)`` (q ``(heads * head_dim, hidden)``, k/v ``(kv_heads * head_dim, hidden)``); biases of ``(q, k, v, o, gate,
+    up, down)``, each a tensor or None; rotary ``(cos, sin)`` ``(batch or 1, 1, head_dim)`` or None; state: ``kv``
+    ``(batch, heads, head_dim, head_dim)`` and ``k_sum`` ``(batch, heads, head_dim)`` (None for window-linear before
+    any key left the window), and for window-linear ``keys``/``values`` ``(batch, heads, r, head_dim)`` and
+    ``key_mask`` ``(batch, r)`` bool. All float32 CPU tensors needing no gradient. The call gives ``[out (batch, 1,
+    hidden), packed linear state (batch, heads, head_dim, head_dim + 1) or an empty tensor]`` and, for window-linear,
+    the new ``keys``, ``values`` and ``key_mask``; no input is written. None where the module path runs.
+    """
+    kv, k_sum = state.get("kv"), state.get("k_sum")
+    keys, values, key_mask = state.get("keys"), state.get("values"), state.get("key_mask")
+    floats = [x, *weights, *(b for b in biases if b is not None),
+              *(t for t in (kv, k_sum, keys, values) if t is not None)]
+    if rotary is not None:
+        floats += list(rotary)
+    if (feature_map not in _DECODE_FEATURES or x.dim() != 3 or x.shape[1] != 1
+            or not 1 <= x.shape[0] <= DECODE_MAX_ROWS or len(weights) != 9 or len(biases) != 7
+            or any(t.dtype != torch.float32 for t in floats) or any(not w.is_contiguous() for w in weights)
+            or (window > 0 and (key_mask is None or key_mask.dtype != torch.bool))
+            or not _decode_kernel_ready(floats, implementation, "decoder_block_step")):
+        return None
+    cos, sin = rotary if rotary is not None else (None, None)
+    return partial(torch.ops.hf_efficient_decode_cpu.decoder_block_step, x, list(weights), list(biases), cos, sin, kv,
+                   k_sum, keys, values, key_mask, int(heads), int(kv_heads), int(head_dim),
+                   _DECODE_FEATURES[feature_map], int(window), float(scale), float(eps), float(rms_eps))

@@ -18,9 +18,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from hf_efficient_kernels import dispatch
+from hf_efficient_kernels.dispatch import DECODE_MAX_ROWS
 
 from ...attention.feature_maps import FEATURE_MAPS
 from ...attention.linear import LinearAttentionState, linear_attention
+from ...decoding import DecodeLinear, hooked, kernels_turned_off, place_for_decoding, placed_for_decoding
 from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
 
@@ -32,24 +34,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-class DecodeLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and checkpoints) whose decoding steps read the weight at memory speed.
-
-    A decoding step at batch 1 multiplies a few rows by each weight, so its time is the time to read the
-    weights. For up to ``DECODE_MAX_ROWS`` rows of float32 on a CPU, with no gradient needed, the compiled
-    matrix-vector product of ``hf_efficient_kernels.dispatch.decode_gemv_kernel`` runs (it streams each
-    weight row once; the BLAS product measured at about half that speed here); everything else, training
-    included, is ``torch.nn.functional.linear``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if dispatch is not None and x.numel() <= dispatch.DECODE_MAX_ROWS * self.in_features:
-            kernel = dispatch.decode_gemv_kernel(x, self.weight, self.bias)
-            if kernel is not None:
-                return kernel()
-        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class LinearLMAttention(nn.Module):
@@ -109,15 +93,6 @@ class LinearLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _hooked(modules: list[nn.Module]) -> bool:
-    """Whether a forward hook (global or on one of ``modules``) would see these modules run."""
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
 class LinearLMDecoderLayer(nn.Module):
     def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -139,22 +114,30 @@ class LinearLMDecoderLayer(nn.Module):
         a step is bound by reading the weights, and the block's two dozen small PyTorch ops cost about as much
         again. The same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) for learnable
         feature maps, another activation than silu, no state yet, or tensors the kernel does not take."""
-        attn, mlp = self.self_attn, self.mlp
+        # submodules and parameters through _modules/_parameters: nn.Module.__getattr__ is the slow path, and this
+        # runs every token in every layer
+        sub = self._modules
+        attn, mlp = sub["self_attn"], sub["mlp"]
         state = cache_layer.state
-        if (dispatch is None or attn.feature_map is not None or mlp.hidden_act != "silu"
+        if (attn.feature_map is not None or mlp.hidden_act != "silu"
                 or not isinstance(state, LinearAttentionState) or state.key_shift is not None):
             return None
-        norms = [self.input_layernorm, self.post_attention_layernorm]
-        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        a, m = attn._modules, mlp._modules
+        norms = (sub["input_layernorm"], sub["post_attention_layernorm"])
+        projections = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
         # Only the block as built: an adapter wrapped around a projection (LoRA), a bias or a hook would be
         # skipped by the compiled block, so any of them sends the token through the modules.
-        if (any(type(p) is not DecodeLinear or p.bias is not None for p in projections)
-                or any(type(n) is not nn.RMSNorm or n.weight is None for n in norms) or norms[1].eps != norms[0].eps
-                or _hooked([self, attn, mlp, *norms, *projections])):
+        for p in projections:
+            if type(p) is not DecodeLinear or p._parameters["bias"] is not None:
+                return None
+        for n in norms:
+            if type(n) is not nn.RMSNorm or n._parameters.get("weight") is None:
+                return None
+        if norms[1].eps != norms[0].eps or hooked((self, attn, mlp, *norms, *projections)):
             return None
         rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
-        weights = (norms[0].weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-                   norms[1].weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        w = [p._parameters["weight"] for p in projections]
+        weights = (norms[0]._parameters["weight"], *w[:4], norms[1]._parameters["weight"], *w[4:])
         kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, attn.num_heads,
                                                         attn.feature_map_name, attn.eps, rms_eps)
         if kernel is None:
@@ -303,6 +286,9 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
         if "past_key_values" in kwargs:  # the pre-5.x name of `cache`
             cache = kwargs.pop("past_key_values") if cache is None else cache
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch",) if k in kwargs}
+        if cache is not None and not torch.is_grad_enabled() and self._decoding_on_cpu(input_ids, inputs_embeds):
+            # a decoding step reads every weight once: keep them back to back on huge pages (hf_efficient.decoding)
+            place_for_decoding(self)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
@@ -314,6 +300,19 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
             # transformers' causal-LM loss: shifts labels, ignores -100, honours num_items_in_batch.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def _decoding_on_cpu(self, input_ids, inputs_embeds) -> bool:
+        """Whether this call is a compiled decoding step whose weights are not yet placed for it: one new token per
+        row, float32 CPU weights, the kernels not turned off; checked on two weights (the head and the last
+        layer's down projection: a load or assignment since the placement moves them)."""
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if tokens is None or tokens.dim() < 2 or tokens.shape[1] != 1 or tokens.shape[0] > DECODE_MAX_ROWS:
+            return False
+        head = self.lm_head.weight
+        layers = self.model.layers
+        probes = (head, layers[-1].mlp.down_proj.weight) if len(layers) else (head,)
+        return (head.device.type == "cpu" and head.dtype == torch.float32 and not kernels_turned_off()
+                and not placed_for_decoding(self, *probes))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
