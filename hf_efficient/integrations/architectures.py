@@ -2,7 +2,8 @@
 
 Every architecture ``patch_model`` accepts has a config class ``Efficient<Config>`` (declared in
 :mod:`.configurations`, ``model_type = "efficient-<type>"``) and here one model class per Auto head,
-each a plain subclass of :class:`~.models.EfficientModelMixin` and of the transformers class.
+each a plain subclass of :class:`~.fused_layers.DecodingModelMixin` (:class:`~.models.EfficientModelMixin`
+with the package's decoding fast path) and of the transformers class.
 ``patch_model`` turns a model into the class of the same name here, so a patched model pickles,
 deep-copies and crosses process boundaries like any transformers model, and a reader finds the class
 it reports.
@@ -127,6 +128,7 @@ from .configurations import (
     EfficientViTConfig,
 )
 from .export import auto_class_name
+from .fused_layers import DecodingModelMixin
 from .models import EfficientModelMixin
 from .surgery import SELF_ATTENTION_CLASSES
 
@@ -134,330 +136,330 @@ __all__ = ["ARCHITECTURES", "add_architecture", "efficient_class", "register_aut
 
 
 # -------------------- BERT (and sentence encoders such as all-MiniLM-L6-v2)
-class EfficientBertModel(EfficientModelMixin, BertModel):
+class EfficientBertModel(DecodingModelMixin, BertModel):
     config_class = EfficientBertConfig
 
 
-class EfficientBertForSequenceClassification(EfficientModelMixin, BertForSequenceClassification):
+class EfficientBertForSequenceClassification(DecodingModelMixin, BertForSequenceClassification):
     config_class = EfficientBertConfig
 
 
-class EfficientBertForMaskedLM(EfficientModelMixin, BertForMaskedLM):
+class EfficientBertForMaskedLM(DecodingModelMixin, BertForMaskedLM):
     config_class = EfficientBertConfig
 
 
-class EfficientBertForTokenClassification(EfficientModelMixin, BertForTokenClassification):
+class EfficientBertForTokenClassification(DecodingModelMixin, BertForTokenClassification):
     config_class = EfficientBertConfig
 
 
-class EfficientBertLMHeadModel(EfficientModelMixin, BertLMHeadModel):
+class EfficientBertLMHeadModel(DecodingModelMixin, BertLMHeadModel):
     config_class = EfficientBertConfig
 
 
-class EfficientBertForQuestionAnswering(EfficientModelMixin, BertForQuestionAnswering):
+class EfficientBertForQuestionAnswering(DecodingModelMixin, BertForQuestionAnswering):
     config_class = EfficientBertConfig
 
 
-class EfficientBertForMultipleChoice(EfficientModelMixin, BertForMultipleChoice):
+class EfficientBertForMultipleChoice(DecodingModelMixin, BertForMultipleChoice):
     config_class = EfficientBertConfig
 
 
 # -------------------- RoBERTa
-class EfficientRobertaModel(EfficientModelMixin, RobertaModel):
+class EfficientRobertaModel(DecodingModelMixin, RobertaModel):
     config_class = EfficientRobertaConfig
 
 
-class EfficientRobertaForSequenceClassification(EfficientModelMixin, RobertaForSequenceClassification):
+class EfficientRobertaForSequenceClassification(DecodingModelMixin, RobertaForSequenceClassification):
     config_class = EfficientRobertaConfig
 
 
-class EfficientRobertaForMaskedLM(EfficientModelMixin, RobertaForMaskedLM):
+class EfficientRobertaForMaskedLM(DecodingModelMixin, RobertaForMaskedLM):
     config_class = EfficientRobertaConfig
 
 
-class EfficientRobertaForTokenClassification(EfficientModelMixin, RobertaForTokenClassification):
+class EfficientRobertaForTokenClassification(DecodingModelMixin, RobertaForTokenClassification):
     config_class = EfficientRobertaConfig
 
 
-class EfficientRobertaForCausalLM(EfficientModelMixin, RobertaForCausalLM):
+class EfficientRobertaForCausalLM(DecodingModelMixin, RobertaForCausalLM):
     config_class = EfficientRobertaConfig
 
 
-class EfficientRobertaForQuestionAnswering(EfficientModelMixin, RobertaForQuestionAnswering):
+class EfficientRobertaForQuestionAnswering(DecodingModelMixin, RobertaForQuestionAnswering):
     config_class = EfficientRobertaConfig
 
 
-class EfficientRobertaForMultipleChoice(EfficientModelMixin, RobertaForMultipleChoice):
+class EfficientRobertaForMultipleChoice(DecodingModelMixin, RobertaForMultipleChoice):
     config_class = EfficientRobertaConfig
 
 
 # -------------------- DistilBERT
-class EfficientDistilBertModel(EfficientModelMixin, DistilBertModel):
+class EfficientDistilBertModel(DecodingModelMixin, DistilBertModel):
     config_class = EfficientDistilBertConfig
 
 
-class EfficientDistilBertForSequenceClassification(EfficientModelMixin, DistilBertForSequenceClassification):
+class EfficientDistilBertForSequenceClassification(DecodingModelMixin, DistilBertForSequenceClassification):
     config_class = EfficientDistilBertConfig
 
 
-class EfficientDistilBertForMaskedLM(EfficientModelMixin, DistilBertForMaskedLM):
+class EfficientDistilBertForMaskedLM(DecodingModelMixin, DistilBertForMaskedLM):
     config_class = EfficientDistilBertConfig
 
 
-class EfficientDistilBertForTokenClassification(EfficientModelMixin, DistilBertForTokenClassification):
+class EfficientDistilBertForTokenClassification(DecodingModelMixin, DistilBertForTokenClassification):
     config_class = EfficientDistilBertConfig
 
 
-class EfficientDistilBertForQuestionAnswering(EfficientModelMixin, DistilBertForQuestionAnswering):
+class EfficientDistilBertForQuestionAnswering(DecodingModelMixin, DistilBertForQuestionAnswering):
     config_class = EfficientDistilBertConfig
 
 
-class EfficientDistilBertForMultipleChoice(EfficientModelMixin, DistilBertForMultipleChoice):
+class EfficientDistilBertForMultipleChoice(DecodingModelMixin, DistilBertForMultipleChoice):
     config_class = EfficientDistilBertConfig
 
 
 # -------------------- ELECTRA
-class EfficientElectraModel(EfficientModelMixin, ElectraModel):
+class EfficientElectraModel(DecodingModelMixin, ElectraModel):
     config_class = EfficientElectraConfig
 
 
-class EfficientElectraForSequenceClassification(EfficientModelMixin, ElectraForSequenceClassification):
+class EfficientElectraForSequenceClassification(DecodingModelMixin, ElectraForSequenceClassification):
     config_class = EfficientElectraConfig
 
 
-class EfficientElectraForMaskedLM(EfficientModelMixin, ElectraForMaskedLM):
+class EfficientElectraForMaskedLM(DecodingModelMixin, ElectraForMaskedLM):
     config_class = EfficientElectraConfig
 
 
-class EfficientElectraForTokenClassification(EfficientModelMixin, ElectraForTokenClassification):
+class EfficientElectraForTokenClassification(DecodingModelMixin, ElectraForTokenClassification):
     config_class = EfficientElectraConfig
 
 
-class EfficientElectraForCausalLM(EfficientModelMixin, ElectraForCausalLM):
+class EfficientElectraForCausalLM(DecodingModelMixin, ElectraForCausalLM):
     config_class = EfficientElectraConfig
 
 
-class EfficientElectraForQuestionAnswering(EfficientModelMixin, ElectraForQuestionAnswering):
+class EfficientElectraForQuestionAnswering(DecodingModelMixin, ElectraForQuestionAnswering):
     config_class = EfficientElectraConfig
 
 
-class EfficientElectraForMultipleChoice(EfficientModelMixin, ElectraForMultipleChoice):
+class EfficientElectraForMultipleChoice(DecodingModelMixin, ElectraForMultipleChoice):
     config_class = EfficientElectraConfig
 
 
 # -------------------- ModernBERT: full and sliding-window layers
-class EfficientModernBertModel(EfficientModelMixin, ModernBertModel):
+class EfficientModernBertModel(DecodingModelMixin, ModernBertModel):
     config_class = EfficientModernBertConfig
 
 
-class EfficientModernBertForSequenceClassification(EfficientModelMixin, ModernBertForSequenceClassification):
+class EfficientModernBertForSequenceClassification(DecodingModelMixin, ModernBertForSequenceClassification):
     config_class = EfficientModernBertConfig
 
 
-class EfficientModernBertForMaskedLM(EfficientModelMixin, ModernBertForMaskedLM):
+class EfficientModernBertForMaskedLM(DecodingModelMixin, ModernBertForMaskedLM):
     config_class = EfficientModernBertConfig
 
 
-class EfficientModernBertForTokenClassification(EfficientModelMixin, ModernBertForTokenClassification):
+class EfficientModernBertForTokenClassification(DecodingModelMixin, ModernBertForTokenClassification):
     config_class = EfficientModernBertConfig
 
 
-class EfficientModernBertForQuestionAnswering(EfficientModelMixin, ModernBertForQuestionAnswering):
+class EfficientModernBertForQuestionAnswering(DecodingModelMixin, ModernBertForQuestionAnswering):
     config_class = EfficientModernBertConfig
 
 
-class EfficientModernBertForMultipleChoice(EfficientModelMixin, ModernBertForMultipleChoice):
+class EfficientModernBertForMultipleChoice(DecodingModelMixin, ModernBertForMultipleChoice):
     config_class = EfficientModernBertConfig
 
 
 # -------------------- ViT
-class EfficientViTModel(EfficientModelMixin, ViTModel):
+class EfficientViTModel(DecodingModelMixin, ViTModel):
     config_class = EfficientViTConfig
 
 
-class EfficientViTForImageClassification(EfficientModelMixin, ViTForImageClassification):
+class EfficientViTForImageClassification(DecodingModelMixin, ViTForImageClassification):
     config_class = EfficientViTConfig
 
 
 # -------------------- GPT-2
-class EfficientGPT2Model(EfficientModelMixin, GPT2Model):
+class EfficientGPT2Model(DecodingModelMixin, GPT2Model):
     config_class = EfficientGPT2Config
 
 
-class EfficientGPT2ForSequenceClassification(EfficientModelMixin, GPT2ForSequenceClassification):
+class EfficientGPT2ForSequenceClassification(DecodingModelMixin, GPT2ForSequenceClassification):
     config_class = EfficientGPT2Config
 
 
-class EfficientGPT2ForTokenClassification(EfficientModelMixin, GPT2ForTokenClassification):
+class EfficientGPT2ForTokenClassification(DecodingModelMixin, GPT2ForTokenClassification):
     config_class = EfficientGPT2Config
 
 
-class EfficientGPT2LMHeadModel(EfficientModelMixin, GPT2LMHeadModel):
+class EfficientGPT2LMHeadModel(DecodingModelMixin, GPT2LMHeadModel):
     config_class = EfficientGPT2Config
 
 
-class EfficientGPT2ForQuestionAnswering(EfficientModelMixin, GPT2ForQuestionAnswering):
+class EfficientGPT2ForQuestionAnswering(DecodingModelMixin, GPT2ForQuestionAnswering):
     config_class = EfficientGPT2Config
 
 
 # -------------------- GPT-NeoX / Pythia
-class EfficientGPTNeoXModel(EfficientModelMixin, GPTNeoXModel):
+class EfficientGPTNeoXModel(DecodingModelMixin, GPTNeoXModel):
     config_class = EfficientGPTNeoXConfig
 
 
-class EfficientGPTNeoXForSequenceClassification(EfficientModelMixin, GPTNeoXForSequenceClassification):
+class EfficientGPTNeoXForSequenceClassification(DecodingModelMixin, GPTNeoXForSequenceClassification):
     config_class = EfficientGPTNeoXConfig
 
 
-class EfficientGPTNeoXForTokenClassification(EfficientModelMixin, GPTNeoXForTokenClassification):
+class EfficientGPTNeoXForTokenClassification(DecodingModelMixin, GPTNeoXForTokenClassification):
     config_class = EfficientGPTNeoXConfig
 
 
-class EfficientGPTNeoXForCausalLM(EfficientModelMixin, GPTNeoXForCausalLM):
+class EfficientGPTNeoXForCausalLM(DecodingModelMixin, GPTNeoXForCausalLM):
     config_class = EfficientGPTNeoXConfig
 
 
-class EfficientGPTNeoXForQuestionAnswering(EfficientModelMixin, GPTNeoXForQuestionAnswering):
+class EfficientGPTNeoXForQuestionAnswering(DecodingModelMixin, GPTNeoXForQuestionAnswering):
     config_class = EfficientGPTNeoXConfig
 
 
 # -------------------- Llama (and SmolLM2)
-class EfficientLlamaModel(EfficientModelMixin, LlamaModel):
+class EfficientLlamaModel(DecodingModelMixin, LlamaModel):
     config_class = EfficientLlamaConfig
 
 
-class EfficientLlamaForSequenceClassification(EfficientModelMixin, LlamaForSequenceClassification):
+class EfficientLlamaForSequenceClassification(DecodingModelMixin, LlamaForSequenceClassification):
     config_class = EfficientLlamaConfig
 
 
-class EfficientLlamaForTokenClassification(EfficientModelMixin, LlamaForTokenClassification):
+class EfficientLlamaForTokenClassification(DecodingModelMixin, LlamaForTokenClassification):
     config_class = EfficientLlamaConfig
 
 
-class EfficientLlamaForCausalLM(EfficientModelMixin, LlamaForCausalLM):
+class EfficientLlamaForCausalLM(DecodingModelMixin, LlamaForCausalLM):
     config_class = EfficientLlamaConfig
 
 
-class EfficientLlamaForQuestionAnswering(EfficientModelMixin, LlamaForQuestionAnswering):
+class EfficientLlamaForQuestionAnswering(DecodingModelMixin, LlamaForQuestionAnswering):
     config_class = EfficientLlamaConfig
 
 
 # -------------------- Mistral: sliding-window layers
-class EfficientMistralModel(EfficientModelMixin, MistralModel):
+class EfficientMistralModel(DecodingModelMixin, MistralModel):
     config_class = EfficientMistralConfig
 
 
-class EfficientMistralForSequenceClassification(EfficientModelMixin, MistralForSequenceClassification):
+class EfficientMistralForSequenceClassification(DecodingModelMixin, MistralForSequenceClassification):
     config_class = EfficientMistralConfig
 
 
-class EfficientMistralForTokenClassification(EfficientModelMixin, MistralForTokenClassification):
+class EfficientMistralForTokenClassification(DecodingModelMixin, MistralForTokenClassification):
     config_class = EfficientMistralConfig
 
 
-class EfficientMistralForCausalLM(EfficientModelMixin, MistralForCausalLM):
+class EfficientMistralForCausalLM(DecodingModelMixin, MistralForCausalLM):
     config_class = EfficientMistralConfig
 
 
-class EfficientMistralForQuestionAnswering(EfficientModelMixin, MistralForQuestionAnswering):
+class EfficientMistralForQuestionAnswering(DecodingModelMixin, MistralForQuestionAnswering):
     config_class = EfficientMistralConfig
 
 
 # -------------------- Qwen2
-class EfficientQwen2Model(EfficientModelMixin, Qwen2Model):
+class EfficientQwen2Model(DecodingModelMixin, Qwen2Model):
     config_class = EfficientQwen2Config
 
 
-class EfficientQwen2ForSequenceClassification(EfficientModelMixin, Qwen2ForSequenceClassification):
+class EfficientQwen2ForSequenceClassification(DecodingModelMixin, Qwen2ForSequenceClassification):
     config_class = EfficientQwen2Config
 
 
-class EfficientQwen2ForTokenClassification(EfficientModelMixin, Qwen2ForTokenClassification):
+class EfficientQwen2ForTokenClassification(DecodingModelMixin, Qwen2ForTokenClassification):
     config_class = EfficientQwen2Config
 
 
-class EfficientQwen2ForCausalLM(EfficientModelMixin, Qwen2ForCausalLM):
+class EfficientQwen2ForCausalLM(DecodingModelMixin, Qwen2ForCausalLM):
     config_class = EfficientQwen2Config
 
 
-class EfficientQwen2ForQuestionAnswering(EfficientModelMixin, Qwen2ForQuestionAnswering):
+class EfficientQwen2ForQuestionAnswering(DecodingModelMixin, Qwen2ForQuestionAnswering):
     config_class = EfficientQwen2Config
 
 
 # -------------------- Qwen3
-class EfficientQwen3Model(EfficientModelMixin, Qwen3Model):
+class EfficientQwen3Model(DecodingModelMixin, Qwen3Model):
     config_class = EfficientQwen3Config
 
 
-class EfficientQwen3ForSequenceClassification(EfficientModelMixin, Qwen3ForSequenceClassification):
+class EfficientQwen3ForSequenceClassification(DecodingModelMixin, Qwen3ForSequenceClassification):
     config_class = EfficientQwen3Config
 
 
-class EfficientQwen3ForTokenClassification(EfficientModelMixin, Qwen3ForTokenClassification):
+class EfficientQwen3ForTokenClassification(DecodingModelMixin, Qwen3ForTokenClassification):
     config_class = EfficientQwen3Config
 
 
-class EfficientQwen3ForCausalLM(EfficientModelMixin, Qwen3ForCausalLM):
+class EfficientQwen3ForCausalLM(DecodingModelMixin, Qwen3ForCausalLM):
     config_class = EfficientQwen3Config
 
 
-class EfficientQwen3ForQuestionAnswering(EfficientModelMixin, Qwen3ForQuestionAnswering):
+class EfficientQwen3ForQuestionAnswering(DecodingModelMixin, Qwen3ForQuestionAnswering):
     config_class = EfficientQwen3Config
 
 
 # -------------------- Phi-3
-class EfficientPhi3Model(EfficientModelMixin, Phi3Model):
+class EfficientPhi3Model(DecodingModelMixin, Phi3Model):
     config_class = EfficientPhi3Config
 
 
-class EfficientPhi3ForSequenceClassification(EfficientModelMixin, Phi3ForSequenceClassification):
+class EfficientPhi3ForSequenceClassification(DecodingModelMixin, Phi3ForSequenceClassification):
     config_class = EfficientPhi3Config
 
 
-class EfficientPhi3ForTokenClassification(EfficientModelMixin, Phi3ForTokenClassification):
+class EfficientPhi3ForTokenClassification(DecodingModelMixin, Phi3ForTokenClassification):
     config_class = EfficientPhi3Config
 
 
-class EfficientPhi3ForCausalLM(EfficientModelMixin, Phi3ForCausalLM):
+class EfficientPhi3ForCausalLM(DecodingModelMixin, Phi3ForCausalLM):
     config_class = EfficientPhi3Config
 
 
 # -------------------- Gemma 2: sliding and full layers, soft-capped logits
-class EfficientGemma2Model(EfficientModelMixin, Gemma2Model):
+class EfficientGemma2Model(DecodingModelMixin, Gemma2Model):
     config_class = EfficientGemma2Config
 
 
-class EfficientGemma2ForSequenceClassification(EfficientModelMixin, Gemma2ForSequenceClassification):
+class EfficientGemma2ForSequenceClassification(DecodingModelMixin, Gemma2ForSequenceClassification):
     config_class = EfficientGemma2Config
 
 
-class EfficientGemma2ForTokenClassification(EfficientModelMixin, Gemma2ForTokenClassification):
+class EfficientGemma2ForTokenClassification(DecodingModelMixin, Gemma2ForTokenClassification):
     config_class = EfficientGemma2Config
 
 
-class EfficientGemma2ForCausalLM(EfficientModelMixin, Gemma2ForCausalLM):
+class EfficientGemma2ForCausalLM(DecodingModelMixin, Gemma2ForCausalLM):
     config_class = EfficientGemma2Config
 
 
 # -------------------- Gemma 3 (text): 5 sliding : 1 full
-class EfficientGemma3TextModel(EfficientModelMixin, Gemma3TextModel):
+class EfficientGemma3TextModel(DecodingModelMixin, Gemma3TextModel):
     config_class = EfficientGemma3TextConfig
 
 
-class EfficientGemma3TextForSequenceClassification(EfficientModelMixin, Gemma3TextForSequenceClassification):
+class EfficientGemma3TextForSequenceClassification(DecodingModelMixin, Gemma3TextForSequenceClassification):
     config_class = EfficientGemma3TextConfig
 
 
-class EfficientGemma3ForCausalLM(EfficientModelMixin, Gemma3ForCausalLM):
+class EfficientGemma3ForCausalLM(DecodingModelMixin, Gemma3ForCausalLM):
     config_class = EfficientGemma3TextConfig
 
 
 # -------------------- Cohere2: sliding and full layers
-class EfficientCohere2Model(EfficientModelMixin, Cohere2Model):
+class EfficientCohere2Model(DecodingModelMixin, Cohere2Model):
     config_class = EfficientCohere2Config
 
 
-class EfficientCohere2ForCausalLM(EfficientModelMixin, Cohere2ForCausalLM):
+class EfficientCohere2ForCausalLM(DecodingModelMixin, Cohere2ForCausalLM):
     config_class = EfficientCohere2Config
 
 

@@ -69,8 +69,8 @@ class EfficientModelMixin(CacheReuseMixin):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.hf_efficient_base_class = next(b for b in cls.__mro__[1:]
-                                           if issubclass(b, PreTrainedModel) and not issubclass(b, EfficientModelMixin))
+        cls.hf_efficient_base_class = next((b for b in cls.__mro__[1:] if issubclass(b, PreTrainedModel)
+                                            and not issubclass(b, EfficientModelMixin)), None)
 
     def __init__(self, config, *args, **kwargs):
         record = getattr(config, CONFIG_KEY, None)
@@ -92,6 +92,7 @@ class EfficientModelMixin(CacheReuseMixin):
         if record.get("base_attn_implementation") is None:  # the model's own default, as transformers picks it
             record["base_attn_implementation"] = "sdpa" if getattr(self, "_supports_sdpa", False) else "eager"
         apply_plan(self, plan, ignore_logit_softcap=bool(record.get("ignore_logit_softcap")))
+        self._prepare_decoding(place=False)
 
     def _init_weights(self, module):
         # Learnable feature maps are not known to the base class: give them their own initial values
@@ -102,6 +103,11 @@ class EfficientModelMixin(CacheReuseMixin):
         super()._init_weights(module)
 
     # ------------------------------------------------------------------ generation
+    def _prepare_decoding(self, place: bool) -> None:
+        """Hook of the package's decoding fast path (compiled blocks and weights on huge pages; see
+        ``hf_efficient.integrations.fused_layers``), called when the model is built (``place=False``) and when
+        ``generate()`` decodes from a recurrent state (``place=True``). Nothing here: remote code runs the modules."""
+
     def _decodes_from_state(self, plan) -> bool:
         """Every replaced layer has a recurrent form, and the attention modules can reach a cache layer."""
         replaced = [layer for layer in plan if layer.kind is not None]
@@ -130,6 +136,7 @@ class EfficientModelMixin(CacheReuseMixin):
             if implementation is None and self._decodes_from_state(plan):
                 # Decode from a constant-size state; sliding layers kept softmax get bounded windows.
                 model_kwargs["cache"] = LinearAttentionCache(config=self.config)
+                self._prepare_decoding(place=True)
                 return None
             if implementation not in (None, "dynamic", "offloaded"):
                 raise ValueError(

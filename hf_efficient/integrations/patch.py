@@ -24,6 +24,7 @@ from torch import nn
 
 from .architectures import efficient_class, supported_model_classes
 from .attention_interface import implementation_name, register_with_transformers
+from .fused_layers import prepare_for_decoding, undo_decoding_preparation
 from .plan import CONFIG_KEY, describe_plan, plan_layers, summarize_plan
 from .surgery import FEATURE_MAP_ATTRIBUTE, apply_plan, attention_modules, base_model_type, remove_plan
 
@@ -154,6 +155,9 @@ def patch_model(
     model.__class__ = model_class
     _register_output_capture(model)
     model._hf_efficient_original = original
+    # a constant-state decoder is bound by reading its weights: the decoding fast path (compiled blocks, weights
+    # back to back on huge pages; the same parameters and checkpoints), see .fused_layers
+    prepare_for_decoding(model)
     logger.info("hf_efficient: patched %s: %s", type(model).__name__, summarize_plan(plan))
     return model
 
@@ -180,6 +184,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if original.get("model_type") is not None:
         config.__dict__["model_type"] = original["model_type"]
     model.__class__ = model_class
+    undo_decoding_preparation(model)
     _register_output_capture(model)
     _set_implementation(model, original.get("attn_implementation") or record.get("base_attn_implementation")
                         or "sdpa")

@@ -9,7 +9,8 @@ import hf_efficient.integrations as integrations
 
 FOLDER = Path(integrations.__file__).parent
 # Each module may import only modules before it.
-CHAIN = ["plan", "configurations", "surgery", "attention_interface", "cache", "export", "models", "architectures",
+CHAIN = ["plan", "configurations", "surgery", "attention_interface", "cache", "export", "models", "fused_layers",
+         "architectures",
          "patch", "configs", "__init__"]
 
 

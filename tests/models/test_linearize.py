@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_efficient import LinearAttentionCache
+from hf_efficient.decoding import DecodeLinear
 from hf_efficient.training.linearize import (
     LinearizeConfig,
     attention_transfer_loss,
@@ -181,7 +182,8 @@ def test_lora_finetune_merges_into_the_linearised_layers_only(monkeypatch):
                              keep_softmax_first=1, lora_rank=2)
     linearize(model, train, config)
     layers = model.model.layers
-    assert type(layers[1].self_attn.q_proj) is torch.nn.Linear  # adapters merged and removed
+    # adapters merged and removed: the plain linear layer again (DecodeLinear: patch_model's nn.Linear for decoding)
+    assert type(layers[1].self_attn.q_proj) is DecodeLinear
     assert not any("lora" in name for name, _ in model.named_parameters())
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         key = f"model.layers.1.self_attn.{name}.weight"
