@@ -79,3 +79,30 @@ def test_kernel_arch_refuses_a_non_march_value(monkeypatch):
     monkeypatch.setenv(loader.ARCH_ENV, "native $(touch /tmp/x)")
     with pytest.raises(ValueError, match="HF_EFFICIENT_KERNEL_ARCH"):
         loader._flag_sets()
+
+
+@pytest.mark.parametrize("prefill", [3, 9])
+def test_window_linear_ignores_nan_under_padding_in_prefill_state_and_steps(prefill):
+    """A padded key whose key and value are NaN changes nothing: the same outputs and state as with zeros there."""
+    from hf_efficient import window_linear_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, prefill, 8) for _ in range(3))
+    mask = torch.ones(2, prefill, dtype=torch.bool)
+    mask[0, 1] = False
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[0, :, 1], clean_v[0, :, 1] = 0.0, 0.0
+    k[0, :, 1], v[0, :, 1] = math.nan, math.nan
+    results = []
+    for kk, vv in ((k, v), (clean_k, clean_v)):
+        out, state = window_linear_attention(q, kk, vv, window=2, key_padding_mask=mask, return_state=True)
+        steps = []
+        for t in range(3):  # decoding continues the state; the padded key leaves the window into the linear part
+            step, state = window_linear_attention(q[:, :, t:t + 1], k[:, :, -1:] * 0 + t, v[:, :, -1:] * 0 + t,
+                                                  window=2, state=state, return_state=True)
+            steps.append(step)
+        results.append((out[:, :, 2:], torch.cat(steps, 2)))
+    (out, steps), (want_out, want_steps) = results
+    assert torch.isfinite(out).all() and torch.isfinite(steps).all()
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(steps, want_steps)
