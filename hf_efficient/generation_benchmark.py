@@ -299,12 +299,12 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
-    _plot(list(rows.values()), args.out.with_suffix(".png"))
+    _plot(list(rows.values()), args.out.with_suffix(".png"), floors.get("linear"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, floor_ms: float | None = None) -> None:
     try:
         import matplotlib
 
@@ -314,7 +314,7 @@ def _plot(rows: list[dict], path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     n = [r["context"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.6))
     curves = [("softmax", "softmax + DynamicCache"), ("linear", "linear + LinearAttentionCache"),
               ("window", "window-linear (patched Llama) + LinearAttentionCache")]
     for name, label in curves:
@@ -323,18 +323,19 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax1.errorbar(n, [r[f"{name}_ms"] for r in rows],
                      yerr=[[r[f"{name}_ms"] - r[f"{name}_ms_min"] for r in rows],
                            [r[f"{name}_ms_max"] - r[f"{name}_ms"] for r in rows]], marker="o", label=label)
-        ax2.plot(n, [r[f"{name}_cache_bytes"] / 2**20 for r in rows], marker="o", label=label)
+        ax2.plot(n, [r[f"{name}_cache_bytes"] / 2**20 for r in rows], marker="o")
+    if floor_ms is not None:  # the same weights for every model: one floor
+        ax1.axhline(floor_ms, color="grey", linestyle="--", label="weight-read floor")
     for ax, title, unit in ((ax1, "decode time per token", "ms"), (ax2, "cache size", "MiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(unit)
         ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
