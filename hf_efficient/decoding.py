@@ -18,6 +18,7 @@ object, swapping only the memory under it (each weight keeps a storage of its ow
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ from hf_efficient_kernels.memory import huge_page_empty
 __all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
            "placed_for_decoding", "plain_linear"]
 
-# dtypes the compiled matrix-vector product reads (placement helps any dtype, but only these are streamed by it)
+# floating dtypes whose weights a decoding step streams (the compiled product reads float32; the others still read
+# faster back to back on huge pages)
 _PLACED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLACEMENT = "_hf_efficient_decode_placement"
 
@@ -90,14 +92,19 @@ def kernels_turned_off() -> bool:
 
 def _decode_weights(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of ``model``'s linear layers in module order (the order a decoding step reads them), each
-    once, that live on the CPU in a dtype the decoding kernels read."""
+    once, that live on the CPU in a floating dtype. A parameter that shares its storage with another parameter
+    (views of one fused tensor) is left out: copies of its own would silently stop the sharing."""
+    owners: dict[int, set[int]] = {}
+    for p in model.parameters():
+        if p.device.type == "cpu":
+            owners.setdefault(p.untyped_storage().data_ptr(), set()).add(id(p))
     seen, out = set(), []
     for module in model.modules():
         if not isinstance(module, nn.Linear):
             continue
         for p in (module.weight, module.bias):
             if (p is None or id(p) in seen or p.device.type != "cpu" or p.dtype not in _PLACED_DTYPES
-                    or p.numel() == 0):
+                    or p.numel() == 0 or len(owners.get(p.untyped_storage().data_ptr(), ())) > 1):
                 continue
             seen.add(id(p))
             out.append(p)
@@ -118,7 +125,12 @@ def place_for_decoding(model: nn.Module) -> int:
     placed = model.__dict__.get(_PLACEMENT, frozenset())
     if params and all(p.data_ptr() in placed for p in params):
         return 0
-    homes = huge_page_empty([(p.shape, p.dtype) for p in params])
+    try:
+        homes = huge_page_empty([(p.shape, p.dtype) for p in params])
+    except OSError as error:  # no memory to map: decoding still works, from where the weights are
+        warnings.warn(f"place_for_decoding: the weights stay where they are ({error})", RuntimeWarning, stacklevel=2)
+        model.__dict__[_PLACEMENT] = frozenset(p.data_ptr() for p in params)
+        return 0
     with torch.inference_mode(False), torch.no_grad():
         for p, home in zip(params, homes):  # one at a time: each old storage is freed as its copy is made
             p.data = home.copy_(p.data)

@@ -110,3 +110,30 @@ def test_placement_skips_what_is_not_on_the_cpu():
                                              num_attention_heads=2))
     assert place_for_decoding(model) == 0
     assert model.lm_head.weight.device.type == "meta"
+
+
+def test_parameters_sharing_one_storage_keep_sharing_it():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    fused = torch.randn(2, 4, 4)
+    model[0].weight, model[1].weight = torch.nn.Parameter(fused[0]), torch.nn.Parameter(fused[1])
+    moved = place_for_decoding(model)
+    assert moved == 2 * 4 * 4  # the biases only
+    assert model[0].weight.untyped_storage().data_ptr() == model[1].weight.untyped_storage().data_ptr()
+
+
+def test_no_memory_to_map_leaves_the_weights_and_warns(monkeypatch):
+    import hf_efficient.decoding as decoding
+
+    def refuse(specs):
+        raise OSError("Cannot allocate memory")
+
+    monkeypatch.setattr(decoding, "huge_page_empty", refuse)
+    model = tiny_lm(False)
+    before = model.lm_head.weight.data_ptr()
+    with pytest.warns(RuntimeWarning, match="stay where they are"):
+        assert place_for_decoding(model) == 0
+    assert model.lm_head.weight.data_ptr() == before
+    with torch.no_grad():  # decoding still works, and does not try again every step
+        cache = LinearAttentionCache.from_model(model)
+        model(torch.tensor([[1, 2]]), cache=cache, use_cache=True)
+        model(torch.tensor([[3]]), cache=cache, use_cache=True)
