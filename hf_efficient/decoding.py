@@ -27,7 +27,7 @@ from hf_efficient_kernels import dispatch
 from hf_efficient_kernels.memory import huge_page_empty
 
 __all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
-           "placed_for_decoding", "plain_linear"]
+           "placed_for_decoding", "plain_linear", "swap_classes"]
 
 # floating dtypes whose weights a decoding step streams (the compiled product reads float32; the others still read
 # faster back to back on huge pages)
@@ -51,27 +51,28 @@ class DecodeLinear(nn.Linear):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def as_decode_linear(model: nn.Module) -> list[str]:
-    """Make every plain ``nn.Linear`` of ``model`` a :class:`DecodeLinear` in place (the same object, parameters
-    and hooks; only its class changes), and return their names. Subclasses (quantised or adapter layers) are left
-    as they are. ``type(layer) is DecodeLinear`` afterwards; to undo, set ``layer.__class__ = nn.Linear``."""
+def swap_classes(model: nn.Module, classes: dict[type, type]) -> list[str]:
+    """Give every module of ``model`` whose class is exactly a key of ``classes`` the class it maps to, in place (the
+    same object, parameters and hooks; the classes must share their layout); returns the names of those modules."""
     names = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear:
-            module.__class__ = DecodeLinear
+        new = classes.get(type(module))
+        if new is not None:
+            module.__class__ = new
             names.append(name)
     return names
+
+
+def as_decode_linear(model: nn.Module) -> list[str]:
+    """Make every plain ``nn.Linear`` of ``model`` a :class:`DecodeLinear` in place and return their names.
+    Subclasses (quantised or adapter layers) are left as they are. :func:`plain_linear` undoes it."""
+    return swap_classes(model, {nn.Linear: DecodeLinear})
 
 
 def plain_linear(model: nn.Module) -> list[str]:
     """Undo :func:`as_decode_linear`: every :class:`DecodeLinear` of ``model`` becomes an ``nn.Linear`` again (the
     same object); returns their names."""
-    names = []
-    for name, module in model.named_modules():
-        if type(module) is DecodeLinear:
-            module.__class__ = nn.Linear
-            names.append(name)
-    return names
+    return swap_classes(model, {DecodeLinear: nn.Linear})
 
 
 def hooked(modules) -> bool:

@@ -33,6 +33,7 @@ from ..decoding import (
     kernels_turned_off,
     place_for_decoding,
     plain_linear,
+    swap_classes,
 )
 from .cache import LinearAttentionCache, RecurrentStateLayer
 from .models import EfficientModelMixin
@@ -159,24 +160,12 @@ _PLAIN = {fused: plain for plain, fused in _FUSED.items()}
 def fuse_decoder_layers(model: nn.Module) -> int:
     """Switch ``model``'s Llama, Mistral and Qwen2 decoder layers (exactly those classes) to their fused classes in
     place (the same objects, parameters and hooks); returns how many."""
-    count = 0
-    for module in model.modules():
-        fused = _FUSED.get(type(module))
-        if fused is not None:
-            module.__class__ = fused
-            count += 1
-    return count
+    return len(swap_classes(model, _FUSED))
 
 
 def unfuse_decoder_layers(model: nn.Module) -> int:
     """Undo :func:`fuse_decoder_layers`; returns how many layers were switched back."""
-    count = 0
-    for module in model.modules():
-        plain = _PLAIN.get(type(module))
-        if plain is not None:
-            module.__class__ = plain
-            count += 1
-    return count
+    return len(swap_classes(model, _PLAIN))
 
 
 def prepare_for_decoding(model: nn.Module, place: bool = True) -> bool:
