@@ -143,10 +143,11 @@ class RecurrentStateLayer(CacheLayerMixin):
             self.lazy_initialization(k, v)
         if self.state is None:
             return
-        if self.batch_size != q.shape[0]:
-            raise ValueError(f"LinearAttentionCache holds states for batch {self.batch_size} but got a batch of "
+        held = self._state_tensor()  # once: this runs for every layer of every decoded token
+        if held.shape[0] != q.shape[0]:
+            raise ValueError(f"LinearAttentionCache holds states for batch {held.shape[0]} but got a batch of "
                              f"{q.shape[0]}; use a fresh cache (or cache.reset()) for a new batch")
-        device = self._state_tensor().device
+        device = held.device
         if device != k.device:
             raise ValueError(f"LinearAttentionCache holds its state on {device} but the model computes on {k.device}; "
                              "use a fresh cache after moving the model")
