@@ -17,7 +17,6 @@ object, swapping only the memory under it (each weight keeps a storage of its ow
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -87,8 +86,8 @@ def hooked(modules) -> bool:
 
 def kernels_turned_off() -> bool:
     """``HF_EFFICIENT_KERNELS=reference``: the PyTorch path as it is, without the compiled kernels or the
-    weight placement made for them."""
-    return os.environ.get(dispatch.ENV_VAR, "auto").strip().lower() == "reference"
+    weight placement made for them (read and validated by the dispatcher)."""
+    return dispatch._requested(None) == "reference"
 
 
 def _decode_weights(model: nn.Module) -> list[nn.Parameter]:
@@ -122,6 +121,8 @@ def place_for_decoding(model: nn.Module) -> int:
     Called by ``linear-lm`` at its first compiled decoding step and by :func:`hf_efficient.patch_model` for recurrent
     kinds; ``HF_EFFICIENT_HUGE_PAGES=0`` keeps the copies but skips the huge-page advice.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"place_for_decoding: expected a torch.nn.Module, got {type(model).__name__}")
     params = _decode_weights(model)
     placed = model.__dict__.get(_PLACEMENT, frozenset())
     if params and all(p.data_ptr() in placed for p in params):

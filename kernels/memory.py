@@ -64,7 +64,11 @@ def huge_page_empty(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> lis
     del anchor  # the tensors below keep the mapping alive through their own exports of it
     # one huge page of slack lets the data start on a huge-page boundary whatever address the mapping got
     start = -base % HUGE_PAGE_BYTES
-    if os.environ.get("HF_EFFICIENT_HUGE_PAGES", "1") != "0":
+    advice = os.environ.get("HF_EFFICIENT_HUGE_PAGES", "1").strip()
+    if advice not in ("0", "1"):
+        raise ValueError(f"HF_EFFICIENT_HUGE_PAGES={advice!r} is not understood; accepted: 1 (advise huge pages, the "
+                         "default) or 0 (do not)")
+    if advice == "1":
         _advise_huge_pages(base + start, rounded)
     out, offset = [], start
     with torch.inference_mode(False):  # ordinary tensors, usable later in training

@@ -96,13 +96,17 @@ def fused_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor 
     head_dim = attn.head_dim
     heads = projections[0]._parameters["weight"].shape[0] // head_dim
     kv_heads = projections[1]._parameters["weight"].shape[0] // head_dim
+    # a state of another shape (another model's cache) goes to the module path, which names what does not fit
+    want = (x.shape[0], heads, head_dim)
     if plan.kind == "linear":
-        if not _linear_state(state):
+        if not _linear_state(state) or tuple(state.k_sum.shape) != want:
             return None
         window, tensors = 0, {"kv": state.kv, "k_sum": state.k_sum}
     else:
         if (not isinstance(state, WindowLinearState) or state.window != plan.params.window
-                or (state.linear is not None and not _linear_state(state.linear))):
+                or state.keys.dim() != 4 or (state.keys.shape[0], state.keys.shape[1], state.keys.shape[3]) != want
+                or (state.linear is not None and (not _linear_state(state.linear)
+                                                  or tuple(state.linear.k_sum.shape) != want))):
             return None
         window = plan.params.window
         # a prefill leaves slices of its keys; after the first compiled step the buffer is contiguous already

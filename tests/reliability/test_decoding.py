@@ -1,0 +1,72 @@
+"""Misuse of the decoding fast path (place_for_decoding, huge_page_copies, HF_EFFICIENT_HUGE_PAGES, the fused
+decoder layers): a clear error naming what is accepted, or the right answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_efficient import LinearAttentionCache, patch_model, place_for_decoding
+from hf_efficient.decoding import DecodeLinear
+from hf_efficient_kernels.cpu import load_decode_extension
+from hf_efficient_kernels.memory import huge_page_copies
+
+
+def test_place_for_decoding_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        place_for_decoding({"weight": torch.ones(3)})
+
+
+def test_place_for_decoding_keeps_nan_skips_integers_and_a_second_call_moves_nothing():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[1, 2] = math.nan
+    model[1].register_buffer("steps", torch.arange(5))  # not a parameter of a linear layer: left alone
+    want = model[0].weight.detach().clone()
+    assert place_for_decoding(model) == sum(p.numel() * 4 for p in model.parameters())
+    assert torch.equal(model[0].weight.isnan(), want.isnan())
+    assert torch.equal(model[0].weight.nan_to_num(), want.nan_to_num())
+    assert place_for_decoding(model) == 0
+    assert place_for_decoding(nn.Sequential()) == 0  # nothing to place
+
+
+def test_huge_page_copies_of_nothing_and_a_bad_advice_setting(monkeypatch):
+    assert huge_page_copies([]) == []
+    monkeypatch.setenv("HF_EFFICIENT_HUGE_PAGES", "yes")
+    with pytest.raises(ValueError, match="HF_EFFICIENT_HUGE_PAGES='yes'.*accepted"):
+        huge_page_copies([torch.ones(3)])
+
+
+def test_a_bad_kernels_setting_is_refused_when_placement_reads_it(monkeypatch):
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="HF_EFFICIENT_KERNELS='fast'"):
+        patch_model(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                                 num_hidden_layers=1, num_attention_heads=2)), "linear")
+
+
+def test_decode_linear_takes_wrong_dtypes_and_empty_input_through_torch():
+    layer = DecodeLinear(4, 3)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # float64 input against float32 weights: torch's own dtype error
+        layer(x)
+    assert layer(torch.randn(0, 4)).shape == (0, 3)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+def test_a_cache_filled_by_another_decoder_is_refused_by_name():
+    def decoder(heads: int):
+        torch.manual_seed(0)
+        return patch_model(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                                        num_hidden_layers=1, num_attention_heads=heads)).eval(),
+                           "window-linear", window=3)
+
+    small, large = decoder(2), decoder(4)
+    cache = LinearAttentionCache(config=small.config)
+    with torch.no_grad():
+        small(torch.tensor([[1, 2, 3, 4]]), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="do not fit"):  # the compiled step steps aside; the check names it
+            large(torch.tensor([[5]]), cache=cache, use_cache=True)
