@@ -206,6 +206,40 @@ at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& weight, const c10:
 }
 
 // ------------------------------------------------------------------ one token of causal linear attention
+// a . b over n floats. Two vector accumulators: a single scalar chain is bound by the latency of each add, which
+// made the window's scores cost more than the rest of the attention.
+inline float dot(const float* a, const float* b, int64_t n) {
+  vec s0 = vzero(), s1 = vzero();
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    s0 = vfma(vload(a + i), vload(b + i), s0);
+    s1 = vfma(vload(a + i + kLanes), vload(b + i + kLanes), s1);
+  }
+  for (; i + kLanes <= n; i += kLanes) s0 = vfma(vload(a + i), vload(b + i), s0);
+  float s = vsum(vadd(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[e] += a * x[e * stride] for e < n; the unit stride (a state the kernels wrote) is its own loop, so the
+// compiler vectorises it.
+inline void axpy(float a, const float* x, int64_t stride, float* y, int64_t n) {
+  if (stride == 1) {
+    for (int64_t e = 0; e < n; ++e) y[e] += a * x[e];
+  } else {
+    for (int64_t e = 0; e < n; ++e) y[e] += a * x[e * stride];
+  }
+}
+
+// y[e] = x[e * stride] for e < n
+inline void copy_strided(const float* x, int64_t stride, float* y, int64_t n) {
+  if (stride == 1) {
+    std::copy(x, x + n, y);
+  } else {
+    for (int64_t e = 0; e < n; ++e) y[e] = x[e * stride];
+  }
+}
+
 inline float feature(float x, int64_t kind) {
   // kind 1: elu(x) + 1; kind 2: relu(x). NaN stays NaN in both (as torch's elu and relu).
   if (kind == 1) return x > 0.0f ? x + 1.0f : std::exp(x);
@@ -229,11 +263,11 @@ void attend_one(const float* q, const float* k, const float* v, const float* kv,
     const float* src = kv + m * kv_m;
     float* dst = s + m * (E + 1);
     const float pk = phi_k[m], pq = phi_q[m];
+    copy_strided(src, kv_e, dst, E);
     if (real) {
-      for (int64_t e = 0; e < E; ++e) dst[e] = src[e * kv_e] + pk * v[e];
+      axpy(pk, v, 1, dst, E);
       dst[E] = z[m * z_m] + pk;
     } else {
-      for (int64_t e = 0; e < E; ++e) dst[e] = src[e * kv_e];
       dst[E] = z[m * z_m];
     }
     for (int64_t e = 0; e < E; ++e) num[e] += pq * dst[e];
@@ -372,18 +406,13 @@ void window_one(const float* q, const float* k_new, const float* v_new, const fl
                 const bool* mb, int64_t r, int64_t D, float scale, bool has_linear, const float* kv, int64_t kv_m,
                 int64_t kv_e, const float* z, int64_t z_m, int64_t kind, float eps, float* out, float* scores,
                 float* phi_q, float* num) {
-  auto dot = [D](const float* a, const float* b) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < D; ++i) s += a[i] * b[i];
-    return s;
-  };
   float m = -INFINITY;
   for (int64_t j = 0; j < r; ++j) {
     if (!mb[j]) continue;
-    scores[j] = scale * dot(q, kb + j * D);
+    scores[j] = scale * dot(q, kb + j * D, D);
     if (scores[j] > m) m = scores[j];
   }
-  scores[r] = scale * dot(q, k_new);
+  scores[r] = scale * dot(q, k_new, D);
   if (scores[r] > m) m = scores[r];
   if (!std::isfinite(m)) m = 0.0f;
   for (int64_t e = 0; e < D; ++e) num[e] = 0.0f;
@@ -399,8 +428,7 @@ void window_one(const float* q, const float* k_new, const float* v_new, const fl
     for (int64_t i = 0; i < D; ++i) phi_q[i] = feature(q[i], kind);
     for (int64_t i = 0; i < D; ++i) {
       const float pq = phi_q[i];
-      const float* row = kv + i * kv_m;
-      for (int64_t e = 0; e < D; ++e) num[e] += pq * row[e * kv_e];
+      axpy(pq, kv + i * kv_m, kv_e, num, D);
       den += pq * z[i * z_m];
     }
   }
@@ -488,7 +516,7 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
         for (int64_t i = 0; i < D; ++i) {
           float* row = sp + i * (D + 1);
           if (has_linear) {
-            for (int64_t e = 0; e < D; ++e) row[e] = kvp[i * kv_m + e * kv_e];
+            copy_strided(kvp + i * kv_m, kv_e, row, D);
             row[D] = zp[i * z_m];
           } else {
             for (int64_t e = 0; e <= D; ++e) row[e] = 0.0f;
