@@ -700,7 +700,7 @@ def decoder_block_step_kernel(
     rms_eps: float,
     *,
     implementation: str | None = None,
-) -> Callable[[], list[torch.Tensor]] | None:
+) -> Callable[..., list[torch.Tensor]] | None:
     """One decoder block (Llama, Mistral, Qwen2 layout) patched with ``linear`` (``window=0``) or ``window-linear``
     attention, for one new token per row, compiled; or None.
 
@@ -711,7 +711,9 @@ def decoder_block_step_kernel(
     any key left the window), and for window-linear ``keys``/``values`` ``(batch, heads, r, head_dim)`` and
     ``key_mask`` ``(batch, r)`` bool. All float32 CPU tensors needing no gradient. The call gives ``[out (batch, 1,
     hidden), packed linear state (batch, heads, head_dim, head_dim + 1) or an empty tensor]`` and, for window-linear,
-    the new ``keys``, ``values`` and ``key_mask``; no input is written. None where the module path runs.
+    the new ``keys``, ``values`` and ``key_mask``; no input is written. The call takes ``x`` or, as its argument,
+    another input of x's shape, dtype and device (the output of the block before, once it is computed; the kernel
+    checks it like ``x``). None where the module path runs.
     """
     kv, k_sum = state.get("kv"), state.get("k_sum")
     keys, values, key_mask = state.get("keys"), state.get("values"), state.get("key_mask")
@@ -726,6 +728,11 @@ def decoder_block_step_kernel(
             or not _decode_kernel_ready(floats, implementation, "decoder_block_step")):
         return None
     cos, sin = rotary if rotary is not None else (None, None)
-    return partial(torch.ops.hf_efficient_decode_cpu.decoder_block_step, x, list(weights), list(biases), cos, sin, kv,
-                   k_sum, keys, values, key_mask, int(heads), int(kv_heads), int(head_dim),
-                   _DECODE_FEATURES[feature_map], int(window), float(scale), float(eps), float(rms_eps))
+    op = torch.ops.hf_efficient_decode_cpu.decoder_block_step
+    rest = (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads), int(kv_heads),
+            int(head_dim), _DECODE_FEATURES[feature_map], int(window), float(scale), float(eps), float(rms_eps))
+
+    def step(hidden: torch.Tensor = x) -> list[torch.Tensor]:
+        return op(hidden, *rest)
+
+    return step

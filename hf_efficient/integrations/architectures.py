@@ -128,7 +128,7 @@ from .configurations import (
     EfficientViTConfig,
 )
 from .export import auto_class_name
-from .fused_layers import DecodingModelMixin
+from .fused_layers import DecodingModelMixin, FusedModelMixin
 from .models import EfficientModelMixin
 from .surgery import SELF_ATTENTION_CLASSES
 
@@ -324,7 +324,7 @@ class EfficientGPTNeoXForQuestionAnswering(DecodingModelMixin, GPTNeoXForQuestio
 
 
 # -------------------- Llama (and SmolLM2)
-class EfficientLlamaModel(DecodingModelMixin, LlamaModel):
+class EfficientLlamaModel(DecodingModelMixin, FusedModelMixin, LlamaModel):
     config_class = EfficientLlamaConfig
 
 
@@ -345,7 +345,7 @@ class EfficientLlamaForQuestionAnswering(DecodingModelMixin, LlamaForQuestionAns
 
 
 # -------------------- Mistral: sliding-window layers
-class EfficientMistralModel(DecodingModelMixin, MistralModel):
+class EfficientMistralModel(DecodingModelMixin, FusedModelMixin, MistralModel):
     config_class = EfficientMistralConfig
 
 
@@ -366,7 +366,7 @@ class EfficientMistralForQuestionAnswering(DecodingModelMixin, MistralForQuestio
 
 
 # -------------------- Qwen2
-class EfficientQwen2Model(DecodingModelMixin, Qwen2Model):
+class EfficientQwen2Model(DecodingModelMixin, FusedModelMixin, Qwen2Model):
     config_class = EfficientQwen2Config
 
 

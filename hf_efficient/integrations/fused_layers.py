@@ -5,24 +5,35 @@ reading the weights once, plus the Python of transformers' modules: on a 6-layer
 token before any attention runs, half the time the weights take to read. ``EfficientLlamaDecoderLayer`` (and the
 Mistral and Qwen2 ones, which share the layout) run such a step through ``decoder_block_step`` (RMSNorm, q/k/v
 with biases, rotary, the kind's recurrent step with grouped-query heads, o, SwiGLU MLP, residuals), and keep the
-cache layer's state as the module path would.
+cache layer's state as the module path would. Around the blocks, transformers' model-level ``forward`` costs
+another 0.3 ms a token (mask building, output capture, a call per layer): ``FusedLlamaModel`` (and the Mistral and
+Qwen2 ones) run a decoding step as embedding, rotary module, the compiled blocks and the final norm, when every
+block would take its compiled step (:func:`fused_model_step`).
 
 Everything else is the transformers layer unchanged: training, prefill, gradients, masks with padding, hooks
 (``output_hidden_states`` and probes), adapters or other projection classes, learned feature maps, softmax layers,
-non-float32 or non-CPU tensors all take ``super().forward``. ``patch_model`` switches a patched decoder's layers to
-these static classes (and ``unpatch_model`` back); they pickle and save like the originals.
+non-float32 or non-CPU tensors all take ``super().forward``. ``patch_model`` switches a patched decoder's layers and
+base model to these static classes (and ``unpatch_model`` back); they pickle and save like the originals.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRMSNorm
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralModel, MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model, Qwen2RMSNorm
 
 from hf_efficient_kernels import dispatch
+
+try:
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # a transformers without that registry finds the recordable outputs otherwise
+    _CAN_RECORD_REGISTRY = None
 
 from ..attention.linear import LinearAttentionState
 from ..attention.window_linear import WindowLinearState
@@ -46,6 +57,10 @@ __all__ = [
     "EfficientMistralDecoderLayer",
     "EfficientQwen2DecoderLayer",
     "FusedDecodeMixin",
+    "FusedLlamaModel",
+    "FusedMistralModel",
+    "FusedModelMixin",
+    "FusedQwen2Model",
     "fuse_decoder_layers",
     "prepare_for_decoding",
     "undo_decoding_preparation",
@@ -66,6 +81,14 @@ def _linear_state(state) -> bool:
 def fused_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
     """The block's output ``(batch, 1, hidden)`` for one new token per row through ``decoder_block_step``, with the
     cache layer's state advanced; None when the module path must run (see the module docstring)."""
+    step = block_step(layer, x, kwargs)
+    return None if step is None else step(x)
+
+
+def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What :func:`fused_step` checks, without running anything: a function of the block's input (``x`` or another
+    tensor of its shape, dtype and device) that runs the compiled block and keeps the cache layer's new state, or
+    None when the module path must run. The state is read now; run the step once, before the next of this layer."""
     if torch.is_grad_enabled() or kwargs.get("attention_mask") is not None:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -122,14 +145,18 @@ def fused_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor 
         attn.scaling, plan.params.eps, norm1.variance_epsilon)
     if kernel is None:
         return None
-    out, packed, *window_state = kernel()
-    linear = LinearAttentionState.unpack(packed) if packed.numel() else None
-    if window:
-        keys, values, mask = window_state
-        cache_layer.commit(WindowLinearState(linear, keys, values, mask, window), x)
-    else:
-        cache_layer.commit(linear, x)
-    return out
+
+    def step(hidden: torch.Tensor) -> torch.Tensor:
+        out, packed, *window_state = kernel(hidden)
+        linear = LinearAttentionState.unpack(packed) if packed.numel() else None
+        if window:
+            keys, values, mask = window_state
+            cache_layer.commit(WindowLinearState(linear, keys, values, mask, window), hidden)
+        else:
+            cache_layer.commit(linear, hidden)
+        return out
+
+    return step
 
 
 class FusedDecodeMixin:
@@ -156,20 +183,116 @@ class EfficientQwen2DecoderLayer(FusedDecodeMixin, Qwen2DecoderLayer):
     pass
 
 
+# the arguments a decoding step of the model passes (generate() and the task heads); any other takes the modules
+_STEP_ARGUMENTS = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values",
+                             "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states", "return_dict"})
+
+
+def _flag(model: nn.Module, kwargs: dict, name: str, default: bool):
+    """An ``output_*``/``return_dict``/``use_cache`` argument as transformers reads it: the argument, else the
+    config's value."""
+    return kwargs[name] if name in kwargs else getattr(model.config, name, default)
+
+
+def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict):
+    """A Llama-layout base model's decoding step (one new token per row) with every block run by
+    :func:`block_step`: the embedding, the rotary module and the final norm run as modules (their hooks too), the
+    mask building, output capture and per-layer calls of transformers' ``forward`` are skipped. Gives
+    ``BaseModelOutputWithPast`` or None, with nothing run, when ``forward`` must: any block that would take its
+    modules, gradients, a padding mask (or a mask that does not cover the cache and the new token), hidden states
+    or attentions asked for, a tuple asked for, a cache that is not a ``LinearAttentionCache``, other arguments."""
+    if torch.is_grad_enabled() or not kwargs.keys() <= _STEP_ARGUMENTS:
+        return None
+    if "cache" in kwargs and "past_key_values" in kwargs:
+        return None  # transformers names the clash
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    embeds = kwargs.get("inputs_embeds")
+    if (not isinstance(cache, LinearAttentionCache) or (input_ids is None) == (embeds is None)
+            or _flag(model, kwargs, "use_cache", True) is False or _flag(model, kwargs, "return_dict", True) is False
+            or _flag(model, kwargs, "output_attentions", False) or _flag(model, kwargs, "output_hidden_states", False)):
+        return None
+    given = input_ids if embeds is None else embeds
+    if not isinstance(given, torch.Tensor) or given.dim() != (2 if embeds is None else 3) or given.shape[1] != 1:
+        return None
+    batch, past = given.shape[0], cache.get_seq_length()
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, past + 1)
+                                 and bool(mask.all())):
+        return None
+    sub = model._modules
+    layers = list(sub["layers"]._modules.values())[: model.config.num_hidden_layers]
+    if not layers or any(type(layer) not in _FUSED_LAYERS for layer in layers):
+        return None
+    hidden = sub["embed_tokens"](input_ids) if embeds is None else embeds
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.full((1, 1), past, dtype=torch.long, device=hidden.device)
+    shared = {"cache": cache, "position_embeddings": sub["rotary_emb"](hidden, position_ids=positions)}
+    steps = []
+    for layer in layers:  # every block checked before any runs: a step is all compiled or all modules
+        step = block_step(layer, hidden, shared)
+        if step is None:
+            return None
+        steps.append(step)
+    for step in steps:
+        hidden = step(hidden)
+    return BaseModelOutputWithPast(last_hidden_state=sub["norm"](hidden), cache=cache)
+
+
+class FusedModelMixin:
+    """Put in front of a transformers Llama-layout base model class: decoding steps that :func:`fused_model_step`
+    takes skip the model-level Python of ``forward``; everything else is the model's own ``forward``."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, *args, **kwargs):
+        if not args:
+            out = fused_model_step(self, input_ids, kwargs)
+            if out is not None:
+                return out
+        return super().forward(input_ids, *args, **kwargs)
+
+
+_FUSED_LAYERS = frozenset({EfficientLlamaDecoderLayer, EfficientMistralDecoderLayer, EfficientQwen2DecoderLayer})
+
+
+class FusedLlamaModel(FusedModelMixin, LlamaModel):
+    pass
+
+
+class FusedMistralModel(FusedModelMixin, MistralModel):
+    pass
+
+
+class FusedQwen2Model(FusedModelMixin, Qwen2Model):
+    pass
+
+
 _FUSED = {LlamaDecoderLayer: EfficientLlamaDecoderLayer, MistralDecoderLayer: EfficientMistralDecoderLayer,
-          Qwen2DecoderLayer: EfficientQwen2DecoderLayer}
+          Qwen2DecoderLayer: EfficientQwen2DecoderLayer, LlamaModel: FusedLlamaModel, MistralModel: FusedMistralModel,
+          Qwen2Model: FusedQwen2Model}
 _PLAIN = {fused: plain for plain, fused in _FUSED.items()}
+_BASE_MODELS = frozenset({LlamaModel, MistralModel, Qwen2Model, FusedLlamaModel, FusedMistralModel, FusedQwen2Model})
+
+
+def _swap(model: nn.Module, classes: dict[type, type]) -> int:
+    names = swap_classes(model, classes)
+    if _CAN_RECORD_REGISTRY is not None:
+        # transformers looks up the outputs a model can record (output_hidden_states) by the name of its class,
+        # registered when the model was built: a base model of a new class registers as it would have
+        for module in model.modules():
+            if type(module) in _BASE_MODELS:
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+    return len(names)
 
 
 def fuse_decoder_layers(model: nn.Module) -> int:
-    """Switch ``model``'s Llama, Mistral and Qwen2 decoder layers (exactly those classes) to their fused classes in
-    place (the same objects, parameters and hooks); returns how many."""
-    return len(swap_classes(model, _FUSED))
+    """Switch ``model``'s Llama, Mistral and Qwen2 decoder layers and base models (exactly those classes) to their
+    fused classes in place (the same objects, parameters and hooks); returns how many modules were switched."""
+    return _swap(model, _FUSED)
 
 
 def unfuse_decoder_layers(model: nn.Module) -> int:
-    """Undo :func:`fuse_decoder_layers`; returns how many layers were switched back."""
-    return len(swap_classes(model, _PLAIN))
+    """Undo :func:`fuse_decoder_layers`; returns how many modules were switched back."""
+    return _swap(model, _PLAIN)
 
 
 def prepare_for_decoding(model: nn.Module, place: bool = True) -> bool:

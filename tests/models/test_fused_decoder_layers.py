@@ -48,14 +48,21 @@ def decoder(arch: str = "llama", seed: int = 0) -> nn.Module:
 
 @pytest.fixture
 def block_calls(monkeypatch):
-    """How many block steps ran compiled."""
+    """How many block steps ran compiled (built and run: the model-level step builds every block's step before it
+    runs any, and runs none when one block must take its modules)."""
     calls = {"n": 0}
     original = dispatch.decoder_block_step_kernel
 
     def counted(*args, **kwargs):
         kernel = original(*args, **kwargs)
-        calls["n"] += kernel is not None
-        return kernel
+        if kernel is None:
+            return None
+
+        def run(*inputs):
+            calls["n"] += 1
+            return kernel(*inputs)
+
+        return run
 
     monkeypatch.setattr(dispatch, "decoder_block_step_kernel", counted)
     return calls
