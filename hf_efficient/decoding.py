@@ -21,6 +21,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from hf_efficient_kernels import dispatch
 from hf_efficient_kernels.memory import huge_page_empty
@@ -77,8 +78,6 @@ def plain_linear(model: nn.Module) -> list[str]:
 def hooked(modules) -> bool:
     """Whether a forward hook (global, or on one of ``modules``) would see these modules run: a compiled step that
     skips them must then step aside."""
-    from torch.nn.modules import module as torch_module
-
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)

@@ -723,9 +723,15 @@ def decoder_block_step_kernel(
         floats += list(rotary)
     if (feature_map not in _DECODE_FEATURES or x.dim() != 3 or x.shape[1] != 1
             or not 1 <= x.shape[0] <= DECODE_MAX_ROWS or len(weights) != 9 or len(biases) != 7
-            or any(t.dtype != torch.float32 for t in floats) or any(not w.is_contiguous() for w in weights)
-            or (window > 0 and (key_mask is None or key_mask.dtype != torch.bool))
-            or not _decode_kernel_ready(floats, implementation, "decoder_block_step")):
+            or (window > 0 and (key_mask is None or key_mask.dtype != torch.bool))):
+        return None
+    for t in floats:  # a plain loop: this runs for every layer of every decoded token
+        if t.dtype != torch.float32:
+            return None
+    for w in weights:
+        if not w.is_contiguous():
+            return None
+    if not _decode_kernel_ready(floats, implementation, "decoder_block_step"):
         return None
     cos, sin = rotary if rotary is not None else (None, None)
     op = torch.ops.hf_efficient_decode_cpu.decoder_block_step

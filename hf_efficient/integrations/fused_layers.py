@@ -74,6 +74,10 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()  # Tensor.contiguous() costs a dispatch even when it is
+
+
 def _linear_state(state) -> bool:
     return isinstance(state, LinearAttentionState) and state.key_shift is None
 
@@ -133,8 +137,8 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[tor
             return None
         window = plan.params.window
         # a prefill leaves slices of its keys; after the first compiled step the buffer is contiguous already
-        tensors = {"keys": state.keys.contiguous(), "values": state.values.contiguous(),
-                   "key_mask": state.mask.contiguous()}
+        tensors = {"keys": _contiguous(state.keys), "values": _contiguous(state.values),
+                   "key_mask": _contiguous(state.mask)}
         if state.linear is not None:
             tensors.update(kv=state.linear.kv, k_sum=state.linear.k_sum)
     weights = (norm1._parameters["weight"], *(p._parameters["weight"] for p in projections[:4]),
