@@ -165,7 +165,9 @@ class RecurrentStateLayer(CacheLayerMixin):
             raise ValueError(
                 "this model's attention does not read LinearAttentionCache; patch it first with "
                 "hf_efficient.patch_model(model, 'linear') and build the cache with "
-                "LinearAttentionCache(config=model.config)"
+                "LinearAttentionCache(config=model.config). (Or an earlier call with this cache stopped with an "
+                "error before its attention read the cache: the cache is then out of step; cache.reset() starts "
+                "over.)"
             )
         shared = kwargs.get("kwargs")
         if not isinstance(shared, dict):

@@ -70,3 +70,29 @@ def test_a_cache_filled_by_another_decoder_is_refused_by_name():
         small(torch.tensor([[1, 2, 3, 4]]), cache=cache, use_cache=True)
         with pytest.raises(ValueError, match="do not fit"):  # the compiled step steps aside; the check names it
             large(torch.tensor([[5]]), cache=cache, use_cache=True)
+
+
+def test_a_cache_left_by_a_failed_call_says_so_and_reset_recovers():
+    """A step that fails part-way (a cache of another kind) leaves the cache out of step: the next call's error
+    names that case, and ``reset()`` makes the cache usable again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_efficient import LinearAttentionCache, patch_model
+
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    torch.manual_seed(0)
+    window = patch_model(LlamaForCausalLM(LlamaConfig(**config)).eval(), "window-linear", window=4)
+    linear = patch_model(LlamaForCausalLM(LlamaConfig(**config)).eval(), "linear")
+    cache = LinearAttentionCache(config=window.config)
+    with torch.no_grad():
+        window(torch.randint(0, 64, (2, 5)), cache=cache)
+        with pytest.raises(ValueError, match="kind 'linear'"):
+            linear(torch.tensor([[3], [4]]), cache=cache)
+        with pytest.raises(ValueError, match="earlier call with this cache stopped with an error"):
+            window(torch.tensor([[3], [4]]), cache=cache)
+        cache.reset()
+        ids = torch.randint(0, 64, (2, 5))
+        again = window(ids, cache=cache).logits
+        fresh = window(ids, cache=LinearAttentionCache(config=window.config)).logits
+    torch.testing.assert_close(again, fresh)
