@@ -254,6 +254,18 @@ class FusedModelMixin:
                 return out
         return super().forward(input_ids, *args, **kwargs)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _register_outputs(self)  # unpickled in a process that never built or switched a model of this class
+
+
+def _register_outputs(module: nn.Module) -> None:
+    """transformers looks up the outputs a model can record (``output_hidden_states``) by the name of its class,
+    registered when a model is built: a base model switched to (or unpickled as) a class of its own registers as it
+    would have."""
+    if _CAN_RECORD_REGISTRY is not None:
+        _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
 
 _FUSED_LAYERS = frozenset({EfficientLlamaDecoderLayer, EfficientMistralDecoderLayer, EfficientQwen2DecoderLayer})
 
@@ -279,12 +291,9 @@ _BASE_MODELS = frozenset({LlamaModel, MistralModel, Qwen2Model, FusedLlamaModel,
 
 def _swap(model: nn.Module, classes: dict[type, type]) -> int:
     names = swap_classes(model, classes)
-    if _CAN_RECORD_REGISTRY is not None:
-        # transformers looks up the outputs a model can record (output_hidden_states) by the name of its class,
-        # registered when the model was built: a base model of a new class registers as it would have
-        for module in model.modules():
-            if type(module) in _BASE_MODELS:
-                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+    for module in model.modules():
+        if type(module) in _BASE_MODELS:
+            _register_outputs(module)
     return len(names)
 
 

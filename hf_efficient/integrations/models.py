@@ -94,6 +94,12 @@ class EfficientModelMixin(CacheReuseMixin):
         apply_plan(self, plan, ignore_logit_softcap=bool(record.get("ignore_logit_softcap")))
         self._prepare_decoding(place=False)
 
+    def __setstate__(self, state):
+        # an unpickled model (torch.load, a spawned process) is not built through __init__: register the kinds'
+        # attention functions with transformers as __init__ does, or its first forward cannot find them
+        super().__setstate__(state)
+        register_with_transformers()
+
     def _init_weights(self, module):
         # Learnable feature maps are not known to the base class: give them their own initial values
         # (from_pretrained allocates missing weights uninitialised).

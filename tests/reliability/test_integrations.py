@@ -321,6 +321,51 @@ def test_a_patched_model_crosses_a_spawned_process(tmp_path):
         assert torch.equal(back(ids(6)).logits, expected)
 
 
+_FRESH_INTERPRETER = """
+import pickle, sys
+import torch
+from safetensors.torch import load_file, save_file
+model = pickle.loads(open(sys.argv[1], "rb").read())  # imports hf_efficient through the classes' module
+inputs = load_file(sys.argv[2])["ids"]
+with torch.no_grad():
+    out = model(inputs, output_hidden_states=True)
+    cache = sys.modules["hf_efficient"].LinearAttentionCache(config=model.config)
+    model(inputs, cache=cache)
+    step = model(inputs[:, :1], cache=cache).logits
+save_file({"logits": out.logits, "last": out.hidden_states[-1], "step": step,
+           "count": torch.tensor(len(out.hidden_states))}, sys.argv[3])
+"""
+
+
+def test_a_patched_model_unpickled_in_a_fresh_interpreter_runs_and_decodes(tmp_path):
+    """Nothing but the pickle: the attention functions are registered and the model-level decoding step keeps
+    output_hidden_states working in an interpreter that never patched a model."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    model = patch_model(llama(), "window-linear", window=3)
+    inputs = ids(6)
+    # pickled first: once output_hidden_states was asked for, transformers' capture hooks (local functions) stay
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
+    with torch.no_grad():
+        expected = model(inputs, output_hidden_states=True)
+        cache = LinearAttentionCache(config=model.config)
+        model(inputs, cache=cache)
+        step = model(inputs[:, :1], cache=cache).logits
+    save_file({"ids": inputs}, tmp_path / "ids.safetensors")
+    run = subprocess.run([sys.executable, "-c", _FRESH_INTERPRETER, str(tmp_path / "model.pkl"),
+                          str(tmp_path / "ids.safetensors"), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = load_file(tmp_path / "out.safetensors")
+    assert int(got["count"]) == len(expected.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(got["logits"], expected.logits)
+    torch.testing.assert_close(got["last"], expected.hidden_states[-1])
+    torch.testing.assert_close(got["step"], step)
+
+
 # --------------------------------------------------------------------------- saving and uploading
 def test_saving_into_a_folder_that_holds_another_model(tmp_path):
     folder = tmp_path / "out"
