@@ -22,6 +22,27 @@ def _seed_and_threads():
     yield
 
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_file_module():
+    """``load(name, path) -> module``: import a file that is not part of a package (a script under ``scripts/``, a
+    helper beside the tests) once per session, under ``name``; ``path`` relative to the repository root."""
+    import importlib.util
+    import sys
+
+    def load(name: str, path: str):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, ROOT / path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+
+    return load
+
+
 # Prelude of a child process that must not see this project: `python -I` (no PYTHONPATH, no cwd on
 # sys.path) plus a finder that refuses its packages, which may still be installed in site-packages.
 _WITHOUT_PACKAGE = '''

@@ -4,29 +4,20 @@ counts the steps above ``max_grad_norm``."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+@pytest.fixture(scope="module")
+def bench(load_file_module):
+    return load_file_module("hf_efficient_bench_importance_sampling", "scripts/bench_importance_sampling.py")
 
 
-def _load(name: str, path: pathlib.Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = _load("hf_efficient_bench_importance_sampling", ROOT / "scripts" / "bench_importance_sampling.py")
-tiny = _load("hf_efficient_training_tiny_models", pathlib.Path(__file__).with_name("tiny_models.py"))
+@pytest.fixture(scope="module")
+def tiny(load_file_module):
+    return load_file_module("hf_efficient_training_tiny_models", "tests/training/tiny_models.py")
 
 
 def _full_batch_gradient_norm(model: torch.nn.Module, data: list[dict]) -> float:
@@ -41,7 +32,7 @@ def _full_batch_gradient_norm(model: torch.nn.Module, data: list[dict]) -> float
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3, 1e3])
-def test_recorded_norms_are_the_unclipped_gradient_norms(tmp_path, max_grad_norm):
+def test_recorded_norms_are_the_unclipped_gradient_norms(bench, tiny, tmp_path, max_grad_norm):
     torch.manual_seed(0)
     data = tiny.make_classification_data(12)
     model = tiny.TinyClassifier(tiny.TinyConfig())
@@ -70,7 +61,7 @@ def test_recorded_norms_are_the_unclipped_gradient_norms(tmp_path, max_grad_norm
     assert clipped == (1.0 if 0 < max_grad_norm < expected else 0.0)
 
 
-def test_clip_fraction_counts_steps_above_the_threshold():
+def test_clip_fraction_counts_steps_above_the_threshold(bench):
     assert bench.clip_fraction([0.5, 1.0, 1.5, 3.0], 1.0) == 0.5  # a norm equal to the bound is not clipped
     assert bench.clip_fraction([0.5, 5.0], 0.0) == 0.0  # clipping off
     assert bench.clip_fraction([], 1.0) is None

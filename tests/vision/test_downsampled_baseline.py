@@ -3,10 +3,7 @@ low-resolution views, its test error counts exactly the wrong predictions, and i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -14,22 +11,13 @@ import torch
 from hf_efficient import AttentionSamplingImageProcessor
 from hf_efficient.vision import make_megamnist
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+@pytest.fixture(scope="module")
+def baseline(load_file_module):
+    return load_file_module("hf_efficient_train_downsampled_cnn", "scripts/train_downsampled_cnn.py")
 
 
-def _load(name: str, path: pathlib.Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-baseline = _load("hf_efficient_train_downsampled_cnn", ROOT / "scripts" / "train_downsampled_cnn.py")
-
-
-def test_views_are_the_processors_low_resolution_views():
+def test_views_are_the_processors_low_resolution_views(baseline):
     rows = make_megamnist(5, canvas_size=256, split="test", seed=3)
     processor = AttentionSamplingImageProcessor(low_res_scale=0.25)
     data = baseline.views(rows, processor, batch=2)  # batches of 2: the last one is short
@@ -55,7 +43,7 @@ class _Fixed(torch.nn.Module):
         return {"logits": torch.nn.functional.one_hot((labels + self.shift * wrong) % 10, 10).float()}
 
 
-def test_test_error_counts_the_wrong_predictions():
+def test_test_error_counts_the_wrong_predictions(baseline):
     from datasets import Dataset
 
     pixels = torch.randn(70, 1, 4, 4)
@@ -66,7 +54,7 @@ def test_test_error_counts_the_wrong_predictions():
     assert baseline.test_error(_Fixed(labels, 0), data, batch=16) == 0.0
 
 
-def test_the_model_gives_logits_and_the_cross_entropy():
+def test_the_model_gives_logits_and_the_cross_entropy(baseline):
     torch.manual_seed(0)
     model = baseline.DownsampledCNN()
     x, y = torch.randn(3, 1, 40, 36), torch.tensor([1, 7, 9])
@@ -75,7 +63,7 @@ def test_the_model_gives_logits_and_the_cross_entropy():
     torch.testing.assert_close(out["loss"], torch.nn.functional.cross_entropy(out["logits"], y))
 
 
-def test_quick_run_writes_its_result_and_a_bad_scale_is_refused(tmp_path, capsys):
+def test_quick_run_writes_its_result_and_a_bad_scale_is_refused(baseline, tmp_path, capsys):
     out = tmp_path / "cnn.json"
     assert baseline.main(["--quick", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
