@@ -221,7 +221,8 @@ def main(argv=None) -> int:
         # work slows a round's reads and its decoding alike, which the fastest read of the whole run does not see
         round_bandwidths = [max(a, b) for a, b in zip(round_bandwidths, huge_bandwidths)]
         # the weight-read floor of one step: every weight read once from memory at the measured bandwidth
-        floors = {name: 1e3 * weight_bytes(model, args.batch) / (bandwidth * 1e9) for name, model in models.items()}
+        step_bytes = {name: weight_bytes(model, args.batch) for name, model in models.items()}
+        floors = {name: 1e3 * step_bytes[name] / (bandwidth * 1e9) for name in models}
         for n in contexts:
             row = {"context": n}
             for arm, name, _ in arms:
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
                 row[f"{arm}_ms_min"], row[f"{arm}_ms_max"] = 1e3 * min(ts), 1e3 * max(ts)
                 row[f"{arm}_over_floor"] = row[f"{arm}_ms"] / floors[name]
                 row[f"{arm}_over_round_floor"] = statistics.median(
-                    t * bw * 1e9 / weight_bytes(models[name], args.batch) for t, bw in zip(ts, round_bandwidths))
+                    t * bw * 1e9 / step_bytes[name] for t, bw in zip(ts, round_bandwidths))
             for name in models:
                 row[f"{name}_cache_bytes"] = cache_bytes(caches[n][name])
             row["speedup"] = row["softmax_ms"] / row["linear_ms"]
