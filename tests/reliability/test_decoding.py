@@ -3,6 +3,7 @@ decoder layers): a clear error naming what is accepted, or the right answer."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -96,3 +97,68 @@ def test_a_cache_left_by_a_failed_call_says_so_and_reset_recovers():
         again = window(ids, cache=cache).logits
         fresh = window(ids, cache=LinearAttentionCache(config=window.config)).logits
     torch.testing.assert_close(again, fresh)
+
+
+def _window_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    return patch_model(LlamaForCausalLM(config).eval(), "window-linear", window=3)
+
+
+def _steps(model, embeds: list[torch.Tensor]) -> torch.Tensor:
+    cache = LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        model(torch.arange(2 * 5).view(2, 5) % 64, cache=cache)
+        return torch.cat([model(inputs_embeds=e.to(model.dtype), cache=cache).logits for e in embeds], dim=1)
+
+
+def test_the_model_step_keeps_nan_in_its_row_and_takes_other_dtypes_like_the_modules(monkeypatch):
+    """A NaN embedding spoils only its row, later steps of the other row stay those of the modules (float64); a
+    bfloat16 input to a float32 model gives what the modules give."""
+    model = _window_llama()
+    torch.manual_seed(1)
+    embeds = [torch.randn(2, 1, 32) for _ in range(3)]
+    embeds[0][0, 0, 3] = float("nan")
+    got = _steps(model, embeds)
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    want = _steps(copy.deepcopy(model).double(), [e.double() for e in embeds])
+    monkeypatch.delenv("HF_EFFICIENT_KERNELS")
+    assert torch.isnan(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-4)
+    half = [e.to(torch.bfloat16) for e in embeds[1:]]
+    cache_fast, cache_ref = LinearAttentionCache(config=model.config), LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        for cache in (cache_fast, cache_ref):
+            model(torch.arange(2 * 5).view(2, 5) % 64, cache=cache)
+        fast = [model(inputs_embeds=e, cache=cache_fast).logits for e in half]
+        monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+        ref = [model(inputs_embeds=e, cache=cache_ref).logits for e in half]
+    torch.testing.assert_close(torch.cat(fast, 1), torch.cat(ref, 1))
+
+
+def test_an_empty_step_fails_as_unpatched_and_leaves_the_cache_in_step():
+    """An empty batch or sequence fails inside transformers as it does for the unpatched model; the cache has not
+    moved, so the next step is the one an untouched cache gives."""
+    model = _window_llama()
+    ids = torch.arange(2 * 5).view(2, 5) % 64
+    caches = [LinearAttentionCache(config=model.config) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, cache=cache)
+        for empty in (torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long)):
+            with pytest.raises((RuntimeError, ValueError)):
+                model(empty, cache=caches[0])
+        assert caches[0].get_seq_length() == caches[1].get_seq_length() == 5
+        torch.testing.assert_close(model(ids[:, :1], cache=caches[0]).logits, model(ids[:, :1], cache=caches[1]).logits)
+
+
+def test_the_downsampled_baseline_never_writes_into_a_folder_that_holds_other_files(tmp_path, load_file_module):
+    baseline = load_file_module("hf_efficient_train_downsampled_cnn", "scripts/train_downsampled_cnn.py")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        baseline.main(["--data-dir", str(folder), "--output", str(tmp_path / "out.json")])
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "out.json").exists()
