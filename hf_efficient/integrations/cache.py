@@ -109,6 +109,21 @@ class RecurrentStateLayer(CacheLayerMixin):
         self.seen_tokens += x.shape[1]
         self._unread = False
 
+    def continues_in_float32(self) -> bool:
+        """Whether a compiled float32 decoding step may continue this layer's state as it stands: filled by a
+        float32 model, no keys handed out and left unread. A step that checked this (and the state's batch) before
+        it ran keeps its result with :meth:`commit_token`; anything else takes the module path, which names the
+        mismatch."""
+        return self.is_initialized and self.dtype == torch.float32 and not self._unread
+
+    def commit_token(self, state) -> None:
+        """Keep ``state``, the state after one new token per row, from a compiled step that checked
+        :meth:`continues_in_float32` and the state's batch before it ran: :meth:`commit` without checking again
+        (this runs for every layer of every decoded token)."""
+        self.state = state
+        self.seen_tokens += 1
+        self._unread = False
+
     def _check_step(self, out, state, q: torch.Tensor, v: torch.Tensor) -> None:
         """A decoding form's result must be what the cache relies on: ``out`` ``(batch, heads, T, d_v)`` and a
         state with ``map(fn)`` and ``nbytes()`` (beam search and the size reports go through them)."""

@@ -24,9 +24,19 @@ import torch
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralModel, MistralRMSNorm
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model, Qwen2RMSNorm
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.models.mistral.modeling_mistral import (
+    MistralDecoderLayer,
+    MistralModel,
+    MistralRMSNorm,
+    MistralRotaryEmbedding,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from hf_efficient_kernels import dispatch
 
@@ -69,6 +79,7 @@ __all__ = [
 
 _KINDS = ("linear", "window-linear")
 _NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm)
+_ROTARIES = (LlamaRotaryEmbedding, MistralRotaryEmbedding, Qwen2RotaryEmbedding)
 _ACTIVATIONS = (SiLUActivation, nn.SiLU)
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -108,7 +119,8 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[tor
         return None
     index = attn.layer_idx
     cache_layer = cache.layers[index] if 0 <= index < len(cache.layers) else None
-    if type(cache_layer) is not RecurrentStateLayer or cache_layer.kind != plan.kind or cache_layer._unread:
+    if (type(cache_layer) is not RecurrentStateLayer or cache_layer.kind != plan.kind
+            or not cache_layer.continues_in_float32()):
         return None
     state = cache_layer.state
     a, m = attn._modules, mlp._modules
@@ -153,11 +165,12 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[tor
     def step(hidden: torch.Tensor) -> torch.Tensor:
         out, packed, *window_state = kernel(hidden)
         linear = LinearAttentionState.unpack(packed) if packed.numel() else None
+        # the state's batch, dtype and device were checked above, and the kernel checks hidden like x
         if window:
             keys, values, mask = window_state
-            cache_layer.commit(WindowLinearState(linear, keys, values, mask, window), hidden)
+            cache_layer.commit_token(WindowLinearState(linear, keys, values, mask, window))
         else:
-            cache_layer.commit(linear, hidden)
+            cache_layer.commit_token(linear)
         return out
 
     return step
@@ -231,7 +244,7 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     positions = kwargs.get("position_ids")
     if positions is None:
         positions = torch.full((1, 1), past, dtype=torch.long, device=hidden.device)
-    shared = {"cache": cache, "position_embeddings": sub["rotary_emb"](hidden, position_ids=positions)}
+    shared = {"cache": cache, "position_embeddings": _rotary_embeddings(sub["rotary_emb"], hidden, positions)}
     steps = []
     for layer in layers:  # every block checked before any runs: a step is all compiled or all modules
         step = block_step(layer, hidden, shared)
@@ -240,7 +253,35 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
         steps.append(step)
     for step in steps:
         hidden = step(hidden)
-    return BaseModelOutputWithPast(last_hidden_state=sub["norm"](hidden), cache=cache)
+    return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden), cache=cache)
+
+
+def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
+    """``rotary(hidden, position_ids=positions)``: for transformers' own rotary modules of a fixed frequency table
+    (not the dynamic or longrope kinds, which update it from the positions), without hooks, on float32, the same
+    arithmetic without the module's call and its casts to the same dtype."""
+    inv_freq = rotary._buffers.get("inv_freq") if type(rotary) in _ROTARIES else None
+    kind = rotary.__dict__.get("rope_type")
+    if (inv_freq is None or not isinstance(kind, str) or "dynamic" in kind or kind == "longrope"
+            or hidden.dtype != torch.float32 or inv_freq.dtype != torch.float32 or inv_freq.device != hidden.device
+            or hooked((rotary,))):
+        return rotary(hidden, position_ids=positions)
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    scaling = rotary.attention_scaling
+    if scaling != 1.0:  # a product with 1.0 changes nothing
+        cos, sin = cos * scaling, sin * scaling
+    return cos, sin
+
+
+def _final_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``norm(hidden)``; a transformers RMSNorm without hooks as the one fused op (its module runs five, a
+    twentieth of a small model's decoding step)."""
+    weight = norm._parameters.get("weight") if type(norm) in _NORMS else None
+    if weight is None or hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hooked((norm,)):
+        return norm(hidden)
+    return torch.rms_norm(hidden, (hidden.shape[-1],), weight, norm.variance_epsilon)
 
 
 class FusedModelMixin:

@@ -442,3 +442,79 @@ def test_unpatch_gives_the_base_model_class_back_and_copies_keep_the_step(model_
     assert model_steps["n"] == 1
     unpatch_model(model)
     assert type(model.model) is LlamaModel
+
+
+# ---------------------------------------------------------------- the model step's rotary and final norm
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_the_step_rotary_is_the_module_bit_for_bit(arch, rope):
+    model = decoder(arch)
+    if rope is not None:  # rebuilt with another frequency table (yarn also scales cos/sin: attention_scaling != 1)
+        config = copy.deepcopy(model.config)
+        config.rope_parameters = {**config.rope_parameters, **rope}
+        model = type(model)(config).eval()
+    rotary = model.model.rotary_emb
+    hidden = torch.randn(2, 1, COMMON["hidden_size"])
+    for positions in (torch.tensor([[0]]), torch.tensor([[1234]]), torch.tensor([[5], [77]])):
+        got, want = fused_layers._rotary_embeddings(rotary, hidden, positions), rotary(hidden, position_ids=positions)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    if rope is not None and rope["rope_type"] == "yarn":
+        assert rotary.attention_scaling != 1.0
+
+
+def test_the_step_rotary_leaves_dynamic_tables_hooks_and_other_dtypes_to_the_module():
+    model = decoder()
+    rotary = model.model.rotary_emb
+    calls = []
+    original = type(rotary).forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    hidden, positions = torch.randn(1, 1, COMMON["hidden_size"]), torch.tensor([[9]])
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(type(rotary), "forward", counted)
+        fused_layers._rotary_embeddings(rotary, hidden, positions)
+        assert calls == []
+        rotary.rope_type = "dynamic"  # its table follows the positions: only the module knows how
+        fused_layers._rotary_embeddings(rotary, hidden, positions)
+        rotary.rope_type = "default"
+        fused_layers._rotary_embeddings(rotary, hidden.double(), positions)
+        handle = rotary.register_forward_hook(lambda *args: None)
+        fused_layers._rotary_embeddings(rotary, hidden, positions)
+        handle.remove()
+    assert calls == [1, 1, 1]
+
+
+def test_the_step_final_norm_matches_the_module_and_leaves_hooks_to_it():
+    norm = decoder().model.norm
+    with torch.no_grad():
+        norm.weight.normal_()
+    hidden = torch.randn(3, 1, COMMON["hidden_size"]) * 5
+    torch.testing.assert_close(fused_layers._final_norm(norm, hidden), norm(hidden), rtol=1e-6, atol=1e-6)
+    seen = []
+    norm.register_forward_hook(lambda module, args, out: seen.append(out))
+    out = fused_layers._final_norm(norm, hidden)
+    assert len(seen) == 1 and seen[0] is out
+    nan_row = hidden.clone()
+    nan_row[1, 0, 3] = float("nan")
+    out = fused_layers._final_norm(norm, nan_row)
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()  # a NaN stays in its row
+
+
+@pytest.mark.parametrize("kind,params,dtype", [("linear", {}, torch.bfloat16), ("linear", {}, torch.float64),
+                                               ("window-linear", {"window": 3}, torch.float64)])
+def test_a_cache_filled_in_another_dtype_is_refused_before_any_block_runs(kind, params, dtype, model_steps,
+                                                                          block_calls):
+    """A cache filled by a copy of the model in another dtype cannot continue in float32 (a bfloat16 model keeps
+    float32 linear states, which would fit the kernel): the step leaves it to the modules, which name the mismatch,
+    and the cache is left as it was."""
+    model = patch_model(decoder(layers=3), kind, **params)
+    cache = prefilled(copy.deepcopy(model).to(dtype), torch.randint(0, VOCAB, (1, 4)))
+    before = [layer.state for layer in cache.layers]
+    with torch.no_grad(), pytest.raises(ValueError, match=f"{str(dtype).split('.')[-1]} model"):
+        model(torch.tensor([[3]]), cache=cache)
+    assert model_steps["n"] == 0 and block_calls["n"] == 0 and cache.get_seq_length() == 4
+    assert all(layer.state is state for layer, state in zip(cache.layers, before))

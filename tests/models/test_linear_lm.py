@@ -179,3 +179,21 @@ def test_bad_inputs_are_refused():
         cache.crop(-1)
     with pytest.raises(ValueError, match="batch"):
         model(torch.randint(1, VOCAB, (3, 1)), cache=cache)
+
+
+def test_rotary_frequencies_follow_the_config_and_the_grad_mode():
+    """The rotary frequencies are kept between calls: a changed rope_theta must be seen, and a training step after
+    an inference_mode call still runs backward."""
+    model = tiny()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.inference_mode():
+        model(ids)
+    model.config.rope_theta = 500.0
+    got = model(ids).logits
+    fresh = tiny()
+    fresh.config.rope_theta = 500.0
+    torch.testing.assert_close(got, fresh(ids).logits, rtol=0, atol=0)
+    got.sum().backward()  # after the inference-mode call: trains
+    assert model.lm_head.weight.grad is not None
+    model.config.rope_theta = 10000.0
+    assert not torch.equal(model(ids).logits, got)
