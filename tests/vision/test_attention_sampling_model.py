@@ -192,3 +192,67 @@ def test_normalized_features_match_a_manual_forward():
     unit = features / features.norm(dim=-1, keepdim=True)
     expected = model.classifier((out.sample_weights[..., None] * unit).sum(1))
     torch.testing.assert_close(out.logits, expected)
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_channels_last_convolutions_give_the_default_layout_results(multiscale, monkeypatch):
+    """On the CPU the package's own CNNs get their input channels-last (faster); the logits, loss and every
+    gradient must be those of the default layout (float32: the two layouts sum in another order)."""
+    from hf_efficient.vision.attention_sampling import modeling_attention_sampling as modeling
+
+    extra = dict(region_size=16, num_regions=2, region_downsample=2, num_patches=2) if multiscale else {}
+    torch.manual_seed(0)
+    model = AttentionSamplingForImageClassification(
+        tiny_config(attention_channels=[4, 4], feature_channels=[4, 8], **extra))
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(0).random((3, 64, 64))))
+    labels = torch.tensor([0, 2, 1])
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(5)
+        out = model(**enc, labels=labels)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    layouts = []  # the layout the second convolution of each network gets (4 or more channels: telling)
+    convs = [[m for m in net if isinstance(m, torch.nn.Conv2d)][1]
+             for net in (model.attention_network, model.feature_network, model.region_attention_network)
+             if net is not None]
+    handles = [conv.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                            and not args[0].is_contiguous())) for conv in convs]
+    fast, fast_grads = run()
+    assert len(layouts) == len(convs) and all(layouts)  # every network took the channels-last layout
+    monkeypatch.setattr(modeling, "run_cnn", lambda net, x: net(x))
+    layouts.clear()
+    plain, plain_grads = run()
+    assert len(layouts) == len(convs) and not any(layouts)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast.patch_top_left, plain.patch_top_left)
+    assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) == len(list(model.parameters()))
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_replaced_feature_network_gets_its_input_in_the_default_layout():
+    """A network the user put in (which may view its activations) is not handed a channels-last tensor."""
+
+    class Viewing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.proj = torch.nn.Linear(4 * 8 * 8, 8)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.proj(h.view(h.shape[0], -1))  # fails on a channels-last activation
+
+    model = AttentionSamplingForImageClassification(tiny_config(feature_channels=[4, 8]))
+    model.feature_network = Viewing()
+    enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(0).random((2, 32, 32))))
+    out = model(**enc, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert model.feature_network.conv.weight.grad.abs().sum() > 0

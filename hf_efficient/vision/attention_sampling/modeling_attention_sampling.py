@@ -63,6 +63,24 @@ def build_feature_cnn(num_channels: int, channels: list[int], batch_norm: bool =
     return nn.Sequential(*layers)
 
 
+# the layers build_attention_cnn and build_feature_cnn use: none of them depends on the memory layout of its input
+_LAYOUT_FREE = (nn.Conv2d, nn.Tanh, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
+
+
+def run_cnn(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``network(x)`` for ``x`` ``(N, C, H, W)``; on the CPU, a network made only of the layers of the two builders
+    above gets ``x`` laid out channels-last: the CPU convolutions of these few-channel networks run 1.5-3x faster
+    (forward and backward) on that layout. Values are unchanged and the weights keep their layout (checkpoints
+    are as before). Any other network (a replaced one, a transformers backbone) gets ``x`` as it is, since it may
+    view its activations in the default layout."""
+    if (x.device.type == "cpu" and x.dim() == 4 and type(network) is nn.Sequential
+            and all(type(layer) in _LAYOUT_FREE for layer in network)):
+        # .to, not .contiguous: a one-channel tensor counts as channels-last already, and only a copy with the
+        # channel stride of 1 makes the convolutions pick that layout
+        x = x.to(memory_format=torch.channels_last)
+    return network(x)
+
+
 class _BackboneFeatures(nn.Module):
     """Wrap a transformers vision model so that it maps ``(N, C, ph, pw)`` to ``(N, dim)``."""
 
@@ -308,7 +326,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         # the middle view of a region: average pooling of its full-resolution pixels; only the drawn
         # regions are pooled, so memory does not grow with the image
         middle = F.avg_pool2d(regions.flatten(0, 1), cfg.region_downsample)  # (b*R, C, rh/d, rw/d)
-        scores = self.region_attention_network(middle)[:, 0]  # (b*R, mh, mw)
+        scores = run_cnn(self.region_attention_network, middle)[:, 0]  # (b*R, mh, mw)
         mh, mw = scores.shape[-2:]
         cell_h, cell_w = rh / mh, rw / mw
         # a cell is valid when it overlaps the image's valid area (the region may cross its border)
@@ -365,7 +383,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
         affine = {"pixel_scale": pixel_scale, "pixel_offset": pixel_offset, "pixel_readers": pixel_readers}
 
         # 1. attention over the positions of the low-resolution map
-        scores = self.attention_network(low_res_pixel_values)[:, 0]  # (b, h, w)
+        scores = run_cnn(self.attention_network, low_res_pixel_values)[:, 0]  # (b, h, w)
         h, w = scores.shape[-2:]
         low_h, low_w = low_res_pixel_values.shape[-2:]
         # valid part of the map: the map may be smaller than the low-res view if the network strides
@@ -402,7 +420,7 @@ class AttentionSamplingForImageClassification(AttentionSamplingPreTrainedModel):
 
         # 4. features and the unbiased expectation (gradients reach the attention through the weights)
         n = patches.shape[1]
-        features = self.feature_network(patches.flatten(0, 1)).view(b, n, -1)
+        features = run_cnn(self.feature_network, patches.flatten(0, 1)).reshape(b, n, -1)
         if cfg.normalize_features:
             features = F.normalize(features, dim=-1, eps=1e-6)
         pooled = expectation(features, weights)
