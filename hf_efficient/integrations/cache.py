@@ -211,6 +211,9 @@ class RecurrentStateLayer(CacheLayerMixin):
         self.state = None
         self.seen_tokens = 0
         self._unread = False
+        # a reset cache may be filled by another model (another dtype): it is initialised again by the next call
+        self.dtype = None
+        self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:

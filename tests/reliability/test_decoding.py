@@ -162,3 +162,68 @@ def test_the_downsampled_baseline_never_writes_into_a_folder_that_holds_other_fi
         baseline.main(["--data-dir", str(folder), "--output", str(tmp_path / "out.json")])
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "out.json").exists()
+
+
+def _linear_lm(tied: bool = False):
+    from hf_efficient import LinearLMConfig, LinearLMForCausalLM
+
+    torch.manual_seed(0)
+    return LinearLMForCausalLM(LinearLMConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, tie_word_embeddings=tied)).eval()
+
+
+@pytest.mark.parametrize("kind", ["linear", "window-linear"])
+def test_a_reset_cache_refilled_in_another_dtype_is_refused(kind):
+    """After reset() a cache takes the dtype of whoever fills it next: a float32 step must then refuse a cache that
+    a bfloat16 copy refilled, as it refuses one filled that way from the start."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = patch_model(LlamaForCausalLM(config).eval(), kind, **({"window": 3} if kind == "window-linear" else {}))
+    cache = LinearAttentionCache(config=model.config)
+    ids = torch.randint(0, 64, (1, 4))
+    with torch.no_grad():
+        model(ids, cache=cache)
+        cache.reset()
+        copy.deepcopy(model).to(torch.bfloat16)(ids, cache=cache)
+        with pytest.raises(ValueError, match="bfloat16 model"):
+            model(torch.tensor([[3]]), cache=cache)
+    assert cache.get_seq_length() == 4
+
+
+def test_linear_lm_decodes_with_a_parametrized_head_and_after_an_export():
+    """The decoding checks read weights as attributes (an adapter or a parametrization gives them as properties), and
+    nothing a torch.export trace computed (fake tensors) is kept for later calls."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = _linear_lm()
+    ids = torch.randint(1, 40, (1, 5))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(2)
+        reference.model.layers[-1].mlp.down_proj.weight.mul_(2)
+    parametrize.register_parametrization(model.lm_head, "weight", Doubled())
+    parametrize.register_parametrization(model.model.layers[-1].mlp.down_proj, "weight", Doubled())
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, reference.generate(ids, max_new_tokens=4, do_sample=False))
+
+    class Logits(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(input_ids=x, use_cache=False).logits
+
+    plain = _linear_lm()
+    torch.export.export(Logits(plain), (ids,))
+    with torch.no_grad():
+        logits = plain(ids).logits
+        assert type(logits) is torch.Tensor
+        torch.testing.assert_close(logits, _linear_lm()(ids).logits)
+        assert plain.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)

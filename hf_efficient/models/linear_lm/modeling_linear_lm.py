@@ -189,16 +189,10 @@ class LinearLMModel(LinearLMPreTrainedModel):
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # Computed per call rather than kept as a buffer: it is a few numbers, and a buffer would be
         # left uninitialised by from_pretrained's meta-device loading.
-        # The frequencies are kept as a plain attribute between calls (four ops of every decoding step), keyed by
-        # what they are computed from (an inference-mode tensor is not reused outside inference mode).
-        d, theta, device = self.config.head_dim, self.config.rope_theta, position_ids.device
-        key = (d, theta, device, torch.is_inference_mode_enabled())
-        cached = self.__dict__.get("_inv_freq")
-        if cached is None or cached[0] != key:
-            exponents = torch.arange(0, d, 2, dtype=torch.float32, device=device) / d
-            cached = (key, 1.0 / (theta**exponents))
-            self.__dict__["_inv_freq"] = cached
-        inv_freq = cached[1]
+        # (not kept between calls either: a tensor kept from a torch.export trace would be a fake one)
+        d = self.config.head_dim
+        exponents = torch.arange(0, d, 2, dtype=torch.float32, device=position_ids.device) / d
+        inv_freq = 1.0 / (self.config.rope_theta**exponents)
         freqs = position_ids[..., None].to(torch.float32) * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (batch or 1, 1, seq, d)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -317,13 +311,10 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
         tokens = input_ids if input_ids is not None else inputs_embeds
         if tokens is None or tokens.dim() < 2 or tokens.shape[1] != 1 or tokens.shape[0] > DECODE_MAX_ROWS:
             return False
-        # through _modules/_parameters: nn.Module.__getattr__ is the slow path, and this runs every decoded token
-        head = self._modules["lm_head"]._parameters["weight"]
-        layers = self._modules["model"]._modules["layers"]._modules
-        probes = (head,)
-        if layers:
-            last = next(reversed(layers.values()))
-            probes = (head, last._modules["mlp"]._modules["down_proj"]._parameters["weight"])
+        # attribute access, not _parameters: an adapter (LoRA) or a parametrization gives its weight as a property
+        head = self.lm_head.weight
+        layers = self.model.layers
+        probes = (head, layers[-1].mlp.down_proj.weight) if len(layers) else (head,)
         return (head.device.type == "cpu" and head.dtype == torch.float32 and not kernels_turned_off()
                 and not placed_for_decoding(self, *probes))
 
