@@ -227,3 +227,15 @@ def test_linear_lm_decodes_with_a_parametrized_head_and_after_an_export():
         assert type(logits) is torch.Tensor
         torch.testing.assert_close(logits, _linear_lm()(ids).logits)
         assert plain.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_linear_lm_names_a_cache_of_another_batch_size():
+    """A float32 linear-lm step with a cache filled for another batch size gets the cache's own error (which says
+    what to do), not the kernel's shape check."""
+    model = _linear_lm()
+    cache = LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(1, 40, (2, 5)), cache=cache)
+        with pytest.raises(ValueError, match="holds states for batch 2"):
+            model(torch.tensor([[3]]), cache=cache)
+    assert cache.get_seq_length() == 5

@@ -122,7 +122,8 @@ class LinearLMDecoderLayer(nn.Module):
         # the state must continue in float32 with this batch (the kernel checks the shapes against x); anything
         # else takes the modules, which name the mismatch
         if (attn.feature_map is not None or mlp.hidden_act != "silu" or not cache_layer.continues_in_float32()
-                or not isinstance(state, LinearAttentionState) or state.key_shift is not None):
+                or not isinstance(state, LinearAttentionState) or state.key_shift is not None
+                or state.k_sum.dim() != 3 or state.k_sum.shape[0] != x.shape[0]):
             return None
         a, m = attn._modules, mlp._modules
         norms = (sub["input_layernorm"], sub["post_attention_layernorm"])
