@@ -5,7 +5,8 @@
 
 Both methods run with the defaults a user gets: ``AttentionSamplingImageProcessor()`` and
 ``AttentionSamplingConfig(num_channels=1, num_labels=10)`` on a uint8 image; the CNN is that
-config's own feature network applied to the whole image. Time: forward + backward of one image
+config's own feature network applied to the whole image (both through ``run_cnn``: channels-last on the
+CPU). Time: forward + backward of one image
 (batch 1), methods interleaved in one process (A B A B ...) after a warm-up, median of
 ``--repeats``; and the total with each method's preparation (the processor for attention sampling,
 the normalised float copy of the image for the CNN). A third method, multi-scale attention sampling, draws
@@ -62,7 +63,7 @@ from hf_efficient.vision import (
     AttentionSamplingForImageClassification,
     AttentionSamplingImageProcessor,
 )
-from hf_efficient.vision.attention_sampling import build_feature_cnn
+from hf_efficient.vision.attention_sampling import build_feature_cnn, run_cnn
 
 METHODS = ("attention_sampling", "multiscale", "cnn")
 DEFINITIONS = {
@@ -120,7 +121,9 @@ def build(method: str, canvas: int, low_res: int | None):
             return {"pixel_values": ((image / 255 - 0.5) / 0.5)[None, None], "labels": labels}
 
         def step(inputs):
-            return nn.functional.cross_entropy(model(inputs["pixel_values"]), inputs["labels"])
+            # through run_cnn, as the model runs the same network: channels-last on the CPU for both methods
+            features = run_cnn(model[0], inputs["pixel_values"])
+            return nn.functional.cross_entropy(model[1](features), inputs["labels"])
 
     else:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")

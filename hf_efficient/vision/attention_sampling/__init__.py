@@ -15,7 +15,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "configuration_attention_sampling": ["AttentionSamplingConfig"],
         "modeling_attention_sampling": ["AttentionSamplingForImageClassification", "AttentionSamplingOutput",
                                         "AttentionSamplingPreTrainedModel", "build_attention_cnn",
-                                        "build_feature_cnn"],
+                                        "build_feature_cnn", "run_cnn"],
         "processing_attention_sampling": ["AttentionSamplingImageProcessor", "TiledTiffReader"],
         "sampling": ["attention_distribution", "expectation", "expectation_weights", "extract_patches",
                      "negative_entropy", "nested_expectation_weights", "patch_top_left", "sample_with_replacement",
