@@ -195,15 +195,17 @@ def test_normalized_features_match_a_manual_forward():
 
 
 @pytest.mark.parametrize("multiscale", [False, True])
-def test_channels_last_convolutions_give_the_default_layout_results(multiscale, monkeypatch):
-    """On the CPU the package's own CNNs get their input channels-last (faster); the logits, loss and every
-    gradient must be those of the default layout (float32: the two layouts sum in another order)."""
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_convolutions_give_the_default_layout_results(multiscale, training, monkeypatch):
+    """On the CPU the package's own CNNs get their input channels-last (faster), except a network with batch norm
+    in training mode (its batch statistics lose precision on that layout); the logits, loss and every gradient
+    must be those of the default layout."""
     from hf_efficient.vision.attention_sampling import modeling_attention_sampling as modeling
 
     extra = dict(region_size=16, num_regions=2, region_downsample=2, num_patches=2) if multiscale else {}
     torch.manual_seed(0)
     model = AttentionSamplingForImageClassification(
-        tiny_config(attention_channels=[4, 4], feature_channels=[4, 8], **extra))
+        tiny_config(attention_channels=[4, 4], feature_channels=[4, 8], **extra)).train(training)
     enc = AttentionSamplingImageProcessor(low_res_scale=0.25)(list(np.random.default_rng(0).random((3, 64, 64))))
     labels = torch.tensor([0, 2, 1])
 
@@ -214,19 +216,23 @@ def test_channels_last_convolutions_give_the_default_layout_results(multiscale, 
         out.loss.backward()
         return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
-    layouts = []  # the layout the second convolution of each network gets (4 or more channels: telling)
-    convs = [[m for m in net if isinstance(m, torch.nn.Conv2d)][1]
-             for net in (model.attention_network, model.feature_network, model.region_attention_network)
-             if net is not None]
-    handles = [conv.register_forward_pre_hook(
-        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)
-                                            and not args[0].is_contiguous())) for conv in convs]
+    layouts = {}  # the layout the second convolution of each network gets (4 or more channels: telling)
+    nets = {"attention": model.attention_network, "feature": model.feature_network,
+            "region": model.region_attention_network}
+    handles = []
+    for name, net in nets.items():
+        if net is not None:
+            conv = [m for m in net if isinstance(m, torch.nn.Conv2d)][1]
+            handles.append(conv.register_forward_pre_hook(
+                lambda module, args, name=name: layouts.__setitem__(
+                    name, args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())))
     fast, fast_grads = run()
-    assert len(layouts) == len(convs) and all(layouts)  # every network took the channels-last layout
+    want = {name: not (name == "feature" and training) for name, net in nets.items() if net is not None}
+    assert layouts == want
     monkeypatch.setattr(modeling, "run_cnn", lambda net, x: net(x))
     layouts.clear()
     plain, plain_grads = run()
-    assert len(layouts) == len(convs) and not any(layouts)
+    assert not any(layouts.values())
     for handle in handles:
         handle.remove()
     torch.testing.assert_close(fast.logits, plain.logits, rtol=1e-5, atol=1e-6)
@@ -235,6 +241,30 @@ def test_channels_last_convolutions_give_the_default_layout_results(multiscale, 
     assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) == len(list(model.parameters()))
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_run_cnn_keeps_float32_precision_against_float64(training):
+    """The layout run_cnn picks must be as precise as the default one: a feature network over sparse patches
+    (mostly zero, as megaNIST's) against its float64 copy, in training mode (batch statistics) and in eval mode."""
+    from hf_efficient.vision.attention_sampling import build_feature_cnn, run_cnn
+
+    torch.manual_seed(0)
+    net = build_feature_cnn(1, [16, 32, 32]).train(training)
+    if not training:
+        for module in net:
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(0, 0.1)
+                module.running_var.uniform_(0.5, 2)
+    net64 = build_feature_cnn(1, [16, 32, 32])
+    net64.load_state_dict(net.state_dict())
+    net64 = net64.double().train(training)
+    patches = torch.rand(128, 1, 50, 50) * (torch.rand(128, 1, 50, 50) < 0.1)
+    want = net64(patches.double())
+    got = run_cnn(net, patches).double()
+    plain = net(patches).double()
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale <= 4 * max((plain - want).abs().max() / scale, 1e-7)
 
 
 def test_a_replaced_feature_network_gets_its_input_in_the_default_layout():
