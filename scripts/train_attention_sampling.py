@@ -64,11 +64,13 @@ from hf_efficient.vision import (
 
 # --paper: the paper's megaNIST (1500x1500, from disk) and the recipe measured on it. The view scale,
 # patch size and count are the paper's; the warm-up on 256x256 canvases (same view scale) is ours:
-# without it a uniform attention map almost never puts a patch on a digit of a 1500x1500 canvas
+# without it a uniform attention map almost never puts a patch on a digit of a 1500x1500 canvas. So is the
+# wider attention network (three hidden layers of 16 instead of two of 8): it tells the 3-pixel digits of the
+# 180x180 view from the digit-like noise better (test error 0.367 against 0.395, mean of 3 seeds, README)
 PAPER_RECIPE = {
     "canvas": 1500, "train_size": 5000, "test_size": 1000, "low_res_scale": 0.12, "patch_size": 50,
-    "num_patches": 10, "warmup_steps": 800, "warmup_lr": 3e-3, "lr": 1e-3, "max_steps": 550,
-    "eval_every": 100, "eval_size": 200, "seeds": [0],
+    "num_patches": 10, "attention_channels": [16, 16, 16], "warmup_steps": 800, "warmup_lr": 3e-3, "lr": 1e-3,
+    "max_steps": 550, "eval_every": 100, "eval_size": 200, "seeds": [0],
 }
 
 
