@@ -95,9 +95,7 @@ class RecurrentStateLayer(CacheLayerMixin):
         self._begin(q, k, v)
         out, state = step(self.state)
         self._check_step(out, state, q, v)
-        self.state = state
-        self.seen_tokens += q.shape[2]
-        self._unread = False
+        self._keep(state, q.shape[2])
         return out
 
     def commit(self, state, x: torch.Tensor) -> None:
@@ -105,9 +103,7 @@ class RecurrentStateLayer(CacheLayerMixin):
         state by a fused decoding step (a whole block in one compiled call, see ``linear-lm``); checked like
         :meth:`advance` to continue this state (batch, device, dtype)."""
         self._begin(x, x, x)
-        self.state = state
-        self.seen_tokens += x.shape[1]
-        self._unread = False
+        self._keep(state, x.shape[1])
 
     def continues_in_float32(self) -> bool:
         """Whether a compiled float32 decoding step may continue this layer's state as it stands: filled by a
@@ -120,8 +116,12 @@ class RecurrentStateLayer(CacheLayerMixin):
         """Keep ``state``, the state after one new token per row, from a compiled step that checked
         :meth:`continues_in_float32` and the state's batch before it ran: :meth:`commit` without checking again
         (this runs for every layer of every decoded token)."""
+        self._keep(state, 1)
+
+    def _keep(self, state, tokens: int) -> None:
+        """The state after ``tokens`` more tokens, checked by the caller."""
         self.state = state
-        self.seen_tokens += 1
+        self.seen_tokens += tokens
         self._unread = False
 
     def _check_step(self, out, state, q: torch.Tensor, v: torch.Tensor) -> None:
