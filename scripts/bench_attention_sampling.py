@@ -39,6 +39,13 @@ code warmed on a small image), compared with the image's own uint8 size. ``--tif
 one run on a pyramidal RGB TIFF of that side written to a temporary folder (tifffile): zlib-compressed
 256 x 256 tiles by default, or uncompressed strips with ``--tiff-kind strips``.
 Writes ``results/bench_attention_sampling_pipeline.json``.
+
+    python scripts/bench_attention_sampling.py --layouts --repeats 7   # run_cnn's layout against the default one
+
+``--layouts`` times a forward + backward of 32 megaNIST 1500 x 1500 images with the paper's view and patches
+through ``run_cnn`` and with the default layout everywhere (interleaved, CPU time), and compares the feature
+network in training mode with its float64 copy on both layouts. Writes
+``results/bench_attention_sampling_layouts.json``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,7 +71,7 @@ from hf_efficient.vision import (
     AttentionSamplingForImageClassification,
     AttentionSamplingImageProcessor,
 )
-from hf_efficient.vision.attention_sampling import build_feature_cnn, run_cnn
+from hf_efficient.vision.attention_sampling import build_feature_cnn, modeling_attention_sampling, run_cnn
 
 METHODS = ("attention_sampling", "multiscale", "cnn")
 DEFINITIONS = {
@@ -509,6 +517,74 @@ def run_pipeline(sizes: list[int], repeats: int, output: Path, tiff_side: int | 
     print(f"wrote {output}")
 
 
+# --- --layouts: run_cnn's channels-last layout against the default one, on the paper's megaNIST batch ---
+def run_layouts(canvas: int, batch: int, attention_channels: list[int], feature_channels: list[int], repeats: int,
+                output: Path) -> dict:
+    """Forward + backward of a batch of megaNIST images with the paper's view and patches (scale 0.12, 10
+    patches of 50x50) and the networks of ``train_attention_sampling.py --paper``: through ``run_cnn``
+    (channels-last where it applies) and with every network called on its input as it comes, interleaved,
+    median of ``repeats`` (CPU time, one thread). Also the precision of the feature network over sparse
+    patches against its float64 copy, in training mode (batch statistics), on both layouts: why ``run_cnn``
+    leaves batch norm in training mode in the default layout."""
+    from hf_efficient.benchmarking import interleaved_times, timer
+    from hf_efficient.vision import make_megamnist
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = make_megamnist(batch, canvas, "train", seed=0)
+    processor = AttentionSamplingImageProcessor(low_res_scale=0.12)
+    inputs = dict(processor([np.asarray(r["image"]) for r in rows]), labels=torch.tensor([r["label"] for r in rows]))
+    model = AttentionSamplingForImageClassification(AttentionSamplingConfig(
+        num_channels=1, patch_size=50, num_patches=10, attention_channels=attention_channels,
+        feature_channels=feature_channels, entropy_regularizer=0.01, num_labels=10))
+    model.train()
+    fast = modeling_attention_sampling.run_cnn
+
+    def step(layout_fn):
+        def run():
+            modeling_attention_sampling.run_cnn = layout_fn
+            try:
+                model.zero_grad(set_to_none=True)
+                model(**inputs).loss.backward()
+            finally:
+                modeling_attention_sampling.run_cnn = fast
+        return run
+
+    timers = {"run_cnn": timer(step(fast), clock=time.process_time),
+              "default": timer(step(lambda net, x: net(x)), clock=time.process_time)}
+    interleaved_times(timers, 1)
+    times = interleaved_times(timers, repeats)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+
+    net = build_feature_cnn(1, [16, 32, 32]).train()
+    net64 = build_feature_cnn(1, [16, 32, 32])
+    net64.load_state_dict(net.state_dict())
+    net64 = net64.double().train()
+    patches = torch.rand(128, 1, 50, 50) * (torch.rand(128, 1, 50, 50) < 0.1)  # mostly zero, as megaNIST's
+    with torch.no_grad():
+        want = net64(patches.double())
+        errors = {name: float((net(x).double() - want).abs().max() / want.abs().max()) for name, x in
+                  (("default", patches), ("channels_last", patches.to(memory_format=torch.channels_last)))}
+    result = {
+        "canvas": canvas, "batch": batch, "attention_channels": attention_channels,
+        "feature_channels": feature_channels, "repeats": repeats,
+        "step_seconds": medians, "step_seconds_samples": times,
+        "default_over_run_cnn": medians["default"] / medians["run_cnn"],
+        "batch_norm_training_relative_error_vs_float64": errors,
+        "torch_version": torch.__version__, "num_threads": torch.get_num_threads(), "cpu": cpu_model(),
+    }
+    print(f"megaNIST {canvas}x{canvas}, batch {batch}, attention channels {attention_channels}, feature channels "
+          f"{feature_channels}: forward + backward CPU s, median of {repeats}")
+    print(f"  run_cnn {medians['run_cnn']:.3f}   default layout {medians['default']:.3f}   "
+          f"default / run_cnn {result['default_over_run_cnn']:.2f}")
+    print(f"feature network in training mode vs float64 (max relative error): default {errors['default']:.2e}, "
+          f"channels-last {errors['channels_last']:.2e}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {output}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="canvas 512 and 1024 only")
@@ -528,6 +604,13 @@ def main() -> None:
     parser.add_argument("--tiff-file", type=Path, default=None,
                         help="with --tiff-side: measure this existing pyramidal TIFF instead of writing one")
     parser.add_argument("--tiff-child", help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", action="store_true",
+                        help="run_cnn's channels-last layout against the default one on a megaNIST 1500x1500 batch "
+                             "of 32 with the paper's view and patches (--quick: canvas 512, batch 4)")
+    parser.add_argument("--attention-channels", type=int, nargs="+", default=[16, 16, 16],
+                        help="with --layouts: the attention network's hidden channels (default: the --paper recipe's)")
+    parser.add_argument("--feature-channels", type=int, nargs="+", default=[16, 32, 32],
+                        help="with --layouts: the feature network's channels (default: the training script's)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -539,6 +622,11 @@ def main() -> None:
         return
     if args.pipeline_child:
         pipeline_child(args.pipeline_child)
+        return
+    if args.layouts:
+        canvas, batch = (512, 4) if args.quick else (1500, 32)
+        run_layouts(canvas, batch, args.attention_channels, args.feature_channels, args.repeats,
+                    args.output.with_name("bench_attention_sampling_layouts.json"))
         return
     if args.pipeline:
         sizes = [512, 2048] if args.quick else [512, 4096, 8192]

@@ -491,3 +491,58 @@ def test_a_processor_saved_before_the_fixed_size_default_keeps_its_scale(tmp_pat
     loaded = AutoImageProcessor.from_pretrained(tmp_path)
     enc = loaded(np.zeros((64, 48), np.uint8))
     assert enc["low_res_pixel_values"].shape == (1, 1, 16, 12)  # the saved scale, not the 128 x 128 default
+
+
+# ---------------------------------------------------------------- run_cnn (the channels-last layout on the CPU)
+def _cnn(training: bool):
+    from hf_efficient.vision.attention_sampling import build_feature_cnn
+
+    torch.manual_seed(0)
+    return build_feature_cnn(1, [4, 8]).train(training)
+
+
+def test_run_cnn_gives_the_network_answer_for_nan_empty_and_repeated_calls():
+    """run_cnn(net, x) must be net(x) whatever x holds: NaN stays where the convolutions take it (as in the default
+    layout), an empty batch gives an empty batch, and a second call with the same input gives the same answer
+    (the input is not written)."""
+    from hf_efficient.vision.attention_sampling import run_cnn
+
+    net = _cnn(False)  # eval: batch statistics would spread one image's NaN over the batch in both layouts
+    x = torch.rand(3, 1, 12, 12)
+    x[1, 0, 5, 5] = float("nan")
+    kept = x.clone()
+    got, want = run_cnn(net, x), net(x)
+    assert torch.equal(got.isnan(), want.isnan()) and got[1].isnan().all() and got[[0, 2]].isfinite().all()
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-6)
+    assert torch.equal(x.isnan(), kept.isnan()) and torch.equal(x.nan_to_num(), kept.nan_to_num())
+    torch.testing.assert_close(run_cnn(net, x), got, equal_nan=True)
+    empty = run_cnn(net, torch.rand(0, 1, 12, 12))
+    assert empty.shape == (0, 8)
+
+
+def test_run_cnn_refuses_a_wrong_dtype_or_shape_as_the_network_does():
+    """A float64 or integer input to a float32 network, or a 3-D input, fails as the network itself fails."""
+    from hf_efficient.vision.attention_sampling import run_cnn
+
+    net = _cnn(False)
+    for bad in (torch.rand(2, 1, 12, 12, dtype=torch.float64), torch.randint(0, 255, (2, 1, 12, 12)),
+                torch.rand(2, 12, 12)):
+        with pytest.raises(RuntimeError) as expected:
+            net(bad)
+        with pytest.raises(RuntimeError) as got:
+            run_cnn(net, bad)
+        assert type(got.value) is type(expected.value)
+
+
+def test_the_layouts_benchmark_measures_both_layouts_and_their_precision(tmp_path, load_file_module):
+    """--layouts --quick writes both timings and a float64 comparison in which the default layout is float32-exact;
+    a second run into the same folder replaces only its own file."""
+    bench = load_file_module("bench_attention_sampling_script", "scripts/bench_attention_sampling.py")
+    other = tmp_path / "keep.txt"
+    other.write_text("mine")
+    out = tmp_path / "bench_attention_sampling_layouts.json"
+    result = bench.run_layouts(256, 2, [4], [4, 8], 1, out)
+    assert set(result["step_seconds"]) == {"run_cnn", "default"} and all(t > 0 for t in result["step_seconds"].values())
+    errors = result["batch_norm_training_relative_error_vs_float64"]
+    assert errors["default"] < 1e-5 and errors["channels_last"] > errors["default"]
+    assert other.read_text() == "mine" and out.is_file()

@@ -71,7 +71,8 @@ def run_cnn(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``network(x)`` for ``x`` ``(N, C, H, W)``; on the CPU, a network made only of the layers of the two builders
     above gets ``x`` laid out channels-last: the CPU convolutions of these few-channel networks run 2-3x faster
     (forward and backward) on that layout, to float32 rounding. Not with batch norm in training mode, whose batch
-    statistics this torch computes 20x less precisely on that layout (1e-5 against 1e-6 relative to float64).
+    statistics this torch computes far less precisely on that layout (on sparse patches 4-7e-4 against 6e-7
+    relative to float64; ``scripts/bench_attention_sampling.py --layouts``).
     The weights keep their layout (checkpoints are as before). Any other network (a replaced one, a transformers
     backbone) gets ``x`` as it is, since it may view its activations in the default layout."""
     if (x.device.type == "cpu" and x.dim() == 4 and type(network) is nn.Sequential
