@@ -239,3 +239,34 @@ def test_linear_lm_names_a_cache_of_another_batch_size():
         with pytest.raises(ValueError, match="holds states for batch 2"):
             model(torch.tensor([[3]]), cache=cache)
     assert cache.get_seq_length() == 5
+
+
+@pytest.mark.parametrize("kind", ["linear", "window-linear"])
+def test_a_cache_copied_mid_decode_continues_twice_like_the_modules(kind, monkeypatch):
+    """The compiled step stores each new state without checking it again: a cache copied mid-decode and both copies
+    continued with the same tokens must give the same logits, and those of the modules (float64, PyTorch path)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = patch_model(LlamaForCausalLM(config).eval(), kind, **({"window": 3} if kind == "window-linear" else {}))
+    reference = copy.deepcopy(model).double()
+    ids = torch.randint(0, 64, (2, 4))
+
+    def run(m, env):
+        if env:
+            monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+        cache = LinearAttentionCache(config=m.config)
+        with torch.no_grad():
+            m(ids, cache=cache)
+            m(torch.full((2, 1), 5), cache=cache)
+            twin = copy.deepcopy(cache)
+            a = torch.cat([m(torch.full((2, 1), 7 + t), cache=cache).logits for t in range(4)], dim=1)
+            b = torch.cat([m(torch.full((2, 1), 7 + t), cache=twin).logits for t in range(4)], dim=1)
+        monkeypatch.delenv("HF_EFFICIENT_KERNELS", raising=False)
+        assert cache.get_seq_length() == twin.get_seq_length() == 9
+        return a, b
+
+    a, b = run(model, False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    want, _ = run(reference, True)
+    torch.testing.assert_close(a.double(), want, rtol=1e-4, atol=1e-4)
