@@ -580,14 +580,20 @@ def _decode_kernel_ready(tensors, implementation: str | None, name: str) -> bool
     """Whether the decoding kernels run these tensors (CPU, no gradient needed, the extension built). Only a
     failed build under ``implementation="kernel"`` raises: the other cases are routing (the step is not a
     decoding step), for which the PyTorch path is the right one even when the kernels are forced."""
-    wanted = _requested(implementation)
-    if wanted == "reference":
-        return False
     for t in tensors:
         if not t.is_cpu:
             return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False  # no backward: training and gradient checks take the PyTorch path
+    return _decode_route(implementation, name)
+
+
+def _decode_route(implementation: str | None, name: str) -> bool:
+    """Whether the decoding kernels are asked for (``implementation``, else the environment) and built; only a
+    failed build under ``"kernel"`` raises."""
+    wanted = _requested(implementation)
+    if wanted == "reference":
+        return False
     ok, err = _decode_cpu_kernel()
     if not ok and wanted == "kernel":
         raise RuntimeError(f"{name}: implementation='kernel' was requested but the CPU decoding kernels could not "
@@ -710,33 +716,39 @@ def decoder_block_step_kernel(
     ``(batch, heads, head_dim, head_dim)`` and ``k_sum`` ``(batch, heads, head_dim)`` (None for window-linear before
     any key left the window), and for window-linear ``keys``/``values`` ``(batch, heads, r, head_dim)`` and
     ``key_mask`` ``(batch, r)`` bool. All float32 CPU tensors needing no gradient. The call gives ``[out (batch, 1,
-    hidden), packed linear state (batch, heads, head_dim, head_dim + 1) or an empty tensor]`` and, for window-linear,
-    the new ``keys``, ``values`` and ``key_mask``; no input is written. The call takes ``x`` or, as its argument,
+    hidden), kv (batch, heads, head_dim, head_dim), k_sum (batch, heads, head_dim)]`` (the new linear state, views of
+    one buffer; empty tensors while window-linear has none) and, for window-linear, the new ``keys``, ``values`` and
+    ``key_mask``; no input is written. The call takes ``x`` or, as its argument,
     another input of x's shape, dtype and device (the output of the block before, once it is computed; the kernel
     checks it like ``x``). None where the module path runs.
     """
+    feature = _DECODE_FEATURES.get(feature_map)
     kv, k_sum = state.get("kv"), state.get("k_sum")
     keys, values, key_mask = state.get("keys"), state.get("values"), state.get("key_mask")
-    floats = [x, *weights, *(b for b in biases if b is not None),
-              *(t for t in (kv, k_sum, keys, values) if t is not None)]
-    if rotary is not None:
-        floats += list(rotary)
-    if (feature_map not in _DECODE_FEATURES or x.dim() != 3 or x.shape[1] != 1
-            or not 1 <= x.shape[0] <= DECODE_MAX_ROWS or len(weights) != 9 or len(biases) != 7
+    if (feature is None or x.dim() != 3 or x.shape[1] != 1 or not 1 <= x.shape[0] <= DECODE_MAX_ROWS
+            or len(weights) != 9 or len(biases) != 7
             or (window > 0 and (key_mask is None or key_mask.dtype != torch.bool))):
         return None
-    for t in floats:  # a plain loop: this runs for every layer of every decoded token
-        if t.dtype != torch.float32:
-            return None
+    # plain loops, one test per tensor: this runs for every layer of every decoded token
+    f32 = torch.float32
+    for group in (weights, biases, (x, kv, k_sum, keys, values), rotary or ()):
+        for t in group:
+            if t is not None and (t.dtype is not f32 or not t.is_cpu):
+                return None
     for w in weights:
         if not w.is_contiguous():
             return None
-    if not _decode_kernel_ready(floats, implementation, "decoder_block_step"):
+    if not _decode_route(implementation, "decoder_block_step"):
         return None
+    if torch.is_grad_enabled():  # no backward: a tensor needing a gradient takes the PyTorch path
+        for group in (weights, biases, (x, kv, k_sum, keys, values), rotary or ()):
+            for t in group:
+                if t is not None and t.requires_grad:
+                    return None
     cos, sin = rotary if rotary is not None else (None, None)
     op = torch.ops.hf_efficient_decode_cpu.decoder_block_step
     rest = (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads), int(kv_heads),
-            int(head_dim), _DECODE_FEATURES[feature_map], int(window), float(scale), float(eps), float(rms_eps))
+            int(head_dim), feature, int(window), float(scale), float(eps), float(rms_eps))
 
     def step(hidden: torch.Tensor = x) -> list[torch.Tensor]:
         return op(hidden, *rest)

@@ -81,8 +81,6 @@ _KINDS = ("linear", "window-linear")
 _NORMS = (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm)
 _ROTARIES = (LlamaRotaryEmbedding, MistralRotaryEmbedding, Qwen2RotaryEmbedding)
 _ACTIVATIONS = (SiLUActivation, nn.SiLU)
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -100,10 +98,12 @@ def fused_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor 
     return None if step is None else step(x)
 
 
-def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: str | None = None
+               ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What :func:`fused_step` checks, without running anything: a function of the block's input (``x`` or another
     tensor of its shape, dtype and device) that runs the compiled block and keeps the cache layer's new state, or
-    None when the module path must run. The state is read now; run the step once, before the next of this layer."""
+    None when the module path must run. The state is read now; run the step once, before the next of this layer.
+    ``implementation``: the kernels' setting read once for a whole model step (None: read it here)."""
     if torch.is_grad_enabled() or kwargs.get("attention_mask") is not None:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -118,23 +118,25 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[tor
             or attn.__dict__.get(FEATURE_MAP_ATTRIBUTE) is not None or FEATURE_MAP_ATTRIBUTE in attn._modules):
         return None
     index = attn.layer_idx
-    cache_layer = cache.layers[index] if 0 <= index < len(cache.layers) else None
+    layers = cache.layers
+    cache_layer = layers[index] if 0 <= index < len(layers) else None
     if (type(cache_layer) is not RecurrentStateLayer or cache_layer.kind != plan.kind
             or not cache_layer.continues_in_float32()):
         return None
     state = cache_layer.state
     a, m = attn._modules, mlp._modules
-    projections = [a[name] for name in _PROJECTIONS] + [m[name] for name in _MLP]
+    projections = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
     for p in projections:
-        if type(p) is not DecodeLinear:
+        if type(p) is not DecodeLinear or p._forward_hooks or p._forward_pre_hooks:
             return None
     if (type(norm1) not in _NORMS or type(norm2) is not type(norm1) or norm1.variance_epsilon != norm2.variance_epsilon
             or type(m.get("act_fn", mlp.__dict__.get("act_fn"))) not in _ACTIVATIONS
-            or hooked((layer, attn, mlp, norm1, norm2, *projections))):
+            or hooked((layer, attn, mlp, norm1, norm2))):
         return None
+    params = [p._parameters for p in projections]
     head_dim = attn.head_dim
-    heads = projections[0]._parameters["weight"].shape[0] // head_dim
-    kv_heads = projections[1]._parameters["weight"].shape[0] // head_dim
+    heads = params[0]["weight"].shape[0] // head_dim
+    kv_heads = params[1]["weight"].shape[0] // head_dim
     # a state of another shape (another model's cache) goes to the module path, which names what does not fit
     want = (x.shape[0], heads, head_dim)
     if plan.kind == "linear":
@@ -152,19 +154,20 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> Callable[[tor
         tensors = {"keys": _contiguous(state.keys), "values": _contiguous(state.values),
                    "key_mask": _contiguous(state.mask)}
         if state.linear is not None:
-            tensors.update(kv=state.linear.kv, k_sum=state.linear.k_sum)
-    weights = (norm1._parameters["weight"], *(p._parameters["weight"] for p in projections[:4]),
-               norm2._parameters["weight"], *(p._parameters["weight"] for p in projections[4:]))
-    biases = tuple(p._parameters["bias"] for p in projections)
+            tensors["kv"], tensors["k_sum"] = state.linear.kv, state.linear.k_sum
+    weights = (norm1._parameters["weight"], params[0]["weight"], params[1]["weight"], params[2]["weight"],
+               params[3]["weight"], norm2._parameters["weight"], params[4]["weight"], params[5]["weight"],
+               params[6]["weight"])
+    biases = tuple(p["bias"] for p in params)
     kernel = dispatch.decoder_block_step_kernel(
-        x, weights, biases, tuple(rotary), tensors, heads, kv_heads, head_dim, plan.params.feature_map, window,
-        attn.scaling, plan.params.eps, norm1.variance_epsilon)
+        x, weights, biases, rotary, tensors, heads, kv_heads, head_dim, plan.params.feature_map, window,
+        attn.scaling, plan.params.eps, norm1.variance_epsilon, implementation=implementation)
     if kernel is None:
         return None
 
     def step(hidden: torch.Tensor) -> torch.Tensor:
-        out, packed, *window_state = kernel(hidden)
-        linear = LinearAttentionState.unpack(packed) if packed.numel() else None
+        out, kv, k_sum, *window_state = kernel(hidden)
+        linear = LinearAttentionState(kv, k_sum) if kv.numel() else None
         # the state's batch, dtype and device were checked above, and the kernel checks hidden like x
         if window:
             keys, values, mask = window_state
@@ -240,14 +243,15 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     layers = list(sub["layers"]._modules.values())[: model.config.num_hidden_layers]
     if not layers or any(type(layer) not in _FUSED_LAYERS for layer in layers):
         return None
+    implementation = dispatch._requested(None)  # read once for the whole step, not once a block
+    if implementation == "reference":
+        return None
     hidden = sub["embed_tokens"](input_ids) if embeds is None else embeds
-    positions = kwargs.get("position_ids")
-    if positions is None:
-        positions = torch.full((1, 1), past, dtype=torch.long, device=hidden.device)
-    shared = {"cache": cache, "position_embeddings": _rotary_embeddings(sub["rotary_emb"], hidden, positions)}
+    shared = {"cache": cache,
+              "position_embeddings": _rotary_embeddings(sub["rotary_emb"], hidden, kwargs.get("position_ids"), past)}
     steps = []
     for layer in layers:  # every block checked before any runs: a step is all compiled or all modules
-        step = block_step(layer, hidden, shared)
+        step = block_step(layer, hidden, shared, implementation)
         if step is None:
             return None
         steps.append(step)
@@ -256,17 +260,23 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden), cache=cache)
 
 
-def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor):
-    """``rotary(hidden, position_ids=positions)``: for transformers' own rotary modules of a fixed frequency table
-    (not the dynamic or longrope kinds, which update it from the positions), without hooks, on float32, the same
-    arithmetic without the module's call and its casts to the same dtype."""
+def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, past: int = 0):
+    """``rotary(hidden, position_ids=positions)`` (``positions`` None: the one position ``past`` for every row):
+    for transformers' own rotary modules of a fixed frequency table (not the dynamic or longrope kinds, which
+    update it from the positions), without hooks, on float32, the same arithmetic without the module's call and
+    its casts to the same dtype."""
     inv_freq = rotary._buffers.get("inv_freq") if type(rotary) in _ROTARIES else None
     kind = rotary.__dict__.get("rope_type")
     if (inv_freq is None or not isinstance(kind, str) or "dynamic" in kind or kind == "longrope"
             or hidden.dtype != torch.float32 or inv_freq.dtype != torch.float32 or inv_freq.device != hidden.device
             or hooked((rotary,))):
+        if positions is None:
+            positions = torch.full((1, 1), past, dtype=torch.long, device=hidden.device)
         return rotary(hidden, position_ids=positions)
-    freqs = positions[..., None].float() * inv_freq
+    if positions is None:  # the same float32 products as the position tensor's, without building it
+        freqs = (inv_freq * float(past)).view(1, 1, -1)
+    else:
+        freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     scaling = rotary.attention_scaling

@@ -240,6 +240,29 @@ inline void copy_strided(const float* x, int64_t stride, float* y, int64_t n) {
   }
 }
 
+// A copy into a state buffer the step allocated: streaming (non-temporal) stores where the vectors allow. The next
+// step reads the buffer after the weights have streamed through the caches, so a cached write would only fetch
+// the destination's old contents from memory first (and evict something to make room), then be evicted itself.
+inline void stream_copy(const float* src, float* dst, int64_t n) {
+  if (n <= 0) return;  // nothing kept (a window of 1 keeps no buffered key)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  constexpr int64_t kAlign = kLanes * static_cast<int64_t>(sizeof(float));
+  if (reinterpret_cast<uintptr_t>(dst) % kAlign == 0) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+      _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#else
+      _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+    }
+    for (; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+
 inline float feature(float x, int64_t kind) {
   // kind 1: elu(x) + 1; kind 2: relu(x). NaN stays NaN in both (as torch's elu and relu).
   if (kind == 1) return x > 0.0f ? x + 1.0f : std::exp(x);
@@ -538,10 +561,9 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
       float* kn = keys_new.data_ptr<float>() + (b * H + hh) * r_new * D;
       float* vn = values_new.data_ptr<float>() + (b * H + hh) * r_new * D;
       const int64_t start = fold ? 1 : 0;
-      for (int64_t j = start; j < r; ++j) {
-        std::copy(kb + j * D, kb + (j + 1) * D, kn + (j - start) * D);
-        std::copy(vb + j * D, vb + (j + 1) * D, vn + (j - start) * D);
-      }
+      // the kept rows are contiguous in both buffers: one copy each
+      stream_copy(kb + start * D, kn, (r - start) * D);
+      stream_copy(vb + start * D, vn, (r - start) * D);
       const int64_t new_pos = r - start;  // -1 when the new key itself leaves (a window of 1)
       const bool keep_new = new_pos >= 0 && new_pos < r_new;
       if (keep_new) {
@@ -563,6 +585,9 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
   for (int64_t i = 0; i < B * I; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // silu(gate) * up
   gemv_bias(g.data(), B, I, w[8], bias[6], yp);
   for (int64_t i = 0; i < B * C; ++i) yp[i] += o[i];
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  _mm_sfence();  // the streaming stores above are ordered before anything after the step
+#endif
   if (windowed) return {y, packed, keys_new, values_new, mask_new};
   return {y, packed};
 }
@@ -673,6 +698,8 @@ std::vector<at::Tensor> linear_lm_decode_layer(
 // grouped-query heads and optional biases (Llama, Mistral, Qwen2 blocks). weights: norm1, q, k, v, o, norm2, gate,
 // up, down; biases: q, k, v, o, gate, up, down (each optional). State: kv/k_sum (linear; window-linear: both or
 // neither), keys/values (B, H, r, D) and key_mask (B, r) bool (window-linear, r <= window - 1).
+// Returns y (B, 1, C), the new kv (B, H, D, D) and k_sum (B, H, D) (views of one buffer; empty tensors while
+// window-linear has no linear state) and, for window-linear, the new keys, values (B, H, r', D) and mask (B, r').
 std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::Tensor> weights,
                                            std::vector<c10::optional<at::Tensor>> biases,
                                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
@@ -726,8 +753,19 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
     st.values = *values;
     st.key_mask = *key_mask;
   }
-  return block_step(x, weights, bias, cc, sc, st, nullptr, H, Hkv, D, feature_kind, static_cast<float>(eps),
-                    static_cast<float>(rms_eps), static_cast<float>(scale));
+  std::vector<at::Tensor> out = block_step(x, weights, bias, cc, sc, st, nullptr, H, Hkv, D, feature_kind,
+                                           static_cast<float>(eps), static_cast<float>(rms_eps),
+                                           static_cast<float>(scale));
+  // the new linear state as the views the state keeps (kv, k_sum of one packed buffer), made here rather than by
+  // two indexing calls from Python for every layer of every token
+  const at::Tensor packed = out[1];
+  std::vector<at::Tensor> result;
+  result.reserve(out.size() + 1);
+  result.push_back(out[0]);
+  result.push_back(packed.numel() ? packed.narrow(3, 0, D) : packed);
+  result.push_back(packed.numel() ? packed.select(3, D) : packed);
+  for (size_t i = 2; i < out.size(); ++i) result.push_back(out[i]);
+  return result;
 }
 
 }  // namespace

@@ -117,6 +117,26 @@ def test_block_step_matches_the_modules_in_float64(arch, kind, params, prefill, 
             torch.testing.assert_close(mine.k_sum.double(), ref.k_sum, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("hidden,window", [(64, 9), (64, 21), (48, 9), (256, 17)])
+def test_window_buffer_of_whole_and_partial_vectors_matches_the_modules(hidden, window, block_calls, monkeypatch):
+    """The kept keys and values move to the new buffer with streaming stores where a head's rows start on a vector
+    boundary (head_dim 16 and 64) and plain ones where they do not (head_dim 12): the buffer the next steps read
+    must be the modules' in every case, as the window fills and as keys leave it."""
+    torch.manual_seed(hidden + window)
+    config = LlamaConfig(**{**COMMON, "hidden_size": hidden, "intermediate_size": hidden + 16})
+    model = patch_model(LlamaForCausalLM(config).eval(), "window-linear", window=window)
+    reference = copy.deepcopy(model).double()
+    ids = torch.randint(0, VOCAB, (2, 3))
+    got, cache = decode(model, ids, window + 6)
+    assert block_calls["n"] == (window + 6) * 2
+    want, ref_cache = decode(reference, ids, window + 6, reference=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    for layer, ref_layer in zip(cache.layers, ref_cache.layers):
+        torch.testing.assert_close(layer.state.keys.double(), ref_layer.state.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.state.values.double(), ref_layer.state.values, rtol=1e-4, atol=1e-4)
+        assert torch.equal(layer.state.mask, ref_layer.state.mask)
+
+
 def test_padded_prefill_then_unmasked_steps_keep_padding_out_of_the_window(block_calls, monkeypatch):
     """After a left-padded prefill the buffered keys carry padding; decoding without a mask runs compiled and must
     still skip them (a NaN planted in a padded key would show)."""
@@ -459,6 +479,11 @@ def test_the_step_rotary_is_the_module_bit_for_bit(arch, rope):
     for positions in (torch.tensor([[0]]), torch.tensor([[1234]]), torch.tensor([[5], [77]])):
         got, want = fused_layers._rotary_embeddings(rotary, hidden, positions), rotary(hidden, position_ids=positions)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # the model step's own position (no position_ids): the past length, without a position tensor
+    for past in (0, 1, 1234, 123457, 2**24 - 1):
+        got = fused_layers._rotary_embeddings(rotary, hidden, None, past)
+        want = rotary(hidden, position_ids=torch.tensor([[past]]))
+        assert all(g.shape == w.shape and torch.equal(g, w) for g, w in zip(got, want)), past
     if rope is not None and rope["rope_type"] == "yarn":
         assert rotary.attention_scaling != 1.0
 
@@ -484,8 +509,14 @@ def test_the_step_rotary_leaves_dynamic_tables_hooks_and_other_dtypes_to_the_mod
         fused_layers._rotary_embeddings(rotary, hidden.double(), positions)
         handle = rotary.register_forward_hook(lambda *args: None)
         fused_layers._rotary_embeddings(rotary, hidden, positions)
+        seen = []
         handle.remove()
-    assert calls == [1, 1, 1]
+        handle = rotary.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["position_ids"]),
+                                              with_kwargs=True)
+        fused_layers._rotary_embeddings(rotary, hidden, None, 41)  # the module gets the step's position as a tensor
+        handle.remove()
+    assert calls == [1, 1, 1, 1]
+    assert len(seen) == 1 and seen[0].tolist() == [[41]]
 
 
 def test_the_step_final_norm_matches_the_module_and_leaves_hooks_to_it():
