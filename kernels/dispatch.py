@@ -705,6 +705,7 @@ def decoder_block_step_kernel(
     eps: float,
     rms_eps: float,
     *,
+    append: bool = False,
     implementation: str | None = None,
 ) -> Callable[..., list[torch.Tensor]] | None:
     """One decoder block (Llama, Mistral, Qwen2 layout) patched with ``linear`` (``window=0``) or ``window-linear``
@@ -715,12 +716,16 @@ def decoder_block_step_kernel(
     up, down)``, each a tensor or None; rotary ``(cos, sin)`` ``(batch or 1, 1, head_dim)`` or None; state: ``kv``
     ``(batch, heads, head_dim, head_dim)`` and ``k_sum`` ``(batch, heads, head_dim)`` (None for window-linear before
     any key left the window), and for window-linear ``keys``/``values`` ``(batch, heads, r, head_dim)`` and
-    ``key_mask`` ``(batch, r)`` bool. All float32 CPU tensors needing no gradient. The call gives ``[out (batch, 1,
-    hidden), kv (batch, heads, head_dim, head_dim), k_sum (batch, heads, head_dim)]`` (the new linear state, views of
-    one buffer; empty tensors while window-linear has none) and, for window-linear, the new ``keys``, ``values`` and
-    ``key_mask``; no input is written. The call takes ``x`` or, as its argument,
-    another input of x's shape, dtype and device (the output of the block before, once it is computed; the kernel
-    checks it like ``x``). None where the module path runs.
+    ``key_mask`` ``(batch, r)`` bool, each with contiguous rows. All float32 CPU tensors needing no gradient.
+
+    The call gives ``[out (batch, 1, hidden), kv (batch, heads, head_dim, head_dim), k_sum (batch, heads,
+    head_dim)]`` (the new linear state, views of one buffer; empty tensors while window-linear has none) and, for
+    window-linear, the new ``keys``, ``values`` and ``key_mask``: views of new buffers with room for more rows or,
+    with ``append``, of the given ones, whose row ``r`` (past the given view) is then the only thing written. The
+    caller must know that no view it handed out covers that row (see ``RecurrentStateLayer.window_ring``); nothing
+    else of an input is written. The call takes ``x`` or, as its argument, another input of x's shape, dtype and
+    device (the output of the block before, once it is computed; the kernel checks it like ``x``). None where the
+    module path runs.
     """
     feature = _DECODE_FEATURES.get(feature_map)
     kv, k_sum = state.get("kv"), state.get("k_sum")
@@ -748,7 +753,7 @@ def decoder_block_step_kernel(
     cos, sin = rotary if rotary is not None else (None, None)
     op = torch.ops.hf_efficient_decode_cpu.decoder_block_step
     rest = (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads), int(kv_heads),
-            int(head_dim), feature, int(window), float(scale), float(eps), float(rms_eps))
+            int(head_dim), feature, int(window), float(scale), float(eps), float(rms_eps), bool(append))
 
     def step(hidden: torch.Tensor = x) -> list[torch.Tensor]:
         return op(hidden, *rest)

@@ -82,6 +82,8 @@ class RecurrentStateLayer(CacheLayerMixin):
         self.seen_tokens = 0
         self.dtype: torch.dtype | None = None
         self._unread = False  # update() handed out keys that attend() has not consumed yet
+        # (state, frontier, end, capacity) when the compiled step made this state's window buffers: see window_ring
+        self._ring = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -112,17 +114,32 @@ class RecurrentStateLayer(CacheLayerMixin):
         mismatch."""
         return self.is_initialized and self.dtype == torch.float32 and not self._unread
 
-    def commit_token(self, state) -> None:
+    def commit_token(self, state, ring: tuple | None = None) -> None:
         """Keep ``state``, the state after one new token per row, from a compiled step that checked
         :meth:`continues_in_float32` and the state's batch before it ran: :meth:`commit` without checking again
-        (this runs for every layer of every decoded token)."""
+        (this runs for every layer of every decoded token). ``ring``: what :meth:`window_ring` gives for it."""
         self._keep(state, 1)
+        self._ring = ring
+
+    def window_ring(self) -> tuple | None:
+        """``(state, frontier, end, capacity)`` when the current state's window keys, values and mask are views
+        ending at row ``end`` of buffers with room for ``capacity`` rows, made by the compiled step; else None.
+
+        ``frontier`` (a one-item list) is shared by every state viewing those buffers, this layer's copies
+        included (``copy.copy``; a deep copy gets buffers and a frontier of its own): it holds the first row no
+        view handed out covers. A step may write the new key into row ``end`` in place only while ``frontier[0]
+        == end`` (no other state has written past this one) and ``end < capacity``, and then moves the frontier
+        on; so no state anyone holds ever changes. Any other state (replaced, reordered, from the modules) has
+        no ring and its step copies the buffer, as before."""
+        ring = self.__dict__.get("_ring")  # absent in a layer pickled before it existed
+        return ring if ring is not None and ring[0] is self.state else None
 
     def _keep(self, state, tokens: int) -> None:
         """The state after ``tokens`` more tokens, checked by the caller."""
         self.state = state
         self.seen_tokens += tokens
         self._unread = False
+        self._ring = None
 
     def _check_step(self, out, state, q: torch.Tensor, v: torch.Tensor) -> None:
         """A decoding form's result must be what the cache relies on: ``out`` ``(batch, heads, T, d_v)`` and a
@@ -209,6 +226,7 @@ class RecurrentStateLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.state = None
+        self._ring = None
         self.seen_tokens = 0
         self._unread = False
         # a reset cache may be filled by another model (another dtype): it is initialised again by the next call
@@ -225,6 +243,7 @@ class RecurrentStateLayer(CacheLayerMixin):
     def _map_state(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.state is not None:
             self.state = self.state.map(fn)
+            self._ring = None  # the mapped state has buffers of its own (or shares them without knowing the frontier)
 
     def _state_tensor(self) -> torch.Tensor:
         """A tensor of the state (the state's batch size and device are its)."""

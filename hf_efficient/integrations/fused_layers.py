@@ -83,8 +83,19 @@ _ROTARIES = (LlamaRotaryEmbedding, MistralRotaryEmbedding, Qwen2RotaryEmbedding)
 _ACTIVATIONS = (SiLUActivation, nn.SiLU)
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()  # Tensor.contiguous() costs a dispatch even when it is
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Window keys or values ``(batch, heads, r, d)`` as the block kernel reads them: each row contiguous and the
+    rows of a head one after another (a prefill's slices of its keys and the compiled step's own buffers are; the
+    batch and head strides may be anything), else a contiguous copy."""
+    r, d = t.shape[-2], t.shape[-1]
+    if (d <= 1 or t.stride(-1) == 1) and (r <= 1 or t.stride(-2) == d):
+        return t  # Tensor.contiguous() costs a dispatch even when it changes nothing
+    return t.contiguous()
+
+
+def _mask_rows(t: torch.Tensor) -> torch.Tensor:
+    """A window mask ``(batch, r)`` with each row contiguous (any batch stride), else a contiguous copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _linear_state(state) -> bool:
@@ -150,18 +161,20 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
                                                   or tuple(state.linear.k_sum.shape) != want))):
             return None
         window = plan.params.window
-        # a prefill leaves slices of its keys; after the first compiled step the buffer is contiguous already
-        tensors = {"keys": _contiguous(state.keys), "values": _contiguous(state.values),
-                   "key_mask": _contiguous(state.mask)}
+        # the kernel reads whole rows: a prefill's slices of its keys and the compiled step's own buffers have them
+        tensors = {"keys": _rows(state.keys), "values": _rows(state.values), "key_mask": _mask_rows(state.mask)}
         if state.linear is not None:
             tensors["kv"], tensors["k_sum"] = state.linear.kv, state.linear.k_sum
+        ring = cache_layer.window_ring()
+        append = ring is not None and ring[1][0] == ring[2] < ring[3]
     weights = (norm1._parameters["weight"], params[0]["weight"], params[1]["weight"], params[2]["weight"],
                params[3]["weight"], norm2._parameters["weight"], params[4]["weight"], params[5]["weight"],
                params[6]["weight"])
     biases = tuple(p["bias"] for p in params)
     kernel = dispatch.decoder_block_step_kernel(
         x, weights, biases, rotary, tensors, heads, kv_heads, head_dim, plan.params.feature_map, window,
-        attn.scaling, plan.params.eps, norm1.variance_epsilon, implementation=implementation)
+        attn.scaling, plan.params.eps, norm1.variance_epsilon, append=window > 1 and append,
+        implementation=implementation)
     if kernel is None:
         return None
 
@@ -169,11 +182,20 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
         out, kv, k_sum, *window_state = kernel(hidden)
         linear = LinearAttentionState(kv, k_sum) if kv.numel() else None
         # the state's batch, dtype and device were checked above, and the kernel checks hidden like x
-        if window:
-            keys, values, mask = window_state
-            cache_layer.commit_token(WindowLinearState(linear, keys, values, mask, window))
-        else:
+        if not window:
             cache_layer.commit_token(linear)
+            return out
+        keys, values, mask = window_state
+        new = WindowLinearState(linear, keys, values, mask, window)
+        if window == 1:  # nothing buffered: no ring
+            cache_layer.commit_token(new)
+        elif append:  # the new key went into row `end`, past every view handed out: the frontier moves on
+            frontier, end = ring[1], ring[2] + 1
+            frontier[0] = end
+            cache_layer.commit_token(new, (new, frontier, end, ring[3]))
+        else:  # new buffers, this state's view at their front
+            rows = keys.shape[2]
+            cache_layer.commit_token(new, (new, [rows], rows, keys.stride(1) // head_dim))
         return out
 
     return step

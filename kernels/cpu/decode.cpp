@@ -463,10 +463,21 @@ void window_one(const float* q, const float* k_new, const float* v_new, const fl
 struct BlockState {
   // linear part: kv (B, H, D, D), k_sum (B, H, D) float32; undefined for window-linear before any key left the window
   at::Tensor kv, k_sum;
-  // window-linear only (window > 0): the r most recent keys/values (B, H, r, D) float32 and their mask (B, r) bool
+  // window-linear only (window > 0): the r most recent keys/values (B, H, r, D) float32 and their mask (B, r) bool,
+  // each row contiguous (keys/values: stride D in dim 2, 1 in dim 3; mask: stride 1 in dim 1), any batch/head strides
   at::Tensor keys, values, key_mask;
   int64_t window = 0;
+  // append: the rows after the buffered ones are free (checked by check_append): the new key goes there and the
+  // kept keys stay where they are, instead of all moving to a new buffer
+  bool append = false;
 };
+
+// Rows a new window buffer has room for: the window's w - 1 keys plus as many again as half of them (at least 16),
+// so that keys are appended in place for that many steps before the buffer is copied to a new one.
+inline int64_t window_capacity(int64_t window) {
+  const int64_t kept = std::max<int64_t>(window - 1, 0);
+  return kept == 0 ? 0 : kept + std::max<int64_t>(16, kept / 2);
+}
 
 // One decoder block for one new token per row (pre-norm: RMSNorm -> q/k/v (+ bias) -> rotary -> attention -> o
 // (+ bias) -> residual; RMSNorm -> SwiGLU MLP (+ biases) -> residual). Attention is causal linear attention
@@ -490,11 +501,27 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
   const float* xp = xc.data_ptr<float>();
   at::Tensor y = at::empty({B, 1, C}, x.options());
   at::Tensor packed = linear_after ? at::empty({B, H, D, D + 1}, x.options()) : at::empty({0}, x.options());
-  at::Tensor keys_new, values_new, mask_new;
-  if (windowed) {
-    keys_new = at::empty({B, H, r_new, D}, x.options());
-    values_new = at::empty({B, H, r_new, D}, x.options());
-    mask_new = at::empty({B, r_new}, st.key_mask.options());
+  // where the buffer after the token lives: appended in place (the same buffers, the view moved on by `start`
+  // rows) or in new buffers of window_capacity rows (the kept rows copied to their front)
+  const bool append = windowed && st.append;
+  const int64_t start = fold ? 1 : 0;
+  at::Tensor keys_buf, values_buf, mask_buf;
+  int64_t ks0 = 0, ks1 = 0, ms0 = 0;
+  if (windowed && append) {
+    keys_buf = st.keys;
+    values_buf = st.values;
+    mask_buf = st.key_mask;
+    ks0 = st.keys.stride(0);
+    ks1 = st.keys.stride(1);
+    ms0 = st.key_mask.stride(0);
+  } else if (windowed) {
+    const int64_t cap = std::max(window_capacity(st.window), r_new);
+    keys_buf = at::empty({B, H, cap, D}, x.options());
+    values_buf = at::empty({B, H, cap, D}, x.options());
+    mask_buf = at::empty({B, cap}, st.key_mask.options());
+    ks0 = H * cap * D;
+    ks1 = cap * D;
+    ms0 = cap;
   }
   float* yp = y.data_ptr<float>();
 
@@ -530,9 +557,9 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
                    num.data());
         continue;
       }
-      const float* kb = st.keys.data_ptr<float>() + (b * H + hh) * r * D;
-      const float* vb = st.values.data_ptr<float>() + (b * H + hh) * r * D;
-      const bool* mb = st.key_mask.data_ptr<bool>() + b * r;
+      const float* kb = st.keys.data_ptr<float>() + b * st.keys.stride(0) + hh * st.keys.stride(1);
+      const float* vb = st.values.data_ptr<float>() + b * st.values.stride(0) + hh * st.values.stride(1);
+      const bool* mb = st.key_mask.data_ptr<bool>() + b * st.key_mask.stride(0);
       window_one(qh, kh, vh, kb, vb, mb, r, D, scale, has_linear, kvp, kv_m, kv_e, zp, z_m, kind, eps, out,
                  scores.data(), phi_q.data(), num.data());
       if (sp != nullptr) {  // the linear state after the token: the old one (or zeros) plus a leaving key
@@ -557,22 +584,24 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
           }
         }
       }
-      // the buffer after the token: the kept buffered keys, then the new one
-      float* kn = keys_new.data_ptr<float>() + (b * H + hh) * r_new * D;
-      float* vn = values_new.data_ptr<float>() + (b * H + hh) * r_new * D;
-      const int64_t start = fold ? 1 : 0;
-      // the kept rows are contiguous in both buffers: one copy each
-      stream_copy(kb + start * D, kn, (r - start) * D);
-      stream_copy(vb + start * D, vn, (r - start) * D);
-      const int64_t new_pos = r - start;  // -1 when the new key itself leaves (a window of 1)
-      const bool keep_new = new_pos >= 0 && new_pos < r_new;
+      // the buffer after the token: the kept buffered keys, then the new one. Appending writes only the row after
+      // the buffered ones (outside every view handed out); a new buffer gets the kept rows (contiguous in both) first.
+      float* kn = keys_buf.data_ptr<float>() + b * ks0 + hh * ks1;
+      float* vn = values_buf.data_ptr<float>() + b * ks0 + hh * ks1;
+      if (!append) {
+        stream_copy(kb + start * D, kn, (r - start) * D);
+        stream_copy(vb + start * D, vn, (r - start) * D);
+      }
+      const int64_t new_pos = append ? r : r - start;  // r - start is -1 when the new key itself leaves (window 1)
+      const bool keep_new = r_new > 0;
       if (keep_new) {
         std::copy(kh, kh + D, kn + new_pos * D);
         std::copy(vh, vh + D, vn + new_pos * D);
       }
       if (hh == 0) {
-        bool* mn = mask_new.data_ptr<bool>() + b * r_new;
-        for (int64_t j = start; j < r; ++j) mn[j - start] = mb[j];
+        bool* mn = mask_buf.data_ptr<bool>() + b * ms0;
+        if (!append)
+          for (int64_t j = start; j < r; ++j) mn[j - start] = mb[j];
         if (keep_new) mn[new_pos] = true;
       }
     }
@@ -588,8 +617,14 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   _mm_sfence();  // the streaming stores above are ordered before anything after the step
 #endif
-  if (windowed) return {y, packed, keys_new, values_new, mask_new};
-  return {y, packed};
+  if (!windowed) return {y, packed};
+  // the new views: r_new rows from `start` of the appended buffers, or from the front of the new ones
+  const int64_t first = append ? start : 0;
+  at::Tensor keys_new = keys_buf.as_strided({B, H, r_new, D}, {ks0, ks1, D, 1}, keys_buf.storage_offset() + first * D);
+  at::Tensor values_new =
+      values_buf.as_strided({B, H, r_new, D}, {ks0, ks1, D, 1}, values_buf.storage_offset() + first * D);
+  at::Tensor mask_new = mask_buf.as_strided({B, r_new}, {ms0, 1}, mask_buf.storage_offset() + first);
+  return {y, packed, keys_new, values_new, mask_new};
 }
 
 void check_state_tensor(const at::Tensor& t, std::initializer_list<int64_t> shape, const char* name, bool contiguous) {
@@ -694,12 +729,41 @@ std::vector<at::Tensor> linear_lm_decode_layer(
                     static_cast<float>(rms_eps), 1.0f);
 }
 
+// An in-place append writes row r of every (batch, head) of keys/values and element r of every mask row: the
+// buffers must be laid out as new ones are ((B, H, cap, D) and (B, cap) with cap > r, the view starting anywhere in
+// them) and those slots inside the storage. Which slots no view handed out covers is the caller's to know (the
+// cache layer that made the buffer); this only keeps the writes inside the buffer and off the view's own rows.
+void check_append(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask, int64_t B, int64_t H,
+                  int64_t r, int64_t D, int64_t window, const char* op) {
+  TORCH_CHECK(window >= 2, op, ": append needs a window of at least 2 (a window of 1 buffers no key)");
+  const int64_t s1 = keys.stride(1), s0 = keys.stride(0);
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && s1 % D == 0 && s1 > 0 && (B == 1 || s0 == H * s1) &&
+                  values.strides() == keys.strides(),
+              op, ": append needs keys and values laid out as (batch, heads, capacity, head_dim) buffers");
+  // the view's first row within its head's rows, and the row after the view inside them too (not the next head's)
+  for (const at::Tensor* t : {&keys, &values})
+    TORCH_CHECK(t->storage_offset() % D == 0 && (t->storage_offset() % s1) / D + r + 1 <= s1 / D, op,
+                ": append needs room for a row after the ", r, " buffered ones (the buffer's capacity is ", s1 / D,
+                " rows)");
+  const int64_t last = (B - 1) * (B == 1 ? 0 : s0) + (H - 1) * s1 + (r + 1) * D;  // one past the last written
+  for (const at::Tensor* t : {&keys, &values})
+    TORCH_CHECK(t->storage_offset() + last <= static_cast<int64_t>(t->storage().nbytes() / sizeof(float)), op,
+                ": append would write past the end of the keys/values buffer");
+  const int64_t m0 = mask.stride(0);
+  TORCH_CHECK(mask.stride(1) == 1 && (B == 1 || (m0 > 0 && (mask.storage_offset() % m0) + r + 1 <= m0)), op,
+              ": append needs the mask laid out as a (batch, capacity) buffer with room after its ", r, " entries");
+  TORCH_CHECK(mask.storage_offset() + (B - 1) * (B == 1 ? 0 : m0) + r + 1 <= static_cast<int64_t>(mask.storage().nbytes()),
+              op, ": append would write past the end of the mask buffer");
+}
+
 // The block step of a decoder patched with linear (window == 0) or window-linear attention (window >= 1), with
 // grouped-query heads and optional biases (Llama, Mistral, Qwen2 blocks). weights: norm1, q, k, v, o, norm2, gate,
 // up, down; biases: q, k, v, o, gate, up, down (each optional). State: kv/k_sum (linear; window-linear: both or
-// neither), keys/values (B, H, r, D) and key_mask (B, r) bool (window-linear, r <= window - 1).
+// neither), keys/values (B, H, r, D) and key_mask (B, r) bool (window-linear, r <= window - 1; rows contiguous).
 // Returns y (B, 1, C), the new kv (B, H, D, D) and k_sum (B, H, D) (views of one buffer; empty tensors while
-// window-linear has no linear state) and, for window-linear, the new keys, values (B, H, r', D) and mask (B, r').
+// window-linear has no linear state) and, for window-linear, the new keys, values (B, H, r', D) and mask (B, r'):
+// views of new buffers with room for more rows, or with append, of the given ones, whose row r (the one after the
+// view) is then the only thing written (see check_append). Nothing else of an input is written.
 std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::Tensor> weights,
                                            std::vector<c10::optional<at::Tensor>> biases,
                                            const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
@@ -708,7 +772,7 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
                                            const c10::optional<at::Tensor>& values,
                                            const c10::optional<at::Tensor>& key_mask, int64_t heads, int64_t kv_heads,
                                            int64_t head_dim, int64_t feature_kind, int64_t window, double scale,
-                                           double eps, double rms_eps) {
+                                           double eps, double rms_eps, bool append) {
   const char* op = "decoder_block_step";
   TORCH_CHECK(feature_kind == 1 || feature_kind == 2, op, ": feature must be 1 (elu) or 2 (relu)");
   TORCH_CHECK(window >= 0, op, ": window must be 0 (linear) or positive (window-linear), got ", window);
@@ -744,14 +808,23 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
     const int64_t r = keys->dim() == 4 ? keys->size(2) : -1;
     TORCH_CHECK(r >= 0 && r <= window - 1, op, ": the buffer holds ", r, " keys; window ", window, " keeps at most ",
                 window - 1);
-    check_state_tensor(*keys, {B, H, r, D}, "keys", true);
-    check_state_tensor(*values, {B, H, r, D}, "values", true);
+    check_state_tensor(*keys, {B, H, r, D}, "keys", false);
+    check_state_tensor(*values, {B, H, r, D}, "values", false);
     TORCH_CHECK(key_mask->device().is_cpu() && key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 &&
-                    key_mask->size(0) == B && key_mask->size(1) == r && key_mask->is_contiguous(),
-                op, ": key_mask must be a contiguous bool (batch, ", r, ") CPU tensor");
+                    key_mask->size(0) == B && key_mask->size(1) == r && key_mask->stride(0) >= 0,
+                op, ": key_mask must be a bool (batch, ", r, ") CPU tensor");
+    // rows are read (and copied) whole: each must be contiguous; batch and head strides may be anything
+    for (const at::Tensor* t : {&*keys, &*values})
+      TORCH_CHECK(r == 0 || ((D == 1 || t->stride(3) == 1) && (r == 1 || t->stride(2) == D)), op,
+                  ": keys and values must have contiguous rows (strides (..., ", D, ", 1))");
+    TORCH_CHECK(r <= 1 || key_mask->stride(1) == 1, op, ": key_mask must have contiguous rows");
     st.keys = *keys;
     st.values = *values;
     st.key_mask = *key_mask;
+    st.append = append;
+    if (append) check_append(*keys, *values, *key_mask, B, H, r, D, window, op);
+  } else {
+    TORCH_CHECK(!append, op, ": append is for window-linear buffers only");
   }
   std::vector<at::Tensor> out = block_step(x, weights, bias, cc, sc, st, nullptr, H, Hkv, D, feature_kind,
                                            static_cast<float>(eps), static_cast<float>(rms_eps),
@@ -784,6 +857,6 @@ TORCH_LIBRARY(hf_efficient_decode_cpu, lib) {
   lib.def(
       "decoder_block_step(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? cos, Tensor? sin, Tensor? kv, "
       "Tensor? k_sum, Tensor? keys, Tensor? values, Tensor? key_mask, int heads, int kv_heads, int head_dim, "
-      "int feature, int window, float scale, float eps, float rms_eps) -> Tensor[]",
+      "int feature, int window, float scale, float eps, float rms_eps, bool append=False) -> Tensor[]",
       &decoder_block_step);
 }

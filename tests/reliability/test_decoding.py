@@ -270,3 +270,140 @@ def test_a_cache_copied_mid_decode_continues_twice_like_the_modules(kind, monkey
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     want, _ = run(reference, True)
     torch.testing.assert_close(a.double(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- window buffers appended in place
+def _window_model(window: int = 3):
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    return patch_model(LlamaForCausalLM(config).eval(), "window-linear", window=window)
+
+
+def _fork(cache: LinearAttentionCache, how: str) -> LinearAttentionCache:
+    if how == "deepcopy":
+        return copy.deepcopy(cache)
+    if how == "pickle":
+        import pickle
+
+        return pickle.loads(pickle.dumps(cache))
+    twin = copy.copy(cache)  # "shallow": layer copies holding the very same state objects and buffers
+    twin.layers = [copy.copy(layer) for layer in cache.layers]
+    return twin
+
+
+@pytest.mark.parametrize("how", ["shallow", "deepcopy", "pickle"])
+def test_window_buffers_appended_in_place_never_change_a_held_or_forked_state(how, monkeypatch):
+    """The compiled window-linear step writes each new key into the row after the buffered ones, in the same
+    buffers, while no other state has gone past them. Copies of a cache continued with different tokens, one step
+    each in turn, and past the point where a buffer is full and moves (window 3: room for 18 rows), must each give
+    the modules' logits (float64, PyTorch path); states held from before must keep their values."""
+    model = _window_model()
+    reference = copy.deepcopy(model).double()
+    ids = torch.randint(0, 64, (2, 4))
+    common = [5, 9]
+    branch_a, branch_b = [7 + t % 50 for t in range(30)], [40 - t % 30 for t in range(30)]
+
+    with torch.no_grad():
+        cache = LinearAttentionCache(config=model.config)
+        model(ids, cache=cache)
+        for t in common:
+            model(torch.full((2, 1), t), cache=cache)
+        assert all(layer.window_ring() is not None for layer in cache.layers)  # the step made the buffers
+        held = [layer.state for layer in cache.layers]
+        frozen = [tuple(x.clone() for x in (s.keys, s.values, s.mask)) for s in held]
+        twin = _fork(cache, how)
+        got_a, got_b = [], []
+        for a, b in zip(branch_a, branch_b):  # interleaved: each copy's step sees the other's writes
+            got_a.append(model(torch.full((2, 1), a), cache=cache).logits)
+            got_b.append(model(torch.full((2, 1), b), cache=twin).logits)
+    for state, before in zip(held, frozen):
+        assert all(torch.equal(x, y) for x, y in zip((state.keys, state.values, state.mask), before))
+
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+
+    def modules(tokens):
+        ref = LinearAttentionCache(config=reference.config)
+        with torch.no_grad():
+            reference(ids, cache=ref)
+            return torch.cat([reference(torch.full((2, 1), t), cache=ref).logits for t in common + tokens],
+                             dim=1)[:, len(common):]
+
+    torch.testing.assert_close(torch.cat(got_a, dim=1).double(), modules(branch_a), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(got_b, dim=1).double(), modules(branch_b), rtol=1e-4, atol=1e-4)
+
+
+def test_a_window_state_reordered_replaced_or_reset_is_copied_not_appended_to(monkeypatch):
+    """Only the state the compiled step made may be appended to: after reorder_cache (beam search), a state put in
+    by hand, or a reset and a new prompt, the next step copies the buffer, and the old buffers keep their values."""
+    model = _window_model()
+    ids = torch.randint(0, 64, (2, 4))
+    with torch.no_grad():
+        cache = LinearAttentionCache(config=model.config)
+        model(ids, cache=cache)
+        model(torch.full((2, 1), 5), cache=cache)
+        layer = cache.layers[0]
+        old = layer.state
+        kept = old.keys.clone()
+        cache.reorder_cache(torch.tensor([1, 0]))
+        assert layer.window_ring() is None
+        model(torch.full((2, 1), 6), cache=cache)
+        assert layer.state.keys.untyped_storage().data_ptr() != old.keys.untyped_storage().data_ptr()
+        assert torch.equal(old.keys, kept)
+        layer.state = layer.state._replace(keys=layer.state.keys.clone())  # by hand: an equal state, not ours
+        assert layer.window_ring() is None
+        model(torch.full((2, 1), 7), cache=cache)
+        assert layer.window_ring() is not None
+        cache.reset()
+        assert all(x.window_ring() is None for x in cache.layers)
+        model(ids, cache=cache)
+        assert layer.window_ring() is None  # the prefill's state comes from the modules
+
+
+def test_the_block_kernel_refuses_an_append_it_cannot_keep_inside_the_buffer():
+    """``append=True`` writes one row past the given view: the kernel checks the layout and the storage first and
+    writes nothing when they do not hold it (a bad call must not reach memory outside the buffer)."""
+    if load_decode_extension() is None:
+        pytest.skip("the decoding extension did not build")
+    ops = torch.ops.hf_efficient_decode_cpu
+    torch.manual_seed(0)
+    c, h, d, inter, r, window = 8, 2, 4, 12, 2, 4
+    weights = [torch.ones(c), torch.randn(h * d, c), torch.randn(h * d, c), torch.randn(h * d, c),
+               torch.randn(c, h * d), torch.ones(c), torch.randn(inter, c), torch.randn(inter, c),
+               torch.randn(c, inter)]
+    none = [None] * 7
+    x = torch.randn(1, 1, c)
+
+    def call(keys, values, mask, append=True, win=window):
+        return ops.decoder_block_step(x, weights, none, None, None, None, None, keys, values, mask, h, h, d, 1, win,
+                                      0.5, 1e-6, 1e-6, append)
+
+    def buffers(cap):
+        return torch.randn(1, h, cap, d), torch.randn(1, h, cap, d), torch.ones(1, cap, dtype=torch.bool)
+
+    kb, vb, mb = buffers(r)  # exactly full: no row after the view
+    before = [t.clone() for t in (kb, vb, mb)]
+    with pytest.raises(RuntimeError, match="capacity"):
+        call(kb, vb, mb)
+    assert all(torch.equal(t, b) for t, b in zip((kb, vb, mb), before))
+    kb, vb, mb = buffers(6)
+    snapshot = [t.clone() for t in (kb, vb, mb)]
+    end = [t.narrow(-2 if t.dim() == 4 else -1, 6 - r, r) for t in (kb, vb, mb)]  # the view ends each head's rows
+    with pytest.raises(RuntimeError, match="capacity"):
+        call(*end)
+    def short():  # room for 3 rows a head, but the storage stops after the last head's second row
+        return torch.randn(h * 3 * d - d).as_strided((1, h, r, d), (h * 3 * d, 3 * d, d, 1))
+
+    with pytest.raises(RuntimeError, match="past the end"):
+        call(short(), short(), mb[:, :r])
+    with pytest.raises(RuntimeError, match="window of at least 2"):
+        call(*[t.narrow(-2 if t.dim() == 4 else -1, 0, 0) for t in (kb, vb, mb)], win=1)
+    with pytest.raises(RuntimeError, match="mask"):
+        call(kb[:, :, :r], vb[:, :, :r], torch.ones(1, 2 * r, dtype=torch.bool)[:, ::2])
+    with pytest.raises(RuntimeError, match="laid out"):  # values of another layout than keys
+        call(kb[:, :, :r], torch.randn(1, h, r + 3, d)[:, :, :r], mb[:, :r])
+    assert all(torch.equal(t, s) for t, s in zip((kb, vb, mb), snapshot))  # refused calls wrote nothing
+    out = call(kb[:, :, :r], vb[:, :, :r], mb[:, :r])  # room after the view: row r is written, nothing else
+    assert out[3].data_ptr() == kb.data_ptr() and tuple(out[3].shape) == (1, h, r + 1, d)
+    assert torch.equal(kb[:, :, :r], snapshot[0][:, :, :r]) and torch.equal(kb[:, :, r + 1:], snapshot[0][:, :, r + 1:])
+    assert not torch.equal(kb[:, :, r], snapshot[0][:, :, r]) and bool(mb[0, r])
