@@ -35,6 +35,7 @@ import hashlib
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import (
@@ -56,7 +57,24 @@ __all__ = [
     "LinearAttentionCache",
     "LinearStateLayer",
     "RecurrentStateLayer",
+    "WindowRing",
 ]
+
+
+class WindowRing(NamedTuple):
+    """The window buffers behind a state the compiled window-linear step made (see
+    :meth:`RecurrentStateLayer.window_ring`).
+
+    state: the state whose keys, values and mask view the buffers; frontier: a one-item list, shared by every
+    state viewing them, holding the first row no view handed out covers; end: the row after this state's view;
+    capacity: rows the buffers have room for; spare_bytes: the buffers' bytes beyond the state's view (memory the
+    state holds without showing it in ``state.nbytes()``)."""
+
+    state: object
+    frontier: list
+    end: int
+    capacity: int
+    spare_bytes: int
 
 
 class RecurrentStateLayer(CacheLayerMixin):
@@ -82,8 +100,7 @@ class RecurrentStateLayer(CacheLayerMixin):
         self.seen_tokens = 0
         self.dtype: torch.dtype | None = None
         self._unread = False  # update() handed out keys that attend() has not consumed yet
-        # (state, frontier, end, capacity) when the compiled step made this state's window buffers: see window_ring
-        self._ring = None
+        self._ring: WindowRing | None = None  # when the compiled step made the state's window buffers
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -114,23 +131,22 @@ class RecurrentStateLayer(CacheLayerMixin):
         mismatch."""
         return self.is_initialized and self.dtype == torch.float32 and not self._unread
 
-    def commit_token(self, state, ring: tuple | None = None) -> None:
+    def commit_token(self, state, ring: WindowRing | None = None) -> None:
         """Keep ``state``, the state after one new token per row, from a compiled step that checked
         :meth:`continues_in_float32` and the state's batch before it ran: :meth:`commit` without checking again
         (this runs for every layer of every decoded token). ``ring``: what :meth:`window_ring` gives for it."""
         self._keep(state, 1)
         self._ring = ring
 
-    def window_ring(self) -> tuple | None:
-        """``(state, frontier, end, capacity)`` when the current state's window keys, values and mask are views
-        ending at row ``end`` of buffers with room for ``capacity`` rows, made by the compiled step; else None.
+    def window_ring(self) -> WindowRing | None:
+        """The :class:`WindowRing` of the current state when its window keys, values and mask are views ending at
+        row ``end`` of buffers the compiled step made; else None.
 
-        ``frontier`` (a one-item list) is shared by every state viewing those buffers, this layer's copies
-        included (``copy.copy``; a deep copy gets buffers and a frontier of its own): it holds the first row no
-        view handed out covers. A step may write the new key into row ``end`` in place only while ``frontier[0]
-        == end`` (no other state has written past this one) and ``end < capacity``, and then moves the frontier
-        on; so no state anyone holds ever changes. Any other state (replaced, reordered, from the modules) has
-        no ring and its step copies the buffer, as before."""
+        The frontier is shared by every state viewing those buffers, this layer's copies included (``copy.copy``;
+        a deep copy or a pickle gets buffers and a frontier of its own). A step may write the new key into row
+        ``end`` in place only while ``frontier[0] == end`` (no other state has written past this one) and ``end <
+        capacity``, and then moves the frontier on; so no state anyone holds ever changes. Any other state
+        (replaced, reordered, from the modules) has no ring, and its step copies the window to new buffers."""
         ring = self.__dict__.get("_ring")  # absent in a layer pickled before it existed
         return ring if ring is not None and ring[0] is self.state else None
 
@@ -272,8 +288,12 @@ class RecurrentStateLayer(CacheLayerMixin):
         return self._state_tensor().shape[0] if self.state is not None else -1
 
     def nbytes(self) -> int:
-        """Bytes held by this layer's state (0 before the first token)."""
-        return self.state.nbytes() if self.state is not None else 0
+        """Bytes held by this layer's state (0 before the first token), with the room the compiled window-linear
+        step's buffers keep for the next keys."""
+        if self.state is None:
+            return 0
+        ring = self.window_ring()
+        return self.state.nbytes() + (ring.spare_bytes if ring is not None else 0)
 
 
 class LinearStateLayer(RecurrentStateLayer):

@@ -56,7 +56,7 @@ from ..decoding import (
     plain_linear,
     swap_classes,
 )
-from .cache import LinearAttentionCache, RecurrentStateLayer
+from .cache import LinearAttentionCache, RecurrentStateLayer, WindowRing
 from .models import EfficientModelMixin
 from .plan import CONFIG_KEY, plan_from_record
 from .surgery import FEATURE_MAP_ATTRIBUTE, LAYER_ATTRIBUTE
@@ -166,7 +166,7 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
         if state.linear is not None:
             tensors["kv"], tensors["k_sum"] = state.linear.kv, state.linear.k_sum
         ring = cache_layer.window_ring()
-        append = ring is not None and ring[1][0] == ring[2] < ring[3]
+        append = ring is not None and ring.frontier[0] == ring.end < ring.capacity
     weights = (norm1._parameters["weight"], params[0]["weight"], params[1]["weight"], params[2]["weight"],
                params[3]["weight"], norm2._parameters["weight"], params[4]["weight"], params[5]["weight"],
                params[6]["weight"])
@@ -189,13 +189,18 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
         new = WindowLinearState(linear, keys, values, mask, window)
         if window == 1:  # nothing buffered: no ring
             cache_layer.commit_token(new)
-        elif append:  # the new key went into row `end`, past every view handed out: the frontier moves on
-            frontier, end = ring[1], ring[2] + 1
-            frontier[0] = end
-            cache_layer.commit_token(new, (new, frontier, end, ring[3]))
+            return out
+        # bytes of keys, values and mask a view of `rows` rows shows, per row
+        row_bytes = keys.shape[0] * (2 * keys.shape[1] * head_dim * 4 + 1)
+        rows = keys.shape[2]
+        if append:  # the new key went into row `end`, past every view handed out: the frontier moves on
+            end = ring.end + 1
+            ring.frontier[0] = end
+            cache_layer.commit_token(new, WindowRing(new, ring.frontier, end, ring.capacity,
+                                                     (ring.capacity - rows) * row_bytes))
         else:  # new buffers, this state's view at their front
-            rows = keys.shape[2]
-            cache_layer.commit_token(new, (new, [rows], rows, keys.stride(1) // head_dim))
+            capacity = keys.stride(1) // head_dim
+            cache_layer.commit_token(new, WindowRing(new, [rows], rows, capacity, (capacity - rows) * row_bytes))
         return out
 
     return step

@@ -319,6 +319,10 @@ def test_window_buffers_appended_in_place_never_change_a_held_or_forked_state(ho
             got_b.append(model(torch.full((2, 1), b), cache=twin).logits)
     for state, before in zip(held, frozen):
         assert all(torch.equal(x, y) for x, y in zip((state.keys, state.values, state.mask), before))
+    for layer in (*cache.layers, *twin.layers):  # the size reported counts the buffers' room for the next keys
+        state = layer.state
+        buffers = sum(t.untyped_storage().nbytes() for t in (state.keys, state.values, state.mask))
+        assert layer.window_ring() is not None and layer.nbytes() == state.linear.nbytes() + buffers
 
     monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
 
