@@ -743,13 +743,13 @@ def decoder_block_step_kernel(
     for w in weights:
         if not w.is_contiguous():
             return None
-    if not _decode_route(implementation, "decoder_block_step"):
-        return None
     if torch.is_grad_enabled():  # no backward: a tensor needing a gradient takes the PyTorch path
         for group in (weights, biases, (x, kv, k_sum, keys, values), rotary or ()):
             for t in group:
                 if t is not None and t.requires_grad:
                     return None
+    if not _decode_route(implementation, "decoder_block_step"):
+        return None
     cos, sin = rotary if rotary is not None else (None, None)
     op = torch.ops.hf_efficient_decode_cpu.decoder_block_step
     rest = (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads), int(kv_heads),

@@ -18,6 +18,7 @@ base model to these static classes (and ``unpatch_model`` back); they pickle and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -98,6 +99,22 @@ def _mask_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+_RING_LOCK = threading.Lock()
+
+
+def _claim_next_row(ring: WindowRing) -> bool:
+    """Whether the step may write its new key into row ``ring.end`` of the window buffers in place: no other state
+    has written past this one and the buffers have the room. The row is claimed at once (the frontier moves past
+    it), under a lock: another layer holding a copy of the same state in this model step, or another thread
+    continuing a copy of the cache, then finds the row taken and copies the window instead. A claimed row whose
+    step does not run is only a row left unused."""
+    with _RING_LOCK:
+        if ring.frontier[0] != ring.end or ring.end >= ring.capacity:
+            return False
+        ring.frontier[0] = ring.end + 1
+        return True
+
+
 def _linear_state(state) -> bool:
     return isinstance(state, LinearAttentionState) and state.key_shift is None
 
@@ -166,7 +183,7 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
         if state.linear is not None:
             tensors["kv"], tensors["k_sum"] = state.linear.kv, state.linear.k_sum
         ring = cache_layer.window_ring()
-        append = ring is not None and ring.frontier[0] == ring.end < ring.capacity
+        append = ring is not None and _claim_next_row(ring)
     weights = (norm1._parameters["weight"], params[0]["weight"], params[1]["weight"], params[2]["weight"],
                params[3]["weight"], norm2._parameters["weight"], params[4]["weight"], params[5]["weight"],
                params[6]["weight"])
@@ -193,10 +210,8 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
         # bytes of keys, values and mask a view of `rows` rows shows, per row
         row_bytes = keys.shape[0] * (2 * keys.shape[1] * head_dim * 4 + 1)
         rows = keys.shape[2]
-        if append:  # the new key went into row `end`, past every view handed out: the frontier moves on
-            end = ring.end + 1
-            ring.frontier[0] = end
-            cache_layer.commit_token(new, WindowRing(new, ring.frontier, end, ring.capacity,
+        if append:  # the new key went into row `end`, claimed (the frontier moved past it) when the step was built
+            cache_layer.commit_token(new, WindowRing(new, ring.frontier, ring.end + 1, ring.capacity,
                                                      (ring.capacity - rows) * row_bytes))
         else:  # new buffers, this state's view at their front
             capacity = keys.stride(1) // head_dim

@@ -729,13 +729,29 @@ std::vector<at::Tensor> linear_lm_decode_layer(
                     static_cast<float>(rms_eps), 1.0f);
 }
 
+// One past the last element a write of `extent` elements from element `first` (a row index) of every (batch,
+// head) touches, counted from the start of t's storage, or -1 when that does not fit in an int64 (strides and
+// offsets come from the caller: a crafted view must not wrap the sum around to an address inside the storage).
+int64_t write_end(const at::Tensor& t, int64_t B, int64_t H, int64_t first, int64_t extent) {
+  int64_t end = t.storage_offset(), term = 0;
+  const int64_t dims[3][2] = {{B - 1, t.stride(0)}, {H - 1, t.dim() == 4 ? t.stride(1) : 0},
+                              {first, t.stride(t.dim() == 4 ? 2 : 1)}};
+  for (const auto& d : dims) {
+    if (d[0] < 0 || d[1] < 0 || __builtin_mul_overflow(d[0], d[1], &term) || __builtin_add_overflow(end, term, &end))
+      return -1;
+  }
+  return __builtin_add_overflow(end, extent, &end) ? -1 : end;
+}
+
 // An in-place append writes row r of every (batch, head) of keys/values and element r of every mask row: the
 // buffers must be laid out as new ones are ((B, H, cap, D) and (B, cap) with cap > r, the view starting anywhere in
-// them) and those slots inside the storage. Which slots no view handed out covers is the caller's to know (the
-// cache layer that made the buffer); this only keeps the writes inside the buffer and off the view's own rows.
+// them), those slots inside the storage, and no other input in the same memory. Which slots no view handed out
+// covers is the caller's to know (the cache layer that made the buffer); this keeps the writes inside the buffer,
+// off the view's own rows and off every other input.
 void check_append(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask, int64_t B, int64_t H,
-                  int64_t r, int64_t D, int64_t window, const char* op) {
-  TORCH_CHECK(window >= 2, op, ": append needs a window of at least 2 (a window of 1 buffers no key)");
+                  int64_t r, int64_t D, int64_t window, const std::vector<const at::Tensor*>& others, const char* op) {
+  TORCH_CHECK(window >= 2 && r >= 1, op, ": append needs a window of at least 2 and a buffered key (got window ",
+              window, " and ", r, " keys)");
   const int64_t s1 = keys.stride(1), s0 = keys.stride(0);
   TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && s1 % D == 0 && s1 > 0 && (B == 1 || s0 == H * s1) &&
                   values.strides() == keys.strides(),
@@ -745,15 +761,23 @@ void check_append(const at::Tensor& keys, const at::Tensor& values, const at::Te
     TORCH_CHECK(t->storage_offset() % D == 0 && (t->storage_offset() % s1) / D + r + 1 <= s1 / D, op,
                 ": append needs room for a row after the ", r, " buffered ones (the buffer's capacity is ", s1 / D,
                 " rows)");
-  const int64_t last = (B - 1) * (B == 1 ? 0 : s0) + (H - 1) * s1 + (r + 1) * D;  // one past the last written
-  for (const at::Tensor* t : {&keys, &values})
-    TORCH_CHECK(t->storage_offset() + last <= static_cast<int64_t>(t->storage().nbytes() / sizeof(float)), op,
+  for (const at::Tensor* t : {&keys, &values}) {
+    const int64_t end = write_end(*t, B, H, r, D);
+    TORCH_CHECK(end >= 0 && end <= static_cast<int64_t>(t->storage().nbytes() / sizeof(float)), op,
                 ": append would write past the end of the keys/values buffer");
+  }
   const int64_t m0 = mask.stride(0);
   TORCH_CHECK(mask.stride(1) == 1 && (B == 1 || (m0 > 0 && (mask.storage_offset() % m0) + r + 1 <= m0)), op,
               ": append needs the mask laid out as a (batch, capacity) buffer with room after its ", r, " entries");
-  TORCH_CHECK(mask.storage_offset() + (B - 1) * (B == 1 ? 0 : m0) + r + 1 <= static_cast<int64_t>(mask.storage().nbytes()),
-              op, ": append would write past the end of the mask buffer");
+  const int64_t mask_end = write_end(mask, B, 1, r, 1);
+  TORCH_CHECK(mask_end >= 0 && mask_end <= static_cast<int64_t>(mask.storage().nbytes()), op,
+              ": append would write past the end of the mask buffer");
+  // the written rows must not be anything else the step reads or returns
+  TORCH_CHECK(!keys.is_alias_of(values) && !keys.is_alias_of(mask) && !values.is_alias_of(mask), op,
+              ": append needs keys, values and key_mask in buffers of their own");
+  for (const at::Tensor* o : others)
+    TORCH_CHECK(!o->defined() || (!o->is_alias_of(keys) && !o->is_alias_of(values) && !o->is_alias_of(mask)), op,
+                ": append needs keys, values and key_mask in buffers no other input shares");
 }
 
 // The block step of a decoder patched with linear (window == 0) or window-linear attention (window >= 1), with
@@ -822,7 +846,16 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
     st.values = *values;
     st.key_mask = *key_mask;
     st.append = append;
-    if (append) check_append(*keys, *values, *key_mask, B, H, r, D, window, op);
+    if (append) {
+      std::vector<const at::Tensor*> others = {&x, &cc, &sc};
+      for (const at::Tensor& w : weights) others.push_back(&w);
+      for (const at::Tensor& b : keep) others.push_back(&b);
+      if (has_kv) {
+        others.push_back(&*kv);
+        others.push_back(&*k_sum);
+      }
+      check_append(*keys, *values, *key_mask, B, H, r, D, window, others, op);
+    }
   } else {
     TORCH_CHECK(!append, op, ": append is for window-linear buffers only");
   }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -411,3 +412,143 @@ def test_the_block_kernel_refuses_an_append_it_cannot_keep_inside_the_buffer():
     assert out[3].data_ptr() == kb.data_ptr() and tuple(out[3].shape) == (1, h, r + 1, d)
     assert torch.equal(kb[:, :, :r], snapshot[0][:, :, :r]) and torch.equal(kb[:, :, r + 1:], snapshot[0][:, :, r + 1:])
     assert not torch.equal(kb[:, :, r], snapshot[0][:, :, r]) and bool(mb[0, r])
+
+
+def test_an_append_from_crafted_views_is_refused_before_any_write():
+    """Strides and offsets of an append come from the caller: an empty view at an offset near 2**63 (which torch
+    accepts) or batch strides whose products overflow must be refused, not wrapped around to an address before the
+    buffer; keys and values sharing memory with each other or with another input must be refused too (the new row
+    would land in what the step reads or returns)."""
+    if load_decode_extension() is None:
+        pytest.skip("the decoding extension did not build")
+    ops = torch.ops.hf_efficient_decode_cpu
+    torch.manual_seed(0)
+    c, h, d, inter, r = 8, 2, 4, 12, 2
+    weights = [torch.ones(c), torch.randn(h * d, c), torch.randn(h * d, c), torch.randn(h * d, c),
+               torch.randn(c, h * d), torch.ones(c), torch.randn(inter, c), torch.randn(inter, c),
+               torch.randn(c, inter)]
+    x = torch.randn(1, 1, c)
+
+    def call(keys, values, mask, kv=None, k_sum=None, xx=x):
+        return ops.decoder_block_step(xx, weights, [None] * 7, None, None, kv, k_sum, keys, values, mask, h, h, d, 1,
+                                      4, 0.5, 1e-6, 1e-6, True)
+
+    arena = torch.zeros(64)
+    far = arena.as_strided((1, h, 0, d), (h * d, d, d, 1), 2**63 - d)  # empty: torch checks no bounds
+    with pytest.raises(RuntimeError, match="a buffered key"):
+        call(far, far.clone(), torch.ones(1, 0, dtype=torch.bool))
+    wide = torch.zeros(64).as_strided((4, h, 0, d), (2**62, 2**61, d, 1))
+    with pytest.raises(RuntimeError, match="a buffered key"):
+        call(wide, wide.clone(), torch.ones(4, 0, dtype=torch.bool), xx=torch.randn(4, 1, c))
+    assert not arena.any()
+
+    keys, mask = torch.randn(1, h, 8, d), torch.ones(1, 8, dtype=torch.bool)
+    snapshot = keys.clone()
+    with pytest.raises(RuntimeError, match="buffers of their own"):
+        call(keys[:, :, :r], keys[:, :, :r], mask[:, :r])  # keys and values the same view
+    with pytest.raises(RuntimeError, match="buffers of their own"):
+        call(keys[:, :, :r], keys[:, :, r : 2 * r], mask[:, :r])  # values start at the row keys would write
+    values = torch.randn(1, h, 8, d)
+    packed = torch.zeros(1, h, 8, d)  # a linear state carved from the keys' buffer
+    with pytest.raises(RuntimeError, match="no other input shares"):
+        call(packed[:, :, :r], values[:, :, :r], mask[:, :r],
+             kv=packed.as_strided((1, h, d, d), (h * 8 * d, 8 * d, d, 1), 4 * d), k_sum=torch.zeros(1, h, d))
+    assert torch.equal(keys, snapshot)
+
+
+def test_a_layer_continuing_a_copy_of_another_layers_state_gets_its_own_row():
+    """Within one model step every block's step is built before any runs: with layer 1 holding a ``copy.copy`` of
+    layer 0's cache layer, both could find the same free row. The first to be built claims it; the other copies the
+    window. Logits must be the modules' and layer 0's committed states must not change afterwards."""
+    model = _window_model(window=4)
+    reference = copy.deepcopy(model).double()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    tokens = [7, 8, 11, 12, 13]
+
+    def run(m):
+        cache = LinearAttentionCache(config=m.config)
+        held = []
+        with torch.no_grad():
+            m(ids, cache=cache)
+            for t in (5, 9):
+                m(torch.full((1, 1), t), cache=cache)
+            cache.layers[1] = copy.copy(cache.layers[0])
+            out = []
+            for t in tokens:
+                out.append(m(torch.full((1, 1), t), cache=cache).logits)
+                state = cache.layers[0].state
+                held.append((state, state.keys.clone(), state.values.clone()))
+        return torch.cat(out, dim=1), held
+
+    got, held = run(model)
+    assert all(torch.equal(s.keys, k) and torch.equal(s.values, v) for s, k, v in held)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setenv("HF_EFFICIENT_KERNELS", "reference")
+        want, _ = run(reference)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_copies_of_a_cache_decoded_in_two_threads_match_the_modules(monkeypatch):
+    """Two threads, each continuing its own ``copy.copy`` of one cache (shared window buffers): the row a step
+    appends to is claimed under a lock, so the two never write the same row."""
+    import threading
+
+    model = _window_model(window=8)
+    reference = copy.deepcopy(model).double()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+
+    def forks(m):
+        cache = LinearAttentionCache(config=m.config)
+        with torch.no_grad():
+            m(ids, cache=cache)
+            m(torch.full((1, 1), 9), cache=cache)
+        return [_fork(cache, "shallow") for _ in range(2)]
+
+    def branch(m, cache, seed, out):
+        with torch.no_grad():
+            out.extend(m(torch.full((1, 1), 3 + (seed * 7 + t) % 50), cache=cache).logits for t in range(30))
+
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    want = []
+    for seed, cache in enumerate(forks(reference)):
+        want.append([])
+        branch(reference, cache, seed, want[-1])
+    monkeypatch.delenv("HF_EFFICIENT_KERNELS")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns as often as the interpreter allows: a race would show
+    try:
+        for _ in range(10):
+            outs = [[], []]
+            threads = [threading.Thread(target=branch, args=(model, cache, seed, out))
+                       for seed, (cache, out) in enumerate(zip(forks(model), outs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for got, ref in zip(outs, want):
+                torch.testing.assert_close(torch.cat(got, dim=1).double(), torch.cat(ref, dim=1), rtol=1e-4,
+                                           atol=1e-4)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_a_block_needing_gradients_takes_the_modules_even_with_kernels_forced_and_unbuilt(monkeypatch):
+    """A tensor that needs a gradient is routing (the PyTorch path is right), not a failure: with
+    ``implementation="kernel"`` and a failed build the block step gives None rather than raising."""
+    from hf_efficient_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_decode_cpu_kernel", lambda: (False, "simulated build failure"))
+    c, h, d, inter = 8, 2, 4, 12
+    weights = [torch.ones(c), torch.randn(h * d, c, requires_grad=True), torch.randn(h * d, c),
+               torch.randn(h * d, c), torch.randn(c, h * d), torch.ones(c), torch.randn(inter, c),
+               torch.randn(inter, c), torch.randn(c, inter)]
+    state = {"kv": torch.zeros(1, h, d, d), "k_sum": torch.zeros(1, h, d)}
+
+    def build():
+        return dispatch.decoder_block_step_kernel(torch.randn(1, 1, c), weights, [None] * 7, None, state, h, h, d,
+                                                  "elu", 0, 0.5, 1e-6, 1e-6, implementation="kernel")
+
+    assert build() is None
+    weights[1].requires_grad_(False)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        build()
