@@ -26,6 +26,12 @@ from torch.nn.modules import module as torch_module
 from hf_efficient_kernels import dispatch
 from hf_efficient_kernels.memory import huge_page_empty
 
+try:  # where transformers keeps the outputs a running call collects (None outside such a call)
+    from transformers.utils.output_capturing import _active_collector as _ACTIVE_COLLECTOR
+except ImportError:  # another transformers: its hooks all count
+    _ACTIVE_COLLECTOR = None
+_CAPTURE_MODULE = "transformers.utils.output_capturing"
+
 __all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
            "placed_for_decoding", "plain_linear", "swap_classes"]
 
@@ -75,12 +81,29 @@ def plain_linear(model: nn.Module) -> list[str]:
     return swap_classes(model, {DecodeLinear: nn.Linear})
 
 
+def _idle_capture_hook(hook) -> bool:
+    """Whether ``hook`` is transformers' own output-capturing hook while nothing is being captured. transformers
+    puts these on decoder layers and attention modules the first time a model is asked for hidden states or
+    attentions, and leaves them there; they record only while a call that asked for outputs is running, so until
+    then they see nothing a compiled step would skip. Anything not recognised counts as a hook."""
+    return (_ACTIVE_COLLECTOR is not None and getattr(hook, "__name__", None) == "output_capturing_hook"
+            and getattr(hook, "__module__", None) == _CAPTURE_MODULE and _ACTIVE_COLLECTOR.get() is None)
+
+
 def hooked(modules) -> bool:
     """Whether a forward hook (global, or on one of ``modules``) would see these modules run: a compiled step that
-    skips them must then step aside."""
+    skips them must then step aside. transformers' output-capturing hooks count only while they capture."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    for m in modules:
+        if m._forward_pre_hooks:
+            return True
+        hooks = m._forward_hooks
+        if hooks:
+            for hook in hooks.values():
+                if not _idle_capture_hook(hook):
+                    return True
+    return False
 
 
 def kernels_turned_off() -> bool:
