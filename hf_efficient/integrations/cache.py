@@ -67,14 +67,12 @@ class WindowRing(NamedTuple):
 
     state: the state whose keys, values and mask view the buffers; frontier: a one-item list, shared by every
     state viewing them, holding the first row no view handed out covers; end: the row after this state's view;
-    capacity: rows the buffers have room for; spare_bytes: the buffers' bytes beyond the state's view (memory the
-    state holds without showing it in ``state.nbytes()``)."""
+    capacity: rows the buffers have room for."""
 
     state: object
     frontier: list
     end: int
     capacity: int
-    spare_bytes: int
 
 
 class RecurrentStateLayer(CacheLayerMixin):
@@ -148,7 +146,7 @@ class RecurrentStateLayer(CacheLayerMixin):
         capacity``, and then moves the frontier on; so no state anyone holds ever changes. Any other state
         (replaced, reordered, from the modules) has no ring, and its step copies the window to new buffers."""
         ring = self.__dict__.get("_ring")  # absent in a layer pickled before it existed
-        return ring if ring is not None and ring[0] is self.state else None
+        return ring if ring is not None and ring.state is self.state else None
 
     def _keep(self, state, tokens: int) -> None:
         """The state after ``tokens`` more tokens, checked by the caller."""
@@ -292,8 +290,17 @@ class RecurrentStateLayer(CacheLayerMixin):
         step's buffers keep for the next keys."""
         if self.state is None:
             return 0
-        ring = self.window_ring()
-        return self.state.nbytes() + (ring.spare_bytes if ring is not None else 0)
+        if self.window_ring() is None:
+            return self.state.nbytes()
+        # the state's tensors view buffers of the compiled step's making: their whole storages are what it holds
+        storages = {}
+
+        def note(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        self.state.map(note)
+        return sum(storages.values())
 
 
 class LinearStateLayer(RecurrentStateLayer):

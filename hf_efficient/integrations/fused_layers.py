@@ -167,6 +167,7 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
     kv_heads = params[1]["weight"].shape[0] // head_dim
     # a state of another shape (another model's cache) goes to the module path, which names what does not fit
     want = (x.shape[0], heads, head_dim)
+    ring, append = None, False
     if plan.kind == "linear":
         if not _linear_state(state) or tuple(state.k_sum.shape) != want:
             return None
@@ -190,8 +191,7 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
     biases = tuple(p["bias"] for p in params)
     kernel = dispatch.decoder_block_step_kernel(
         x, weights, biases, rotary, tensors, heads, kv_heads, head_dim, plan.params.feature_map, window,
-        attn.scaling, plan.params.eps, norm1.variance_epsilon, append=window > 1 and append,
-        implementation=implementation)
+        attn.scaling, plan.params.eps, norm1.variance_epsilon, append=append, implementation=implementation)
     if kernel is None:
         return None
 
@@ -207,15 +207,11 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
         if window == 1:  # nothing buffered: no ring
             cache_layer.commit_token(new)
             return out
-        # bytes of keys, values and mask a view of `rows` rows shows, per row
-        row_bytes = keys.shape[0] * (2 * keys.shape[1] * head_dim * 4 + 1)
-        rows = keys.shape[2]
         if append:  # the new key went into row `end`, claimed (the frontier moved past it) when the step was built
-            cache_layer.commit_token(new, WindowRing(new, ring.frontier, ring.end + 1, ring.capacity,
-                                                     (ring.capacity - rows) * row_bytes))
+            cache_layer.commit_token(new, WindowRing(new, ring.frontier, ring.end + 1, ring.capacity))
         else:  # new buffers, this state's view at their front
-            capacity = keys.stride(1) // head_dim
-            cache_layer.commit_token(new, WindowRing(new, [rows], rows, capacity, (capacity - rows) * row_bytes))
+            rows = keys.shape[2]
+            cache_layer.commit_token(new, WindowRing(new, [rows], rows, keys.stride(1) // head_dim))
         return out
 
     return step

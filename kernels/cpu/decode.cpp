@@ -627,7 +627,7 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
   return {y, packed, keys_new, values_new, mask_new};
 }
 
-void check_state_tensor(const at::Tensor& t, std::initializer_list<int64_t> shape, const char* name, bool contiguous) {
+void check_state_tensor(const at::Tensor& t, std::initializer_list<int64_t> shape, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == static_cast<int64_t>(shape.size()),
               "decoder_block_step: ", name, " must be a float32 CPU tensor of ", shape.size(), " dims");
   int64_t d = 0;
@@ -636,7 +636,6 @@ void check_state_tensor(const at::Tensor& t, std::initializer_list<int64_t> shap
     TORCH_CHECK(t.stride(d) >= 0, "decoder_block_step: ", name, " has a negative stride");
     ++d;
   }
-  TORCH_CHECK(!contiguous || t.is_contiguous(), "decoder_block_step: ", name, " must be contiguous");
 }
 
 // Shapes, dtypes and devices of a block step, checked before any pointer is formed; returns (C, I).
@@ -820,8 +819,8 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
   TORCH_CHECK(has_kv == has_z, op, ": pass both kv and k_sum or neither");
   TORCH_CHECK(has_kv || window > 0, op, ": linear attention needs its state kv and k_sum");
   if (has_kv) {
-    check_state_tensor(*kv, {B, H, D, D}, "kv", false);
-    check_state_tensor(*k_sum, {B, H, D}, "k_sum", false);
+    check_state_tensor(*kv, {B, H, D, D}, "kv");
+    check_state_tensor(*k_sum, {B, H, D}, "k_sum");
     st.kv = *kv;
     st.k_sum = *k_sum;
   }
@@ -832,8 +831,8 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
     const int64_t r = keys->dim() == 4 ? keys->size(2) : -1;
     TORCH_CHECK(r >= 0 && r <= window - 1, op, ": the buffer holds ", r, " keys; window ", window, " keeps at most ",
                 window - 1);
-    check_state_tensor(*keys, {B, H, r, D}, "keys", false);
-    check_state_tensor(*values, {B, H, r, D}, "values", false);
+    check_state_tensor(*keys, {B, H, r, D}, "keys");
+    check_state_tensor(*values, {B, H, r, D}, "values");
     TORCH_CHECK(key_mask->device().is_cpu() && key_mask->scalar_type() == at::kBool && key_mask->dim() == 2 &&
                     key_mask->size(0) == B && key_mask->size(1) == r && key_mask->stride(0) >= 0,
                 op, ": key_mask must be a bool (batch, ", r, ") CPU tensor");
