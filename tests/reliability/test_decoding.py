@@ -552,3 +552,18 @@ def test_a_block_needing_gradients_takes_the_modules_even_with_kernels_forced_an
     weights[1].requires_grad_(False)
     with pytest.raises(RuntimeError, match="could not be built"):
         build()
+
+
+def test_nan_in_one_row_stays_there_while_keys_are_appended_and_the_buffers_move(monkeypatch):
+    """A NaN embedding in row 0 goes into that row's window keys, appended in place and then copied when the
+    buffers fill (window 3: room for 18 rows); row 1's logits must stay the modules' (float64) at every step."""
+    model = _window_model(window=3)
+    torch.manual_seed(2)
+    embeds = [torch.randn(2, 1, 32) for _ in range(26)]
+    embeds[2][0, 0, 5] = float("nan")
+    got = _steps(model, embeds)
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    want = _steps(copy.deepcopy(model).double(), [e.double() for e in embeds])
+    assert torch.isnan(got[0, 2:]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0, :2].double(), want[0, :2], rtol=1e-4, atol=1e-4)
