@@ -38,11 +38,13 @@ __all__ = [
     "cluster_mean_kernel",
     "clustered_topk_kernel",
     "decode_gemv_kernel",
+    "decode_rms_norm_kernel",
     "decoder_block_step_kernel",
     "hamming_kmeans_kernel",
     "improved_topk_kernel",
     "linear_decode_step_kernel",
-    "linear_lm_decode_layer_kernel",
+    "rope_cos_sin_kernel",
+    "rotary_cos_sin_kernel",
     "select_clustered_implementation",
     "select_implementation",
 ]
@@ -564,16 +566,24 @@ _DECODE_FEATURES = {"elu": 1, "relu": 2}
 
 
 _DECODE_BUILT = False  # set once the extension has loaded: a decoding step then skips the lookup
+_DECODE_CALLS = None  # the extension's Python module: direct calls, without torch.ops' schema matching
 
 
 def _decode_cpu_kernel() -> tuple[bool, str | None]:
-    global _DECODE_BUILT
+    global _DECODE_BUILT, _DECODE_CALLS
     if _DECODE_BUILT:
         return True, None
-    from .cpu import decode_build_error, load_decode_extension
+    from .cpu import decode_build_error, decode_calls, load_decode_extension
 
     _DECODE_BUILT = load_decode_extension() is not None
+    _DECODE_CALLS = decode_calls()
     return _DECODE_BUILT, decode_build_error()
+
+
+def _decode_op(name: str):
+    """The decoding extension's function ``name`` as a direct call (its ``torch.ops`` op when only that loaded)."""
+    calls = _DECODE_CALLS
+    return getattr(calls if calls is not None else torch.ops.hf_efficient_decode_cpu, name)
 
 
 def _decode_kernel_ready(tensors, implementation: str | None, name: str) -> bool:
@@ -619,7 +629,47 @@ def decode_gemv_kernel(
             or x.numel() > DECODE_MAX_ROWS * max(1, x.shape[-1])
             or not _decode_kernel_ready(tensors, implementation, "decode_gemv")):
         return None
-    return partial(torch.ops.hf_efficient_decode_cpu.decode_gemv, x, weight, bias)
+    return partial(_decode_op("decode_gemv"), x, weight, bias)
+
+
+def decode_rms_norm_kernel(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, implementation: str | None = None
+) -> Callable[[], torch.Tensor] | None:
+    """The compiled ``torch.rms_norm(x, (n,), weight, eps)`` of a decoding step (a decoder's final norm), or None.
+
+    x ``(..., n)``, weight ``(n,)`` contiguous, float32 CPU tensors that need no gradient; the call gives ``(...,
+    n)``. None where the PyTorch path runs; ``implementation`` as for :func:`decode_gemv_kernel`.
+    """
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 1 or x.dim() < 1
+            or x.shape[-1] != weight.shape[0] or not weight.is_contiguous()
+            or not _decode_kernel_ready((x, weight), implementation, "decode_rms_norm")):
+        return None
+    return partial(_decode_op("decode_rms_norm"), x, weight, float(eps))
+
+
+def rotary_cos_sin_kernel(
+    inv_freq: torch.Tensor, position: int, scaling: float, *, implementation: str | None = None
+) -> Callable[[], list[torch.Tensor]] | None:
+    """transformers' rotary table ``(cos, sin)``, each ``(1, 1, 2 * len(inv_freq))``, of the one position
+    ``position`` for a decoding step: the same float32 ATen ops as the Python expression (``cat((f, f)).cos() *
+    scaling`` with ``f = inv_freq * position``, the position rounded to float32 as there) in one call; or None
+    (inv_freq not a float32 CPU vector needing no gradient)."""
+    if (inv_freq.dtype != torch.float32 or inv_freq.dim() != 1
+            or not _decode_kernel_ready((inv_freq,), implementation, "rotary_cos_sin")):
+        return None
+    return partial(_decode_op("rotary_cos_sin"), inv_freq, int(position), float(scaling))
+
+
+def rope_cos_sin_kernel(
+    head_dim: int, theta: float, position: int, *, implementation: str | None = None
+) -> Callable[[], list[torch.Tensor]] | None:
+    """A rotary table ``(cos, sin)``, each float32 ``(1, 1, 1, head_dim)``, of the one position ``position`` with
+    frequencies ``theta ** (-2j / head_dim)`` for a decoding step: the float32 ATen ops of ``1.0 / (theta **
+    (arange(0, head_dim, 2) / head_dim))``, then as :func:`rotary_cos_sin_kernel`, in one call; or None (an odd or
+    non-positive ``head_dim``, the kernels not asked for)."""
+    if head_dim < 2 or head_dim % 2 or not _decode_route(implementation, "rope_cos_sin"):
+        return None
+    return partial(_decode_op("rope_cos_sin"), int(head_dim), float(theta), int(position))
 
 
 def linear_decode_step_kernel(
@@ -654,40 +704,6 @@ def linear_decode_step_kernel(
         return None
     return partial(torch.ops.hf_efficient_decode_cpu.linear_decode_step, q, k, v, kv, k_sum, key_mask,
                    _DECODE_FEATURES[feature_map], float(eps))
-
-
-def linear_lm_decode_layer_kernel(
-    x: torch.Tensor,
-    weights: tuple[torch.Tensor, ...],
-    rotary: tuple[torch.Tensor, torch.Tensor] | None,
-    kv: torch.Tensor,
-    k_sum: torch.Tensor,
-    heads: int,
-    feature_map: str,
-    eps: float,
-    rms_eps: float,
-    *,
-    implementation: str | None = None,
-) -> Callable[[], tuple[torch.Tensor, torch.Tensor]] | None:
-    """One whole decoder block of a ``linear-lm`` model for one new token, compiled, or None.
-
-    x ``(batch, 1, hidden)`` with batch <= :data:`DECODE_MAX_ROWS`; weights ``(norm1, q, k, v, o, norm2, gate, up,
-    down)`` of a pre-norm block (RMSNorm -> q/k/v -> rotary -> causal linear attention with elu/relu -> o ->
-    residual; RMSNorm -> SwiGLU (silu) MLP -> residual), no biases; rotary ``(cos, sin)`` ``(batch or 1, 1, 1,
-    head_dim)`` or None; the attention state kv ``(batch, heads, head_dim, head_dim)``, k_sum ``(batch, heads,
-    head_dim)``; all float32 CPU tensors needing no gradient. The call gives the block's output ``(batch, 1,
-    hidden)`` and the new packed state ``(batch, heads, head_dim, head_dim + 1)``; no input is written. None where
-    the module path runs.
-    """
-    tensors = (x, *weights, kv, k_sum) + (tuple(rotary) if rotary is not None else ())
-    if (feature_map not in _DECODE_FEATURES or x.dim() != 3 or x.shape[1] != 1
-            or not 1 <= x.shape[0] <= DECODE_MAX_ROWS or len(weights) != 9
-            or any(t.dtype != torch.float32 for t in tensors) or any(not w.is_contiguous() for w in weights)
-            or not _decode_kernel_ready(tensors, implementation, "linear_lm_decode_layer")):
-        return None
-    cos, sin = rotary if rotary is not None else (None, None)
-    return partial(torch.ops.hf_efficient_decode_cpu.linear_lm_decode_layer, x, *weights, cos, sin, kv, k_sum, None,
-                   int(heads), _DECODE_FEATURES[feature_map], float(eps), float(rms_eps))
 
 
 def decoder_block_step_kernel(
@@ -752,7 +768,7 @@ def decoder_block_step_kernel(
     if not _decode_route(implementation, "decoder_block_step"):
         return None
     cos, sin = rotary if rotary is not None else (None, None)
-    op = torch.ops.hf_efficient_decode_cpu.decoder_block_step
+    op = _decode_op("decoder_block_step")
     rest = (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads), int(kv_heads),
             int(head_dim), feature, int(window), float(scale), float(eps), float(rms_eps), bool(append))
 

@@ -285,8 +285,8 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     if implementation == "reference":
         return None
     hidden = sub["embed_tokens"](input_ids) if embeds is None else embeds
-    shared = {"cache": cache,
-              "position_embeddings": _rotary_embeddings(sub["rotary_emb"], hidden, kwargs.get("position_ids"), past)}
+    shared = {"cache": cache, "position_embeddings": _rotary_embeddings(
+        sub["rotary_emb"], hidden, kwargs.get("position_ids"), past, implementation)}
     steps = []
     for layer in layers:  # every block checked before any runs: a step is all compiled or all modules
         step = block_step(layer, hidden, shared, implementation)
@@ -295,14 +295,16 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
         steps.append(step)
     for step in steps:
         hidden = step(hidden)
-    return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden), cache=cache)
+    return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden, implementation), cache=cache)
 
 
-def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, past: int = 0):
+def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, past: int = 0,
+                       implementation: str | None = None):
     """``rotary(hidden, position_ids=positions)`` (``positions`` None: the one position ``past`` for every row):
     for transformers' own rotary modules of a fixed frequency table (not the dynamic or longrope kinds, which
     update it from the positions), without hooks, on float32, the same arithmetic without the module's call and
-    its casts to the same dtype."""
+    its casts to the same dtype (for one position, in one compiled call: ``rotary_cos_sin_kernel``).
+    ``implementation``: the kernels' setting (None: read it)."""
     inv_freq = rotary._buffers.get("inv_freq") if type(rotary) in _ROTARIES else None
     kind = rotary.__dict__.get("rope_type")
     if (inv_freq is None or not isinstance(kind, str) or "dynamic" in kind or kind == "longrope"
@@ -311,24 +313,30 @@ def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch
         if positions is None:
             positions = torch.full((1, 1), past, dtype=torch.long, device=hidden.device)
         return rotary(hidden, position_ids=positions)
+    scaling = rotary.attention_scaling
     if positions is None:  # the same float32 products as the position tensor's, without building it
+        kernel = dispatch.rotary_cos_sin_kernel(inv_freq, past, scaling, implementation=implementation)
+        if kernel is not None:
+            return tuple(kernel())
         freqs = (inv_freq * float(past)).view(1, 1, -1)
     else:
         freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
-    scaling = rotary.attention_scaling
     if scaling != 1.0:  # a product with 1.0 changes nothing
         cos, sin = cos * scaling, sin * scaling
     return cos, sin
 
 
-def _final_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``norm(hidden)``; a transformers RMSNorm without hooks as the one fused op (its module runs five, a
-    twentieth of a small model's decoding step)."""
+def _final_norm(norm: nn.Module, hidden: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
+    """``norm(hidden)``; a transformers RMSNorm without hooks as one compiled call (``decode_rms_norm_kernel``),
+    else the one fused op (its module runs five, a twentieth of a small model's decoding step)."""
     weight = norm._parameters.get("weight") if type(norm) in _NORMS else None
     if weight is None or hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hooked((norm,)):
         return norm(hidden)
+    kernel = dispatch.decode_rms_norm_kernel(hidden, weight, norm.variance_epsilon, implementation=implementation)
+    if kernel is not None:
+        return kernel()
     return torch.rms_norm(hidden, (hidden.shape[-1],), weight, norm.variance_epsilon)
 
 

@@ -4,10 +4,11 @@ from .loader import (
     build_error,
     clustered_build_error,
     decode_build_error,
+    decode_calls,
     load_clustered_extension,
     load_decode_extension,
     load_extension,
 )
 
-__all__ = ["build_error", "clustered_build_error", "decode_build_error", "load_clustered_extension",
+__all__ = ["build_error", "clustered_build_error", "decode_build_error", "decode_calls", "load_clustered_extension",
            "load_decode_extension", "load_extension"]

@@ -1,4 +1,4 @@
-// Decoding at batch 1 on a CPU: the two operations one generated token runs per layer.
+// Decoding at batch 1 on a CPU: what one generated token runs.
 //
 // decode_gemv(x, weight, bias?)        y = x weight^T (+ bias) for a handful of rows of x.
 //   A decoding step is a matrix-vector product per weight, bound by reading the weight once from memory.
@@ -13,6 +13,11 @@
 //   state is a fresh (batch, heads, m, d_v + 1) tensor (kv with k_sum as its last column), so a state a
 //   caller still holds (a reused cache, a beam before reordering) is never written.
 //
+// decoder_block_step(x, weights, biases, cos?, sin?, state..., heads, kv_heads, head_dim, feature, window, ...)
+//   a whole pre-norm decoder block (Llama, Mistral, Qwen2 and linear-lm layouts) with linear or window-linear
+//   attention for one new token per row, in one call.
+// decode_rms_norm, rotary_cos_sin, rope_cos_sin: a decoding step's final norm and rotary table.
+//
 // Every index is checked against the shapes before any pointer is formed (TORCH_CHECK), so no input can
 // make these kernels read or write out of bounds.
 
@@ -20,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -377,16 +383,16 @@ std::vector<at::Tensor> linear_decode_step(const at::Tensor& q, const at::Tensor
 }
 
 // ------------------------------------------------------------------ one decoder layer of linear-lm
-void check_matrix(const at::Tensor& w, int64_t rows, int64_t cols, const char* name) {
+void check_matrix(const at::Tensor& w, int64_t rows, int64_t cols, const char* op, const char* name) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.size(0) == rows &&
                   w.size(1) == cols && w.is_contiguous(),
-              "linear_lm_decode_layer: ", name, " must be a contiguous float32 (", rows, ", ", cols, ") CPU tensor");
+              op, ": ", name, " must be a contiguous float32 (", rows, ", ", cols, ") CPU tensor");
 }
 
-void check_vector(const at::Tensor& w, int64_t n, const char* name) {
+void check_vector(const at::Tensor& w, int64_t n, const char* op, const char* name) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 1 && w.size(0) == n &&
                   w.is_contiguous(),
-              "linear_lm_decode_layer: ", name, " must be a contiguous float32 (", n, ",) CPU tensor");
+              op, ": ", name, " must be a contiguous float32 (", n, ",) CPU tensor");
 }
 
 // y = x / sqrt(mean(x^2) + eps) * weight, per row of n (torch.nn.RMSNorm in float32)
@@ -482,12 +488,12 @@ inline int64_t window_capacity(int64_t window) {
 // One decoder block for one new token per row (pre-norm: RMSNorm -> q/k/v (+ bias) -> rotary -> attention -> o
 // (+ bias) -> residual; RMSNorm -> SwiGLU MLP (+ biases) -> residual). Attention is causal linear attention
 // (window == 0) or window-linear; H query heads share H_kv key/value heads (each query head keeps its own state,
-// as the PyTorch path keeps repeated keys). token_real (B) or null: false rows are padding (linear kind only).
+// as the PyTorch path keeps repeated keys).
 // Returns y (B, 1, C), the new packed linear state (B, H, D, D + 1) (empty when window-linear has none yet) and,
 // for window-linear, the new keys, values (B, H, r', D) and mask (B, r'). No input is written.
 std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Tensor>& w, const float* const* bias,
                                    const at::Tensor& cc, const at::Tensor& sc, const BlockState& st,
-                                   const bool* token_real, int64_t H, int64_t Hkv, int64_t D, int64_t kind,
+                                   int64_t H, int64_t Hkv, int64_t D, int64_t kind,
                                    float eps, float rms_eps, float scale) {
   const int64_t B = x.size(0), C = x.size(2), I = w[6].size(0), QD = H * D, KD = Hkv * D;
   const bool rotary = cc.defined();
@@ -540,7 +546,6 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
       rotate(q.data() + b * QD, H, D, cp, sp, scratch.data());
       rotate(k.data() + b * KD, Hkv, D, cp, sp, scratch.data());
     }
-    const bool real = token_real == nullptr || token_real[b];
     for (int64_t hh = 0; hh < H; ++hh) {
       const float* qh = q.data() + b * QD + hh * D;
       const float* kh = k.data() + b * KD + (hh / groups) * D;
@@ -553,7 +558,7 @@ std::vector<at::Tensor> block_step(const at::Tensor& x, const std::vector<at::Te
       const int64_t kv_m = has_linear ? st.kv.stride(2) : 0, kv_e = has_linear ? st.kv.stride(3) : 0;
       const int64_t z_m = has_linear ? st.k_sum.stride(2) : 0;
       if (!windowed) {
-        attend_one(qh, kh, vh, kvp, kv_m, kv_e, zp, z_m, real, D, D, kind, eps, sp, out, phi_q.data(), phi_k.data(),
+        attend_one(qh, kh, vh, kvp, kv_m, kv_e, zp, z_m, true, D, D, kind, eps, sp, out, phi_q.data(), phi_k.data(),
                    num.data());
         continue;
       }
@@ -650,15 +655,15 @@ std::pair<int64_t, int64_t> check_block(const at::Tensor& x, const std::vector<a
               "key/value heads (", Hkv, ") and head_dim (", D, ") positive");
   const int64_t I = w[6].dim() == 2 ? w[6].size(0) : -1;
   TORCH_CHECK(I > 0, op, ": gate weight must be (intermediate, hidden)");
-  check_vector(w[0], C, "norm1");
-  check_vector(w[5], C, "norm2");
-  check_matrix(w[1], H * D, C, "q weight");
-  check_matrix(w[2], Hkv * D, C, "k weight");
-  check_matrix(w[3], Hkv * D, C, "v weight");
-  check_matrix(w[4], C, H * D, "o weight");
-  check_matrix(w[6], I, C, "gate weight");
-  check_matrix(w[7], I, C, "up weight");
-  check_matrix(w[8], C, I, "down weight");
+  check_vector(w[0], C, op, "norm1");
+  check_vector(w[5], C, op, "norm2");
+  check_matrix(w[1], H * D, C, op, "q weight");
+  check_matrix(w[2], Hkv * D, C, op, "k weight");
+  check_matrix(w[3], Hkv * D, C, op, "v weight");
+  check_matrix(w[4], C, H * D, op, "o weight");
+  check_matrix(w[6], I, C, op, "gate weight");
+  check_matrix(w[7], I, C, op, "up weight");
+  check_matrix(w[8], C, I, op, "down weight");
   return {C, I};
 }
 
@@ -684,48 +689,6 @@ const float* bias_of(const c10::optional<at::Tensor>& b, int64_t n, const char* 
               "decoder_block_step: ", name, " bias must be a float32 (", n, ",) CPU tensor");
   keep.push_back(b->contiguous());
   return keep.back().data_ptr<float>();
-}
-
-// x: (B, 1, C) hidden states of one new token per row; the weights of one pre-norm block (RMSNorm -> q, k, v ->
-// rotary -> causal linear attention step -> o -> residual; RMSNorm -> SwiGLU MLP -> residual); cos/sin (B or 1,
-// 1, 1, D) or undefined (no rotary); the attention state kv (B, H, D, D), k_sum (B, H, D) float32. Returns the
-// block's output (B, 1, C) and the new packed state (B, H, D, D + 1); the inputs are not written.
-std::vector<at::Tensor> linear_lm_decode_layer(
-    const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& wq, const at::Tensor& wk, const at::Tensor& wv,
-    const at::Tensor& wo, const at::Tensor& norm2, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
-    const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, const at::Tensor& kv,
-    const at::Tensor& k_sum, const c10::optional<at::Tensor>& key_mask, int64_t heads, int64_t feature_kind,
-    double eps, double rms_eps) {
-  TORCH_CHECK(feature_kind == 1 || feature_kind == 2, "linear_lm_decode_layer: feature must be 1 (elu) or 2 (relu)");
-  TORCH_CHECK(x.dim() == 3, "linear_lm_decode_layer: x must be a float32 (batch, 1, hidden) CPU tensor");
-  TORCH_CHECK(heads >= 1 && x.size(2) % heads == 0 && x.size(2) / heads > 0, "linear_lm_decode_layer: hidden ",
-              x.size(2), " is not a multiple of heads ", heads);
-  const int64_t H = heads, D = x.size(2) / heads;
-  const std::vector<at::Tensor> w = {norm1, wq, wk, wv, wo, norm2, wg, wu, wd};
-  check_block(x, w, H, H, D, "linear_lm_decode_layer");
-  const int64_t B = x.size(0);
-  auto [cc, sc] = check_rotary(cos, sin, B, D, "linear_lm_decode_layer");
-  TORCH_CHECK(kv.device().is_cpu() && kv.scalar_type() == at::kFloat && kv.dim() == 4 && kv.size(0) == B &&
-                  kv.size(1) == H && kv.size(2) == D && kv.size(3) == D,
-              "linear_lm_decode_layer: kv must be float32 (batch, heads, head_dim, head_dim)");
-  TORCH_CHECK(k_sum.device().is_cpu() && k_sum.scalar_type() == at::kFloat && k_sum.dim() == 3 &&
-                  k_sum.size(0) == B && k_sum.size(1) == H && k_sum.size(2) == D,
-              "linear_lm_decode_layer: k_sum must be float32 (batch, heads, head_dim)");
-  for (const at::Tensor* t : {&kv, &k_sum})
-    for (int64_t d = 0; d < t->dim(); ++d) TORCH_CHECK(t->stride(d) >= 0, "linear_lm_decode_layer: negative stride");
-  const bool* mask = nullptr;
-  at::Tensor mc;
-  if (key_mask.has_value() && key_mask->defined()) {
-    mc = key_mask->contiguous();
-    TORCH_CHECK(mc.scalar_type() == at::kBool && mc.numel() == B, "linear_lm_decode_layer: key_mask must be (batch,) bool");
-    mask = mc.data_ptr<bool>();
-  }
-  BlockState st;
-  st.kv = kv;
-  st.k_sum = k_sum;
-  const float* no_bias[7] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return block_step(x, w, no_bias, cc, sc, st, mask, H, H, D, feature_kind, static_cast<float>(eps),
-                    static_cast<float>(rms_eps), 1.0f);
 }
 
 // One past the last element a write of `extent` elements from element `first` (a row index) of every (batch,
@@ -858,7 +821,7 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
   } else {
     TORCH_CHECK(!append, op, ": append is for window-linear buffers only");
   }
-  std::vector<at::Tensor> out = block_step(x, weights, bias, cc, sc, st, nullptr, H, Hkv, D, feature_kind,
+  std::vector<at::Tensor> out = block_step(x, weights, bias, cc, sc, st, H, Hkv, D, feature_kind,
                                            static_cast<float>(eps), static_cast<float>(rms_eps),
                                            static_cast<float>(scale));
   // the new linear state as the views the state keeps (kv, k_sum of one packed buffer), made here rather than by
@@ -873,7 +836,65 @@ std::vector<at::Tensor> decoder_block_step(const at::Tensor& x, std::vector<at::
   return result;
 }
 
+// out (..., n) = the RMSNorm of each row of x (..., n) with weight (n,): a decoder's final norm at one token per
+// row, which through torch.rms_norm costs several dispatched ops for a few hundred floats.
+at::Tensor decode_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1,
+              "decode_rms_norm: x must be a float32 CPU tensor of at least one dimension");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
+                  weight.size(0) == n && weight.is_contiguous(),
+              "decode_rms_norm: weight must be a contiguous float32 (", n, ",) CPU tensor");
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  rms_norm(xc.data_ptr<float>(), xc.numel() / n, n, weight.data_ptr<float>(), static_cast<float>(eps),
+           y.data_ptr<float>());
+  return y;
+}
+
+// (cos, sin) (1, 1, 2 * len(inv_freq)) of the one position `position`: transformers' rotary table (the frequencies
+// twice over, times attention_scaling) through the same ATen ops a Python caller would run, without the
+// interpreter between them.
+std::vector<at::Tensor> rotary_cos_sin(const at::Tensor& inv_freq, int64_t position, double scaling) {
+  TORCH_CHECK(inv_freq.device().is_cpu() && inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1,
+              "rotary_cos_sin: inv_freq must be a float32 (head_dim / 2,) CPU tensor");
+  const at::Tensor freqs = inv_freq.mul(static_cast<double>(position)).view({1, 1, -1});
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);
+  at::Tensor cos = emb.cos(), sin = emb.sin();
+  if (scaling != 1.0) {  // a product with 1.0 changes nothing
+    cos = cos.mul(scaling);
+    sin = sin.mul(scaling);
+  }
+  return {cos, sin};
+}
+
+// (cos, sin) (1, 1, 1, head_dim) (batch, heads, seq, head_dim) of position `position` for rotary frequencies
+// theta^(-2j / head_dim), j < head_dim / 2: the inverse frequencies as the Python expression
+// 1.0 / (theta ** (arange(0, head_dim, 2) / head_dim)) computes them in float32 (a reciprocal, times 1.0), then
+// rotary_cos_sin.
+std::vector<at::Tensor> rope_cos_sin(int64_t head_dim, double theta, int64_t position) {
+  TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0, "rope_cos_sin: head_dim must be even and positive, got ", head_dim);
+  const at::Tensor exponents = at::arange(0, head_dim, 2, at::TensorOptions().dtype(at::kFloat)).div(head_dim);
+  std::vector<at::Tensor> table = rotary_cos_sin(at::pow(theta, exponents).reciprocal(), position, 1.0);
+  for (at::Tensor& t : table) t = t.view({1, 1, 1, head_dim});
+  return table;
+}
+
 }  // namespace
+
+// The same functions as Python calls: a decoding step calls them for every layer of every token, and a call
+// through torch.ops costs about 6 us of argument matching against the schema, against about 1.5 us here. The
+// kernels run without the interpreter lock, as the torch.ops calls do.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  const auto unlocked = py::call_guard<py::gil_scoped_release>();
+  m.def("decode_gemv", &decode_gemv, unlocked);
+  m.def("decoder_block_step", &decoder_block_step, unlocked);
+  m.def("decode_rms_norm", &decode_rms_norm, unlocked);
+  m.def("rotary_cos_sin", &rotary_cos_sin, unlocked);
+  m.def("rope_cos_sin", &rope_cos_sin, unlocked);
+}
 
 TORCH_LIBRARY(hf_efficient_decode_cpu, lib) {
   lib.def("decode_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor", &decode_gemv);
@@ -881,11 +902,6 @@ TORCH_LIBRARY(hf_efficient_decode_cpu, lib) {
       "linear_decode_step(Tensor q, Tensor k, Tensor v, Tensor kv, Tensor k_sum, Tensor? key_mask, int feature, "
       "float eps) -> Tensor[]",
       &linear_decode_step);
-  lib.def(
-      "linear_lm_decode_layer(Tensor x, Tensor norm1, Tensor wq, Tensor wk, Tensor wv, Tensor wo, Tensor norm2, "
-      "Tensor wg, Tensor wu, Tensor wd, Tensor? cos, Tensor? sin, Tensor kv, Tensor k_sum, Tensor? key_mask, "
-      "int heads, int feature, float eps, float rms_eps) -> Tensor[]",
-      &linear_lm_decode_layer);
   lib.def(
       "decoder_block_step(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? cos, Tensor? sin, Tensor? kv, "
       "Tensor? k_sum, Tensor? keys, Tensor? values, Tensor? key_mask, int heads, int kv_heads, int head_dim, "

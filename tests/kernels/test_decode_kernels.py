@@ -2,7 +2,8 @@
 
 ``decode_gemv`` is ``torch.nn.functional.linear`` for a few rows; ``linear_decode_step`` is one token of causal
 linear attention with the feature map applied inside, checked against :func:`linear_attention_step` run on its
-PyTorch path in float64.
+PyTorch path in float64; ``decode_rms_norm`` is ``torch.rms_norm``; the rotary tables are the Python expressions
+bit for bit. The extension's direct calls (its Python module) and its ``torch.ops`` ops give the same results.
 """
 
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from hf_efficient.attention.linear import LinearAttentionState, linear_attention_step
+from hf_efficient.models.linear_lm import LinearLMConfig, LinearLMModel
 from hf_efficient_kernels import dispatch
 from hf_efficient_kernels.cpu import decode_build_error, load_decode_extension
 
@@ -209,7 +211,7 @@ def test_linear_attention_step_uses_the_kernel_and_agrees(ops, monkeypatch):
     assert new.key_shift is None and new.kv.shape == (2, 4, 8, 8) and new.k_sum.shape == (2, 4, 8)
 
 
-# --------------------------------------------------------------------------- linear_lm_decode_layer
+# --------------------------------------------------------------------------- decoder_block_step, linear-lm layout
 def _block_reference(x, weights, rotary, state, heads, feature, eps, rms_eps):
     """A linear-lm block for one token, written out in float64: RMSNorm, q/k/v, rotary, the step, o, SwiGLU."""
     n1, wq, wk, wv, wo, n2, wg, wu, wd = (w.double() for w in weights)
@@ -264,38 +266,139 @@ def _block_inputs(b, heads, d, inter, rope):
 def test_block_matches_float64_reference(ops, feature, b, heads, d, inter, rope):
     x, weights, rotary, state = _block_inputs(b, heads, d, inter, rope)
     before = state.packed().clone()
-    kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, heads, feature, EPS,
-                                                    1e-6)
+    kernel = _linear_lm_block(x, weights, rotary, state, heads, feature)
     assert kernel is not None
-    out, packed = kernel()
+    out, kv, k_sum = kernel()
     ref_out, ref_state = _block_reference(x, weights, rotary, state, heads, feature, EPS, 1e-6)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(packed.double(), ref_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(LinearAttentionState(kv, k_sum).packed().double(), ref_state, rtol=1e-4, atol=1e-4)
     assert torch.equal(state.packed(), before)  # the state passed in is not written
+
+
+def _linear_lm_block(x, weights, rotary, state, heads, feature):
+    """``decoder_block_step_kernel`` as linear-lm calls it: no biases, as many key/value heads as query heads,
+    linear attention (window 0)."""
+    d = x.shape[-1] // heads
+    return dispatch.decoder_block_step_kernel(x, weights, (None,) * 7, rotary, {"kv": state.kv, "k_sum": state.k_sum},
+                                              heads, heads, d, feature, 0, 1.0, EPS, 1e-6)
+
+
+def _block_call(ops, x, weights, rotary, kv, k_sum, heads, d):
+    cos, sin = rotary
+    return ops.decoder_block_step(x, list(weights), [None] * 7, cos, sin, kv, k_sum, None, None, None, heads, heads, d,
+                                  1, 0, 1.0, EPS, 1e-6)
 
 
 def test_block_nan_stays_in_its_row(ops):
     x, weights, rotary, state = _block_inputs(3, 2, 4, 8, True)
     x[1, 0, 3] = float("nan")
-    out, packed = ops.linear_lm_decode_layer(x, *weights, *rotary, state.kv, state.k_sum, None, 2, 1, EPS, 1e-6)
+    out, kv, k_sum = _block_call(ops, x, weights, rotary, state.kv, state.k_sum, 2, 4)
+    packed = LinearAttentionState(kv, k_sum).packed()
     assert out[1].isnan().all() and packed[1].isnan().any()
     assert out[[0, 2]].isfinite().all() and packed[[0, 2]].isfinite().all()
 
 
 def test_block_refuses_bad_input(ops):
     x, weights, rotary, state = _block_inputs(1, 2, 4, 8, True)
-    args = (state.kv, state.k_sum, None, 2, 1, EPS, 1e-6)
-    with pytest.raises(RuntimeError, match="q weight"):
-        ops.linear_lm_decode_layer(x, weights[0], weights[1][:, :7], *weights[2:], *rotary, *args)
+    kv, k_sum = state.kv, state.k_sum
+    with pytest.raises(RuntimeError, match="decoder_block_step: q weight must be a contiguous float32 \\(8, 8\\)"):
+        _block_call(ops, x, (weights[0], weights[1][:, :7], *weights[2:]), rotary, kv, k_sum, 2, 4)
     with pytest.raises(RuntimeError, match="rows"):
-        ops.linear_lm_decode_layer(x.expand(5, 1, 8).contiguous(), *weights, *rotary, *args)
+        _block_call(ops, x.expand(5, 1, 8).contiguous(), weights, rotary, kv, k_sum, 2, 4)
     with pytest.raises(RuntimeError, match="both cos and sin"):
-        ops.linear_lm_decode_layer(x, *weights, rotary[0], None, *args)
-    with pytest.raises(RuntimeError, match="multiple of heads"):
-        ops.linear_lm_decode_layer(x, *weights, *rotary, state.kv, state.k_sum, None, 3, 1, EPS, 1e-6)
-    with pytest.raises(RuntimeError, match="kv must be"):
-        ops.linear_lm_decode_layer(x, *weights, *rotary, state.kv[:, :, :2], state.k_sum, None, 2, 1, EPS, 1e-6)
-    assert dispatch.linear_lm_decode_layer_kernel(x.double(), weights, rotary, state.kv, state.k_sum, 2, "elu", EPS,
-                                                  1e-6) is None
-    assert dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, 2, "favor", EPS,
-                                                  1e-6) is None
+        ops.decoder_block_step(x, list(weights), [None] * 7, rotary[0], None, kv, k_sum, None, None, None, 2, 2, 4, 1,
+                               0, 1.0, EPS, 1e-6)
+    with pytest.raises(RuntimeError, match="q weight"):  # 3 heads of 4 features do not make the width of 8
+        _block_call(ops, x, weights, rotary, kv, k_sum, 3, 4)
+    with pytest.raises(RuntimeError, match="kv has size 2 in dim 2"):
+        _block_call(ops, x, weights, rotary, kv[:, :, :2], k_sum, 2, 4)
+    assert _linear_lm_block(x.double(), weights, rotary, state, 2, "elu") is None
+    assert _linear_lm_block(x, weights, rotary, state, 2, "favor") is None
+
+
+# --------------------------------------------------------------------------- direct calls, final norm, rotary
+@pytest.fixture(scope="module")
+def calls(ops):
+    dispatch._decode_cpu_kernel()
+    assert dispatch._DECODE_CALLS is not None
+    return dispatch._DECODE_CALLS
+
+
+def test_direct_calls_are_the_ops(ops, calls):
+    x, weights, rotary, state = _block_inputs(2, 2, 4, 8, True)
+    w = torch.randn(5, 8)
+    assert torch.equal(calls.decode_gemv(x, w, None), ops.decode_gemv(x, w, None))
+    args = (list(weights), [None] * 7, *rotary, state.kv, state.k_sum, None, None, None, 2, 2, 4, 1, 0, 1.0, EPS, 1e-6,
+            False)
+    assert all(torch.equal(a, b) for a, b in zip(calls.decoder_block_step(x, *args), ops.decoder_block_step(x, *args)))
+    with pytest.raises(RuntimeError, match="q weight"):  # the same checks, the same errors
+        calls.decoder_block_step(x, [weights[0], weights[1][:, :7], *weights[2:]], *args[1:])
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 64), (1, 1, 512), (2, 5, 7), (4, 1, 1)])
+def test_rms_norm_matches_float64_and_keeps_nan_in_its_row(calls, shape):
+    x = torch.randn(shape) * 5
+    weight = torch.randn(shape[-1])
+    got = calls.decode_rms_norm(x, weight, 1e-6)
+    xd = x.double()
+    want = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6) * weight.double()
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, torch.rms_norm(x, (shape[-1],), weight, 1e-6), rtol=1e-5, atol=1e-6)
+    x[0, 0, 0] = float("nan")
+    got = calls.decode_rms_norm(x, weight, 1e-6)
+    assert got[0, 0].isnan().all() and got[1:].isfinite().all() and got[0, 1:].isfinite().all()
+
+
+def test_rms_norm_refuses_bad_input(calls):
+    x = torch.randn(2, 1, 8)
+    assert calls.decode_rms_norm(torch.empty(0, 1, 8), torch.ones(8), 1e-6).shape == (0, 1, 8)
+    assert calls.decode_rms_norm(torch.empty(2, 0), torch.ones(0), 1e-6).shape == (2, 0)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous float32 \\(8,\\)"):
+        calls.decode_rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        calls.decode_rms_norm(x, torch.ones(16)[::2], 1e-6)
+    with pytest.raises(RuntimeError, match="x must be a float32"):
+        calls.decode_rms_norm(x.double(), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="x must be a float32"):
+        calls.decode_rms_norm(torch.tensor(1.0), torch.ones(1), 1e-6)
+    assert dispatch.decode_rms_norm_kernel(x.double(), torch.ones(8), 1e-6) is None
+    assert dispatch.decode_rms_norm_kernel(x, torch.ones(7), 1e-6) is None
+    assert dispatch.decode_rms_norm_kernel(x, torch.ones(8), 1e-6, implementation="reference") is None
+    kernel = dispatch.decode_rms_norm_kernel(x[:, :, ::2], torch.ones(4), 1e-6)  # a strided x is read as it is
+    assert torch.equal(kernel(), calls.decode_rms_norm(x[:, :, ::2].contiguous(), torch.ones(4), 1e-6))
+
+
+@pytest.mark.parametrize("position", [0, 1, 1234, 123457, 2**24 - 1, 2**24 + 3])
+@pytest.mark.parametrize("scaling", [1.0, 0.7])
+def test_rotary_table_is_the_python_expression_bit_for_bit(calls, position, scaling):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    freqs = (inv_freq * float(position)).view(1, 1, -1)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    want = (emb.cos() * scaling, emb.sin() * scaling) if scaling != 1.0 else (emb.cos(), emb.sin())
+    got = dispatch.rotary_cos_sin_kernel(inv_freq, position, scaling)()
+    assert all(g.shape == (1, 1, 64) and torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("head_dim,theta", [(2, 10000), (8, 10000), (64, 10000.0), (128, 500000.0), (64, 1e6)])
+def test_rope_table_is_linear_lm_rotary_bit_for_bit(calls, head_dim, theta):
+    config = LinearLMConfig(vocab_size=8, hidden_size=head_dim, num_attention_heads=1, num_hidden_layers=1,
+                            intermediate_size=4, rope_theta=theta)
+    model = LinearLMModel(config)
+    for position in (0, 1, 77, 4096, 123457):
+        want = model._rotary(torch.tensor([[position]]), torch.float32)
+        got = dispatch.rope_cos_sin_kernel(head_dim, theta, position)()
+        assert all(g.shape == w.shape == (1, 1, 1, head_dim) and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_rotary_tables_refuse_bad_input(calls):
+    with pytest.raises(RuntimeError, match="head_dim must be even"):
+        calls.rope_cos_sin(7, 10000.0, 3)
+    with pytest.raises(RuntimeError, match="inv_freq must be a float32"):
+        calls.rotary_cos_sin(torch.ones(4, dtype=torch.float64), 3, 1.0)
+    with pytest.raises(RuntimeError, match="inv_freq must be a float32"):
+        calls.rotary_cos_sin(torch.ones(2, 2), 3, 1.0)
+    assert dispatch.rope_cos_sin_kernel(7, 10000.0, 3) is None
+    assert dispatch.rope_cos_sin_kernel(0, 10000.0, 3) is None
+    assert dispatch.rotary_cos_sin_kernel(torch.ones(4, dtype=torch.float64), 3, 1.0) is None
+    assert dispatch.rotary_cos_sin_kernel(torch.ones(4), 3, 1.0, implementation="reference") is None

@@ -34,9 +34,9 @@ def counted(request, monkeypatch):
     default); with "step" that kernel is switched off, so the linear layers and the attention step run theirs."""
     counts = {"gemv": 0, "step": 0, "block": 0}
     originals = {"gemv": dispatch.decode_gemv_kernel, "step": dispatch.linear_decode_step_kernel,
-                 "block": dispatch.linear_lm_decode_layer_kernel}
+                 "block": dispatch.decoder_block_step_kernel}
     attributes = {"gemv": "decode_gemv_kernel", "step": "linear_decode_step_kernel",
-                  "block": "linear_lm_decode_layer_kernel"}
+                  "block": "decoder_block_step_kernel"}
 
     def count(name, fn):
         def wrapped(*args, **kwargs):

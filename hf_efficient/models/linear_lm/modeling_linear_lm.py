@@ -93,6 +93,9 @@ class LinearLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+_NO_BIASES = (None,) * 7  # the block's seven projections have none
+
+
 class LinearLMDecoderLayer(nn.Module):
     def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -109,11 +112,13 @@ class LinearLMDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rotary, padding_mask, cache_layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _fused_step(self, x: torch.Tensor, rotary, cache_layer: LinearStateLayer) -> torch.Tensor | None:
-        """One decoding token through the whole block in one compiled call (``linear_lm_decode_layer_kernel``):
-        a step is bound by reading the weights, and the block's two dozen small PyTorch ops cost about as much
-        again. The same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) for learnable
-        feature maps, another activation than silu, no state yet, or tensors the kernel does not take."""
+    def _fused_step(self, x: torch.Tensor, rotary, cache_layer: LinearStateLayer,
+                    implementation: str | None = None) -> torch.Tensor | None:
+        """One decoding token through the whole block in one compiled call (``decoder_block_step_kernel``): a step
+        is bound by reading the weights, and the block's two dozen small PyTorch ops cost about as much again. The
+        same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) for learnable feature maps,
+        another activation than silu, no state yet, or tensors the kernel does not take. ``implementation``: the
+        kernels' setting read once for the model step (None: read here)."""
         # submodules and parameters through _modules/_parameters: nn.Module.__getattr__ is the slow path, and this
         # runs every token in every layer
         sub = self._modules
@@ -141,12 +146,14 @@ class LinearLMDecoderLayer(nn.Module):
         rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
         w = [p._parameters["weight"] for p in projections]
         weights = (norms[0]._parameters["weight"], *w[:4], norms[1]._parameters["weight"], *w[4:])
-        kernel = dispatch.linear_lm_decode_layer_kernel(x, weights, rotary, state.kv, state.k_sum, attn.num_heads,
-                                                        attn.feature_map_name, attn.eps, rms_eps)
+        heads = attn.num_heads
+        kernel = dispatch.decoder_block_step_kernel(
+            x, weights, _NO_BIASES, rotary, {"kv": state.kv, "k_sum": state.k_sum}, heads, heads, attn.head_dim,
+            attn.feature_map_name, 0, 1.0, attn.eps, rms_eps, implementation=implementation)
         if kernel is None:
             return None
-        out, packed = kernel()
-        cache_layer.commit_token(LinearAttentionState.unpack(packed))
+        out, kv, k_sum = kernel()
+        cache_layer.commit_token(LinearAttentionState(kv, k_sum))
         return out
 
 
@@ -237,16 +244,46 @@ class LinearLMModel(LinearLMPreTrainedModel):
             if bool(padding.all()):
                 padding = None
 
+        # a decoding step the compiled blocks may take (one token per row, float32 on the CPU, no padding, no
+        # gradient, the kernels not turned off): the kernels' setting is read once for the whole step
+        implementation = None
+        if (n == 1 and cache is not None and padding is None and hidden.dtype == torch.float32 and hidden.is_cpu
+                and not torch.is_grad_enabled()):
+            implementation = dispatch._requested(None)
+        step = implementation is not None and implementation != "reference"
+
         rotary = None
         if self.config.position_embedding == "rope":
-            if position_ids is None:
-                position_ids = torch.arange(past, past + n, device=hidden.device)[None]
-            rotary = self._rotary(position_ids, hidden.dtype)
+            if step and position_ids is None:  # the same float32 table as _rotary's, in one compiled call
+                kernel = dispatch.rope_cos_sin_kernel(self.config.head_dim, self.config.rope_theta, past,
+                                                      implementation=implementation)
+                rotary = tuple(kernel()) if kernel is not None else None
+            if rotary is None:
+                if position_ids is None:
+                    position_ids = torch.arange(past, past + n, device=hidden.device)[None]
+                rotary = self._rotary(position_ids, hidden.dtype)
 
-        for i, layer in enumerate(self.layers):
-            cache_layer = cache.layers[i] if cache is not None else None
-            hidden = layer(hidden, rotary, padding, cache_layer)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None)
+        layers = cache.layers if cache is not None else None
+        for i, layer in enumerate(self._modules["layers"]._modules.values()):
+            cache_layer = layers[i] if layers is not None else None
+            # the block straight to its compiled step (which steps aside for hooks, the layer's own included); a
+            # layer of another class (a wrapper, a subclass) always through its call
+            out = (layer._fused_step(hidden, rotary, cache_layer, implementation)
+                   if step and type(layer) is LinearLMDecoderLayer else None)
+            hidden = out if out is not None else layer(hidden, rotary, padding, cache_layer)
+        hidden = self._final_norm(hidden, implementation) if step else self.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+
+    def _final_norm(self, hidden: torch.Tensor, implementation: str) -> torch.Tensor:
+        """``self.norm(hidden)`` of a decoding step, as one compiled call when the norm is the plain module."""
+        norm = self._modules["norm"]
+        weight = norm._parameters.get("weight") if type(norm) is nn.RMSNorm else None
+        if weight is not None and not hooked((norm,)):
+            eps = norm.eps if norm.eps is not None else torch.finfo(hidden.dtype).eps
+            kernel = dispatch.decode_rms_norm_kernel(hidden, weight, eps, implementation=implementation)
+            if kernel is not None:
+                return kernel()
+        return norm(hidden)
 
 
 class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMixin):
