@@ -854,17 +854,26 @@ at::Tensor decode_rms_norm(const at::Tensor& x, const at::Tensor& weight, double
 }
 
 // (cos, sin) (1, 1, 2 * len(inv_freq)) of the one position `position`: transformers' rotary table (the frequencies
-// twice over, times attention_scaling) through the same ATen ops a Python caller would run, without the
-// interpreter between them.
+// twice over, times attention_scaling), the same float32 values as the Python expression. The products are the
+// tensor ops' own (a float32 tensor times a Python number multiplies by the number rounded to float32); cos and sin
+// are ATen's, whose vector code a C++ loop would not match to the bit.
 std::vector<at::Tensor> rotary_cos_sin(const at::Tensor& inv_freq, int64_t position, double scaling) {
   TORCH_CHECK(inv_freq.device().is_cpu() && inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1,
               "rotary_cos_sin: inv_freq must be a float32 (head_dim / 2,) CPU tensor");
-  const at::Tensor freqs = inv_freq.mul(static_cast<double>(position)).view({1, 1, -1});
-  const at::Tensor emb = at::cat({freqs, freqs}, -1);
+  const int64_t half = inv_freq.size(0);
+  const at::Tensor f = inv_freq.contiguous();
+  at::Tensor emb = at::empty({1, 1, 2 * half}, f.options());
+  const float* fp = f.data_ptr<float>();
+  float* ep = emb.data_ptr<float>();
+  const float pos = static_cast<float>(position);
+  for (int64_t j = 0; j < half; ++j) ep[j] = ep[j + half] = fp[j] * pos;
   at::Tensor cos = emb.cos(), sin = emb.sin();
   if (scaling != 1.0) {  // a product with 1.0 changes nothing
-    cos = cos.mul(scaling);
-    sin = sin.mul(scaling);
+    const float sf = static_cast<float>(scaling);
+    for (at::Tensor* t : {&cos, &sin}) {
+      float* p = t->data_ptr<float>();
+      for (int64_t j = 0; j < 2 * half; ++j) p[j] *= sf;
+    }
   }
   return {cos, sin};
 }
