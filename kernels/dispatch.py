@@ -752,16 +752,16 @@ def decoder_block_step_kernel(
         return None
     # plain loops, one test per tensor: this runs for every layer of every decoded token
     f32 = torch.float32
-    groups = (weights, biases, (x, kv, k_sum, keys, values), rotary or ())
-    for group in groups:
+    for w in weights:
+        if w.dtype is not f32 or not w.is_cpu or not w.is_contiguous():
+            return None
+    others = (biases, (x, kv, k_sum, keys, values), rotary or ())
+    for group in others:
         for t in group:
             if t is not None and (t.dtype is not f32 or not t.is_cpu):
                 return None
-    for w in weights:
-        if not w.is_contiguous():
-            return None
     if torch.is_grad_enabled():  # no backward: a tensor needing a gradient takes the PyTorch path
-        for group in groups:
+        for group in (weights, *others):
             for t in group:
                 if t is not None and t.requires_grad:
                     return None

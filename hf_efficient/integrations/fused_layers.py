@@ -161,10 +161,10 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
             or type(m.get("act_fn", mlp.__dict__.get("act_fn"))) not in _ACTIVATIONS
             or hooked((layer, attn, mlp, norm1, norm2))):
         return None
-    params = [p._parameters for p in projections]
+    q, k, v, o, gate, up, down = (p._parameters for p in projections)
     head_dim = attn.head_dim
-    heads = params[0]["weight"].shape[0] // head_dim
-    kv_heads = params[1]["weight"].shape[0] // head_dim
+    heads = q["weight"].shape[0] // head_dim
+    kv_heads = k["weight"].shape[0] // head_dim
     # a state of another shape (another model's cache) goes to the module path, which names what does not fit
     want = (x.shape[0], heads, head_dim)
     ring, append = None, False
@@ -179,16 +179,17 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
                                                   or tuple(state.linear.k_sum.shape) != want))):
             return None
         window = plan.params.window
-        # the kernel reads whole rows: a prefill's slices of its keys and the compiled step's own buffers have them
-        tensors = {"keys": _rows(state.keys), "values": _rows(state.values), "key_mask": _mask_rows(state.mask)}
+        ring = cache_layer.window_ring()
+        if ring is not None:  # the compiled step's own buffers: whole rows, as the kernel reads them
+            tensors = {"keys": state.keys, "values": state.values, "key_mask": state.mask}
+            append = _claim_next_row(ring)
+        else:  # a prefill's slices of its keys have whole rows too; anything else is copied
+            tensors = {"keys": _rows(state.keys), "values": _rows(state.values), "key_mask": _mask_rows(state.mask)}
         if state.linear is not None:
             tensors["kv"], tensors["k_sum"] = state.linear.kv, state.linear.k_sum
-        ring = cache_layer.window_ring()
-        append = ring is not None and _claim_next_row(ring)
-    weights = (norm1._parameters["weight"], params[0]["weight"], params[1]["weight"], params[2]["weight"],
-               params[3]["weight"], norm2._parameters["weight"], params[4]["weight"], params[5]["weight"],
-               params[6]["weight"])
-    biases = tuple(p["bias"] for p in params)
+    weights = (norm1._parameters["weight"], q["weight"], k["weight"], v["weight"], o["weight"],
+               norm2._parameters["weight"], gate["weight"], up["weight"], down["weight"])
+    biases = (q["bias"], k["bias"], v["bias"], o["bias"], gate["bias"], up["bias"], down["bias"])
     kernel = dispatch.decoder_block_step_kernel(
         x, weights, biases, rotary, tensors, heads, kv_heads, head_dim, plan.params.feature_map, window,
         attn.scaling, plan.params.eps, norm1.variance_epsilon, append=append, implementation=implementation)
