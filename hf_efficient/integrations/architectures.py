@@ -128,7 +128,7 @@ from .configurations import (
     EfficientViTConfig,
 )
 from .export import auto_class_name
-from .fused_layers import DecodingModelMixin, FusedModelMixin
+from .fused_layers import DecodingModelMixin, FusedCausalLMMixin, FusedModelMixin
 from .models import EfficientModelMixin
 from .surgery import SELF_ATTENTION_CLASSES
 
@@ -336,7 +336,7 @@ class EfficientLlamaForTokenClassification(DecodingModelMixin, LlamaForTokenClas
     config_class = EfficientLlamaConfig
 
 
-class EfficientLlamaForCausalLM(DecodingModelMixin, LlamaForCausalLM):
+class EfficientLlamaForCausalLM(DecodingModelMixin, FusedCausalLMMixin, LlamaForCausalLM):
     config_class = EfficientLlamaConfig
 
 
@@ -357,7 +357,7 @@ class EfficientMistralForTokenClassification(DecodingModelMixin, MistralForToken
     config_class = EfficientMistralConfig
 
 
-class EfficientMistralForCausalLM(DecodingModelMixin, MistralForCausalLM):
+class EfficientMistralForCausalLM(DecodingModelMixin, FusedCausalLMMixin, MistralForCausalLM):
     config_class = EfficientMistralConfig
 
 
@@ -378,7 +378,7 @@ class EfficientQwen2ForTokenClassification(DecodingModelMixin, Qwen2ForTokenClas
     config_class = EfficientQwen2Config
 
 
-class EfficientQwen2ForCausalLM(DecodingModelMixin, Qwen2ForCausalLM):
+class EfficientQwen2ForCausalLM(DecodingModelMixin, FusedCausalLMMixin, Qwen2ForCausalLM):
     config_class = EfficientQwen2Config
 
 

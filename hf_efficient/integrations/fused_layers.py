@@ -8,7 +8,8 @@ with biases, rotary, the kind's recurrent step with grouped-query heads, o, SwiG
 cache layer's state as the module path would. Around the blocks, transformers' model-level ``forward`` costs
 another 0.3 ms a token (mask building, output capture, a call per layer): ``FusedLlamaModel`` (and the Mistral and
 Qwen2 ones) run a decoding step as embedding, rotary module, the compiled blocks and the final norm, when every
-block would take its compiled step (:func:`fused_model_step`).
+block would take its compiled step (:func:`fused_model_step`); the package's Llama, Mistral and Qwen2 causal LMs
+call that step and their head without transformers' ``forward`` around them (:class:`FusedCausalLMMixin`).
 
 Everything else is the transformers layer unchanged: training, prefill, gradients, masks with padding, hooks
 (``output_hidden_states`` and probes), adapters or other projection classes, learned feature maps, softmax layers,
@@ -24,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaModel,
@@ -67,6 +68,7 @@ __all__ = [
     "EfficientLlamaDecoderLayer",
     "EfficientMistralDecoderLayer",
     "EfficientQwen2DecoderLayer",
+    "FusedCausalLMMixin",
     "FusedDecodeMixin",
     "FusedLlamaModel",
     "FusedMistralModel",
@@ -299,6 +301,38 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden, implementation), cache=cache)
 
 
+# a causal LM's step passes its base model's arguments (past_key_values only through transformers' forward, which
+# names it deprecated) and the head's
+_LM_STEP_ARGUMENTS = (_STEP_ARGUMENTS - {"past_key_values"}) | {"logits_to_keep", "labels"}
+
+
+def fused_lm_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict):
+    """A Llama-layout causal LM's decoding step with its base model's step taken by :func:`fused_model_step`: the
+    base model's step and the head (a module call, its hooks too), without transformers' ``forward`` around them
+    (its decorators and the base model's call cost a tenth of a small model's Python per token). Gives
+    ``CausalLMOutputWithPast`` or None, with nothing run, when ``forward`` must: labels, a tuple asked for, a
+    ``logits_to_keep`` that is not a non-negative int (one position per row: any such value keeps it), a base
+    model with hooks or of a class whose ``forward`` is not the fused one, or anything :func:`fused_model_step`
+    leaves to the modules."""
+    if not kwargs.keys() <= _LM_STEP_ARGUMENTS or kwargs.get("labels") is not None:
+        return None
+    keep = kwargs.get("logits_to_keep", 0)
+    wants_dict = kwargs.get("return_dict")
+    if wants_dict is None:  # transformers' forward reads the config then
+        wants_dict = getattr(model.config, "return_dict", True)
+    if type(keep) is not int or keep < 0 or not wants_dict:
+        return None
+    sub = model._modules
+    base, head = sub.get("model"), sub.get("lm_head")
+    if head is None or type(base).forward is not FusedModelMixin.forward or hooked((base,)):
+        return None
+    out = fused_model_step(base, input_ids, {k: v for k, v in kwargs.items()
+                                             if k not in ("logits_to_keep", "labels", "return_dict")})
+    if out is None:
+        return None
+    return CausalLMOutputWithPast(logits=head(out.last_hidden_state), cache=out.cache)
+
+
 def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, past: int = 0,
                        implementation: str | None = None):
     """``rotary(hidden, position_ids=positions)`` (``positions`` None: the one position ``past`` for every row):
@@ -355,6 +389,19 @@ class FusedModelMixin:
     def __setstate__(self, state):
         super().__setstate__(state)
         _register_outputs(self)  # unpickled in a process that never built or switched a model of this class
+
+
+class FusedCausalLMMixin:
+    """Put in front of a transformers Llama-layout causal LM class: decoding steps that :func:`fused_lm_step` takes
+    skip transformers' ``forward`` around the base model's compiled step; everything else is the model's own
+    ``forward``."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, *args, **kwargs):
+        if not args:
+            out = fused_lm_step(self, input_ids, kwargs)
+            if out is not None:
+                return out
+        return super().forward(input_ids, *args, **kwargs)
 
 
 def _register_outputs(module: nn.Module) -> None:

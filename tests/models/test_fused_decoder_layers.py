@@ -591,3 +591,63 @@ def test_a_cache_filled_in_another_dtype_is_refused_before_any_block_runs(kind, 
         model(torch.tensor([[3]]), cache=cache)
     assert model_steps["n"] == 0 and block_calls["n"] == 0 and cache.get_seq_length() == 4
     assert all(layer.state is state for layer, state in zip(cache.layers, before))
+
+
+# ---------------------------------------------------------------- the causal LM's step (EfficientLlamaForCausalLM ...)
+@pytest.fixture
+def lm_steps(monkeypatch):
+    """How many decoding steps the causal LM's step took (gave an output rather than None)."""
+    calls = {"n": 0}
+    original = fused_layers.fused_lm_step
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls["n"] += out is not None
+        return out
+
+    monkeypatch.setattr(fused_layers, "fused_lm_step", counted)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind,params", [("linear", {}), ("window-linear", {"window": 4})])
+def test_the_lm_step_gives_what_forward_gives(arch, kind, params, lm_steps, monkeypatch):
+    model = patch_model(decoder(arch, layers=3), kind, **params)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    cache = prefilled(model, ids)
+    other = copy.deepcopy(cache)
+    for t in range(7):
+        token = torch.full((2, 1), 3 + t)
+        keep = {} if t % 3 == 0 else {"logits_to_keep": t % 3 - 1}  # nothing, 0 (every position) or 1
+        with torch.no_grad():
+            got = model(token, cache=cache, use_cache=True, **keep)
+            with monkeypatch.context() as patcher:  # transformers' forward around the same base-model step
+                patcher.setattr(fused_layers, "fused_lm_step", lambda *args: None)
+                want = model(token, cache=other, use_cache=True, **keep)
+        assert type(got) is type(want) and got.cache is cache and got.loss is None
+        assert got.logits.shape == (2, 1, VOCAB) and torch.equal(got.logits, want.logits)
+    assert lm_steps["n"] == 7
+
+
+def test_what_the_lm_step_does_not_cover_takes_forward(lm_steps, model_steps):
+    model = patch_model(decoder(layers=3), "window-linear", window=4)
+    cache = prefilled(model, torch.randint(0, VOCAB, (2, 5)))
+    token = torch.tensor([[7], [9]])
+    seen = []
+    with torch.no_grad():
+        assert model(token, cache=cache, labels=token).loss is not None
+        assert isinstance(model(token, cache=cache, return_dict=False), tuple)
+        assert model(token, cache=cache, logits_to_keep=torch.tensor([0])).logits.shape == (2, 1, VOCAB)
+        assert model(token, past_key_values=cache).logits.shape == (2, 1, VOCAB)  # the old name: forward renames it
+        handle = model.model.register_forward_hook(lambda module, args, out: seen.append(out))
+        model(token, cache=cache)
+        handle.remove()
+        assert len(model(token, cache=cache, output_hidden_states=True).hidden_states) == 4
+    assert len(seen) == 1 and lm_steps["n"] == 0
+    assert model_steps["n"] == 5  # each went through forward, whose base model took its step (not hidden states)
+    logits = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: logits.append(out))
+    with torch.no_grad():
+        out = model(token, cache=cache)
+    handle.remove()
+    assert lm_steps["n"] == 1 and len(logits) == 1 and logits[0] is out.logits  # the head runs as a module
