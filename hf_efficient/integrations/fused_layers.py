@@ -301,33 +301,26 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden, implementation), cache=cache)
 
 
-# a causal LM's step passes its base model's arguments (past_key_values only through transformers' forward, which
-# names it deprecated) and the head's
-_LM_STEP_ARGUMENTS = (_STEP_ARGUMENTS - {"past_key_values"}) | {"logits_to_keep", "labels"}
-
-
-def fused_lm_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict):
+def fused_lm_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict, logits_to_keep=0):
     """A Llama-layout causal LM's decoding step with its base model's step taken by :func:`fused_model_step`: the
     base model's step and the head (a module call, its hooks too), without transformers' ``forward`` around them
-    (its decorators and the base model's call cost a tenth of a small model's Python per token). Gives
-    ``CausalLMOutputWithPast`` or None, with nothing run, when ``forward`` must: labels, a tuple asked for, a
-    ``logits_to_keep`` that is not a non-negative int (one position per row: any such value keeps it), a base
-    model with hooks or of a class whose ``forward`` is not the fused one, or anything :func:`fused_model_step`
-    leaves to the modules."""
-    if not kwargs.keys() <= _LM_STEP_ARGUMENTS or kwargs.get("labels") is not None:
-        return None
-    keep = kwargs.get("logits_to_keep", 0)
+    (its decorators and the base model's call cost a tenth of a small model's Python per token). ``kwargs``: the
+    base model's arguments (``return_dict`` too). Gives ``CausalLMOutputWithPast`` or None, with nothing run, when
+    ``forward`` must: a tuple asked for, a ``logits_to_keep`` that is not a non-negative int (one position per row:
+    any such value keeps it), a base model with hooks or of a class whose ``forward`` is not the fused one, or
+    anything :func:`fused_model_step` leaves to the modules (``past_key_values``, transformers' deprecated name,
+    among the arguments it does not take)."""
     wants_dict = kwargs.get("return_dict")
     if wants_dict is None:  # transformers' forward reads the config then
         wants_dict = getattr(model.config, "return_dict", True)
-    if type(keep) is not int or keep < 0 or not wants_dict:
+    if type(logits_to_keep) is not int or logits_to_keep < 0 or not wants_dict or "past_key_values" in kwargs:
         return None
     sub = model._modules
     base, head = sub.get("model"), sub.get("lm_head")
     if head is None or type(base).forward is not FusedModelMixin.forward or hooked((base,)):
         return None
-    out = fused_model_step(base, input_ids, {k: v for k, v in kwargs.items()
-                                             if k not in ("logits_to_keep", "labels", "return_dict")})
+    kwargs.pop("return_dict", None)
+    out = fused_model_step(base, input_ids, kwargs)
     if out is None:
         return None
     return CausalLMOutputWithPast(logits=head(out.last_hidden_state), cache=out.cache)
@@ -394,14 +387,22 @@ class FusedModelMixin:
 class FusedCausalLMMixin:
     """Put in front of a transformers Llama-layout causal LM class: decoding steps that :func:`fused_lm_step` takes
     skip transformers' ``forward`` around the base model's compiled step; everything else is the model's own
-    ``forward``."""
+    ``forward``, given the arguments as they came. ``forward`` has the parameters of transformers' (``generate()``
+    reads them to choose what to pass, the positions of left-padded rows among them)."""
 
-    def forward(self, input_ids: torch.Tensor | None = None, *args, **kwargs):
-        if not args:
-            out = fused_lm_step(self, input_ids, kwargs)
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        given = {name: value for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids),
+                                                 ("cache", cache), ("inputs_embeds", inputs_embeds),
+                                                 ("use_cache", use_cache)) if value is not None}
+        if labels is None and kwargs.keys() <= _STEP_ARGUMENTS:
+            out = fused_lm_step(self, input_ids, {**given, **kwargs}, logits_to_keep)
             if out is not None:
                 return out
-        return super().forward(input_ids, *args, **kwargs)
+        # only what was given: a cache=None next to the deprecated past_key_values would replace it
+        return super().forward(input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep, **given, **kwargs)
 
 
 def _register_outputs(module: nn.Module) -> None:

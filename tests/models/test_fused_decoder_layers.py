@@ -9,6 +9,7 @@ hooks, gradients, a layer kept softmax, other arguments), checked to have run.""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -651,3 +652,13 @@ def test_what_the_lm_step_does_not_cover_takes_forward(lm_steps, model_steps):
         out = model(token, cache=cache)
     handle.remove()
     assert lm_steps["n"] == 1 and len(logits) == 1 and logits[0] is out.logits  # the head runs as a module
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_the_lm_step_keeps_forwards_parameters(arch):
+    """generate() reads a model's forward parameters to choose its inputs (the positions of left-padded rows
+    among them): the fused forward has transformers' parameters, in order."""
+    model = patch_model(decoder(arch), "linear")
+    plain = type(decoder(arch)).forward
+    assert isinstance(model, fused_layers.FusedCausalLMMixin)
+    assert list(inspect.signature(type(model).forward).parameters) == list(inspect.signature(plain).parameters)
