@@ -91,12 +91,13 @@ def _idle_capture_hook(hook) -> bool:
 
 
 def hooked(modules) -> bool:
-    """Whether a forward hook (global, or on one of ``modules``) would see these modules run: a compiled step that
-    skips them must then step aside. transformers' output-capturing hooks count only while they capture."""
+    """Whether a forward hook (global, or on one of ``modules``) or a ``forward`` set on one of the module objects
+    (accelerate's hooks, a user's wrapper) would see these modules run: a compiled step that skips them must then
+    step aside. transformers' output-capturing hooks count only while they capture."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     for m in modules:
-        if m._forward_pre_hooks:
+        if m._forward_pre_hooks or "forward" in m.__dict__:
             return True
         hooks = m._forward_hooks
         if hooks:

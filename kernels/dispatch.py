@@ -575,15 +575,16 @@ def _decode_cpu_kernel() -> tuple[bool, str | None]:
         return True, None
     from .cpu import decode_build_error, decode_calls, load_decode_extension
 
-    _DECODE_BUILT = load_decode_extension() is not None
-    _DECODE_CALLS = decode_calls()
+    built = load_decode_extension() is not None
+    # the calls first: another thread that finds the build done reads them next
+    _DECODE_CALLS = decode_calls() if built else None
+    _DECODE_BUILT = _DECODE_CALLS is not None
     return _DECODE_BUILT, decode_build_error()
 
 
 def _decode_op(name: str):
-    """The decoding extension's function ``name`` as a direct call (its ``torch.ops`` op when only that loaded)."""
-    calls = _DECODE_CALLS
-    return getattr(calls if calls is not None else torch.ops.hf_efficient_decode_cpu, name)
+    """The decoding extension's function ``name`` as a direct call (once :func:`_decode_cpu_kernel` built it)."""
+    return getattr(_DECODE_CALLS, name)
 
 
 def _decode_kernel_ready(tensors, implementation: str | None, name: str) -> bool:

@@ -157,11 +157,11 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
     a, m = attn._modules, mlp._modules
     projections = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
     for p in projections:
-        if type(p) is not DecodeLinear or p._forward_hooks or p._forward_pre_hooks:
+        if type(p) is not DecodeLinear or p._forward_hooks or p._forward_pre_hooks or "forward" in p.__dict__:
             return None
+    act = m.get("act_fn", mlp.__dict__.get("act_fn"))
     if (type(norm1) not in _NORMS or type(norm2) is not type(norm1) or norm1.variance_epsilon != norm2.variance_epsilon
-            or type(m.get("act_fn", mlp.__dict__.get("act_fn"))) not in _ACTIVATIONS
-            or hooked((layer, attn, mlp, norm1, norm2))):
+            or type(act) not in _ACTIVATIONS or hooked((layer, attn, mlp, norm1, norm2, act))):
         return None
     q, k, v, o, gate, up, down = (p._parameters for p in projections)
     head_dim = attn.head_dim

@@ -396,11 +396,12 @@ void check_vector(const at::Tensor& w, int64_t n, const char* op, const char* na
 }
 
 // y = x / sqrt(mean(x^2) + eps) * weight, per row of n (torch.nn.RMSNorm in float32)
+// (the sum of squares in double: a float sum in order loses a few bits over thousands of features)
 void rms_norm(const float* x, int64_t rows, int64_t n, const float* weight, float eps, float* y) {
   for (int64_t r = 0; r < rows; ++r) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; ++i) ss += x[r * n + i] * x[r * n + i];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[r * n + i]) * x[r * n + i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
     for (int64_t i = 0; i < n; ++i) y[r * n + i] = x[r * n + i] * inv * weight[i];
   }
 }

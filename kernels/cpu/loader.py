@@ -11,7 +11,9 @@ the PyTorch reference.
 ``HF_EFFICIENT_SANITIZE=1`` builds instead with AddressSanitizer and UndefinedBehaviorSanitizer
 (``-fsanitize=address,undefined``, any report aborts) into separate folders, for testing: the Python
 process must then load the ASan runtime first, e.g.
-``LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/kernels``.
+``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0
+python -m pytest tests/kernels`` (libstdc++ right after the ASan runtime, so that ASan finds the real
+``__cxa_throw``: the kernels raise C++ exceptions for bad input).
 There is no fallback build in that mode, so a failed sanitizer build shows up as a missing kernel.
 
 ``HF_EFFICIENT_KERNEL_ARCH=<arch>`` replaces ``-march=native`` by ``-march=<arch>`` (for instance

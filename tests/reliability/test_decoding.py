@@ -567,3 +567,72 @@ def test_nan_in_one_row_stays_there_while_keys_are_appended_and_the_buffers_move
     assert torch.isnan(got[0, 2:]).all() and torch.isfinite(got[1]).all()
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[0, :2].double(), want[0, :2], rtol=1e-4, atol=1e-4)
+
+
+def _wrap_forward(module: nn.Module, calls: list, scale: float | None = None) -> None:
+    """Set a ``forward`` on the module object, as accelerate's hooks and users' wrappers do: counted, and scaling a
+    tensor output (a result the compiled step cannot know)."""
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        out = original(*args, **kwargs)
+        return out * scale if scale is not None else out
+
+    module.forward = forward
+
+
+def _decoded(model, steps: int = 4) -> torch.Tensor:
+    cache = LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        model(torch.arange(2 * 5).view(2, 5) % 40, cache=cache)
+        return torch.cat([model(torch.full((2, 1), 3 + t), cache=cache).logits for t in range(steps)], dim=1)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+@pytest.mark.parametrize("where", ["base model", "decoder layer", "projection", "activation", "final norm",
+                                   "linear-lm layer", "linear-lm final norm", "linear-lm activation"])
+def test_a_forward_set_on_a_module_object_runs_on_every_decoding_step(where, monkeypatch):
+    """A forward set on a module object (accelerate's add_hook_to_module, a user's wrapper) is a hook: decoding
+    steps run it as the prefill does, and give the logits of the modules."""
+    linear_lm = where.startswith("linear-lm")
+    model = _linear_lm() if linear_lm else _window_llama()
+    base = model.model
+    module = {"base model": base, "decoder layer": base.layers[1], "projection": base.layers[0].mlp.up_proj,
+              "activation": base.layers[0].mlp.act_fn, "final norm": base.norm, "linear-lm layer": base.layers[1],
+              "linear-lm final norm": base.norm, "linear-lm activation": base.layers[0].mlp.act_fn}[where]
+    calls = []
+    _wrap_forward(module, calls, None if where == "base model" else 0.5)
+    got = _decoded(model)
+    assert len(calls) == 1 + 4  # the prefill and every step
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    want = _decoded(model)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+def test_another_activation_set_in_a_linear_lm_block_is_computed_not_replaced_by_silu(monkeypatch):
+    model = _linear_lm()
+    model.model.layers[0].mlp.act_fn = nn.GELU()  # the config still says silu
+    got = _decoded(model)
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    torch.testing.assert_close(got, _decoded(model), rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_kernels_count_as_built_only_with_their_direct_calls(monkeypatch):
+    """The build is usable only once its direct calls are in place (another thread reads them as soon as the build
+    counts as done); without them every decoding kernel routes to PyTorch, and "kernel" names the failed build."""
+    from hf_efficient_kernels import cpu, dispatch
+
+    monkeypatch.setattr(dispatch, "_DECODE_BUILT", False)
+    monkeypatch.setattr(dispatch, "_DECODE_CALLS", None)
+    monkeypatch.setattr(cpu, "decode_calls", lambda: None)
+    monkeypatch.setattr(cpu, "load_decode_extension", lambda: object())
+    monkeypatch.setattr(cpu, "decode_build_error", lambda: "no direct calls")
+    x, weight = torch.randn(1, 1, 8), torch.ones(8)
+    assert dispatch.decode_rms_norm_kernel(x, weight, 1e-6) is None
+    assert dispatch.rope_cos_sin_kernel(8, 10000.0, 3) is None
+    assert dispatch.decode_gemv_kernel(x, torch.ones(4, 8)) is None
+    assert dispatch._DECODE_BUILT is False
+    with pytest.raises(RuntimeError, match="no direct calls"):
+        dispatch.decode_rms_norm_kernel(x, weight, 1e-6, implementation="kernel")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -141,7 +141,9 @@ class LinearLMDecoderLayer(nn.Module):
         for n in norms:
             if type(n) is not nn.RMSNorm or n._parameters.get("weight") is None:
                 return None
-        if norms[1].eps != norms[0].eps or hooked((self, attn, mlp, *norms, *projections)):
+        act = m.get("act_fn")  # the activation the block computes is SiLU's: another module set there runs as itself
+        if (norms[1].eps != norms[0].eps or type(act) not in (SiLUActivation, nn.SiLU)
+                or hooked((self, attn, mlp, act, *norms, *projections))):
             return None
         rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
         w = [p._parameters["weight"] for p in projections]
