@@ -291,19 +291,24 @@ def test_public_names():
 
 
 # ---------------------------------------------------------------- the model-level decoding step (FusedLlamaModel ...)
-@pytest.fixture
-def model_steps(monkeypatch):
-    """How many decoding steps the model-level step took (gave an output rather than None)."""
+def taken_steps(monkeypatch, name: str) -> dict:
+    """How many decoding steps ``fused_layers.<name>`` took (gave an output rather than None), counted from now."""
     calls = {"n": 0}
-    original = fused_layers.fused_model_step
+    original = getattr(fused_layers, name)
 
     def counted(*args, **kwargs):
         out = original(*args, **kwargs)
         calls["n"] += out is not None
         return out
 
-    monkeypatch.setattr(fused_layers, "fused_model_step", counted)
+    monkeypatch.setattr(fused_layers, name, counted)
     return calls
+
+
+@pytest.fixture
+def model_steps(monkeypatch):
+    """How many decoding steps the model-level step took."""
+    return taken_steps(monkeypatch, "fused_model_step")
 
 
 def prefilled(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> LinearAttentionCache:
@@ -597,17 +602,8 @@ def test_a_cache_filled_in_another_dtype_is_refused_before_any_block_runs(kind, 
 # ---------------------------------------------------------------- the causal LM's step (EfficientLlamaForCausalLM ...)
 @pytest.fixture
 def lm_steps(monkeypatch):
-    """How many decoding steps the causal LM's step took (gave an output rather than None)."""
-    calls = {"n": 0}
-    original = fused_layers.fused_lm_step
-
-    def counted(*args, **kwargs):
-        out = original(*args, **kwargs)
-        calls["n"] += out is not None
-        return out
-
-    monkeypatch.setattr(fused_layers, "fused_lm_step", counted)
-    return calls
+    """How many decoding steps the causal LM's step took."""
+    return taken_steps(monkeypatch, "fused_lm_step")
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
