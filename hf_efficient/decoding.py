@@ -33,7 +33,7 @@ except ImportError:  # another transformers: its hooks all count
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 
 __all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
-           "placed_for_decoding", "plain_linear", "swap_classes"]
+           "placed_for_decoding", "plain_linear", "rms_norm_step", "swap_classes"]
 
 # floating dtypes whose weights a decoding step streams (the compiled product reads float32; the others still read
 # faster back to back on huge pages)
@@ -105,6 +105,20 @@ def hooked(modules) -> bool:
                 if not _idle_capture_hook(hook):
                     return True
     return False
+
+
+def rms_norm_step(norm: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                  implementation: str | None = None) -> torch.Tensor:
+    """``norm(hidden)`` for an RMSNorm module (``hidden`` ``(..., n)``) the caller knows computes
+    ``torch.rms_norm(hidden, (n,), weight, eps)``: a decoding step's final norm, as one compiled call
+    (``decode_rms_norm_kernel``), else that one fused op; the module itself when hooked, without a weight, or not
+    in float32. ``implementation``: the kernels' setting (None: read it)."""
+    if weight is None or hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hooked((norm,)):
+        return norm(hidden)
+    kernel = dispatch.decode_rms_norm_kernel(hidden, weight, eps, implementation=implementation)
+    if kernel is not None:
+        return kernel()
+    return torch.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
 
 
 def kernels_turned_off() -> bool:

@@ -56,6 +56,7 @@ from ..decoding import (
     kernels_turned_off,
     place_for_decoding,
     plain_linear,
+    rms_norm_step,
     swap_classes,
 )
 from .cache import LinearAttentionCache, RecurrentStateLayer, WindowRing
@@ -357,15 +358,11 @@ def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch
 
 
 def _final_norm(norm: nn.Module, hidden: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
-    """``norm(hidden)``; a transformers RMSNorm without hooks as one compiled call (``decode_rms_norm_kernel``),
-    else the one fused op (its module runs five, a twentieth of a small model's decoding step)."""
-    weight = norm._parameters.get("weight") if type(norm) in _NORMS else None
-    if weight is None or hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hooked((norm,)):
+    """``norm(hidden)``; a transformers RMSNorm through :func:`~hf_efficient.decoding.rms_norm_step` (its module
+    runs five ops, a twentieth of a small model's decoding step)."""
+    if type(norm) not in _NORMS:
         return norm(hidden)
-    kernel = dispatch.decode_rms_norm_kernel(hidden, weight, norm.variance_epsilon, implementation=implementation)
-    if kernel is not None:
-        return kernel()
-    return torch.rms_norm(hidden, (hidden.shape[-1],), weight, norm.variance_epsilon)
+    return rms_norm_step(norm, hidden, norm._parameters.get("weight"), norm.variance_epsilon, implementation)
 
 
 class FusedModelMixin:

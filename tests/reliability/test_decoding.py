@@ -114,17 +114,24 @@ def _steps(model, embeds: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([model(inputs_embeds=e.to(model.dtype), cache=cache).logits for e in embeds], dim=1)
 
 
+def _with_nan(model, seed: int, steps: int, step: int, feature: int, monkeypatch):
+    """The logits of ``steps`` random embeddings (row 0 of step ``step`` NaN at ``feature``) on ``model`` as it
+    runs, and on a float64 copy through its modules."""
+    torch.manual_seed(seed)
+    embeds = [torch.randn(2, 1, 32) for _ in range(steps)]
+    embeds[step][0, 0, feature] = float("nan")
+    got = _steps(model, embeds)
+    with monkeypatch.context() as patcher:
+        patcher.setenv("HF_EFFICIENT_KERNELS", "reference")
+        want = _steps(copy.deepcopy(model).double(), [e.double() for e in embeds])
+    return embeds, got, want
+
+
 def test_the_model_step_keeps_nan_in_its_row_and_takes_other_dtypes_like_the_modules(monkeypatch):
     """A NaN embedding spoils only its row, later steps of the other row stay those of the modules (float64); a
     bfloat16 input to a float32 model gives what the modules give."""
     model = _window_llama()
-    torch.manual_seed(1)
-    embeds = [torch.randn(2, 1, 32) for _ in range(3)]
-    embeds[0][0, 0, 3] = float("nan")
-    got = _steps(model, embeds)
-    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
-    want = _steps(copy.deepcopy(model).double(), [e.double() for e in embeds])
-    monkeypatch.delenv("HF_EFFICIENT_KERNELS")
+    embeds, got, want = _with_nan(model, 1, 3, 0, 3, monkeypatch)
     assert torch.isnan(got[0]).all() and torch.isfinite(got[1]).all()
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-4)
     half = [e.to(torch.bfloat16) for e in embeds[1:]]
@@ -557,13 +564,7 @@ def test_a_block_needing_gradients_takes_the_modules_even_with_kernels_forced_an
 def test_nan_in_one_row_stays_there_while_keys_are_appended_and_the_buffers_move(monkeypatch):
     """A NaN embedding in row 0 goes into that row's window keys, appended in place and then copied when the
     buffers fill (window 3: room for 18 rows); row 1's logits must stay the modules' (float64) at every step."""
-    model = _window_model(window=3)
-    torch.manual_seed(2)
-    embeds = [torch.randn(2, 1, 32) for _ in range(26)]
-    embeds[2][0, 0, 5] = float("nan")
-    got = _steps(model, embeds)
-    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
-    want = _steps(copy.deepcopy(model).double(), [e.double() for e in embeds])
+    _, got, want = _with_nan(_window_model(window=3), 2, 26, 2, 5, monkeypatch)
     assert torch.isnan(got[0, 2:]).all() and torch.isfinite(got[1]).all()
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[0, :2].double(), want[0, :2], rtol=1e-4, atol=1e-4)
@@ -636,3 +637,24 @@ def test_decoding_kernels_count_as_built_only_with_their_direct_calls(monkeypatc
     assert dispatch._DECODE_BUILT is False
     with pytest.raises(RuntimeError, match="no direct calls"):
         dispatch.decode_rms_norm_kernel(x, weight, 1e-6, implementation="kernel")
+
+
+def test_the_compiled_final_norm_takes_nan_empty_and_other_dtypes_like_the_module():
+    from hf_efficient.decoding import rms_norm_step
+
+    norm = nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 1, 8) * 4
+    x[1, 0, 2] = float("nan")
+    out = rms_norm_step(norm, x, norm.weight, 1e-6)
+    xd = x.double()
+    want = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6) * norm.weight.double()  # independent
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    torch.testing.assert_close(out[[0, 2]].double(), want[[0, 2]], rtol=1e-5, atol=1e-6)
+    assert rms_norm_step(norm, torch.empty(0, 1, 8), norm.weight, 1e-6).shape == (0, 1, 8)
+    with torch.no_grad():
+        got = rms_norm_step(norm.double(), xd, norm.weight, 1e-6)  # the module's own
+        torch.testing.assert_close(got, norm(xd), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(RuntimeError):  # a width the weight does not have: the module's own error
+        rms_norm_step(norm, torch.randn(2, 5), norm.weight, 1e-6)

@@ -22,7 +22,14 @@ from hf_efficient_kernels.dispatch import DECODE_MAX_ROWS
 
 from ...attention.feature_maps import FEATURE_MAPS
 from ...attention.linear import LinearAttentionState, linear_attention
-from ...decoding import DecodeLinear, hooked, kernels_turned_off, place_for_decoding, placed_for_decoding
+from ...decoding import (
+    DecodeLinear,
+    hooked,
+    kernels_turned_off,
+    place_for_decoding,
+    placed_for_decoding,
+    rms_norm_step,
+)
 from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
 
@@ -277,15 +284,13 @@ class LinearLMModel(LinearLMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
     def _final_norm(self, hidden: torch.Tensor, implementation: str) -> torch.Tensor:
-        """``self.norm(hidden)`` of a decoding step, as one compiled call when the norm is the plain module."""
+        """``self.norm(hidden)`` of a decoding step (:func:`~hf_efficient.decoding.rms_norm_step` for the plain
+        module)."""
         norm = self._modules["norm"]
-        weight = norm._parameters.get("weight") if type(norm) is nn.RMSNorm else None
-        if weight is not None and not hooked((norm,)):
-            eps = norm.eps if norm.eps is not None else torch.finfo(hidden.dtype).eps
-            kernel = dispatch.decode_rms_norm_kernel(hidden, weight, eps, implementation=implementation)
-            if kernel is not None:
-                return kernel()
-        return norm(hidden)
+        if type(norm) is not nn.RMSNorm:
+            return norm(hidden)
+        eps = norm.eps if norm.eps is not None else torch.finfo(hidden.dtype).eps
+        return rms_norm_step(norm, hidden, norm._parameters.get("weight"), eps, implementation)
 
 
 class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMixin):
