@@ -37,9 +37,11 @@ __all__ = [
     "cluster_broadcast_kernel",
     "cluster_mean_kernel",
     "clustered_topk_kernel",
+    "DecodeBlockStep",
     "decode_gemv_kernel",
     "decode_rms_norm_kernel",
     "decoder_block_step_kernel",
+    "decoder_stack_kernel",
     "hamming_kmeans_kernel",
     "improved_topk_kernel",
     "linear_decode_step_kernel",
@@ -612,6 +614,12 @@ def _decode_route(implementation: str | None, name: str) -> bool:
     return ok
 
 
+def _gemv_rows(weight: torch.Tensor, n: int) -> bool:
+    """Whether a 2-D ``weight`` ``(out, n)`` has the layout the compiled product reads: rows of n contiguous
+    floats that do not overlap."""
+    return weight.shape[1] == n and weight.stride(1) == 1 and (weight.shape[0] <= 1 or weight.stride(0) >= n)
+
+
 def decode_gemv_kernel(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, implementation: str | None = None
 ) -> Callable[[], torch.Tensor] | None:
@@ -625,7 +633,7 @@ def decode_gemv_kernel(
     """
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if (any(t.dtype != torch.float32 for t in tensors) or weight.dim() != 2 or x.dim() < 1
-            or x.shape[-1] != weight.shape[1] or weight.stride(-1) != 1
+            or not _gemv_rows(weight, x.shape[-1])
             or (bias is not None and tuple(bias.shape) != (weight.shape[0],))
             or x.numel() > DECODE_MAX_ROWS * max(1, x.shape[-1])
             or not _decode_kernel_ready(tensors, implementation, "decode_gemv")):
@@ -724,7 +732,7 @@ def decoder_block_step_kernel(
     *,
     append: bool = False,
     implementation: str | None = None,
-) -> Callable[..., list[torch.Tensor]] | None:
+) -> DecodeBlockStep | None:
     """One decoder block (Llama, Mistral, Qwen2 layout) patched with ``linear`` (``window=0``) or ``window-linear``
     attention, for one new token per row, compiled; or None.
 
@@ -741,8 +749,8 @@ def decoder_block_step_kernel(
     with ``append``, of the given ones, whose row ``r`` (past the given view) is then the only thing written. The
     caller must know that no view it handed out covers that row (see ``RecurrentStateLayer.window_ring``); nothing
     else of an input is written. The call takes ``x`` or, as its argument, another input of x's shape, dtype and
-    device (the output of the block before, once it is computed; the kernel checks it like ``x``). None where the
-    module path runs.
+    device (the output of the block before, once it is computed; the kernel checks it like ``x``); or hand the
+    blocks of a step to :func:`decoder_stack_kernel`. None where the module path runs.
     """
     feature = _DECODE_FEATURES.get(feature_map)
     kv, k_sum = state.get("kv"), state.get("k_sum")
@@ -769,11 +777,65 @@ def decoder_block_step_kernel(
     if not _decode_route(implementation, "decoder_block_step"):
         return None
     cos, sin = rotary if rotary is not None else (None, None)
-    op = _decode_op("decoder_block_step")
-    rest = (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads), int(kv_heads),
-            int(head_dim), feature, int(window), float(scale), float(eps), float(rms_eps), bool(append))
+    return DecodeBlockStep(x, (list(weights), list(biases), cos, sin, kv, k_sum, keys, values, key_mask, int(heads),
+                               int(kv_heads), int(head_dim), feature, int(window), float(scale), float(eps),
+                               float(rms_eps), bool(append)))
 
-    def step(hidden: torch.Tensor = x) -> list[torch.Tensor]:
-        return op(hidden, *rest)
 
-    return step
+class DecodeBlockStep:
+    """One compiled decoder block of a decoding step (:func:`decoder_block_step_kernel`): ``step()`` runs it on its
+    ``x``, ``step(hidden)`` on another input of x's shape, dtype and device; ``arguments`` are the kernel's arguments
+    after the input, which :func:`decoder_stack_kernel` takes."""
+
+    __slots__ = ("arguments", "x")
+
+    def __init__(self, x: torch.Tensor, arguments: tuple) -> None:
+        self.x, self.arguments = x, arguments
+
+    def __call__(self, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return _decode_op("decoder_block_step")(self.x if hidden is None else hidden, *self.arguments)
+
+
+def decoder_stack_kernel(
+    x: torch.Tensor,
+    blocks: list[DecodeBlockStep],
+    norm: tuple[torch.Tensor, float] | None = None,
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    *,
+    implementation: str | None = None,
+) -> Callable[[], tuple[torch.Tensor, list[list[torch.Tensor]]]] | None:
+    """A decoding step's blocks, in order, then optionally the final RMSNorm and the head's product, in one compiled
+    call (nothing runs between the blocks' weight streams); or None.
+
+    x ``(batch, 1, hidden)``: the first block's input; blocks: each block's :class:`DecodeBlockStep` (made for an
+    input of x's shape, dtype and device; each block's input is the output of the one before); norm: ``(weight
+    (hidden,), eps)`` of ``torch.rms_norm`` after the last block, or None; head: ``(weight (vocab, hidden), bias
+    (vocab,) or None)`` of ``torch.nn.functional.linear`` after the norm, or None (a head needs the norm). The call
+    gives the last output (``(batch, 1, vocab)`` with a head, else ``(batch, 1, hidden)``) and each block's state
+    tensors (its call's results after the output), to be kept only once the call has returned: a block that fails
+    raises after the blocks before it ran. None where each block runs by itself (another dtype or device, a weight
+    not laid out as the kernels read it, a gradient needed).
+    """
+    if not blocks or x.dim() != 3 or (head is not None and (norm is None or norm[0] is None)):
+        return None
+    n = x.shape[-1]
+    tensors = [x]
+    norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
+    head_weight, head_bias = head if head is not None else (None, None)
+    if norm_weight is not None:
+        if (norm_weight.dtype != torch.float32 or norm_weight.dim() != 1 or norm_weight.shape[0] != n
+                or not norm_weight.is_contiguous()):
+            return None
+        tensors.append(norm_weight)
+    if head_weight is not None:
+        if head_weight.dtype != torch.float32 or head_weight.dim() != 2 or not _gemv_rows(head_weight, n):
+            return None
+        tensors.append(head_weight)
+        if head_bias is not None:
+            if head_bias.dtype != torch.float32 or tuple(head_bias.shape) != (head_weight.shape[0],):
+                return None
+            tensors.append(head_bias)
+    if not _decode_kernel_ready(tensors, implementation, "decoder_stack_step"):
+        return None
+    return partial(_decode_op("decoder_stack_step"), x, [block.arguments for block in blocks], norm_weight,
+                   float(norm_eps), head_weight, head_bias)

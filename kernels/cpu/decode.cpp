@@ -16,6 +16,8 @@
 // decoder_block_step(x, weights, biases, cos?, sin?, state..., heads, kv_heads, head_dim, feature, window, ...)
 //   a whole pre-norm decoder block (Llama, Mistral, Qwen2 and linear-lm layouts) with linear or window-linear
 //   attention for one new token per row, in one call.
+// decoder_stack_step(x, blocks, norm_weight?, eps, head_weight?, head_bias?)  a decoding step's blocks (each as
+//   decoder_block_step), then its final norm and head, in one call.
 // decode_rms_norm, rotary_cos_sin, rope_cos_sin: a decoding step's final norm and rotary table.
 //
 // Every index is checked against the shapes before any pointer is formed (TORCH_CHECK), so no input can
@@ -186,8 +188,8 @@ at::Tensor decode_gemv(const at::Tensor& x, const at::Tensor& weight, const c10:
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == out,
-                "decode_gemv: bias must be float32 (out,) = (", out, ",)");
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == out,
+                "decode_gemv: bias must be a float32 (out,) = (", out, ",) CPU tensor");
     bias_ptr = b.data_ptr<float>();
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -891,7 +893,64 @@ std::vector<at::Tensor> rope_cos_sin(int64_t head_dim, double theta, int64_t pos
   return table;
 }
 
+// One block's arguments to decoder_block_step after x, as decoder_stack_step receives them.
+struct BlockArguments {
+  std::vector<at::Tensor> weights;
+  std::vector<c10::optional<at::Tensor>> biases;
+  c10::optional<at::Tensor> cos, sin, kv, k_sum, keys, values, key_mask;
+  int64_t heads, kv_heads, head_dim, feature, window;
+  double scale, eps, rms_eps;
+  bool append;
+};
+
 }  // namespace
+
+// A decoding step's decoder stack in one call: decoder_block_step for each block in turn (each block's input the
+// output of the one before), then the final RMSNorm (norm_weight given) and the head's product (head_weight given).
+// blocks: one tuple per block of decoder_block_step's arguments after x. Returns the last output (the logits with a
+// head: (B, 1, vocab)) and each block's state tensors (decoder_block_step's results after its output).
+//
+// Between blocks a step through Python runs the interpreter on code and data the previous block's weight stream
+// evicted from the caches; here nothing runs between the streams. The arguments are read with the interpreter
+// lock held, the blocks run without it. A block that fails raises after the blocks before it ran; nothing they
+// returned is kept, and what they wrote in place is only an appended row past every view (see check_append).
+std::tuple<at::Tensor, std::vector<std::vector<at::Tensor>>> decoder_stack_step(
+    const at::Tensor& x, const pybind11::list& blocks, const c10::optional<at::Tensor>& norm_weight, double norm_eps,
+    const c10::optional<at::Tensor>& head_weight, const c10::optional<at::Tensor>& head_bias) {
+  const char* op = "decoder_stack_step";
+  std::vector<BlockArguments> args;
+  args.reserve(blocks.size());
+  for (const pybind11::handle item : blocks) {
+    const auto t = item.cast<pybind11::tuple>();
+    TORCH_CHECK(t.size() == 18, op, ": each block takes decoder_block_step's 18 arguments after x, got ", t.size());
+    args.push_back({t[0].cast<std::vector<at::Tensor>>(), t[1].cast<std::vector<c10::optional<at::Tensor>>>(),
+                    t[2].cast<c10::optional<at::Tensor>>(), t[3].cast<c10::optional<at::Tensor>>(),
+                    t[4].cast<c10::optional<at::Tensor>>(), t[5].cast<c10::optional<at::Tensor>>(),
+                    t[6].cast<c10::optional<at::Tensor>>(), t[7].cast<c10::optional<at::Tensor>>(),
+                    t[8].cast<c10::optional<at::Tensor>>(), t[9].cast<int64_t>(), t[10].cast<int64_t>(),
+                    t[11].cast<int64_t>(), t[12].cast<int64_t>(), t[13].cast<int64_t>(), t[14].cast<double>(),
+                    t[15].cast<double>(), t[16].cast<double>(), t[17].cast<bool>()});
+  }
+  TORCH_CHECK(!args.empty(), op, ": no blocks");
+  TORCH_CHECK(!(head_bias.has_value() && head_bias->defined()) || (head_weight.has_value() && head_weight->defined()),
+              op, ": a head bias without a head weight");
+  at::Tensor hidden = x;
+  std::vector<std::vector<at::Tensor>> states;
+  states.reserve(args.size());
+  {
+    pybind11::gil_scoped_release unlocked;
+    for (BlockArguments& a : args) {
+      std::vector<at::Tensor> out = decoder_block_step(
+          hidden, a.weights, a.biases, a.cos, a.sin, a.kv, a.k_sum, a.keys, a.values, a.key_mask, a.heads,
+          a.kv_heads, a.head_dim, a.feature, a.window, a.scale, a.eps, a.rms_eps, a.append);
+      hidden = out[0];
+      states.emplace_back(std::make_move_iterator(out.begin() + 1), std::make_move_iterator(out.end()));
+    }
+    if (norm_weight.has_value() && norm_weight->defined()) hidden = decode_rms_norm(hidden, *norm_weight, norm_eps);
+    if (head_weight.has_value() && head_weight->defined()) hidden = decode_gemv(hidden, *head_weight, head_bias);
+  }
+  return {hidden, std::move(states)};
+}
 
 // The same functions as Python calls: a decoding step calls them for every layer of every token, and a call
 // through torch.ops costs about 6 us of argument matching against the schema, against about 1.5 us here. The
@@ -904,6 +963,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_rms_norm", &decode_rms_norm, unlocked);
   m.def("rotary_cos_sin", &rotary_cos_sin, unlocked);
   m.def("rope_cos_sin", &rope_cos_sin, unlocked);
+  m.def("decoder_stack_step", &decoder_stack_step);  // releases the lock itself, after reading its arguments
 }
 
 TORCH_LIBRARY(hf_efficient_decode_cpu, lib) {

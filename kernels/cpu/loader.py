@@ -196,7 +196,8 @@ def load_decode_extension() -> Any:
 def decode_calls() -> Any:
     """The decoding extension's Python module (None until :func:`load_decode_extension` built it): the hot
     functions of a decoding step (``decode_gemv``, ``decoder_block_step``, ``decode_rms_norm``, ``rotary_cos_sin``)
-    as plain calls, about 4 us cheaper each than through ``torch.ops``."""
+    as plain calls, about 4 us cheaper each than through ``torch.ops``, and ``decoder_stack_step``, which only it
+    has (its blocks' arguments are Python tuples)."""
     return _decode_calls
 
 

@@ -402,3 +402,108 @@ def test_rotary_tables_refuse_bad_input(calls):
     assert dispatch.rope_cos_sin_kernel(0, 10000.0, 3) is None
     assert dispatch.rotary_cos_sin_kernel(torch.ones(4, dtype=torch.float64), 3, 1.0) is None
     assert dispatch.rotary_cos_sin_kernel(torch.ones(4), 3, 1.0, implementation="reference") is None
+
+
+# --------------------------------------------------------------------------- a step's whole stack in one call
+def _stack_inputs(blocks: int, b: int = 2, heads: int = 2, d: int = 4, inter: int = 8, vocab: int = 11):
+    """``blocks`` linear-lm blocks of one width, each with weights and a state of its own, a final norm's weight and
+    a head's weight and bias."""
+    c = heads * d
+    g = torch.Generator().manual_seed(blocks)
+    layers = []
+    for _ in range(blocks):
+        weights = (1 + 0.1 * torch.randn(c, generator=g), *(0.3 * torch.randn(c, c, generator=g) for _ in range(4)),
+                   1 + 0.1 * torch.randn(c, generator=g), 0.3 * torch.randn(inter, c, generator=g),
+                   0.3 * torch.randn(inter, c, generator=g), 0.3 * torch.randn(c, inter, generator=g))
+        state = _state(b, heads, d, d)
+        layers.append((weights, state))
+    angle = torch.rand(b, 1, 1, d // 2, generator=g) * 6
+    rotary = (torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin())
+    x = torch.randn(b, 1, c, generator=g)
+    norm = 1 + 0.1 * torch.randn(c, generator=g)
+    head = torch.randn(vocab, c, generator=g)
+    return x, layers, rotary, norm, head, torch.randn(vocab, generator=g)
+
+
+def _stack_blocks(x, layers, rotary, heads=2):
+    return [_linear_lm_block(x, weights, rotary, state, heads, "elu") for weights, state in layers]
+
+
+@pytest.mark.parametrize("tail", ["none", "norm", "head", "head+bias"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_stack_is_its_blocks_norm_and_head_one_by_one(calls, tail, blocks):
+    """The one call gives, bit for bit, what the blocks' own calls give in turn, then the final norm's and the
+    head's: the same functions, with nothing between them."""
+    x, layers, rotary, norm, head, bias = _stack_inputs(blocks)
+    steps = _stack_blocks(x, layers, rotary)
+    norm_args = None if tail == "none" else (norm, 1e-5)
+    head_args = (head, bias if tail == "head+bias" else None) if tail.startswith("head") else None
+    stack = dispatch.decoder_stack_kernel(x, steps, norm_args, head_args)
+    assert stack is not None
+    out, states = stack()
+    hidden, want = x, []
+    for step in steps:
+        hidden, *state = step(hidden)
+        want.append(state)
+    if norm_args is not None:
+        hidden = calls.decode_rms_norm(hidden, norm, 1e-5)
+    if head_args is not None:
+        hidden = calls.decode_gemv(hidden, *head_args)
+    assert torch.equal(out, hidden) and out.shape == (2, 1, 11 if head_args else 8)
+    assert len(states) == blocks and all(len(s) == 2 for s in states)
+    assert all(torch.equal(a, b) for got, ref in zip(states, want) for a, b in zip(got, ref))
+    # and the whole against float64: each block, the norm, the head
+    ref = x.double()
+    for weights, state in layers:
+        ref, _ = _block_reference(ref.float(), weights, rotary, state, 2, "elu", EPS, 1e-6)
+    if norm_args is not None:
+        ref = ref * torch.rsqrt(ref.square().mean(-1, keepdim=True) + 1e-5) * norm.double()
+    if head_args is not None:
+        ref = ref @ head.double().T + (bias.double() if head_args[1] is not None else 0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stack_kernel_routes_what_it_cannot_take_to_the_blocks(ops):
+    x, layers, rotary, norm, head, bias = _stack_inputs(2)
+    steps = _stack_blocks(x, layers, rotary)
+    route = dispatch.decoder_stack_kernel
+    assert route(x, steps, (norm, 1e-5), (head, bias)) is not None
+    assert route(x, [], (norm, 1e-5)) is None
+    assert route(x, steps, None, (head, None)) is None  # the head comes after the norm
+    assert route(x, steps, (norm.double(), 1e-5)) is None
+    assert route(x, steps, (norm[:-1], 1e-5)) is None
+    assert route(x, steps, (torch.ones(16)[::2], 1e-5)) is None  # not contiguous
+    assert route(x, steps, (norm, 1e-5), (head[:, :-1], None)) is None  # another width
+    assert route(x, steps, (norm, 1e-5), (head.to(torch.bfloat16), None)) is None
+    assert route(x, steps, (norm, 1e-5), (head.t().contiguous().t(), None)) is None  # columns, not rows
+    overlapping = torch.randn(64).as_strided((11, 8), (1, 1))  # rows that overlap
+    assert route(x, steps, (norm, 1e-5), (overlapping, None)) is None
+    assert route(x, steps, (norm, 1e-5), (head, bias[:-1])) is None
+    assert route(x, steps, (norm, 1e-5), (head, bias.double())) is None
+    assert route(x, steps, (norm, 1e-5), (head, bias), implementation="reference") is None
+    with torch.enable_grad():
+        assert route(x, steps, (norm, 1e-5), (head.requires_grad_(), None)) is None
+
+
+def test_stack_refuses_malformed_calls_with_an_error(calls):
+    """The direct call checks what it is handed: an error that names it, never a crash."""
+    x, layers, rotary, norm, head, bias = _stack_inputs(2)
+    args = [step.arguments for step in _stack_blocks(x, layers, rotary)]
+    with pytest.raises(RuntimeError, match="no blocks"):
+        calls.decoder_stack_step(x, [], None, 0.0, None, None)
+    with pytest.raises(RuntimeError, match="18 arguments after x, got 17"):
+        calls.decoder_stack_step(x, [args[0][:-1]], None, 0.0, None, None)
+    with pytest.raises(RuntimeError, match="Unable to cast"):
+        calls.decoder_stack_step(x, [(1,) * 18], None, 0.0, None, None)
+    with pytest.raises(RuntimeError, match="a head bias without a head weight"):
+        calls.decoder_stack_step(x, args, norm, 1e-5, None, bias)
+    with pytest.raises(RuntimeError, match="decode_rms_norm: weight must be"):
+        calls.decoder_stack_step(x, args, norm[:-1], 1e-5, None, None)
+    with pytest.raises(RuntimeError, match="decode_gemv: x has 8 features"):
+        calls.decoder_stack_step(x, args, norm, 1e-5, head[:, :-1], None)
+    with pytest.raises(RuntimeError, match="decode_gemv: bias must be a float32"):
+        calls.decoder_stack_step(x, args, norm, 1e-5, head, bias[:-1])
+    broken = list(args[1])
+    broken[4] = broken[4][:, :, :2]  # the second block's kv of the wrong shape
+    with pytest.raises(RuntimeError, match="kv has size 2 in dim 2"):  # raised after the first block ran
+        calls.decoder_stack_step(x, [args[0], tuple(broken)], None, 0.0, None, None)
