@@ -18,6 +18,8 @@ object, swapping only the memory under it (each weight keeps a storage of its ow
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,8 +34,9 @@ except ImportError:  # another transformers: its hooks all count
     _ACTIVE_COLLECTOR = None
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 
-__all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
-           "placed_for_decoding", "plain_linear", "rms_norm_step", "swap_classes"]
+__all__ = ["BlockStep", "DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "linear_arguments",
+           "norm_arguments", "place_for_decoding", "placed_for_decoding", "plain_linear", "rms_norm_step",
+           "run_block_steps", "swap_classes"]
 
 # floating dtypes whose weights a decoding step streams (the compiled product reads float32; the others still read
 # faster back to back on huge pages)
@@ -91,13 +94,15 @@ def _idle_capture_hook(hook) -> bool:
 
 
 def hooked(modules) -> bool:
-    """Whether a forward hook (global, or on one of ``modules``) or a ``forward`` set on one of the module objects
-    (accelerate's hooks, a user's wrapper) would see these modules run: a compiled step that skips them must then
-    step aside. transformers' output-capturing hooks count only while they capture."""
+    """Whether a forward hook (global, or on one of ``modules``), a ``forward`` set on one of the module objects
+    (accelerate's hooks, a user's wrapper) or a ``Module.compile()`` of one of them would see these modules run: a
+    compiled step that skips them must then step aside. transformers' output-capturing hooks count only while they
+    capture."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     for m in modules:
-        if m._forward_pre_hooks or "forward" in m.__dict__:
+        attributes = m.__dict__
+        if m._forward_pre_hooks or "forward" in attributes or attributes.get("_compiled_call_impl") is not None:
             return True
         hooks = m._forward_hooks
         if hooks:
@@ -107,13 +112,69 @@ def hooked(modules) -> bool:
     return False
 
 
+def norm_arguments(norm: nn.Module, weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` for a compiled step to compute an RMSNorm module the caller knows computes
+    ``torch.rms_norm(hidden, (n,), weight, eps)`` on float32 input, or None when the module must run itself (hooked,
+    without a weight, a weight not in float32)."""
+    if weight is None or weight.dtype != torch.float32 or hooked((norm,)):
+        return None
+    return weight, eps
+
+
+def linear_arguments(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` for a compiled step to compute ``linear`` itself: exactly a :class:`DecodeLinear` (not a
+    subclass, an adapter or a parametrization) without hooks, whose weight and bias (or None) are its parameters;
+    else None (the module must run)."""
+    params = linear._parameters
+    # a weight or bias set as a plain tensor after its parameter was deleted is not in _parameters
+    if type(linear) is not DecodeLinear or "weight" not in params or "bias" not in params or hooked((linear,)):
+        return None
+    return params["weight"], params["bias"]
+
+
+class BlockStep(NamedTuple):
+    """A decoder block's compiled decoding step, checked and not yet run: ``kernel`` (the compiled block, see
+    ``hf_efficient_kernels.dispatch.decoder_block_step_kernel``) gives the block's output and its state tensors,
+    which ``commit`` then keeps in the block's cache layer. The state was read when the step was made: run it once,
+    before the next step of this layer."""
+
+    kernel: dispatch.DecodeBlockStep
+    commit: Callable[[list[torch.Tensor]], None]
+
+
+def run_block_steps(hidden: torch.Tensor, steps: list[BlockStep], norm: tuple[torch.Tensor, float] | None = None,
+                    head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    implementation: str | None = None) -> tuple[torch.Tensor, bool]:
+    """Run a decoding step's blocks in order on ``hidden`` ``(batch, 1, hidden)``, then the final norm and the head
+    when given (their :func:`norm_arguments` and :func:`linear_arguments`), as one compiled call
+    (``decoder_stack_kernel``): Python between the blocks would run on code and data each weight stream has just
+    evicted from the caches. The states are kept once every block has run, so a block that fails leaves every cache
+    layer as it was. Returns the output and whether the norm and head ran (False: the blocks ran one by one, and
+    the caller runs its norm and head)."""
+    kernels = [step.kernel for step in steps]
+    stack = dispatch.decoder_stack_kernel(hidden, kernels, norm, head, implementation=implementation)
+    done = stack is not None
+    if not done and (norm is not None or head is not None):  # a norm or head the kernels do not read: the blocks
+        stack = dispatch.decoder_stack_kernel(hidden, kernels, implementation=implementation)
+    if stack is None:  # not expected once the blocks are compiled; each block by itself then
+        states = []
+        for kernel in kernels:
+            hidden, *state = kernel(hidden)
+            states.append(state)
+    else:
+        hidden, states = stack()
+    for step, state in zip(steps, states, strict=True):
+        step.commit(state)
+    return hidden, done
+
+
 def rms_norm_step(norm: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None, eps: float,
                   implementation: str | None = None) -> torch.Tensor:
     """``norm(hidden)`` for an RMSNorm module (``hidden`` ``(..., n)``) the caller knows computes
     ``torch.rms_norm(hidden, (n,), weight, eps)``: a decoding step's final norm, as one compiled call
     (``decode_rms_norm_kernel``), else that one fused op; the module itself when hooked, without a weight, or not
-    in float32. ``implementation``: the kernels' setting (None: read it)."""
-    if weight is None or hidden.dtype != torch.float32 or weight.dtype != torch.float32 or hooked((norm,)):
+    in float32 (:func:`norm_arguments`). ``implementation``: the kernels' setting (None: read it)."""
+    if hidden.dtype != torch.float32 or norm_arguments(norm, weight, eps) is None:
         return norm(hidden)
     kernel = dispatch.decode_rms_norm_kernel(hidden, weight, eps, implementation=implementation)
     if kernel is not None:

@@ -84,3 +84,42 @@ def run_without_package(tmp_path):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     return run
+
+
+class CountedBlocks:
+    """The decoding extension's direct calls, counting the decoder blocks that ran compiled: one per
+    ``decoder_block_step`` call, one per block of a ``decoder_stack_step`` call (``stacks`` counts those calls)."""
+
+    def __init__(self, calls):
+        self._calls, self.n, self.stacks = calls, 0, 0
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._calls, name)
+        if name not in ("decoder_block_step", "decoder_stack_step"):
+            return fn
+
+        def run(*args):
+            out = fn(*args)  # counted once it returned: a block that raised did not run
+            self.n += 1 if name == "decoder_block_step" else len(args[1])
+            self.stacks += name == "decoder_stack_step"
+            return out
+
+        return run
+
+    def __getitem__(self, key: str) -> int:
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: int) -> None:
+        setattr(self, key, value)
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """How many decoder blocks ran compiled (``block_calls["n"]``), alone or in a step's one call for the whole
+    stack (``block_calls["stacks"]``)."""
+    from hf_efficient_kernels import dispatch
+
+    assert dispatch._decode_cpu_kernel()[0]
+    calls = CountedBlocks(dispatch._DECODE_CALLS)
+    monkeypatch.setattr(dispatch, "_DECODE_CALLS", calls)
+    return calls

@@ -9,7 +9,9 @@ cache layer's state as the module path would. Around the blocks, transformers' m
 another 0.3 ms a token (mask building, output capture, a call per layer): ``FusedLlamaModel`` (and the Mistral and
 Qwen2 ones) run a decoding step as embedding, rotary module, the compiled blocks and the final norm, when every
 block would take its compiled step (:func:`fused_model_step`); the package's Llama, Mistral and Qwen2 causal LMs
-call that step and their head without transformers' ``forward`` around them (:class:`FusedCausalLMMixin`).
+call that step and their head without transformers' ``forward`` around them (:class:`FusedCausalLMMixin`). The
+blocks, the final norm and the head then run as one compiled call (``decoder_stack_step``), and the cache keeps
+the new states only once every block has run.
 
 Everything else is the transformers layer unchanged: training, prefill, gradients, masks with padding, hooks
 (``output_hidden_states`` and probes), adapters or other projection classes, learned feature maps, softmax layers,
@@ -20,7 +22,6 @@ base model to these static classes (and ``unpatch_model`` back); they pickle and
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,13 +51,17 @@ except ImportError:  # a transformers without that registry finds the recordable
 from ..attention.linear import LinearAttentionState
 from ..attention.window_linear import WindowLinearState
 from ..decoding import (
+    BlockStep,
     DecodeLinear,
     as_decode_linear,
     hooked,
     kernels_turned_off,
+    linear_arguments,
+    norm_arguments,
     place_for_decoding,
     plain_linear,
     rms_norm_step,
+    run_block_steps,
     swap_classes,
 )
 from .cache import LinearAttentionCache, RecurrentStateLayer, WindowRing
@@ -126,15 +131,18 @@ def fused_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor 
     """The block's output ``(batch, 1, hidden)`` for one new token per row through ``decoder_block_step``, with the
     cache layer's state advanced; None when the module path must run (see the module docstring)."""
     step = block_step(layer, x, kwargs)
-    return None if step is None else step(x)
+    if step is None:
+        return None
+    out, *state = step.kernel()
+    step.commit(state)
+    return out
 
 
 def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: str | None = None
-               ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """What :func:`fused_step` checks, without running anything: a function of the block's input (``x`` or another
-    tensor of its shape, dtype and device) that runs the compiled block and keeps the cache layer's new state, or
-    None when the module path must run. The state is read now; run the step once, before the next of this layer.
-    ``implementation``: the kernels' setting read once for a whole model step (None: read it here)."""
+               ) -> BlockStep | None:
+    """What :func:`fused_step` checks, without running anything: the block's :class:`BlockStep` for an input of
+    x's shape, dtype and device, or None when the module path must run. ``implementation``: the kernels' setting
+    read once for a whole model step (None: read it here)."""
     if torch.is_grad_enabled() or kwargs.get("attention_mask") is not None:
         return None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -157,12 +165,13 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
     state = cache_layer.state
     a, m = attn._modules, mlp._modules
     projections = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
-    for p in projections:
-        if type(p) is not DecodeLinear or p._forward_hooks or p._forward_pre_hooks or "forward" in p.__dict__:
+    for p in projections:  # weights and biases set as plain tensors (not parameters) take the modules
+        if type(p) is not DecodeLinear or "weight" not in p._parameters or "bias" not in p._parameters:
             return None
     act = m.get("act_fn", mlp.__dict__.get("act_fn"))
     if (type(norm1) not in _NORMS or type(norm2) is not type(norm1) or norm1.variance_epsilon != norm2.variance_epsilon
-            or type(act) not in _ACTIVATIONS or hooked((layer, attn, mlp, norm1, norm2, act))):
+            or norm1._parameters.get("weight") is None or norm2._parameters.get("weight") is None
+            or type(act) not in _ACTIVATIONS or hooked((layer, attn, mlp, norm1, norm2, act, *projections))):
         return None
     q, k, v, o, gate, up, down = (p._parameters for p in projections)
     head_dim = attn.head_dim
@@ -199,26 +208,24 @@ def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: 
     if kernel is None:
         return None
 
-    def step(hidden: torch.Tensor) -> torch.Tensor:
-        out, kv, k_sum, *window_state = kernel(hidden)
+    def commit(state: list[torch.Tensor]) -> None:
+        kv, k_sum, *window_state = state
         linear = LinearAttentionState(kv, k_sum) if kv.numel() else None
-        # the state's batch, dtype and device were checked above, and the kernel checks hidden like x
+        # the state's batch, dtype and device were checked above, and the kernel checks its input like x
         if not window:
             cache_layer.commit_token(linear)
-            return out
+            return
         keys, values, mask = window_state
         new = WindowLinearState(linear, keys, values, mask, window)
         if window == 1:  # nothing buffered: no ring
             cache_layer.commit_token(new)
-            return out
-        if append:  # the new key went into row `end`, claimed (the frontier moved past it) when the step was built
+        elif append:  # the new key went into row `end`, claimed (the frontier moved past it) when the step was built
             cache_layer.commit_token(new, WindowRing(new, ring.frontier, ring.end + 1, ring.capacity))
         else:  # new buffers, this state's view at their front
             rows = keys.shape[2]
             cache_layer.commit_token(new, WindowRing(new, [rows], rows, keys.stride(1) // head_dim))
-        return out
 
-    return step
+    return BlockStep(kernel, commit)
 
 
 class FusedDecodeMixin:
@@ -263,6 +270,16 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
     ``BaseModelOutputWithPast`` or None, with nothing run, when ``forward`` must: any block that would take its
     modules, gradients, a padding mask (or a mask that does not cover the cache and the new token), hidden states
     or attentions asked for, a tuple asked for, a cache that is not a ``LinearAttentionCache``, other arguments."""
+    out = _decoding_step(model, input_ids, kwargs)
+    return None if out is None else BaseModelOutputWithPast(last_hidden_state=out[0], cache=out[1])
+
+
+def _decoding_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict, head: nn.Module | None = None
+                   ) -> tuple[torch.Tensor, LinearAttentionCache] | None:
+    """:func:`fused_model_step`'s last hidden state and cache, without the output object; with ``head`` (the causal
+    LM's head), its logits instead of the hidden state. The blocks, the final norm and the head run in one compiled
+    call (``decoder_stack_kernel``) where the norm and the head are ones the kernels compute (not hooked, float32
+    weights), else those two as modules after it."""
     if torch.is_grad_enabled() or not kwargs.keys() <= _STEP_ARGUMENTS:
         return None
     if "cache" in kwargs and "past_key_values" in kwargs:
@@ -297,15 +314,23 @@ def fused_model_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: d
         if step is None:
             return None
         steps.append(step)
-    for step in steps:
-        hidden = step(hidden)
-    return BaseModelOutputWithPast(last_hidden_state=_final_norm(sub["norm"], hidden, implementation), cache=cache)
+    norm = sub["norm"]
+    norm_args = (norm_arguments(norm, norm._parameters.get("weight"), norm.variance_epsilon)
+                 if type(norm) in _NORMS else None)
+    head_args = linear_arguments(head) if head is not None and norm_args is not None else None
+    hidden, done = run_block_steps(hidden, steps, norm_args, head_args, implementation)
+    if not done or norm_args is None:
+        hidden = _final_norm(norm, hidden, implementation)
+    if head is not None and (not done or head_args is None):
+        hidden = head(hidden)
+    return hidden, cache
 
 
 def fused_lm_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict, logits_to_keep=0):
     """A Llama-layout causal LM's decoding step with its base model's step taken by :func:`fused_model_step`: the
-    base model's step and the head (a module call, its hooks too), without transformers' ``forward`` around them
-    (its decorators and the base model's call cost a tenth of a small model's Python per token). ``kwargs``: the
+    base model's step and the head (in the blocks' compiled call, or as a module call when it has hooks or is not a
+    plain linear layer), without transformers' ``forward`` around them (its decorators and the base model's call
+    cost a tenth of a small model's Python per token). ``kwargs``: the
     base model's arguments (``return_dict`` too). Gives ``CausalLMOutputWithPast`` or None, with nothing run, when
     ``forward`` must: a tuple asked for, a ``logits_to_keep`` that is not a non-negative int (one position per row:
     any such value keeps it), a base model with hooks or of a class whose ``forward`` is not the fused one, or
@@ -321,10 +346,8 @@ def fused_lm_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict
     if head is None or type(base).forward is not FusedModelMixin.forward or hooked((base,)):
         return None
     kwargs.pop("return_dict", None)
-    out = fused_model_step(base, input_ids, kwargs)
-    if out is None:
-        return None
-    return CausalLMOutputWithPast(logits=head(out.last_hidden_state), cache=out.cache)
+    out = _decoding_step(base, input_ids, kwargs, head)
+    return None if out is None else CausalLMOutputWithPast(logits=out[0], cache=out[1])
 
 
 def _rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, past: int = 0,

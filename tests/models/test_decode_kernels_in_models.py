@@ -28,26 +28,42 @@ def tiny(feature_map: str = "elu", position_embedding: str = "rope", seed: int =
     return LinearLMForCausalLM(config).eval()
 
 
+class Counts(dict):
+    """Kernels given out (``gemv``, ``step``) and decoder blocks that ran compiled (``block``)."""
+
+    def __init__(self, mode: str, blocks):
+        super().__init__(gemv=0, step=0, mode=mode)
+        self.blocks = blocks
+
+    def __getitem__(self, key: str):
+        return self.blocks.n if key == "block" else super().__getitem__(key)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key == "block":
+            self.blocks.n = value
+        else:
+            super().__setitem__(key, value)
+
+
 @pytest.fixture(params=["block", "step"])
-def counted(request, monkeypatch):
+def counted(request, monkeypatch, block_calls):
     """Counts of the decoding kernels that ran: with "block" the whole block runs as one compiled call (the
     default); with "step" that kernel is switched off, so the linear layers and the attention step run theirs."""
-    counts = {"gemv": 0, "step": 0, "block": 0}
-    originals = {"gemv": dispatch.decode_gemv_kernel, "step": dispatch.linear_decode_step_kernel,
-                 "block": dispatch.decoder_block_step_kernel}
-    attributes = {"gemv": "decode_gemv_kernel", "step": "linear_decode_step_kernel",
-                  "block": "decoder_block_step_kernel"}
+    counts = Counts(request.param, block_calls)
+    originals = {"gemv": dispatch.decode_gemv_kernel, "step": dispatch.linear_decode_step_kernel}
+    attributes = {"gemv": "decode_gemv_kernel", "step": "linear_decode_step_kernel"}
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
-            kernel = None if name == "block" and request.param == "step" else fn(*args, **kwargs)
+            kernel = fn(*args, **kwargs)
             counts[name] += kernel is not None
             return kernel
         return wrapped
 
     for name, fn in originals.items():
         monkeypatch.setattr(dispatch, attributes[name], count(name, fn))
-    counts["mode"] = request.param
+    if request.param == "step":
+        monkeypatch.setattr(dispatch, "decoder_block_step_kernel", lambda *args, **kwargs: None)
     return counts
 
 
@@ -70,6 +86,9 @@ def test_greedy_tokens_equal_uncached_argmax(counted, feature_map, position):
     ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert ran(counted)
+    if counted["mode"] == "block":  # each of the 11 steps after the prefill: blocks, norm and head in one call
+        # (the one product given out alone: the head on the prefill's last position)
+        assert counted.blocks.stacks == 11 and counted["block"] == 11 * 2 and counted["gemv"] == 1
     seq = ids
     with torch.no_grad():  # argmax of the full forward over the whole prefix at every step (no cache)
         for _ in range(12):

@@ -51,28 +51,6 @@ def decoder(arch: str = "llama", seed: int = 0, layers: int = 2) -> nn.Module:
     return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False)).eval()  # q/k/v biases
 
 
-@pytest.fixture
-def block_calls(monkeypatch):
-    """How many block steps ran compiled (built and run: the model-level step builds every block's step before it
-    runs any, and runs none when one block must take its modules)."""
-    calls = {"n": 0}
-    original = dispatch.decoder_block_step_kernel
-
-    def counted(*args, **kwargs):
-        kernel = original(*args, **kwargs)
-        if kernel is None:
-            return None
-
-        def run(*inputs):
-            calls["n"] += 1
-            return kernel(*inputs)
-
-        return run
-
-    monkeypatch.setattr(dispatch, "decoder_block_step_kernel", counted)
-    return calls
-
-
 def decode(model, ids: torch.Tensor, steps: int, mask: torch.Tensor | None = None, reference: bool = False,
            monkeypatch=None):
     """Prefill ``ids`` then feed ``steps`` fixed tokens one at a time; the logits of every decoding step."""
@@ -307,8 +285,8 @@ def taken_steps(monkeypatch, name: str) -> dict:
 
 @pytest.fixture
 def model_steps(monkeypatch):
-    """How many decoding steps the model-level step took."""
-    return taken_steps(monkeypatch, "fused_model_step")
+    """How many decoding steps the model-level step took (the base model's, or the causal LM's around it)."""
+    return taken_steps(monkeypatch, "_decoding_step")
 
 
 def prefilled(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> LinearAttentionCache:
@@ -608,22 +586,29 @@ def lm_steps(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("kind,params", [("linear", {}), ("window-linear", {"window": 4})])
-def test_the_lm_step_gives_what_forward_gives(arch, kind, params, lm_steps, monkeypatch):
+def test_the_lm_step_gives_what_forward_gives(arch, kind, params, lm_steps, block_calls, monkeypatch):
     model = patch_model(decoder(arch, layers=3), kind, **params)
     ids = torch.randint(0, VOCAB, (2, 5))
     cache = prefilled(model, ids)
     other = copy.deepcopy(cache)
+    separate = []  # compiled products given out on their own: the head's, when it is not in the blocks' call
+    gemv = dispatch.decode_gemv_kernel
+    monkeypatch.setattr(dispatch, "decode_gemv_kernel", lambda *args, **kwargs: separate.append(1) or gemv(*args,
+                                                                                                             **kwargs))
     for t in range(7):
         token = torch.full((2, 1), 3 + t)
         keep = {} if t % 3 == 0 else {"logits_to_keep": t % 3 - 1}  # nothing, 0 (every position) or 1
         with torch.no_grad():
             got = model(token, cache=cache, use_cache=True, **keep)
+            assert not separate  # the head ran in the one call of the blocks and the norm
             with monkeypatch.context() as patcher:  # transformers' forward around the same base-model step
                 patcher.setattr(fused_layers, "fused_lm_step", lambda *args: None)
                 want = model(token, cache=other, use_cache=True, **keep)
+            assert separate == [1]  # there, the head as a module after the base model's call
+            separate.clear()
         assert type(got) is type(want) and got.cache is cache and got.loss is None
         assert got.logits.shape == (2, 1, VOCAB) and torch.equal(got.logits, want.logits)
-    assert lm_steps["n"] == 7
+    assert lm_steps["n"] == 7 and block_calls["stacks"] == 2 * 7 and block_calls["n"] == 2 * 7 * 3
 
 
 def test_what_the_lm_step_does_not_cover_takes_forward(lm_steps, model_steps):

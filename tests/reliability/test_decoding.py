@@ -658,3 +658,174 @@ def test_the_compiled_final_norm_takes_nan_empty_and_other_dtypes_like_the_modul
         torch.testing.assert_close(got, norm(xd), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(RuntimeError):  # a width the weight does not have: the module's own error
         rms_norm_step(norm, torch.randn(2, 5), norm.weight, 1e-6)
+
+
+class _BreakLastBlock:
+    """The decoding extension's direct calls, with the last block of a stack call handed a state of the wrong shape:
+    the call fails inside the compiled code, after the blocks before it ran (and wrote their appended rows)."""
+
+    def __init__(self, calls):
+        self._calls = calls
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._calls, name)
+        if name != "decoder_stack_step":
+            return fn
+
+        def broken(x, blocks, *rest):
+            last = list(blocks[-1])
+            last[4] = torch.zeros(1)  # kv
+            return fn(x, [*blocks[:-1], tuple(last)], *rest)
+
+        return broken
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+@pytest.mark.parametrize("which", ["window-linear llama", "linear llama", "linear-lm"])
+def test_a_block_failing_inside_the_stack_leaves_every_cache_layer_as_it_was(which, monkeypatch):
+    from hf_efficient_kernels import dispatch
+
+    if which == "linear-lm":
+        model = _linear_lm()
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+        kind, params = ("window-linear", {"window": 3}) if which.startswith("window") else ("linear", {})
+        model = patch_model(LlamaForCausalLM(config).eval(), kind, **params)
+    ids = torch.arange(2 * 5).view(2, 5) % 40
+    tokens = [torch.full((2, 1), 3 + t) for t in range(4)]
+    cache = LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(tokens[0], cache=cache)  # a step of the compiled stack: window buffers of its own, appended in place
+        before = [(layer.state, layer.seen_tokens) for layer in cache.layers]
+        assert dispatch._decode_cpu_kernel()[0]
+        with monkeypatch.context() as patcher:
+            patcher.setattr(dispatch, "_DECODE_CALLS", _BreakLastBlock(dispatch._DECODE_CALLS))
+            with pytest.raises(RuntimeError, match="kv"):
+                model(tokens[1], cache=cache)
+        assert [(layer.state, layer.seen_tokens) for layer in cache.layers] == before  # the same objects
+        got = torch.cat([model(t, cache=cache).logits for t in tokens[1:]], dim=1)
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    cache = LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(tokens[0], cache=cache)
+        want = torch.cat([model(t, cache=cache).logits for t in tokens[1:]], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+@pytest.mark.parametrize("head", ["hooked", "plain nn.Linear", "with a bias", "tied"])
+def test_linear_lm_heads_hooked_replaced_biased_or_tied_give_the_logits_of_the_modules(head, monkeypatch):
+    """A hooked head runs as a module on every step (its hook sees the logits the step returns); a head of another
+    class or with a bias, or tied to the embedding, gives the logits of the modules."""
+    model = _linear_lm(tied=head == "tied")
+    seen = []
+    if head == "hooked":
+        model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out) or out * 2)
+    elif head == "plain nn.Linear":
+        plain = nn.Linear(32, 40, bias=False)
+        plain.weight = model.lm_head.weight
+        model.lm_head = plain
+    elif head == "with a bias":
+        model.lm_head.bias = nn.Parameter(torch.randn(40))
+    got = _decoded(model)
+    if head == "hooked":
+        assert len(seen) == 1 + 4 and torch.equal(seen[-1] * 2, got[:, -1:])
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    torch.testing.assert_close(got, _decoded(model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+@pytest.mark.parametrize("keep", [0, 1, 3, -1, "tensor"])
+def test_linear_lm_logits_to_keep_on_a_decoding_step_is_the_modules(keep, monkeypatch):
+    model = _linear_lm()
+    keep = torch.tensor([0]) if keep == "tensor" else keep
+
+    def step():
+        cache = LinearAttentionCache(config=model.config)
+        with torch.no_grad():
+            model(torch.arange(2 * 5).view(2, 5) % 40, cache=cache)
+            return model(torch.full((2, 1), 7), cache=cache, logits_to_keep=keep).logits
+
+    got = step()
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    want = step()
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _plain_tensor(module: nn.Module, name: str) -> None:
+    """Replace the parameter ``name`` of ``module`` by a plain tensor of the same values (as weight tying or
+    functional code does): the module still computes with it, and it is no longer in ``_parameters``."""
+    value = getattr(module, name).detach().clone()
+    delattr(module, name)
+    setattr(module, name, value)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+@pytest.mark.parametrize("model_name", ["linear-lm", "window-linear llama"])
+@pytest.mark.parametrize("where", ["head weight", "projection weight", "final norm weight", "head as a wrapper"])
+def test_weights_that_are_not_parameters_and_wrapped_heads_decode_as_the_modules(model_name, where, monkeypatch):
+    model = _linear_lm() if model_name == "linear-lm" else _window_llama()
+    if where == "head weight":
+        _plain_tensor(model.lm_head, "weight")
+    elif where == "projection weight":
+        _plain_tensor(model.model.layers[1].self_attn.v_proj, "weight")
+    elif where == "final norm weight":
+        _plain_tensor(model.model.norm, "weight")
+    else:
+        model.lm_head = nn.Sequential(model.lm_head)
+    got = _decoded(model)
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    torch.testing.assert_close(got, _decoded(model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+@pytest.mark.parametrize("where", ["linear-lm head", "linear-lm base model", "llama head", "llama projection"])
+def test_a_compiled_module_runs_compiled_on_every_decoding_step(where):
+    """``Module.compile()`` on a part of the model is the user's choice of how it runs: decoding steps call it (its
+    backend sees every step) rather than computing the module themselves."""
+    model = _linear_lm() if where.startswith("linear-lm") else _window_llama()
+    module = {"linear-lm head": model.lm_head, "linear-lm base model": model.model, "llama head": model.lm_head,
+              "llama projection": model.model.layers[0].mlp.down_proj}[where]
+    calls = []
+
+    def backend(graph, example_inputs):
+        def run(*args):
+            calls.append(1)
+            return graph.forward(*args)
+
+        return run
+
+    module.compile(backend=backend, dynamic=True)
+    _decoded(model)
+    assert len(calls) >= 1 + 4  # the prefill and every step
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+def test_a_final_norm_the_kernels_do_not_read_leaves_the_blocks_in_one_call(block_calls, monkeypatch):
+    """A final norm whose weight is not laid out as the kernels read it (a strided view) runs after the blocks,
+    which still run in one call; the logits are the modules'."""
+    model = _window_llama()
+    model.model.norm.weight = nn.Parameter(torch.randn(64)[::2])
+    got = _decoded(model)
+    assert block_calls["stacks"] == 4 and block_calls["n"] == 4 * 2
+    monkeypatch.setenv("HF_EFFICIENT_KERNELS", "reference")
+    torch.testing.assert_close(got, _decoded(model), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_lm_grows_a_cache_built_without_a_layer_count_and_names_one_too_short():
+    model = _linear_lm()
+    ids = torch.arange(5).view(1, 5) + 1
+    with torch.no_grad():
+        cache = LinearAttentionCache()
+        model(ids, cache=cache)
+        got = model(torch.tensor([[7]]), cache=cache).logits
+        want = model(torch.cat([ids, torch.tensor([[7]])], dim=1)).logits[:, -1:]
+        assert len(cache.layers) == 2
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="has 1 layers but the model has 2"):
+            model(ids, cache=LinearAttentionCache(1))

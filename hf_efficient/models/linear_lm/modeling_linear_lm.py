@@ -23,12 +23,16 @@ from hf_efficient_kernels.dispatch import DECODE_MAX_ROWS
 from ...attention.feature_maps import FEATURE_MAPS
 from ...attention.linear import LinearAttentionState, linear_attention
 from ...decoding import (
+    BlockStep,
     DecodeLinear,
     hooked,
     kernels_turned_off,
+    linear_arguments,
+    norm_arguments,
     place_for_decoding,
     placed_for_decoding,
     rms_norm_step,
+    run_block_steps,
 )
 from ...integrations.cache import CacheReuseMixin, LinearAttentionCache, LinearStateLayer
 from .configuration_linear_lm import LinearLMConfig
@@ -123,9 +127,21 @@ class LinearLMDecoderLayer(nn.Module):
                     implementation: str | None = None) -> torch.Tensor | None:
         """One decoding token through the whole block in one compiled call (``decoder_block_step_kernel``): a step
         is bound by reading the weights, and the block's two dozen small PyTorch ops cost about as much again. The
-        same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) for learnable feature maps,
-        another activation than silu, no state yet, or tensors the kernel does not take. ``implementation``: the
-        kernels' setting read once for the model step (None: read here)."""
+        same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) where :meth:`_block_step`
+        gives None."""
+        step = self._block_step(x, rotary, cache_layer, implementation)
+        if step is None:
+            return None
+        out, *state = step.kernel()
+        step.commit(state)
+        return out
+
+    def _block_step(self, x: torch.Tensor, rotary, cache_layer: LinearStateLayer,
+                    implementation: str | None = None) -> BlockStep | None:
+        """What :meth:`_fused_step` checks, without running anything: the block's compiled step for an input of x's
+        shape, dtype and device, or None for learnable feature maps, another activation than silu, no state yet,
+        hooks, or tensors the kernel does not take. ``implementation``: the kernels' setting read once for the
+        model step (None: read here)."""
         # submodules and parameters through _modules/_parameters: nn.Module.__getattr__ is the slow path, and this
         # runs every token in every layer
         sub = self._modules
@@ -142,8 +158,8 @@ class LinearLMDecoderLayer(nn.Module):
         projections = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
         # Only the block as built: an adapter wrapped around a projection (LoRA), a bias or a hook would be
         # skipped by the compiled block, so any of them sends the token through the modules.
-        for p in projections:
-            if type(p) is not DecodeLinear or p._parameters["bias"] is not None:
+        for p in projections:  # a weight set as a plain tensor (not a parameter) takes the modules
+            if type(p) is not DecodeLinear or p._parameters.get("bias", 0) is not None or "weight" not in p._parameters:
                 return None
         for n in norms:
             if type(n) is not nn.RMSNorm or n._parameters.get("weight") is None:
@@ -161,9 +177,7 @@ class LinearLMDecoderLayer(nn.Module):
             attn.feature_map_name, 0, 1.0, attn.eps, rms_eps, implementation=implementation)
         if kernel is None:
             return None
-        out, kv, k_sum = kernel()
-        cache_layer.commit_token(LinearAttentionState(kv, k_sum))
-        return out
+        return BlockStep(kernel, lambda state: cache_layer.commit_token(LinearAttentionState(*state)))
 
 
 class LinearLMPreTrainedModel(PreTrainedModel):
@@ -226,6 +240,14 @@ class LinearLMModel(LinearLMPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """input_ids ``(batch, seq)``; attention_mask ``(batch, past + seq)`` with 1 = real token;
         returns hidden states ``(batch, seq, hidden)`` and the cache."""
+        hidden, cache, _ = self._run(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+    def _run(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs: dict,
+             head: nn.Module | None = None) -> tuple[torch.Tensor, LinearAttentionCache | None, bool]:
+        """:meth:`forward`'s last hidden state and cache (None unless ``use_cache``), without the output object;
+        with ``head`` (the causal LM's head) on a compiled decoding step, the head runs in the blocks' one call
+        where it is a plain linear layer without hooks. The third value says whether the head ran."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LinearLMModel: pass exactly one of input_ids or inputs_embeds")
         if kwargs.get("output_attentions"):
@@ -273,15 +295,41 @@ class LinearLMModel(LinearLMPreTrainedModel):
                 rotary = self._rotary(position_ids, hidden.dtype)
 
         layers = cache.layers if cache is not None else None
-        for i, layer in enumerate(self._modules["layers"]._modules.values()):
-            cache_layer = layers[i] if layers is not None else None
-            # the block straight to its compiled step (which steps aside for hooks, the layer's own included); a
-            # layer of another class (a wrapper, a subclass) always through its call
-            out = (layer._fused_step(hidden, rotary, cache_layer, implementation)
-                   if step and type(layer) is LinearLMDecoderLayer else None)
-            hidden = out if out is not None else layer(hidden, rotary, padding, cache_layer)
-        hidden = self._final_norm(hidden, implementation) if step else self.norm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+        blocks = list(self._modules["layers"]._modules.values())
+        if layers is not None and len(layers) < len(blocks):
+            if cache.layer_class_to_replicate is None:
+                raise ValueError(f"this LinearAttentionCache has {len(layers)} layers but the model has {len(blocks)}; "
+                                 f"build it for the model with LinearAttentionCache(config=model.config)")
+            while len(layers) < len(blocks):  # a cache built without a layer count adds its layers as they are used
+                layers.append(cache.layer_class_to_replicate())
+        # every block's compiled step checked before any runs (each checks its hooks, the layer's own included); a
+        # layer of another class (a wrapper, a subclass) always runs through its call
+        built = ([layer._block_step(hidden, rotary, layers[i], implementation)
+                  if type(layer) is LinearLMDecoderLayer else None for i, layer in enumerate(blocks)]
+                 if step else [None] * len(blocks))
+        headed = False
+        if built and all(block is not None for block in built):  # all of them, the final norm and head in one call
+            norm = self._modules["norm"]
+            norm_args = (norm_arguments(norm, norm._parameters.get("weight"), self._norm_eps(norm))
+                         if type(norm) is nn.RMSNorm else None)
+            head_args = linear_arguments(head) if head is not None and norm_args is not None else None
+            hidden, done = run_block_steps(hidden, built, norm_args, head_args, implementation)
+            if not done or norm_args is None:
+                hidden = self._final_norm(hidden, implementation)
+            headed = done and head_args is not None
+        else:
+            for i, (layer, block) in enumerate(zip(blocks, built)):
+                if block is not None:  # compiled by itself, its neighbours through their modules
+                    hidden, *state = block.kernel(hidden)
+                    block.commit(state)
+                else:
+                    hidden = layer(hidden, rotary, padding, layers[i] if layers is not None else None)
+            hidden = self._final_norm(hidden, implementation) if step else self.norm(hidden)
+        return hidden, cache if use_cache else None, headed
+
+    @staticmethod
+    def _norm_eps(norm: nn.RMSNorm) -> float:
+        return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # a decoding step's dtype
 
     def _final_norm(self, hidden: torch.Tensor, implementation: str) -> torch.Tensor:
         """``self.norm(hidden)`` of a decoding step (:func:`~hf_efficient.decoding.rms_norm_step` for the plain
@@ -289,8 +337,7 @@ class LinearLMModel(LinearLMPreTrainedModel):
         norm = self._modules["norm"]
         if type(norm) is not nn.RMSNorm:
             return norm(hidden)
-        eps = norm.eps if norm.eps is not None else torch.finfo(hidden.dtype).eps
-        return rms_norm_step(norm, hidden, norm._parameters.get("weight"), eps, implementation)
+        return rms_norm_step(norm, hidden, norm._parameters.get("weight"), self._norm_eps(norm), implementation)
 
 
 class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMixin):
@@ -337,9 +384,20 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
         if cache is not None and not torch.is_grad_enabled() and self._decoding_on_cpu(input_ids, inputs_embeds):
             # a decoding step reads every weight once: keep them back to back on huge pages (hf_efficient.decoding)
             place_for_decoding(self)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        hidden = outputs.last_hidden_state
+        model = self._modules["model"]
+        if (labels is None and cache is not None and not torch.is_grad_enabled() and type(model) is LinearLMModel
+                and not hooked((model,))):
+            # the model without its module call (which would run nothing more), so that a decoding step runs the
+            # head in the blocks' call; one position per row, which any non-negative int logits_to_keep keeps
+            head = self._modules["lm_head"] if type(logits_to_keep) is int and logits_to_keep >= 0 else None
+            hidden, cache, headed = model._run(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                               use_cache, kwargs, head)
+            if headed:
+                return CausalLMOutputWithPast(logits=hidden, cache=cache)
+        else:
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            hidden, cache = outputs.last_hidden_state, outputs.cache
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -347,7 +405,7 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
         if labels is not None:
             # transformers' causal-LM loss: shifts labels, ignores -100, honours num_items_in_batch.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def _decoding_on_cpu(self, input_ids, inputs_embeds) -> bool:
         """Whether this call is a compiled decoding step whose weights are not yet placed for it: one new token per
@@ -357,7 +415,9 @@ class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMi
         if tokens is None or tokens.dim() < 2 or tokens.shape[1] != 1 or tokens.shape[0] > DECODE_MAX_ROWS:
             return False
         # attribute access, not _parameters: an adapter (LoRA) or a parametrization gives its weight as a property
-        head = self.lm_head.weight
+        head = getattr(self.lm_head, "weight", None)
+        if not isinstance(head, torch.Tensor):  # a head of another kind (a wrapper) reads its own weights
+            return False
         layers = self.model.layers
         probes = (head, layers[-1].mlp.down_proj.weight) if len(layers) else (head,)
         return (head.device.type == "cpu" and head.dtype == torch.float32 and not kernels_turned_off()
