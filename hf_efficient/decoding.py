@@ -142,19 +142,21 @@ class BlockStep(NamedTuple):
     commit: Callable[[list[torch.Tensor]], None]
 
 
-def run_block_steps(hidden: torch.Tensor, steps: list[BlockStep], norm: tuple[torch.Tensor, float] | None = None,
-                    head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+def run_block_steps(hidden: torch.Tensor, steps: list[BlockStep], norm: tuple[torch.Tensor, float] | None,
+                    final_norm: Callable[[torch.Tensor], torch.Tensor], head: nn.Module | None = None,
                     implementation: str | None = None) -> tuple[torch.Tensor, bool]:
-    """Run a decoding step's blocks in order on ``hidden`` ``(batch, 1, hidden)``, then the final norm and the head
-    when given (their :func:`norm_arguments` and :func:`linear_arguments`), as one compiled call
+    """Run a decoding step's blocks in order on ``hidden`` ``(batch, 1, hidden)``, then the final norm (``norm``: its
+    :func:`norm_arguments`) and ``head`` (a causal LM's head, or None), as one compiled call
     (``decoder_stack_kernel``): Python between the blocks would run on code and data each weight stream has just
-    evicted from the caches. The states are kept once every block has run, so a block that fails leaves every cache
-    layer as it was. Returns the output and whether the norm and head ran (False: the blocks ran one by one, and
-    the caller runs its norm and head)."""
+    evicted from the caches. A norm or head the kernels do not compute (``norm`` None, a head
+    :func:`linear_arguments` refuses, weights the kernels do not read) runs after the call: ``final_norm(hidden)``,
+    ``head`` not at all (the caller runs it). The states are kept once every block has run, so a block that fails
+    leaves every cache layer as it was. Returns the output and whether the head ran."""
+    head_args = linear_arguments(head) if head is not None and norm is not None else None
     kernels = [step.kernel for step in steps]
-    stack = dispatch.decoder_stack_kernel(hidden, kernels, norm, head, implementation=implementation)
-    done = stack is not None
-    if not done and (norm is not None or head is not None):  # a norm or head the kernels do not read: the blocks
+    stack = dispatch.decoder_stack_kernel(hidden, kernels, norm, head_args, implementation=implementation)
+    tail = stack is not None  # the norm and head in the call
+    if not tail and (norm is not None or head_args is not None):
         stack = dispatch.decoder_stack_kernel(hidden, kernels, implementation=implementation)
     if stack is None:  # not expected once the blocks are compiled; each block by itself then
         states = []
@@ -165,7 +167,9 @@ def run_block_steps(hidden: torch.Tensor, steps: list[BlockStep], norm: tuple[to
         hidden, states = stack()
     for step, state in zip(steps, states, strict=True):
         step.commit(state)
-    return hidden, done
+    if not tail or norm is None:
+        hidden = final_norm(hidden)
+    return hidden, tail and head_args is not None
 
 
 def rms_norm_step(norm: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None, eps: float,

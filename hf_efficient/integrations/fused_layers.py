@@ -56,7 +56,6 @@ from ..decoding import (
     as_decode_linear,
     hooked,
     kernels_turned_off,
-    linear_arguments,
     norm_arguments,
     place_for_decoding,
     plain_linear,
@@ -317,11 +316,9 @@ def _decoding_step(model: nn.Module, input_ids: torch.Tensor | None, kwargs: dic
     norm = sub["norm"]
     norm_args = (norm_arguments(norm, norm._parameters.get("weight"), norm.variance_epsilon)
                  if type(norm) in _NORMS else None)
-    head_args = linear_arguments(head) if head is not None and norm_args is not None else None
-    hidden, done = run_block_steps(hidden, steps, norm_args, head_args, implementation)
-    if not done or norm_args is None:
-        hidden = _final_norm(norm, hidden, implementation)
-    if head is not None and (not done or head_args is None):
+    hidden, headed = run_block_steps(hidden, steps, norm_args, lambda h: _final_norm(norm, h, implementation), head,
+                                     implementation)
+    if head is not None and not headed:
         hidden = head(hidden)
     return hidden, cache
 

@@ -27,7 +27,6 @@ from ...decoding import (
     DecodeLinear,
     hooked,
     kernels_turned_off,
-    linear_arguments,
     norm_arguments,
     place_for_decoding,
     placed_for_decoding,
@@ -312,11 +311,8 @@ class LinearLMModel(LinearLMPreTrainedModel):
             norm = self._modules["norm"]
             norm_args = (norm_arguments(norm, norm._parameters.get("weight"), self._norm_eps(norm))
                          if type(norm) is nn.RMSNorm else None)
-            head_args = linear_arguments(head) if head is not None and norm_args is not None else None
-            hidden, done = run_block_steps(hidden, built, norm_args, head_args, implementation)
-            if not done or norm_args is None:
-                hidden = self._final_norm(hidden, implementation)
-            headed = done and head_args is not None
+            hidden, headed = run_block_steps(hidden, built, norm_args, lambda h: self._final_norm(h, implementation),
+                                             head, implementation)
         else:
             for i, (layer, block) in enumerate(zip(blocks, built)):
                 if block is not None:  # compiled by itself, its neighbours through their modules
