@@ -34,9 +34,10 @@ except ImportError:  # another transformers: its hooks all count
     _ACTIVE_COLLECTOR = None
 _CAPTURE_MODULE = "transformers.utils.output_capturing"
 
-__all__ = ["BlockStep", "DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "linear_arguments",
-           "norm_arguments", "place_for_decoding", "placed_for_decoding", "plain_linear", "rms_norm_step",
-           "run_block_steps", "swap_classes"]
+# BlockStep, run_block_steps, norm_arguments and linear_arguments are the package's own plumbing for its models'
+# decoding steps, not part of the public API
+__all__ = ["DecodeLinear", "as_decode_linear", "hooked", "kernels_turned_off", "place_for_decoding",
+           "placed_for_decoding", "plain_linear", "rms_norm_step", "swap_classes"]
 
 # floating dtypes whose weights a decoding step streams (the compiled product reads float32; the others still read
 # faster back to back on huge pages)
@@ -141,6 +142,12 @@ class BlockStep(NamedTuple):
     kernel: dispatch.DecodeBlockStep
     commit: Callable[[list[torch.Tensor]], None]
 
+    def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The block by itself on ``hidden`` (None: the input it was made for), its state kept; its output."""
+        out, *state = self.kernel(hidden)
+        self.commit(state)
+        return out
+
 
 def run_block_steps(hidden: torch.Tensor, steps: list[BlockStep], norm: tuple[torch.Tensor, float] | None,
                     final_norm: Callable[[torch.Tensor], torch.Tensor], head: nn.Module | None = None,
@@ -156,15 +163,9 @@ def run_block_steps(hidden: torch.Tensor, steps: list[BlockStep], norm: tuple[to
     kernels = [step.kernel for step in steps]
     stack = dispatch.decoder_stack_kernel(hidden, kernels, norm, head_args, implementation=implementation)
     tail = stack is not None  # the norm and head in the call
-    if not tail and (norm is not None or head_args is not None):
+    if not tail:  # a norm or head the kernels do not read: the blocks alone (built, so the kernels take them)
         stack = dispatch.decoder_stack_kernel(hidden, kernels, implementation=implementation)
-    if stack is None:  # not expected once the blocks are compiled; each block by itself then
-        states = []
-        for kernel in kernels:
-            hidden, *state = kernel(hidden)
-            states.append(state)
-    else:
-        hidden, states = stack()
+    hidden, states = stack()
     for step, state in zip(steps, states, strict=True):
         step.commit(state)
     if not tail or norm is None:

@@ -614,10 +614,17 @@ def _decode_route(implementation: str | None, name: str) -> bool:
     return ok
 
 
-def _gemv_rows(weight: torch.Tensor, n: int) -> bool:
-    """Whether a 2-D ``weight`` ``(out, n)`` has the layout the compiled product reads: rows of n contiguous
-    floats that do not overlap."""
-    return weight.shape[1] == n and weight.stride(1) == 1 and (weight.shape[0] <= 1 or weight.stride(0) >= n)
+def _linear_fits(weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> bool:
+    """Whether the compiled product reads ``weight`` ``(out, n)`` and ``bias`` ``(out,)`` or None: float32, the
+    weight in rows of n contiguous floats that do not overlap."""
+    return (weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[1] == n and weight.stride(1) == 1
+            and (weight.shape[0] <= 1 or weight.stride(0) >= n)
+            and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (weight.shape[0],))))
+
+
+def _norm_fits(weight: torch.Tensor, n: int) -> bool:
+    """Whether the compiled RMSNorm reads ``weight``: float32 ``(n,)``, contiguous."""
+    return weight.dtype == torch.float32 and weight.dim() == 1 and weight.shape[0] == n and weight.is_contiguous()
 
 
 def decode_gemv_kernel(
@@ -632,9 +639,7 @@ def decode_gemv_kernel(
     ``HF_EFFICIENT_KERNELS``.
     """
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if (any(t.dtype != torch.float32 for t in tensors) or weight.dim() != 2 or x.dim() < 1
-            or not _gemv_rows(weight, x.shape[-1])
-            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))
+    if (x.dtype != torch.float32 or x.dim() < 1 or not _linear_fits(weight, bias, x.shape[-1])
             or x.numel() > DECODE_MAX_ROWS * max(1, x.shape[-1])
             or not _decode_kernel_ready(tensors, implementation, "decode_gemv")):
         return None
@@ -649,8 +654,7 @@ def decode_rms_norm_kernel(
     x ``(..., n)``, weight ``(n,)`` contiguous, float32 CPU tensors that need no gradient; the call gives ``(...,
     n)``. None where the PyTorch path runs; ``implementation`` as for :func:`decode_gemv_kernel`.
     """
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 1 or x.dim() < 1
-            or x.shape[-1] != weight.shape[0] or not weight.is_contiguous()
+    if (x.dtype != torch.float32 or x.dim() < 1 or not _norm_fits(weight, x.shape[-1])
             or not _decode_kernel_ready((x, weight), implementation, "decode_rms_norm")):
         return None
     return partial(_decode_op("decode_rms_norm"), x, weight, float(eps))
@@ -819,22 +823,12 @@ def decoder_stack_kernel(
     if not blocks or x.dim() != 3 or (head is not None and (norm is None or norm[0] is None)):
         return None
     n = x.shape[-1]
-    tensors = [x]
     norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
     head_weight, head_bias = head if head is not None else (None, None)
-    if norm_weight is not None:
-        if (norm_weight.dtype != torch.float32 or norm_weight.dim() != 1 or norm_weight.shape[0] != n
-                or not norm_weight.is_contiguous()):
-            return None
-        tensors.append(norm_weight)
-    if head_weight is not None:
-        if head_weight.dtype != torch.float32 or head_weight.dim() != 2 or not _gemv_rows(head_weight, n):
-            return None
-        tensors.append(head_weight)
-        if head_bias is not None:
-            if head_bias.dtype != torch.float32 or tuple(head_bias.shape) != (head_weight.shape[0],):
-                return None
-            tensors.append(head_bias)
+    if ((norm_weight is not None and not _norm_fits(norm_weight, n))
+            or (head_weight is not None and not _linear_fits(head_weight, head_bias, n))):
+        return None
+    tensors = [t for t in (x, norm_weight, head_weight, head_bias) if t is not None]
     if not _decode_kernel_ready(tensors, implementation, "decoder_stack_step"):
         return None
     return partial(_decode_op("decoder_stack_step"), x, [block.arguments for block in blocks], norm_weight,

@@ -130,11 +130,7 @@ def fused_step(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor 
     """The block's output ``(batch, 1, hidden)`` for one new token per row through ``decoder_block_step``, with the
     cache layer's state advanced; None when the module path must run (see the module docstring)."""
     step = block_step(layer, x, kwargs)
-    if step is None:
-        return None
-    out, *state = step.kernel()
-    step.commit(state)
-    return out
+    return None if step is None else step.run()
 
 
 def block_step(layer: nn.Module, x: torch.Tensor, kwargs: dict, implementation: str | None = None

@@ -829,3 +829,30 @@ def test_linear_lm_grows_a_cache_built_without_a_layer_count_and_names_one_too_s
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="has 1 layers but the model has 2"):
             model(ids, cache=LinearAttentionCache(1))
+
+
+@pytest.mark.skipif(load_decode_extension() is None, reason="the CPU decoding kernels cannot be built")
+def test_linear_lm_steps_keep_nan_in_its_row_and_refuse_empty_input_leaving_the_cache(block_calls, monkeypatch):
+    """linear-lm's one-call step (blocks, norm and head): a NaN embedding spoils only its row, the other row's
+    logits stay those of the modules in float64; an input of no tokens or no rows is refused with an error that
+    says so, and the cache has not moved."""
+    model = _linear_lm()
+    torch.manual_seed(3)
+    embeds = [torch.randn(2, 1, 32) for _ in range(3)]
+    embeds[0][0, 0, 5] = float("nan")
+    got = _steps(model, embeds)
+    assert block_calls["stacks"] == 3
+    with monkeypatch.context() as patcher:
+        patcher.setenv("HF_EFFICIENT_KERNELS", "reference")
+        want = _steps(copy.deepcopy(model).double(), [e.double() for e in embeds])
+    assert torch.isnan(got[0]).all() and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-4)
+    cache = LinearAttentionCache(config=model.config)
+    with torch.no_grad():
+        model(torch.arange(2 * 5).view(2, 5) % 40, cache=cache)
+        before = [layer.state for layer in cache.layers]
+        with pytest.raises(ValueError, match="at least one token per row"):
+            model(torch.zeros(2, 0, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="batch 2 but got a batch of 0"):
+            model(torch.zeros(0, 1, dtype=torch.long), cache=cache)
+    assert [layer.state for layer in cache.layers] == before and cache.get_seq_length() == 5

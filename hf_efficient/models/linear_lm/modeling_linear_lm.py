@@ -106,6 +106,11 @@ class LinearLMMLP(nn.Module):
 _NO_BIASES = (None,) * 7  # the block's seven projections have none
 
 
+def _rms_eps(norm: nn.RMSNorm) -> float:
+    """The eps an ``nn.RMSNorm`` adds on a compiled decoding step (float32): its own, else float32's."""
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+
+
 class LinearLMDecoderLayer(nn.Module):
     def __init__(self, config: LinearLMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -129,11 +134,7 @@ class LinearLMDecoderLayer(nn.Module):
         same computation as :meth:`forward`; None (then :meth:`forward`'s modules run) where :meth:`_block_step`
         gives None."""
         step = self._block_step(x, rotary, cache_layer, implementation)
-        if step is None:
-            return None
-        out, *state = step.kernel()
-        step.commit(state)
-        return out
+        return None if step is None else step.run()
 
     def _block_step(self, x: torch.Tensor, rotary, cache_layer: LinearStateLayer,
                     implementation: str | None = None) -> BlockStep | None:
@@ -167,7 +168,7 @@ class LinearLMDecoderLayer(nn.Module):
         if (norms[1].eps != norms[0].eps or type(act) not in (SiLUActivation, nn.SiLU)
                 or hooked((self, attn, mlp, act, *norms, *projections))):
             return None
-        rms_eps = norms[0].eps if norms[0].eps is not None else torch.finfo(x.dtype).eps
+        rms_eps = _rms_eps(norms[0])
         w = [p._parameters["weight"] for p in projections]
         weights = (norms[0]._parameters["weight"], *w[:4], norms[1]._parameters["weight"], *w[4:])
         heads = attn.num_heads
@@ -253,6 +254,9 @@ class LinearLMModel(LinearLMPreTrainedModel):
             raise ValueError("linear-lm models never form attention weights: output_attentions=True is not supported")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = hidden.shape[:2]
+        if n == 0:
+            raise ValueError(f"linear-lm models need at least one token per row, got an input of shape "
+                             f"{tuple(hidden.shape[:2])} (batch, seq)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if cache is not None and not isinstance(cache, LinearAttentionCache):
             raise TypeError(
@@ -309,23 +313,16 @@ class LinearLMModel(LinearLMPreTrainedModel):
         headed = False
         if built and all(block is not None for block in built):  # all of them, the final norm and head in one call
             norm = self._modules["norm"]
-            norm_args = (norm_arguments(norm, norm._parameters.get("weight"), self._norm_eps(norm))
+            norm_args = (norm_arguments(norm, norm._parameters.get("weight"), _rms_eps(norm))
                          if type(norm) is nn.RMSNorm else None)
             hidden, headed = run_block_steps(hidden, built, norm_args, lambda h: self._final_norm(h, implementation),
                                              head, implementation)
         else:
             for i, (layer, block) in enumerate(zip(blocks, built)):
-                if block is not None:  # compiled by itself, its neighbours through their modules
-                    hidden, *state = block.kernel(hidden)
-                    block.commit(state)
-                else:
-                    hidden = layer(hidden, rotary, padding, layers[i] if layers is not None else None)
+                hidden = (block.run(hidden) if block is not None  # compiled by itself, its neighbours as modules
+                          else layer(hidden, rotary, padding, layers[i] if layers is not None else None))
             hidden = self._final_norm(hidden, implementation) if step else self.norm(hidden)
         return hidden, cache if use_cache else None, headed
-
-    @staticmethod
-    def _norm_eps(norm: nn.RMSNorm) -> float:
-        return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # a decoding step's dtype
 
     def _final_norm(self, hidden: torch.Tensor, implementation: str) -> torch.Tensor:
         """``self.norm(hidden)`` of a decoding step (:func:`~hf_efficient.decoding.rms_norm_step` for the plain
@@ -333,7 +330,7 @@ class LinearLMModel(LinearLMPreTrainedModel):
         norm = self._modules["norm"]
         if type(norm) is not nn.RMSNorm:
             return norm(hidden)
-        return rms_norm_step(norm, hidden, norm._parameters.get("weight"), self._norm_eps(norm), implementation)
+        return rms_norm_step(norm, hidden, norm._parameters.get("weight"), _rms_eps(norm), implementation)
 
 
 class LinearLMForCausalLM(CacheReuseMixin, LinearLMPreTrainedModel, GenerationMixin):
